@@ -1,0 +1,322 @@
+//! The node API: versioned requests and responses exchanged as JSON frames over the
+//! daemon's Unix socket. The CLI sends exactly these types; the daemon answers with them.
+//!
+//! Wire format (version [`API_VERSION`]): each frame is a 4-byte big-endian length followed
+//! by that many bytes of JSON `{"v": 1, "body": ...}`. File descriptors (the caller's stdio
+//! for `exec`, a pty master back to the caller) travel as `SCM_RIGHTS` on the frame they
+//! belong to. A request gets zero or more `Progress` frames, then one final frame.
+
+use crate::{Ipv4Cidr, Limits, Name, RestartPolicy, VeSpec, VeStatus};
+use serde::{Deserialize, Serialize};
+
+/// Version of the wire format. Bumped on any incompatible change; a peer speaking another
+/// version gets `ErrorCode::VersionMismatch` and a message saying which side to upgrade.
+pub const API_VERSION: u32 = 1;
+/// Largest frame either side accepts (bad input must not make us allocate without bound).
+pub const MAX_FRAME: usize = 16 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub v: u32,
+    pub body: T,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateKind {
+    Busybox,
+    Debian,
+}
+
+impl std::str::FromStr for TemplateKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "busybox" => Ok(TemplateKind::Busybox),
+            "debian" => Ok(TemplateKind::Debian),
+            _ => Err(format!("unknown template kind '{s}': use busybox or debian")),
+        }
+    }
+}
+
+/// Changes to a VE; fields left `None` keep their value. Limits apply live.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VeChange {
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_password_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_keys: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Vec<String>>,
+}
+
+impl VeChange {
+    /// The spec after this change (not yet validated).
+    pub fn apply_to(&self, spec: &VeSpec) -> VeSpec {
+        let mut s = spec.clone();
+        s.limits = spec.limits.merged(&self.limits);
+        if let Some(h) = &self.hostname {
+            s.hostname = Some(h.clone());
+        }
+        if let Some(h) = &self.root_password_hash {
+            s.root_password_hash = Some(h.clone());
+        }
+        if let Some(k) = &self.ssh_keys {
+            s.ssh_keys = k.clone();
+        }
+        if let Some(e) = &self.env {
+            s.env = e.clone();
+        }
+        if let Some(r) = self.restart {
+            s.restart = r;
+        }
+        if let Some(d) = &self.dns {
+            s.dns = d.clone();
+        }
+        s
+    }
+
+    /// True when the change touches files or settings read only at VE start.
+    pub fn needs_restart(&self) -> bool {
+        self.hostname.is_some() || self.env.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    TemplateBuild {
+        kind: TemplateKind,
+        /// Name to register the template under; defaults to the kind.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<Name>,
+    },
+    TemplateList,
+    TemplateShow {
+        name: Name,
+    },
+    TemplateRemove {
+        name: Name,
+    },
+    VeCreate {
+        spec: VeSpec,
+        #[serde(default)]
+        start: bool,
+    },
+    VeList,
+    VeShow {
+        name: Name,
+    },
+    VeStart {
+        name: Name,
+    },
+    VeStop {
+        name: Name,
+        /// Seconds to wait after the graceful signal before killing.
+        timeout_secs: u64,
+    },
+    VeRestart {
+        name: Name,
+        timeout_secs: u64,
+    },
+    VeDestroy {
+        name: Name,
+        /// Stop a running VE first instead of refusing.
+        #[serde(default)]
+        force: bool,
+    },
+    VeSet {
+        name: Name,
+        change: VeChange,
+    },
+    /// Run a command in a running VE. Without `tty` the request frame carries the caller's
+    /// stdin, stdout and stderr as three fds. With `tty` the reply `ExecStarted` carries the
+    /// pty master. The final reply is `Exit`.
+    VeExec {
+        name: Name,
+        argv: Vec<String>,
+        #[serde(default)]
+        tty: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        env: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cwd: Option<String>,
+    },
+    /// Attach to the init's console: after `ConsoleAttached` the connection carries raw bytes
+    /// both ways until the caller closes it.
+    VeConsole {
+        name: Name,
+    },
+    VeLogs {
+        name: Name,
+        /// Only the last N bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tail_bytes: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    /// The object is in a state that does not allow the operation (e.g. start a running VE).
+    Conflict,
+    /// No room: addresses, uid ranges, disk.
+    Exhausted,
+    VersionMismatch,
+    Internal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub version: String,
+    pub api_version: u32,
+    pub pid: u32,
+    pub root: String,
+    pub socket: String,
+    pub bridge: String,
+    pub subnet: Ipv4Cidr,
+    pub cgroup: String,
+    pub ves_total: usize,
+    pub ves_running: usize,
+    pub templates: usize,
+    pub uptime_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    pub name: Name,
+    pub kind: TemplateKind,
+    /// Content address: sha256 of the manifest.
+    pub id: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub created_unix: u64,
+    /// VEs using this template.
+    pub used_by: Vec<Name>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VeInfo {
+    pub spec: VeSpec,
+    pub status: VeStatus,
+    /// Host pid of the VE's init while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// First host uid/gid of the VE's range; VE uid N is host uid `uid_base + N`.
+    pub uid_base: u32,
+    pub uid_count: u32,
+    pub template_id: String,
+    pub created_unix: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_unix: Option<u64>,
+    /// Exit code of the last init run (negative: killed by that signal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Memory the VE's processes use now, in bytes (running VEs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_used: Option<u64>,
+    /// True when a setting changed since start that only applies after a restart.
+    #[serde(default)]
+    pub restart_pending: bool,
+    /// Console is unavailable (the daemon re-attached to a VE it did not start).
+    #[serde(default)]
+    pub console_lost: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Response {
+    Ok,
+    Error(ApiError),
+    /// Progress of a long operation: `done` of `total` steps (total 0 = unknown).
+    Progress {
+        message: String,
+        done: u64,
+        total: u64,
+    },
+    Status(NodeStatus),
+    Templates {
+        templates: Vec<TemplateInfo>,
+    },
+    Template(TemplateInfo),
+    Ves {
+        ves: Vec<VeInfo>,
+    },
+    Ve(Box<VeInfo>),
+    ExecStarted,
+    Exit {
+        code: i32,
+    },
+    ConsoleAttached,
+    Logs {
+        text: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_shape_is_stable() {
+        let r = Envelope { v: API_VERSION, body: Request::VeStart { name: Name::parse("web").unwrap() } };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"v":1,"body":{"op":"ve-start","name":"web"}}"#);
+        let back: Envelope<Request> = serde_json::from_str(&s).unwrap();
+        assert!(matches!(back.body, Request::VeStart { .. }));
+    }
+
+    #[test]
+    fn bad_names_rejected_at_decode() {
+        let s = r#"{"v":1,"body":{"op":"ve-show","name":"../../etc"}}"#;
+        assert!(serde_json::from_str::<Envelope<Request>>(s).is_err());
+    }
+
+    #[test]
+    fn change_applies_and_flags_restart() {
+        let spec = VeSpec::new(Name::parse("a").unwrap(), Name::parse("busybox").unwrap());
+        let ch = VeChange {
+            limits: Limits { pids_max: Some(64), ..Default::default() },
+            ..Default::default()
+        };
+        assert!(!ch.needs_restart());
+        assert_eq!(ch.apply_to(&spec).limits.pids_max, Some(64));
+        let ch = VeChange { hostname: Some("h".into()), ..Default::default() };
+        assert!(ch.needs_restart());
+        assert_eq!(ch.apply_to(&spec).hostname(), "h");
+    }
+}

@@ -1,0 +1,355 @@
+//! Starting and entering VEs with youki's libcontainer.
+//!
+//! libcontainer forks with raw `clone3`, which is only safe from a single-threaded process,
+//! and the node daemon is multi-threaded. So each start or exec runs in a short-lived
+//! helper: the daemon re-executes its own binary as `vessel __runtime <json>` with a
+//! socket on fd 3; the helper does the libcontainer work, reports on fd 3 (with the pty
+//! master attached) and exits. The VE's init is then re-parented to the daemon, which is
+//! a child subreaper. No helper stays alive per VE.
+
+use crate::net;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::signal::Signal;
+use libcontainer::syscall::syscall::SyscallType;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use vessel_api::fdpass::{recv_with_fds, send_with_fds};
+use vessel_types::Ipv4Cidr;
+
+/// fd number on which the helper reports to the daemon.
+pub const REPORT_FD: RawFd = 3;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetPlan {
+    pub host_if: String,
+    pub bridge: String,
+    pub ip: Ipv4Cidr,
+    pub gateway: std::net::Ipv4Addr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum HelperRequest {
+    Start {
+        id: String,
+        state_root: PathBuf,
+        bundle: PathBuf,
+        net: Option<NetPlan>,
+    },
+    Exec {
+        id: String,
+        state_root: PathBuf,
+        argv: Vec<String>,
+        env: Vec<String>,
+        cwd: Option<String>,
+        tty: bool,
+        /// Scratch directory for the console socket and process.json.
+        scratch: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum HelperReport {
+    /// Init runs; the pty master of its console is attached.
+    Started { pid: i32 },
+    /// The exec'd process runs; with a tty its pty master is attached.
+    ExecStarted { pid: i32 },
+    Exited { code: i32 },
+    Error { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{0}")]
+    Helper(String),
+    #[error("runtime helper: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("libcontainer: {0}")]
+    Container(String),
+}
+
+fn lc<E: std::error::Error>(e: E) -> RuntimeError {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    RuntimeError::Container(s)
+}
+
+// ---------------------------------------------------------------- helper side
+
+/// Entry point of `vessel __runtime <json>`. Reports on [`REPORT_FD`]; exits with 0, or
+/// for exec with the command's exit code.
+pub fn helper_main(json: &str) -> i32 {
+    // SAFETY: the daemon placed our report socket on fd 3 and nothing else owns it.
+    let report = unsafe { OwnedFd::from_raw_fd(REPORT_FD) };
+    let send = |r: &HelperReport, fds: &[RawFd]| {
+        let b = serde_json::to_vec(r).unwrap_or_default();
+        let _ = send_with_fds(report.as_raw_fd(), &b, fds);
+    };
+    let req: HelperRequest = match serde_json::from_str(json) {
+        Ok(r) => r,
+        Err(e) => {
+            send(&HelperReport::Error { message: format!("bad helper request: {e}") }, &[]);
+            return 2;
+        }
+    };
+    match req {
+        HelperRequest::Start { id, state_root, bundle, net } => match start(&id, &state_root, &bundle, net.as_ref()) {
+            Ok((pid, master)) => {
+                send(&HelperReport::Started { pid }, &[master.as_raw_fd()]);
+                0
+            }
+            Err(e) => {
+                send(&HelperReport::Error { message: e.to_string() }, &[]);
+                1
+            }
+        },
+        HelperRequest::Exec { id, state_root, argv, env, cwd, tty, scratch } => {
+            match exec(&id, &state_root, &argv, &env, cwd.as_deref(), tty, &scratch) {
+                Ok((pid, master)) => {
+                    let fds: Vec<RawFd> = master.iter().map(|m| m.as_raw_fd()).collect();
+                    send(&HelperReport::ExecStarted { pid }, &fds);
+                    drop(master);
+                    let code = wait_child(pid);
+                    send(&HelperReport::Exited { code }, &[]);
+                    0
+                }
+                Err(e) => {
+                    send(&HelperReport::Error { message: e.to_string() }, &[]);
+                    1
+                }
+            }
+        }
+    }
+}
+
+fn wait_child(pid: i32) -> i32 {
+    loop {
+        let mut st = 0;
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut st, 0) };
+        if r < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return 255;
+        }
+        if libc::WIFEXITED(st) {
+            return libc::WEXITSTATUS(st);
+        }
+        if libc::WIFSIGNALED(st) {
+            return 128 + libc::WTERMSIG(st);
+        }
+    }
+}
+
+/// Listen on a console socket, returning the listener; libcontainer connects to it from
+/// inside the VE and sends the pty master it created in the VE's own devpts.
+fn console_listener(path: &Path) -> Result<UnixListener, RuntimeError> {
+    let _ = std::fs::remove_file(path);
+    Ok(UnixListener::bind(path)?)
+}
+
+fn receive_master(l: &UnixListener) -> Result<OwnedFd, RuntimeError> {
+    l.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let conn: UnixStream = loop {
+        match l.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(e) => return Err(RuntimeError::Helper(format!("no console from the VE: {e}"))),
+        }
+    };
+    conn.set_nonblocking(false)?;
+    let mut fds = Vec::new();
+    let mut buf = [0u8; 256];
+    recv_with_fds(conn.as_raw_fd(), &mut buf, &mut fds)?;
+    fds.pop().ok_or_else(|| RuntimeError::Helper("VE sent no console".into()))
+}
+
+fn start(id: &str, root: &Path, bundle: &Path, net: Option<&NetPlan>) -> Result<(i32, OwnedFd), RuntimeError> {
+    let sock_path = bundle.join("console.sock");
+    let listener = console_listener(&sock_path)?;
+    // Leftover state from a crash would make libcontainer refuse the id.
+    let _ = std::fs::remove_dir_all(root.join(id));
+    let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(root)
+        .map_err(lc)?
+        .with_console_socket(Some(&sock_path))
+        .as_init(bundle)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .map_err(lc)?;
+    let result = (|| {
+        let master = receive_master(&listener)?;
+        let pid = container.pid().ok_or_else(|| RuntimeError::Helper("VE has no init pid".into()))?.as_raw();
+        if let Some(n) = net {
+            net::attach_ve(&n.host_if, &n.bridge, pid, n.ip, n.gateway).map_err(|e| RuntimeError::Helper(e.to_string()))?;
+        }
+        container.start().map_err(lc)?;
+        Ok((pid, master))
+    })();
+    let _ = std::fs::remove_file(&sock_path);
+    if result.is_err() {
+        let _ = container.delete(true);
+    }
+    result
+}
+
+fn exec(id: &str, root: &Path, argv: &[String], env: &[String], cwd: Option<&str>, tty: bool, scratch: &Path) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
+    let builder = ContainerBuilder::new(id.to_string(), SyscallType::default()).with_root_path(root).map_err(lc)?;
+    let envmap: HashMap<String, String> = env
+        .iter()
+        .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    if !tty {
+        let pid = builder
+            .as_tenant()
+            .with_container_args(argv.to_vec())
+            .with_env(envmap)
+            .with_cwd(cwd)
+            .with_detach(false)
+            .build()
+            .map_err(lc)?;
+        return Ok((pid.as_raw(), None));
+    }
+    std::fs::create_dir_all(scratch)?;
+    let sock_path = scratch.join("console.sock");
+    let listener = console_listener(&sock_path)?;
+    let container = Container::load(root.join(id)).map_err(lc)?;
+    let spec = container.spec().map_err(lc)?;
+    let _ = spec;
+    let mut full_env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(), "TERM=xterm".to_string()];
+    full_env.extend(env.iter().cloned());
+    let caps = crate::oci::VE_CAPS;
+    let process = serde_json::json!({
+        "terminal": true,
+        "user": {"uid": 0, "gid": 0},
+        "args": argv,
+        "env": full_env,
+        "cwd": cwd.unwrap_or("/root"),
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+        "noNewPrivileges": false
+    });
+    let ppath = scratch.join("process.json");
+    std::fs::write(&ppath, serde_json::to_vec(&process).unwrap_or_default())?;
+    let pid = builder
+        .with_console_socket(Some(&sock_path))
+        .as_tenant()
+        .with_process(Some(&ppath))
+        .with_detach(true)
+        .build()
+        .map_err(lc)?;
+    let master = receive_master(&listener);
+    let _ = std::fs::remove_dir_all(scratch);
+    Ok((pid.as_raw(), Some(master?)))
+}
+
+// ---------------------------------------------------------------- daemon side
+
+/// A running helper, seen from the daemon.
+pub struct Helper {
+    pub child: std::process::Child,
+    report: UnixStream,
+}
+
+impl Helper {
+    /// Re-execute `exe __runtime <req>` with the report socket on fd 3 and the given stdio.
+    pub fn spawn(exe: &Path, req: &HelperRequest, stdio: Option<[OwnedFd; 3]>) -> Result<Helper, RuntimeError> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let json = serde_json::to_string(req).map_err(|e| RuntimeError::Helper(e.to_string()))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("__runtime").arg(json);
+        match stdio {
+            Some([i, o, e]) => {
+                cmd.stdin(Stdio::from(i)).stdout(Stdio::from(o)).stderr(Stdio::from(e));
+            }
+            None => {
+                cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        let fd = theirs.as_raw_fd();
+        // SAFETY: runs in the forked child before exec; dup2 is async-signal-safe and
+        // clears close-on-exec on fd 3.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, REPORT_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(theirs);
+        Ok(Helper { child, report: ours })
+    }
+
+    /// Next report with its attached fds; a helper that died without a word is an error.
+    pub fn next(&mut self) -> Result<(HelperReport, Vec<OwnedFd>), RuntimeError> {
+        let mut fds = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let n = recv_with_fds(self.report.as_raw_fd(), &mut buf, &mut fds)?;
+        if n == 0 {
+            let st = self.child.wait()?;
+            let mut err = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            return Err(RuntimeError::Helper(format!("runtime helper ended without a report ({st}) {err}")));
+        }
+        let r: HelperReport = serde_json::from_slice(&buf[..n]).map_err(|e| RuntimeError::Helper(format!("bad helper report: {e}")))?;
+        Ok((r, fds))
+    }
+
+    pub fn wait(mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+}
+
+/// Start a VE through a helper: returns init's pid and its console's pty master.
+pub fn start_ve(exe: &Path, req: HelperRequest) -> Result<(i32, OwnedFd), RuntimeError> {
+    let mut h = Helper::spawn(exe, &req, None)?;
+    let res = match h.next()? {
+        (HelperReport::Started { pid }, mut fds) => {
+            let master = fds.pop().ok_or_else(|| RuntimeError::Helper("no console master from helper".into()))?;
+            Ok((pid, master))
+        }
+        (HelperReport::Error { message }, _) => Err(RuntimeError::Helper(message)),
+        (other, _) => Err(RuntimeError::Helper(format!("unexpected helper report {other:?}"))),
+    };
+    let _ = h.wait();
+    res
+}
+
+/// Remove libcontainer's record of a VE, its cgroups and any process left in it.
+pub fn delete_ve(state_root: &Path, id: &str) -> Result<(), RuntimeError> {
+    let dir = state_root.join(id);
+    if !dir.exists() {
+        return Ok(());
+    }
+    match Container::load(dir.clone()) {
+        Ok(mut c) => {
+            let _ = c.kill(Signal::try_from(libc::SIGKILL).map_err(lc)?, true);
+            c.delete(true).map_err(lc)
+        }
+        Err(_) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
+        }
+    }
+}
