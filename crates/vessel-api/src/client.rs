@@ -14,7 +14,7 @@ pub enum ClientError {
     Connect { path: String, source: std::io::Error },
     #[error("talking to the daemon: {0}")]
     Frame(#[from] FrameError),
-    #[error("{0}")]
+    #[error(transparent)]
     Api(#[from] ApiError),
     #[error("unexpected reply from the daemon: {0}")]
     Unexpected(String),

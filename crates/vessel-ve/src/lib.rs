@@ -3,6 +3,7 @@
 
 pub mod apt_sources;
 pub mod cgroup;
+pub mod enter;
 pub mod layout;
 pub mod net;
 pub mod oci;

@@ -38,8 +38,12 @@ fn ip_batch(context: &str, script: &str, netns_pid: Option<i32>) -> Result<()> {
     Ok(())
 }
 
+/// Whether a link exists in this process's network namespace. `/proc/self/net` follows
+/// the caller's namespace (`/sys/class/net` follows the namespace that mounted sysfs).
 pub fn link_exists(name: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(name).exists()
+    std::fs::read_to_string("/proc/self/net/dev")
+        .map(|t| t.lines().skip(2).any(|l| l.split(':').next().map(str::trim) == Some(name)))
+        .unwrap_or(false)
 }
 
 /// Make sure the node bridge exists, is up and holds the gateway address.

@@ -99,9 +99,9 @@ pub fn render(input: &SpecInput) -> Value {
             "env": env,
             "cwd": "/",
             "capabilities": {
-                "bounding": caps, "effective": caps, "permitted": caps
+                "bounding": caps, "effective": caps, "permitted": caps,
+                "inheritable": [], "ambient": []
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 524288u64, "soft": 1024u64}],
             "noNewPrivileges": false
         },
         "root": {"path": input.rootfs, "readonly": false},

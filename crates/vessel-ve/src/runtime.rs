@@ -13,7 +13,6 @@ use libcontainer::container::Container;
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -44,14 +43,14 @@ pub enum HelperRequest {
         net: Option<NetPlan>,
     },
     Exec {
-        id: String,
-        state_root: PathBuf,
+        init_pid: i32,
+        /// The VE's OCI config.json.
+        config: PathBuf,
+        cgroup_dirs: Vec<PathBuf>,
         argv: Vec<String>,
         env: Vec<String>,
         cwd: Option<String>,
         tty: bool,
-        /// Scratch directory for the console socket and process.json.
-        scratch: PathBuf,
     },
 }
 
@@ -92,6 +91,7 @@ fn lc<E: std::error::Error>(e: E) -> RuntimeError {
 /// Entry point of `vessel __runtime <json>`. Reports on [`REPORT_FD`]; exits with 0, or
 /// for exec with the command's exit code.
 pub fn helper_main(json: &str) -> i32 {
+    let _ = crate::sys::unblock_all_signals();
     // SAFETY: the daemon placed our report socket on fd 3 and nothing else owns it.
     let report = unsafe { OwnedFd::from_raw_fd(REPORT_FD) };
     let send = |r: &HelperReport, fds: &[RawFd]| {
@@ -116,8 +116,9 @@ pub fn helper_main(json: &str) -> i32 {
                 1
             }
         },
-        HelperRequest::Exec { id, state_root, argv, env, cwd, tty, scratch } => {
-            match exec(&id, &state_root, &argv, &env, cwd.as_deref(), tty, &scratch) {
+        HelperRequest::Exec { init_pid, config, cgroup_dirs, argv, env, cwd, tty } => {
+            let plan = crate::enter::EnterPlan { init_pid, config: &config, cgroup_dirs: &cgroup_dirs, argv: &argv, env: &env, cwd: cwd.as_deref(), tty };
+            match crate::enter::enter(&plan) {
                 Ok((pid, master)) => {
                     let fds: Vec<RawFd> = master.iter().map(|m| m.as_raw_fd()).collect();
                     send(&HelperReport::ExecStarted { pid }, &fds);
@@ -181,6 +182,28 @@ fn receive_master(l: &UnixListener) -> Result<OwnedFd, RuntimeError> {
     fds.pop().ok_or_else(|| RuntimeError::Helper("VE sent no console".into()))
 }
 
+/// Runs last inside the VE's init, right before exec: gives up the console as controlling
+/// terminal (libcontainer sets it) so the VE's own getty can take it, as on a real boot.
+#[derive(Clone)]
+struct VeInitExecutor;
+
+impl libcontainer::workload::Executor for VeInitExecutor {
+    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), libcontainer::workload::ExecutorError> {
+        // SAFETY: signal disposition changes and an ioctl on stdin of this process. A pid
+        // namespace's init would ignore the SIGHUP anyway; SIG_IGN makes it explicit.
+        unsafe {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            libc::ioctl(0, libc::TIOCNOTTY);
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
+        }
+        libcontainer::workload::default::DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), libcontainer::workload::ExecutorValidationError> {
+        libcontainer::workload::default::DefaultExecutor {}.validate(spec)
+    }
+}
+
 fn start(id: &str, root: &Path, bundle: &Path, net: Option<&NetPlan>) -> Result<(i32, OwnedFd), RuntimeError> {
     let sock_path = bundle.join("console.sock");
     let listener = console_listener(&sock_path)?;
@@ -190,6 +213,7 @@ fn start(id: &str, root: &Path, bundle: &Path, net: Option<&NetPlan>) -> Result<
         .with_root_path(root)
         .map_err(lc)?
         .with_console_socket(Some(&sock_path))
+        .with_executor(VeInitExecutor)
         .as_init(bundle)
         .with_systemd(false)
         .with_detach(true)
@@ -209,55 +233,6 @@ fn start(id: &str, root: &Path, bundle: &Path, net: Option<&NetPlan>) -> Result<
         let _ = container.delete(true);
     }
     result
-}
-
-fn exec(id: &str, root: &Path, argv: &[String], env: &[String], cwd: Option<&str>, tty: bool, scratch: &Path) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
-    let builder = ContainerBuilder::new(id.to_string(), SyscallType::default()).with_root_path(root).map_err(lc)?;
-    let envmap: HashMap<String, String> = env
-        .iter()
-        .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-        .collect();
-    if !tty {
-        let pid = builder
-            .as_tenant()
-            .with_container_args(argv.to_vec())
-            .with_env(envmap)
-            .with_cwd(cwd)
-            .with_detach(false)
-            .build()
-            .map_err(lc)?;
-        return Ok((pid.as_raw(), None));
-    }
-    std::fs::create_dir_all(scratch)?;
-    let sock_path = scratch.join("console.sock");
-    let listener = console_listener(&sock_path)?;
-    let container = Container::load(root.join(id)).map_err(lc)?;
-    let spec = container.spec().map_err(lc)?;
-    let _ = spec;
-    let mut full_env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(), "TERM=xterm".to_string()];
-    full_env.extend(env.iter().cloned());
-    let caps = crate::oci::VE_CAPS;
-    let process = serde_json::json!({
-        "terminal": true,
-        "user": {"uid": 0, "gid": 0},
-        "args": argv,
-        "env": full_env,
-        "cwd": cwd.unwrap_or("/root"),
-        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-        "noNewPrivileges": false
-    });
-    let ppath = scratch.join("process.json");
-    std::fs::write(&ppath, serde_json::to_vec(&process).unwrap_or_default())?;
-    let pid = builder
-        .with_console_socket(Some(&sock_path))
-        .as_tenant()
-        .with_process(Some(&ppath))
-        .with_detach(true)
-        .build()
-        .map_err(lc)?;
-    let master = receive_master(&listener);
-    let _ = std::fs::remove_dir_all(scratch);
-    Ok((pid.as_raw(), Some(master?)))
 }
 
 // ---------------------------------------------------------------- daemon side
@@ -288,6 +263,7 @@ impl Helper {
         // clears close-on-exec on fd 3.
         unsafe {
             cmd.pre_exec(move || {
+                crate::sys::unblock_all_signals()?;
                 if libc::dup2(fd, REPORT_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }

@@ -201,6 +201,8 @@ pub fn make_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
     if pid == 0 {
         // SAFETY: child side of fork: raw syscalls only, then _exit.
         unsafe {
+            libc::close(ready[0]);
+            libc::close(release[1]);
             let ok: u8 = if libc::unshare(libc::CLONE_NEWUSER) == 0 { 1 } else { 0 };
             libc::write(ready[1], &ok as *const u8 as *const libc::c_void, 1);
             let mut b = 0u8;
@@ -257,6 +259,20 @@ pub fn set_child_subreaper() -> io::Result<()> {
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(36 /* PR_SET_CHILD_SUBREAPER */, 1, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Unblock every signal; for `pre_exec` of children of the daemon, whose threads block
+/// SIGTERM/SIGINT/SIGHUP for `sigwait` (a signal mask survives exec).
+pub fn unblock_all_signals() -> io::Result<()> {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; sigprocmask with a valid set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
 }

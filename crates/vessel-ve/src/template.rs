@@ -354,6 +354,10 @@ fn run_tool(tool: &'static str, cmd: &mut Command, progress: &mut Progress) -> R
     if std::env::var_os("PATH").is_none() {
         cmd.env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     }
+    // SAFETY: runs in the forked child before exec; only sigprocmask.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, crate::sys::unblock_all_signals);
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,0 +1,64 @@
+//! `vessel daemon`: one process per node. Takes the node lock, becomes a child subreaper
+//! (VE inits are re-parented to it), re-attaches to running VEs, serves the API, and on
+//! SIGTERM/SIGINT exits leaving VEs running.
+
+use crate::node::{Node, NodeOptions};
+use nix::sys::signal::{SigSet, Signal};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("another vessel daemon runs for {root} (pid {pid}): use `vessel status`, or `vessel down` to stop it")]
+    AlreadyRunning { root: String, pid: String },
+    #[error("{0}")]
+    Setup(String),
+}
+
+pub fn run(opts: NodeOptions) -> Result<(), DaemonError> {
+    let setup = |what: &str, e: &dyn std::fmt::Display| DaemonError::Setup(format!("{what}: {e}"));
+    // Signals are taken by sigwait below; every thread spawned after this inherits the mask.
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        sigs.add(s);
+    }
+    sigs.thread_block().map_err(|e| setup("block signals", &e))?;
+
+    std::fs::create_dir_all(&opts.root).map_err(|e| setup(&format!("create {}", opts.root.display()), &e))?;
+    let layout = vessel_ve::Layout::new(&opts.root);
+    let pid_path = layout.pid_file();
+    let mut pid_file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&pid_path).map_err(|e| setup("pid file", &e))?;
+    // SAFETY: flock on an fd we own; the lock lives as long as `pid_file`.
+    if unsafe { libc::flock(pid_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let pid = std::fs::read_to_string(&pid_path).unwrap_or_default().trim().to_string();
+        return Err(DaemonError::AlreadyRunning { root: opts.root.display().to_string(), pid });
+    }
+    pid_file.set_len(0).map_err(|e| setup("pid file", &e))?;
+    write!(pid_file, "{}", std::process::id()).map_err(|e| setup("pid file", &e))?;
+
+    vessel_ve::sys::set_child_subreaper().map_err(|e| setup("subreaper", &e))?;
+    let node = Node::open(opts.clone()).map_err(|e| DaemonError::Setup(e.message))?;
+    let (bridge, subnet) = {
+        let st = node.state.lock().unwrap_or_else(|e| e.into_inner());
+        (st.config.bridge.clone(), st.config.subnet)
+    };
+    let gw = subnet.with_addr(crate::alloc::gateway(&subnet));
+    vessel_ve::net::ensure_bridge(&bridge, gw).map_err(|e| setup("node bridge", &e))?;
+
+    let n = node.clone();
+    node.monitor.set_exit_handler(Box::new(move |ve, pid, pidfd| n.on_exit(ve, pid, pidfd)));
+    let mon = node.monitor.clone();
+    std::thread::Builder::new().name("vessel-monitor".into()).spawn(move || mon.run(|| {})).map_err(|e| setup("monitor thread", &e))?;
+
+    let listener = crate::server::bind(&opts.socket).map_err(|e| setup(&format!("socket {}", opts.socket.display()), &e))?;
+    node.recover();
+    let n = node.clone();
+    std::thread::Builder::new().name("vessel-api".into()).spawn(move || crate::server::serve(n, listener)).map_err(|e| setup("api thread", &e))?;
+    tracing::info!(pid = std::process::id(), socket = %opts.socket.display(), "vessel daemon ready");
+
+    let sig = sigs.wait().map_err(|e| setup("sigwait", &e))?;
+    tracing::info!("{sig:?}: daemon exits; VEs keep running");
+    let _ = std::fs::remove_file(&opts.socket);
+    drop(pid_file);
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Operations that keep a client connection open: exec (stdio passed as fds, or a pty
+//! master handed back), console attach (raw byte relay), and console logs.
+
+use crate::node::{err, internal, NResult, Node};
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use vessel_api::frame::write_frame;
+use vessel_types::api::{ErrorCode, Response};
+use vessel_types::{Name, VeStatus};
+use vessel_ve::runtime::{Helper, HelperReport, HelperRequest};
+
+impl Node {
+    fn require_running(&self, name: &Name) -> NResult<()> {
+        let rec = self.record(name)?;
+        if rec.status != VeStatus::Running {
+            return Err(err(ErrorCode::Conflict, format!("VE '{name}' is not running: start it with `vessel ve start {name}`")));
+        }
+        Ok(())
+    }
+
+    /// Run `argv` in the VE. Replies `ExecStarted` (with the pty master when `tty`), then
+    /// `Exit`. Without a tty the command uses the three fds the client sent as its stdio.
+    #[allow(clippy::too_many_arguments)]
+    pub fn exec(&self, conn: &UnixStream, name: &Name, argv: Vec<String>, tty: bool, env: Vec<String>, cwd: Option<String>, fds: Vec<OwnedFd>) -> NResult<()> {
+        if argv.is_empty() {
+            return Err(err(ErrorCode::InvalidArgument, "no command given: use `vessel ve exec NAME -- COMMAND...`"));
+        }
+        if let Some(e) = env.iter().find(|e| !e.contains('=')) {
+            return Err(err(ErrorCode::InvalidArgument, format!("environment entry '{e}' must look like KEY=VALUE")));
+        }
+        self.require_running(name)?;
+        let stdio: Option<[OwnedFd; 3]> = if tty {
+            None
+        } else {
+            let n = fds.len();
+            Some(fds.try_into().map_err(|_| err(ErrorCode::InvalidArgument, format!("exec without a tty needs 3 fds (stdin, stdout, stderr), got {n}")))?)
+        };
+        let init_pid = self.record(name)?.pid.ok_or_else(|| err(ErrorCode::Conflict, format!("VE '{name}' has no init")))?;
+        let config = self.layout.ve(name.as_str()).bundle().join("config.json");
+        let cgroup_dirs = self.cgroup(name).dirs();
+        let req = HelperRequest::Exec { init_pid, config, cgroup_dirs, argv, env, cwd, tty };
+        let mut h = Helper::spawn(&self.opts.exe, &req, stdio).map_err(|e| internal("exec helper", e))?;
+        let result = (|| {
+            let (r, fds) = h.next().map_err(|e| internal("exec", e))?;
+            match r {
+                HelperReport::ExecStarted { .. } => {
+                    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                    let _ = write_frame(conn.as_raw_fd(), &Response::ExecStarted, &raw);
+                }
+                HelperReport::Error { message } => return Err(err(ErrorCode::Internal, format!("exec in VE '{name}': {message}"))),
+                other => return Err(internal("exec", format!("unexpected report {other:?}"))),
+            }
+            drop(fds);
+            match h.next().map_err(|e| internal("exec", e))?.0 {
+                HelperReport::Exited { code } => Ok(code),
+                HelperReport::Error { message } => Err(err(ErrorCode::Internal, message)),
+                other => Err(internal("exec", format!("unexpected report {other:?}"))),
+            }
+        })();
+        let _ = h.wait();
+        let code = result?;
+        let _ = write_frame(conn.as_raw_fd(), &Response::Exit { code }, &[]);
+        Ok(())
+    }
+
+    /// Attach the connection to the VE's console until the client hangs up.
+    pub fn console(&self, conn: &UnixStream, name: &Name) -> NResult<()> {
+        self.require_running(name)?;
+        let console = self.live.lock().unwrap_or_else(|e| e.into_inner()).get(name).and_then(|l| l.console.as_ref().map(|c| c.0.clone()));
+        let console = console.ok_or_else(|| {
+            err(ErrorCode::Conflict, format!("the console of VE '{name}' was lost when the daemon restarted: `vessel ve restart {name}` brings it back; `vessel ve exec -t {name} -- sh` works now"))
+        })?;
+        write_frame(conn.as_raw_fd(), &Response::ConsoleAttached, &[]).map_err(|e| internal("console", e))?;
+        let out = conn.try_clone().map_err(|e| internal("console", e))?;
+        let key = out.try_clone().map_err(|e| internal("console", e))?;
+        console.subscribe(out);
+        let mut input = conn.try_clone().map_err(|e| internal("console", e))?;
+        let mut buf = [0u8; 4096];
+        loop {
+            match input.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if console.input(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        console.unsubscribe(&key);
+        Ok(())
+    }
+
+    /// The VE's console log (both rotation files), at most `tail` bytes from the end.
+    pub fn logs(&self, name: &Name, tail: Option<u64>) -> NResult<String> {
+        self.record(name)?;
+        let log = self.layout.ve(name.as_str()).console_log();
+        let mut data = std::fs::read(log.with_extension("log.1")).unwrap_or_default();
+        data.extend(std::fs::read(&log).unwrap_or_default());
+        let tail = tail.unwrap_or(64 << 10) as usize;
+        let start = data.len().saturating_sub(tail);
+        Ok(String::from_utf8_lossy(&data[start..]).into_owned())
+    }
+}

@@ -1,0 +1,13 @@
+//! The node daemon: node state on disk, the VE lifecycle, console and exit monitoring,
+//! and the local API server.
+
+pub mod alloc;
+pub mod daemon;
+mod interactive;
+pub mod monitor;
+pub mod node;
+pub mod server;
+pub mod state;
+mod templates;
+
+pub use node::{Node, NodeOptions};

@@ -1,0 +1,572 @@
+//! The node: its state, and the lifecycle of its VEs (create, start, stop, destroy, set),
+//! re-attachment after a daemon restart, and exit handling with restart policies.
+//! Templates, exec and console live in sibling modules on the same `Node`.
+
+use crate::alloc;
+use crate::monitor::{Console, Monitor};
+use crate::state::{NodeConfig, NodeState, VeRecord};
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use vessel_types::api::{ApiError, ErrorCode, NodeStatus, VeChange, VeInfo};
+use vessel_types::{Name, VeSpec, VeStatus};
+use vessel_ve::cgroup::VeCgroup;
+use vessel_ve::rootfs::{OverlayRootFs, RootFs, RootFsRequest};
+use vessel_ve::runtime::{self, HelperRequest, NetPlan};
+use vessel_ve::{oci, osconfig, sys, template, Layout};
+
+pub type NResult<T> = Result<T, ApiError>;
+
+pub fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
+    ApiError::new(code, msg)
+}
+
+pub fn internal(ctx: &str, e: impl std::fmt::Display) -> ApiError {
+    err(ErrorCode::Internal, format!("{ctx}: {e}"))
+}
+
+/// Settings a daemon starts with.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub config: NodeConfig,
+    /// Where the Debian debootstrap tarball is cached between template builds.
+    pub cache_dir: PathBuf,
+    /// The vessel binary, re-executed as the runtime helper.
+    pub exe: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub busybox: PathBuf,
+}
+
+/// What the node does after a VE's init ended on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitAction {
+    Restart,
+    Stop,
+    Fail,
+}
+
+/// Pure exit decision. `code` is the init's exit code, negative for a signal. A VE that
+/// ran `reboot` inside (init killed by SIGHUP) restarts; `poweroff` (SIGINT) stays off.
+/// `quick_failures` counts consecutive runs shorter than 10 s; after 5 the VE is left failed.
+pub fn decide_exit(spec: &VeSpec, code: Option<i32>, user_stopped: bool, quick_failures: u32) -> ExitAction {
+    if user_stopped || code == Some(-libc::SIGINT) {
+        return ExitAction::Stop;
+    }
+    if code == Some(-libc::SIGHUP) {
+        return ExitAction::Restart;
+    }
+    let failed = code != Some(0);
+    if spec.restart.should_restart(code, false) {
+        if quick_failures >= 5 {
+            ExitAction::Fail
+        } else {
+            ExitAction::Restart
+        }
+    } else if failed {
+        ExitAction::Fail
+    } else {
+        ExitAction::Stop
+    }
+}
+
+/// Handles on a running VE that live only in daemon memory.
+pub(crate) struct Live {
+    pub pidfd: Arc<OwnedFd>,
+    pub console: Option<(Arc<Console>, u64)>,
+    pub exit_token: u64,
+}
+
+pub struct Node {
+    pub opts: NodeOptions,
+    pub layout: Layout,
+    pub(crate) state: Mutex<NodeState>,
+    ve_locks: Mutex<HashMap<Name, Arc<Mutex<()>>>>,
+    pub(crate) live: Mutex<HashMap<Name, Live>>,
+    quick_failures: Mutex<HashMap<Name, u32>>,
+    pub(crate) monitor: Arc<Monitor>,
+    pub(crate) rootfs: Box<dyn RootFs + Send + Sync>,
+    pub(crate) template_lock: Mutex<()>,
+    started: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Node {
+    /// Open (or initialise) the node state under `opts.root`.
+    pub fn open(opts: NodeOptions) -> NResult<Arc<Node>> {
+        let layout = Layout::new(&opts.root);
+        for d in [layout.root().to_path_buf(), layout.templates(), layout.ves(), layout.run()] {
+            std::fs::create_dir_all(&d).map_err(|e| internal(&format!("create {}", d.display()), e))?;
+        }
+        let mut state = NodeState::load(&layout.state_file())
+            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
+            .unwrap_or_else(|| NodeState::new(opts.config.clone()));
+        state.config = opts.config.clone();
+        state.save(&layout.state_file()).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        let monitor = Monitor::new().map_err(|e| internal("epoll", e))?;
+        Ok(Arc::new(Node {
+            opts,
+            layout,
+            state: Mutex::new(state),
+            ve_locks: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            quick_failures: Mutex::new(HashMap::new()),
+            monitor,
+            rootfs: Box::new(OverlayRootFs),
+            template_lock: Mutex::new(()),
+            started: Instant::now(),
+        }))
+    }
+
+    pub(crate) fn save(&self, st: &NodeState) -> NResult<()> {
+        st.save(&self.layout.state_file()).map_err(|e| err(ErrorCode::Internal, e.to_string()))
+    }
+
+    /// Serialise operations on one VE (start vs destroy, exit handling vs stop).
+    pub(crate) fn ve_lock(&self, name: &Name) -> Arc<Mutex<()>> {
+        lock(&self.ve_locks).entry(name.clone()).or_default().clone()
+    }
+
+    pub(crate) fn record(&self, name: &Name) -> NResult<VeRecord> {
+        lock(&self.state).ves.get(name).cloned().ok_or_else(|| not_found(name))
+    }
+
+    pub(crate) fn update<R>(&self, name: &Name, f: impl FnOnce(&mut VeRecord) -> R) -> NResult<R> {
+        let mut st = lock(&self.state);
+        let rec = st.ves.get_mut(name).ok_or_else(|| not_found(name))?;
+        let r = f(rec);
+        self.save(&st)?;
+        Ok(r)
+    }
+
+    pub fn cgroup(&self, name: &Name) -> VeCgroup {
+        VeCgroup::new(&self.opts.cgroup_root, &self.opts.config.cgroup_parent, name.as_str())
+    }
+
+    fn host_if(rec: &VeRecord) -> String {
+        format!("vsl{}", rec.slot)
+    }
+
+    // ------------------------------------------------------------------ queries
+
+    pub fn status(&self) -> NodeStatus {
+        let st = lock(&self.state);
+        NodeStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api_version: vessel_types::api::API_VERSION,
+            pid: std::process::id(),
+            root: self.opts.root.display().to_string(),
+            socket: self.opts.socket.display().to_string(),
+            bridge: st.config.bridge.clone(),
+            subnet: st.config.subnet,
+            cgroup: vessel_ve::cgroup::CgroupVersion::detect(&self.opts.cgroup_root).as_str().to_string(),
+            ves_total: st.ves.len(),
+            ves_running: st.ves.values().filter(|v| v.status == VeStatus::Running).count(),
+            templates: st.templates.len(),
+            uptime_secs: self.started.elapsed().as_secs(),
+        }
+    }
+
+    pub fn info(&self, rec: &VeRecord) -> VeInfo {
+        let mut i = rec.info();
+        if rec.status == VeStatus::Running {
+            i.memory_used = self.cgroup(&rec.spec.name).memory_used();
+            i.console_lost = lock(&self.live).get(&rec.spec.name).is_none_or(|l| l.console.is_none());
+        }
+        i
+    }
+
+    pub fn list(&self) -> Vec<VeInfo> {
+        let recs: Vec<VeRecord> = lock(&self.state).ves.values().cloned().collect();
+        recs.iter().map(|r| self.info(r)).collect()
+    }
+
+    pub fn show(&self, name: &Name) -> NResult<VeInfo> {
+        Ok(self.info(&self.record(name)?))
+    }
+
+    // ------------------------------------------------------------------ create
+
+    pub fn create(&self, mut spec: VeSpec) -> NResult<VeInfo> {
+        spec.validate().map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+        let name = spec.name.clone();
+        let vl = self.ve_lock(&name);
+        let _g = lock(&vl);
+        let rec = {
+            let mut st = lock(&self.state);
+            if st.ves.contains_key(&name) {
+                return Err(err(ErrorCode::AlreadyExists, format!("VE '{name}' already exists: pick another name or destroy it first")));
+            }
+            let tpl = st.templates.get(&spec.template).ok_or_else(|| {
+                err(ErrorCode::NotFound, format!("template '{}' not found: build it with `vessel template build {}` or see `vessel template list`", spec.template, spec.template))
+            })?;
+            let template_id = tpl.id.clone();
+            let slots: BTreeSet<u32> = st.ves.values().map(|v| v.slot).collect();
+            let slot = alloc::alloc_slot(&slots).ok_or_else(|| err(ErrorCode::Exhausted, "no free uid range left on this node"))?;
+            let subnet = st.config.subnet;
+            let used: Vec<_> = st.ves.values().filter_map(|v| v.spec.ip.map(|ip| (ip.addr, v.spec.name.to_string()))).collect();
+            spec.ip = Some(match spec.ip {
+                Some(ip) => alloc::check_ip(&subnet, ip, &used).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?,
+                None => {
+                    let used: BTreeSet<_> = used.iter().map(|(a, _)| *a).collect();
+                    alloc::alloc_ip(&subnet, &used).ok_or_else(|| err(ErrorCode::Exhausted, format!("no free address left in {subnet}")))?
+                }
+            });
+            let rec = VeRecord {
+                spec: spec.clone(),
+                template_id,
+                slot,
+                status: VeStatus::Stopped,
+                pid: None,
+                pid_start: None,
+                user_stopped: false,
+                created_unix: vessel_ve::now_unix(),
+                started_unix: None,
+                last_exit: None,
+                last_error: None,
+                restart_pending: false,
+            };
+            st.ves.insert(name.clone(), rec.clone());
+            rec
+        };
+        let ve = self.layout.ve(name.as_str());
+        let tpl_root = self.layout.template_rootfs(&rec.template_id);
+        let req = RootFsRequest { ve: &ve, template_rootfs: &tpl_root, uid_base: alloc::uid_base(rec.slot), uid_count: alloc::UID_COUNT };
+        let created = self.rootfs.create(&req).map_err(|e| internal("create VE storage", e)).and_then(|_| {
+            let st = lock(&self.state);
+            self.save(&st)
+        });
+        if let Err(e) = created {
+            let _ = self.rootfs.destroy(&ve);
+            lock(&self.state).ves.remove(&name);
+            return Err(e);
+        }
+        Ok(self.info(&rec))
+    }
+
+    // ------------------------------------------------------------------ start
+
+    pub fn start(&self, name: &Name) -> NResult<VeInfo> {
+        let vl = self.ve_lock(name);
+        let _g = lock(&vl);
+        let rec = self.record(name)?;
+        if !rec.status.can_start() {
+            return Err(err(ErrorCode::Conflict, format!("VE '{name}' is already running")));
+        }
+        self.start_locked(rec)
+    }
+
+    fn start_locked(&self, rec: VeRecord) -> NResult<VeInfo> {
+        let name = rec.spec.name.clone();
+        match self.launch(&rec) {
+            Ok((pid, master)) => {
+                let pid_start = sys::process_start_time(pid).ok();
+                let pidfd = Arc::new(sys::pidfd_open(pid).map_err(|e| internal("pidfd", e))?);
+                let console = Console::new(master, self.layout.ve(name.as_str()).console_log());
+                let ctoken = self.monitor.watch_console(console.clone()).map_err(|e| internal("watch console", e))?;
+                let exit_token = self.monitor.watch_exit(name.clone(), pid, pidfd.clone()).map_err(|e| internal("watch init", e))?;
+                lock(&self.live).insert(name.clone(), Live { pidfd, console: Some((console, ctoken)), exit_token });
+                let rec = self.update(&name, |r| {
+                    r.status = VeStatus::Running;
+                    r.pid = Some(pid);
+                    r.pid_start = pid_start;
+                    r.user_stopped = false;
+                    r.started_unix = Some(vessel_ve::now_unix());
+                    r.last_error = None;
+                    r.restart_pending = false;
+                    r.clone()
+                })?;
+                tracing::info!(ve = %name, pid, "VE started");
+                Ok(self.info(&rec))
+            }
+            Err(e) => {
+                self.cleanup_runtime(&rec);
+                let msg = e.message.clone();
+                let _ = self.update(&name, |r| {
+                    r.status = VeStatus::Failed;
+                    r.pid = None;
+                    r.last_error = Some(msg);
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Mount, configure and start the VE; returns init's pid and console master.
+    fn launch(&self, rec: &VeRecord) -> NResult<(i32, OwnedFd)> {
+        let name = rec.spec.name.as_str();
+        let ve = self.layout.ve(name);
+        let tpl_dir = self.layout.template(&rec.template_id);
+        let meta = template::read_meta(&tpl_dir).map_err(|e| err(ErrorCode::NotFound, format!("template of VE '{name}': {e}")))?;
+        let tpl_root = tpl_dir.join("rootfs");
+        let uid_base = alloc::uid_base(rec.slot);
+        let req = RootFsRequest { ve: &ve, template_rootfs: &tpl_root, uid_base, uid_count: alloc::UID_COUNT };
+        let rootfs = self.rootfs.mount(&req).map_err(|e| internal("mount VE root", e))?;
+        osconfig::apply(&rootfs, &rec.spec, uid_base).map_err(|e| internal("write VE settings", e))?;
+        let cgroup_path = format!("/{}/{}", self.opts.config.cgroup_parent, name);
+        let doc = oci::render(&oci::SpecInput {
+            spec: &rec.spec,
+            rootfs: &rootfs,
+            init: &meta.init,
+            uid_base,
+            uid_count: alloc::UID_COUNT,
+            cgroup_path: &cgroup_path,
+        });
+        let bundle = ve.bundle();
+        std::fs::create_dir_all(&bundle).map_err(|e| internal("bundle dir", e))?;
+        std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&doc).unwrap_or_default()).map_err(|e| internal("write config.json", e))?;
+        let (bridge, subnet) = {
+            let st = lock(&self.state);
+            (st.config.bridge.clone(), st.config.subnet)
+        };
+        let net = rec.spec.ip.map(|ip| NetPlan { host_if: Self::host_if(rec), bridge, ip, gateway: alloc::gateway(&subnet) });
+        let req = HelperRequest::Start { id: name.to_string(), state_root: self.layout.run(), bundle, net };
+        runtime::start_ve(&self.opts.exe, req).map_err(|e| err(ErrorCode::Internal, format!("start VE '{name}': {e}")))
+    }
+
+    /// Remove everything a run of the VE created on the host: libcontainer state, cgroups,
+    /// the veth, the root mount. Idempotent; errors are logged, not returned.
+    pub(crate) fn cleanup_runtime(&self, rec: &VeRecord) {
+        let name = rec.spec.name.as_str();
+        if let Some(l) = lock(&self.live).remove(&rec.spec.name) {
+            self.monitor.unwatch(l.exit_token);
+            if let Some((_, t)) = l.console {
+                self.monitor.unwatch(t);
+            }
+        }
+        if let Err(e) = runtime::delete_ve(&self.layout.run(), name) {
+            tracing::warn!(ve = name, "delete container state: {e}");
+        }
+        self.cgroup(&rec.spec.name).remove();
+        let _ = vessel_ve::net::delete_link(&Self::host_if(rec));
+        if let Err(e) = self.rootfs.unmount(&self.layout.ve(name)) {
+            tracing::warn!(ve = name, "unmount: {e}");
+        }
+    }
+
+    // ------------------------------------------------------------------ stop
+
+    pub fn stop(&self, name: &Name, timeout: Duration) -> NResult<VeInfo> {
+        let vl = self.ve_lock(name);
+        let _g = lock(&vl);
+        let rec = self.record(name)?;
+        if !rec.status.can_stop() {
+            return Err(err(ErrorCode::Conflict, format!("VE '{name}' is not running")));
+        }
+        self.stop_locked(&rec, timeout)
+    }
+
+    fn stop_locked(&self, rec: &VeRecord, timeout: Duration) -> NResult<VeInfo> {
+        let name = &rec.spec.name;
+        self.update(name, |r| r.user_stopped = true)?;
+        let pidfd = lock(&self.live).get(name).map(|l| l.pidfd.clone());
+        let mut code = None;
+        if let Some(pidfd) = pidfd {
+            let sig = template::read_meta(&self.layout.template(&rec.template_id)).map(|m| m.stop_signal).unwrap_or(libc::SIGTERM);
+            let _ = sys::pidfd_signal(&pidfd, sig);
+            let exited = sys::pidfd_wait_exit(&pidfd, timeout.as_millis().min(i32::MAX as u128) as i32).unwrap_or(false);
+            if !exited {
+                tracing::info!(ve = %name, "init did not stop within {timeout:?}; killing");
+                let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
+                let _ = sys::pidfd_wait_exit(&pidfd, 10_000);
+            }
+            code = sys::pidfd_try_reap(&pidfd);
+        }
+        self.cleanup_runtime(rec);
+        let rec = self.update(name, |r| {
+            r.status = VeStatus::Stopped;
+            r.pid = None;
+            r.pid_start = None;
+            if code.is_some() {
+                r.last_exit = code;
+            }
+            r.clone()
+        })?;
+        Ok(self.info(&rec))
+    }
+
+    pub fn restart(&self, name: &Name, timeout: Duration) -> NResult<VeInfo> {
+        let vl = self.ve_lock(name);
+        let _g = lock(&vl);
+        let rec = self.record(name)?;
+        if rec.status == VeStatus::Running {
+            self.stop_locked(&rec, timeout)?;
+        }
+        let rec = self.record(name)?;
+        self.start_locked(rec)
+    }
+
+    // ------------------------------------------------------------------ destroy
+
+    pub fn destroy(&self, name: &Name, force: bool) -> NResult<()> {
+        let vl = self.ve_lock(name);
+        let _g = lock(&vl);
+        let rec = self.record(name)?;
+        if rec.status == VeStatus::Running {
+            if !force {
+                return Err(err(ErrorCode::Conflict, format!("VE '{name}' is running: stop it first or use --force")));
+            }
+            self.stop_locked(&rec, Duration::from_secs(10))?;
+        }
+        self.cleanup_runtime(&rec);
+        self.rootfs.destroy(&self.layout.ve(name.as_str())).map_err(|e| internal("remove VE storage", e))?;
+        let mut st = lock(&self.state);
+        st.ves.remove(name);
+        self.save(&st)?;
+        drop(st);
+        lock(&self.ve_locks).remove(name);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ set
+
+    pub fn set(&self, name: &Name, change: &VeChange) -> NResult<VeInfo> {
+        let vl = self.ve_lock(name);
+        let _g = lock(&vl);
+        let rec = self.record(name)?;
+        let new = change.apply_to(&rec.spec);
+        new.validate().map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+        let running = rec.status == VeStatus::Running;
+        if running {
+            if new.limits != rec.spec.limits {
+                self.cgroup(name).apply(&new.limits).map_err(|e| err(ErrorCode::Conflict, format!("apply limits to VE '{name}': {e}")))?;
+            }
+            let ve = self.layout.ve(name.as_str());
+            osconfig::apply(&ve.rootfs(), &new, alloc::uid_base(rec.slot)).map_err(|e| internal("write VE settings", e))?;
+        }
+        let rec = self.update(name, |r| {
+            r.spec = new;
+            if running && change.needs_restart() {
+                r.restart_pending = true;
+            }
+            r.clone()
+        })?;
+        Ok(self.info(&rec))
+    }
+
+    // ------------------------------------------------------------------ exits and boot
+
+    /// A VE's init exited (seen by the monitor). Decide and act per the restart policy.
+    pub fn on_exit(self: &Arc<Self>, name: Name, pid: i32, pidfd: Arc<OwnedFd>) {
+        let vl = self.ve_lock(&name);
+        let _g = lock(&vl);
+        let Ok(rec) = self.record(&name) else { return };
+        if rec.pid != Some(pid) || rec.status != VeStatus::Running {
+            return; // a stop or destroy already handled it
+        }
+        let code = sys::pidfd_try_reap(&pidfd);
+        let ran = rec.started_unix.map_or(0, |s| vessel_ve::now_unix().saturating_sub(s));
+        let quick = {
+            let mut q = lock(&self.quick_failures);
+            let c = q.entry(name.clone()).or_default();
+            *c = if ran < 10 { *c + 1 } else { 0 };
+            *c
+        };
+        let action = decide_exit(&rec.spec, code, rec.user_stopped, quick);
+        tracing::info!(ve = %name, ?code, ?action, "VE init exited");
+        self.cleanup_runtime(&rec);
+        let _ = self.update(&name, |r| {
+            r.pid = None;
+            r.pid_start = None;
+            r.last_exit = code;
+            r.status = if action == ExitAction::Fail { VeStatus::Failed } else { VeStatus::Stopped };
+            if action == ExitAction::Stop {
+                r.user_stopped = true;
+            }
+        });
+        if action == ExitAction::Restart {
+            if let Ok(rec) = self.record(&name) {
+                if let Err(e) = self.start_locked(rec) {
+                    tracing::warn!(ve = %name, "restart failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// After a daemon (re)start: find running VEs again, clean up those that died while
+    /// no daemon watched, and start VEs whose policy says so.
+    pub fn recover(self: &Arc<Self>) {
+        let recs: Vec<VeRecord> = lock(&self.state).ves.values().cloned().collect();
+        for rec in recs {
+            let name = rec.spec.name.clone();
+            let vl = self.ve_lock(&name);
+            let _g = lock(&vl);
+            if rec.status == VeStatus::Running {
+                if let Some(pidfd) = self.reattach(&rec) {
+                    let pid = rec.pid.unwrap_or(0);
+                    match self.monitor.watch_exit(name.clone(), pid, pidfd.clone()) {
+                        Ok(exit_token) => {
+                            lock(&self.live).insert(name.clone(), Live { pidfd, console: None, exit_token });
+                            tracing::info!(ve = %name, pid, "re-attached to running VE (console lost until it restarts)");
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(ve = %name, "watch init: {e}"),
+                    }
+                }
+                tracing::info!(ve = %name, "VE died while the daemon was away");
+                self.cleanup_runtime(&rec);
+                let _ = self.update(&name, |r| {
+                    r.status = VeStatus::Stopped;
+                    r.pid = None;
+                    r.pid_start = None;
+                });
+            }
+            let rec = match self.record(&name) {
+                Ok(r) => r,
+                Err(_) => continue,
+            };
+            if rec.status != VeStatus::Running && !rec.user_stopped && rec.spec.restart == vessel_types::RestartPolicy::Always {
+                if let Err(e) = self.start_locked(rec) {
+                    tracing::warn!(ve = %name, "start on boot failed: {e}");
+                }
+            }
+        }
+    }
+
+    fn reattach(&self, rec: &VeRecord) -> Option<Arc<OwnedFd>> {
+        let pid = rec.pid?;
+        let start = sys::process_start_time(pid).ok()?;
+        if Some(start) != rec.pid_start {
+            return None;
+        }
+        let fd = sys::pidfd_open(pid).ok()?;
+        // The pid could have been reused between the check and the open: check again.
+        (sys::process_start_time(pid).ok()? == start).then(|| Arc::new(fd))
+    }
+}
+
+pub(crate) fn not_found(name: &Name) -> ApiError {
+    err(ErrorCode::NotFound, format!("VE '{name}' not found: see `vessel ve list`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vessel_types::RestartPolicy;
+
+    fn spec(p: RestartPolicy) -> VeSpec {
+        let mut s = VeSpec::new(Name::parse("a").unwrap(), Name::parse("busybox").unwrap());
+        s.restart = p;
+        s
+    }
+
+    #[test]
+    fn exit_decisions() {
+        use ExitAction::*;
+        assert_eq!(decide_exit(&spec(RestartPolicy::Always), Some(0), false, 0), Restart);
+        assert_eq!(decide_exit(&spec(RestartPolicy::Always), Some(1), true, 0), Stop);
+        assert_eq!(decide_exit(&spec(RestartPolicy::Always), Some(-libc::SIGINT), false, 0), Stop);
+        assert_eq!(decide_exit(&spec(RestartPolicy::No), Some(-libc::SIGHUP), false, 0), Restart);
+        assert_eq!(decide_exit(&spec(RestartPolicy::No), Some(1), false, 0), Fail);
+        assert_eq!(decide_exit(&spec(RestartPolicy::No), Some(0), false, 0), Stop);
+        assert_eq!(decide_exit(&spec(RestartPolicy::OnFailure), Some(0), false, 0), Stop);
+        assert_eq!(decide_exit(&spec(RestartPolicy::OnFailure), Some(-9), false, 2), Restart);
+        assert_eq!(decide_exit(&spec(RestartPolicy::Always), Some(1), false, 5), Fail);
+    }
+}

@@ -1,0 +1,201 @@
+//! Run a process inside a running VE: join every namespace of the VE's init (user first,
+//! so the process is the VE's root and not the host's), join its cgroups, apply the VE's
+//! capability bounding set and seccomp profile, optionally on a new pty allocated in the
+//! VE's own devpts, then exec.
+//!
+//! libcontainer 0.7 has a "tenant" builder for this, but it never joins the user
+//! namespace (`NAMESPACE_TYPES` in tenant_builder.rs lacks "user"), so the process would
+//! keep host-root credentials inside the VE. That breaks invariant 4 (a VE's root cannot
+//! touch the host), so Vessel enters VEs itself. Runs in the single-threaded helper.
+
+use crate::runtime::RuntimeError;
+use oci_spec::runtime::Spec;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+pub struct EnterPlan<'a> {
+    pub init_pid: i32,
+    /// The VE's OCI config (for its capabilities, seccomp profile and base environment).
+    pub config: &'a Path,
+    /// cgroup directories of the VE (one per v1 hierarchy, or the v2 one).
+    pub cgroup_dirs: &'a [PathBuf],
+    pub argv: &'a [String],
+    pub env: &'a [String],
+    pub cwd: Option<&'a str>,
+    pub tty: bool,
+}
+
+fn cstr(s: &str) -> Result<CString, RuntimeError> {
+    CString::new(s).map_err(|_| RuntimeError::Helper(format!("argument holds a NUL byte: {s:?}")))
+}
+
+fn os(what: &str) -> RuntimeError {
+    RuntimeError::Helper(format!("{what}: {}", std::io::Error::last_os_error()))
+}
+
+/// Merge `extra` KEY=VALUE entries over `base` (later wins).
+pub fn merge_env(base: &[String], extra: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in base.iter().chain(extra) {
+        let key = e.split('=').next().unwrap_or("");
+        out.retain(|x| x.split('=').next() != Some(key));
+        out.push(e.clone());
+    }
+    out
+}
+
+/// Start the process; returns its host pid (our child) and, with `tty`, the pty master.
+pub fn enter(plan: &EnterPlan) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
+    let spec: Spec = serde_json::from_slice(&std::fs::read(plan.config)?).map_err(|e| RuntimeError::Helper(format!("VE config: {e}")))?;
+    let process = spec.process().clone().ok_or_else(|| RuntimeError::Helper("VE config has no process".into()))?;
+    let caps = process.capabilities().clone();
+    let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+    let mut base_env = process.env().clone().unwrap_or_default();
+    base_env.push("HOME=/root".into());
+    let env = merge_env(&base_env, plan.env);
+    let argv: Vec<CString> = plan.argv.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+    let envp: Vec<CString> = env.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+    let cwd = plan.cwd.map(cstr).transpose()?;
+    if argv.is_empty() {
+        return Err(RuntimeError::Helper("empty command".into()));
+    }
+
+    // Namespace handles first, while /proc is the host's.
+    let order = ["user", "ipc", "uts", "net", "cgroup", "pid", "mnt"];
+    let mut fds = Vec::new();
+    for ns in order {
+        let f = std::fs::File::open(format!("/proc/{}/ns/{ns}", plan.init_pid)).map_err(|e| RuntimeError::Helper(format!("VE init {} is gone: {e}", plan.init_pid)))?;
+        fds.push(OwnedFd::from(f));
+    }
+    // Join the VE's cgroups while we still have host privileges; the child inherits them.
+    let me = std::process::id().to_string();
+    for d in plan.cgroup_dirs {
+        std::fs::write(d.join("cgroup.procs"), &me).map_err(|e| RuntimeError::Helper(format!("join cgroup {}: {e}", d.display())))?;
+    }
+    for fd in &fds {
+        // SAFETY: setns with a namespace fd we opened; nstype 0 accepts any type.
+        if unsafe { libc::setns(fd.as_raw_fd(), 0) } != 0 {
+            return Err(os("enter VE namespace"));
+        }
+    }
+    let master = if plan.tty {
+        // The VE's /dev/ptmx: the pty lives in the VE's own devpts instance.
+        // SAFETY: opening a path with constant flags.
+        let m = unsafe { libc::open(c"/dev/ptmx".as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        if m < 0 {
+            return Err(os("open /dev/ptmx in VE"));
+        }
+        // SAFETY: m is a fresh fd we own.
+        let m = unsafe { OwnedFd::from_raw_fd(m) };
+        // SAFETY: unlockpt on a pty master.
+        if unsafe { libc::unlockpt(m.as_raw_fd()) } != 0 {
+            return Err(os("unlockpt"));
+        }
+        Some(m)
+    } else {
+        None
+    };
+    let slave = match &master {
+        Some(m) => {
+            // SAFETY: TIOCGPTPEER on a pty master returns a new slave fd.
+            let s = unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY) };
+            if s < 0 {
+                return Err(os("open pty slave"));
+            }
+            // SAFETY: fresh fd we own.
+            Some(unsafe { OwnedFd::from_raw_fd(s) })
+        }
+        None => None,
+    };
+
+    // SAFETY: this helper is single-threaded, so the child may allocate and call anything.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(os("fork"));
+    }
+    if pid == 0 {
+        let msg = child(slave.as_ref(), &argv, &envp, cwd.as_deref(), caps.as_ref(), seccomp.as_ref());
+        let line = format!("vessel: exec {}: {msg}\n", plan.argv[0]);
+        // SAFETY: writing a buffer to stderr, then leaving without running destructors.
+        unsafe {
+            libc::write(2, line.as_ptr() as *const libc::c_void, line.len());
+            libc::_exit(if msg.contains("No such file") { 127 } else { 126 });
+        }
+    }
+    drop(slave);
+    Ok((pid, master))
+}
+
+/// In the forked child: become the VE's root and exec. Returns only on failure.
+fn child(
+    slave: Option<&OwnedFd>,
+    argv: &[CString],
+    envp: &[CString],
+    cwd: Option<&std::ffi::CStr>,
+    caps: Option<&oci_spec::runtime::LinuxCapabilities>,
+    seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
+) -> String {
+    let err = |w: &str| format!("{w}: {}", std::io::Error::last_os_error());
+    // SAFETY: plain syscalls on our own process and fds.
+    unsafe {
+        libc::setsid();
+        if let Some(s) = slave {
+            if libc::ioctl(s.as_raw_fd(), libc::TIOCSCTTY, 0) != 0 {
+                return err("set controlling terminal");
+            }
+            for fd in 0..3 {
+                libc::dup2(s.as_raw_fd(), fd);
+            }
+        }
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return err("setgroups");
+        }
+        if libc::setresgid(0, 0, 0) != 0 {
+            return err("setgid");
+        }
+        if libc::setresuid(0, 0, 0) != 0 {
+            return err("setuid");
+        }
+        let dir = cwd.unwrap_or(c"/root");
+        if libc::chdir(dir.as_ptr()) != 0 && (cwd.is_some() || libc::chdir(c"/".as_ptr()) != 0) {
+            return err("chdir");
+        }
+    }
+    if let Some(c) = caps {
+        let sys = libcontainer::syscall::syscall::create_syscall();
+        if let Err(e) = libcontainer::capabilities::drop_privileges(c, sys.as_ref()) {
+            return format!("drop capabilities: {e}");
+        }
+    }
+    if let Some(s) = seccomp {
+        if let Err(e) = libcontainer::seccomp::initialize_seccomp(s) {
+            return format!("seccomp: {e}");
+        }
+    }
+    let mut a: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
+    a.push(std::ptr::null());
+    let mut e: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
+    e.push(std::ptr::null());
+    // execvpe searches PATH from the environ of this process: set it from the VE env first.
+    for v in envp {
+        if let Some(p) = v.to_str().ok().and_then(|s| s.strip_prefix("PATH=")) {
+            std::env::set_var("PATH", p);
+        }
+    }
+    // SAFETY: NUL-terminated arrays of valid C strings that outlive the call.
+    unsafe { libc::execvpe(a[0], a.as_ptr(), e.as_ptr()) };
+    err("exec")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_merge_overrides_by_key() {
+        let base = vec!["PATH=/bin".to_string(), "A=1".to_string()];
+        let m = merge_env(&base, &["A=2".to_string(), "B=3".to_string()]);
+        assert_eq!(m, vec!["PATH=/bin", "A=2", "B=3"]);
+    }
+}

@@ -1,0 +1,421 @@
+//! What each command does: build a request, send it, print the reply.
+
+use crate::output::{self, Progress};
+use crate::{Cli, Cmd, DaemonArgs, Global, SpecArgs, TemplateCmd, VeCmd};
+use anyhow::{bail, Context, Result};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use vessel_api::client::ClientError;
+use vessel_api::Client;
+use vessel_types::api::{NodeStatus, Request, Response, VeChange, VeInfo};
+use vessel_types::size::{format_size, parse_size};
+use vessel_types::{Limits, VeSpec};
+
+pub fn run(cli: Cli) -> Result<i32> {
+    let g = cli.global;
+    match cli.cmd {
+        Cmd::Up(a) => up(&g, &a),
+        Cmd::Down => down(&g),
+        Cmd::Status => status(&g),
+        Cmd::Daemon(a) => daemon(&g, &a),
+        Cmd::Template(t) => template(&g, t),
+        Cmd::Ve(v) => ve(&g, v),
+        Cmd::Runtime { .. } => unreachable!("handled in main"),
+    }
+}
+
+fn connect(g: &Global) -> Result<Client> {
+    Ok(Client::connect(&g.socket())?)
+}
+
+fn node_options(g: &Global, a: &DaemonArgs) -> Result<vessel_agent::NodeOptions> {
+    let root = if g.root.is_absolute() { g.root.clone() } else { std::env::current_dir()?.join(&g.root) };
+    Ok(vessel_agent::NodeOptions {
+        root,
+        socket: g.socket(),
+        config: vessel_agent::state::NodeConfig { bridge: a.bridge.clone(), subnet: a.subnet, cgroup_parent: a.cgroup_parent.clone() },
+        cache_dir: a.cache_dir.clone(),
+        exe: std::env::current_exe().context("locate the vessel binary")?,
+        cgroup_root: "/sys/fs/cgroup".into(),
+        busybox: a.busybox.clone(),
+    })
+}
+
+fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the vessel daemon must run as root (it creates namespaces, mounts and cgroups): run it with sudo");
+    }
+    Ok(())
+}
+
+fn validate_daemon_args(a: &DaemonArgs) -> Result<()> {
+    if a.bridge.is_empty() || a.bridge.len() > 15 || !a.bridge.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        bail!("bridge name '{}' must be 1-15 letters, digits, '-' or '_'", a.bridge);
+    }
+    if a.subnet.prefix > 30 {
+        bail!("subnet {} is too small: use a prefix of /30 or shorter", a.subnet);
+    }
+    if a.cgroup_parent.is_empty() || a.cgroup_parent.contains("..") || a.cgroup_parent.starts_with('/') {
+        bail!("cgroup parent '{}' must be a relative path without '..'", a.cgroup_parent);
+    }
+    Ok(())
+}
+
+fn daemon(g: &Global, a: &DaemonArgs) -> Result<i32> {
+    require_root()?;
+    validate_daemon_args(a)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VESSEL_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    vessel_agent::daemon::run(node_options(g, a)?)?;
+    Ok(0)
+}
+
+fn current_status(g: &Global) -> Result<Option<NodeStatus>> {
+    let c = match Client::connect(&g.socket()) {
+        Ok(c) => c,
+        Err(ClientError::NotRunning(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    match c.call(&Request::Status)? {
+        Response::Status(s) => Ok(Some(s)),
+        r => bail!("unexpected reply {r:?}"),
+    }
+}
+
+fn up(g: &Global, a: &DaemonArgs) -> Result<i32> {
+    require_root()?;
+    validate_daemon_args(a)?;
+    if let Some(s) = current_status(g)? {
+        bail!("the vessel daemon already runs (pid {}, socket {}): `vessel down` stops it", s.pid, s.socket);
+    }
+    std::fs::create_dir_all(&g.root).with_context(|| format!("create {}", g.root.display()))?;
+    let log_path = vessel_ve::Layout::new(&g.root).daemon_log();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("open {}", log_path.display()))?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--root").arg(&g.root).arg("--socket").arg(g.socket()).arg("daemon");
+    cmd.arg("--bridge").arg(&a.bridge).arg("--subnet").arg(a.subnet.to_string());
+    cmd.arg("--cgroup-parent").arg(&a.cgroup_parent).arg("--cache-dir").arg(&a.cache_dir).arg("--busybox").arg(&a.busybox);
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: setsid in the forked child detaches the daemon from our terminal and session.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("start the daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            bail!("the daemon exited at start ({st}); last log lines:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        if let Ok(Some(s)) = current_status(g) {
+            if g.json {
+                output::json(&s);
+            } else {
+                println!("vessel daemon running (pid {}), socket {}, log {}", s.pid, s.socket, log_path.display());
+            }
+            return Ok(0);
+        }
+        if Instant::now() > deadline {
+            bail!("the daemon did not answer within 60 s; see {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn down(g: &Global) -> Result<i32> {
+    let Some(s) = current_status(g)? else {
+        println!("vessel daemon is not running");
+        return Ok(0);
+    };
+    let pid = nix::unistd::Pid::from_raw(s.pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("signal the daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::path::Path::new(&format!("/proc/{}", s.pid)).exists() && Instant::now() < deadline {
+        // A zombie (our parent is not its parent) counts as gone.
+        if std::fs::read_to_string(format!("/proc/{}/stat", s.pid)).is_ok_and(|st| st.contains(") Z ")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("vessel daemon stopped (VEs keep running; `vessel up` re-attaches)");
+    Ok(0)
+}
+
+fn status(g: &Global) -> Result<i32> {
+    match current_status(g)? {
+        None => {
+            if g.json {
+                output::json(&serde_json::json!({"running": false, "socket": g.socket()}));
+            } else {
+                println!("vessel daemon: not running (socket {}); start it with `vessel up`", g.socket().display());
+            }
+            Ok(3)
+        }
+        Some(s) => {
+            if g.json {
+                let mut v = serde_json::to_value(&s)?;
+                v["running"] = true.into();
+                output::json(&v);
+            } else {
+                println!("vessel daemon: running (pid {}, up {}s, version {})", s.pid, s.uptime_secs, s.version);
+                println!("root:      {}", s.root);
+                println!("socket:    {}", s.socket);
+                println!("network:   bridge {} subnet {}", s.bridge, s.subnet);
+                println!("cgroups:   {}", s.cgroup);
+                println!("VEs:       {} running of {}", s.ves_running, s.ves_total);
+                println!("templates: {}", s.templates);
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn template(g: &Global, t: TemplateCmd) -> Result<i32> {
+    let c = connect(g)?;
+    match t {
+        TemplateCmd::Build { kind, name } => {
+            let mut p = Progress::new();
+            let r = c.call_with_progress(&Request::TemplateBuild { kind, name }, &mut |m, d, t| p.update(m, d, t));
+            p.finish();
+            match r? {
+                Response::Template(t) if g.json => output::json(&t),
+                Response::Template(t) => println!("template {} built: {} files, {}, id {}", t.name, t.files, format_size(t.bytes), t.id),
+                r => bail!("unexpected reply {r:?}"),
+            }
+        }
+        TemplateCmd::List => match c.call(&Request::TemplateList)? {
+            Response::Templates { templates } if g.json => output::json(&templates),
+            Response::Templates { templates } => {
+                let rows: Vec<Vec<String>> = templates
+                    .iter()
+                    .map(|t| vec![t.name.to_string(), format!("{:?}", t.kind).to_lowercase(), t.id[..12].to_string(), t.files.to_string(), format_size(t.bytes), t.used_by.len().to_string(), output::ago(t.created_unix)])
+                    .collect();
+                output::table(&["NAME", "KIND", "ID", "FILES", "SIZE", "VES", "CREATED"], &rows);
+            }
+            r => bail!("unexpected reply {r:?}"),
+        },
+        TemplateCmd::Show { name } => match c.call(&Request::TemplateShow { name })? {
+            Response::Template(t) if g.json => output::json(&t),
+            Response::Template(t) => {
+                println!("name:    {}", t.name);
+                println!("kind:    {:?}", t.kind);
+                println!("id:      {}", t.id);
+                println!("files:   {}", t.files);
+                println!("size:    {}", format_size(t.bytes));
+                println!("used by: {}", t.used_by.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "));
+            }
+            r => bail!("unexpected reply {r:?}"),
+        },
+        TemplateCmd::Remove { name } => {
+            c.call(&Request::TemplateRemove { name: name.clone() })?;
+            println!("template {name} removed");
+        }
+    }
+    Ok(0)
+}
+
+fn limits(a: &SpecArgs) -> Result<Limits> {
+    Ok(Limits {
+        memory_max: a.memory.as_deref().map(parse_size).transpose()?,
+        memory_low: a.memory_low.as_deref().map(parse_size).transpose()?,
+        cpus: a.cpus,
+        cpu_weight: a.cpu_weight,
+        pids_max: a.pids,
+    })
+}
+
+fn ssh_keys(files: &[std::path::PathBuf]) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    for f in files {
+        let t = std::fs::read_to_string(f).with_context(|| format!("read SSH key file {}", f.display()))?;
+        keys.extend(t.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+    }
+    Ok(keys)
+}
+
+fn print_ve(g: &Global, v: &VeInfo, verb: &str) {
+    if g.json {
+        output::json(v);
+    } else {
+        let ip = v.spec.ip.map(|i| i.to_string()).unwrap_or_default();
+        println!("VE {} {verb}: {}, {ip}, template {}", v.spec.name, v.status.as_str(), v.spec.template);
+    }
+}
+
+fn expect_ve(r: Response) -> Result<VeInfo> {
+    match r {
+        Response::Ve(v) => Ok(*v),
+        r => bail!("unexpected reply {r:?}"),
+    }
+}
+
+fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
+    let c = connect(g)?;
+    match cmd {
+        VeCmd::Create { name, template, ip, start, spec } => {
+            let mut s = VeSpec::new(name, template);
+            s.limits = limits(&spec)?;
+            s.hostname = spec.hostname;
+            s.ip = ip;
+            s.root_password_hash = spec.root_password_hash;
+            s.ssh_keys = ssh_keys(&spec.ssh_key)?;
+            s.env = spec.env;
+            s.dns = spec.dns;
+            if let Some(r) = spec.restart {
+                s.restart = r;
+            }
+            let v = expect_ve(c.call(&Request::VeCreate { spec: s, start })?)?;
+            print_ve(g, &v, "created");
+        }
+        VeCmd::List => match c.call(&Request::VeList)? {
+            Response::Ves { ves } if g.json => output::json(&ves),
+            Response::Ves { ves } => {
+                let rows: Vec<Vec<String>> = ves
+                    .iter()
+                    .map(|v| {
+                        let mem = match (v.memory_used, v.spec.limits.memory_max) {
+                            (Some(u), Some(m)) => format!("{}/{}", format_size(u), format_size(m)),
+                            (Some(u), None) => format_size(u),
+                            (None, Some(m)) => format!("-/{}", format_size(m)),
+                            (None, None) => "-".into(),
+                        };
+                        vec![
+                            v.spec.name.to_string(),
+                            v.status.as_str().to_string(),
+                            v.spec.template.to_string(),
+                            v.spec.ip.map(|i| i.addr.to_string()).unwrap_or_default(),
+                            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                            mem,
+                            v.started_unix.filter(|_| v.pid.is_some()).map(output::ago).unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect();
+                output::table(&["NAME", "STATUS", "TEMPLATE", "IP", "PID", "MEMORY", "STARTED"], &rows);
+            }
+            r => bail!("unexpected reply {r:?}"),
+        },
+        VeCmd::Show { name } => {
+            let v = expect_ve(c.call(&Request::VeShow { name })?)?;
+            if g.json {
+                output::json(&v);
+            } else {
+                show_ve(&v);
+            }
+        }
+        VeCmd::Start { name } => print_ve(g, &expect_ve(c.call(&Request::VeStart { name })?)?, "started"),
+        VeCmd::Stop { name, timeout } => print_ve(g, &expect_ve(c.call(&Request::VeStop { name, timeout_secs: timeout })?)?, "stopped"),
+        VeCmd::Restart { name, timeout } => print_ve(g, &expect_ve(c.call(&Request::VeRestart { name, timeout_secs: timeout })?)?, "restarted"),
+        VeCmd::Destroy { name, force } => {
+            c.call(&Request::VeDestroy { name: name.clone(), force })?;
+            if g.json {
+                output::json(&serde_json::json!({"destroyed": name}));
+            } else {
+                println!("VE {name} destroyed");
+            }
+        }
+        VeCmd::Set { name, spec } => {
+            let change = VeChange {
+                limits: limits(&spec)?,
+                hostname: spec.hostname,
+                root_password_hash: spec.root_password_hash,
+                ssh_keys: if spec.ssh_key.is_empty() { None } else { Some(ssh_keys(&spec.ssh_key)?) },
+                env: if spec.env.is_empty() { None } else { Some(spec.env) },
+                restart: spec.restart,
+                dns: if spec.dns.is_empty() { None } else { Some(spec.dns) },
+            };
+            if change == VeChange::default() {
+                bail!("nothing to change: give at least one option, e.g. --memory 512M (see `vessel ve set --help`)");
+            }
+            let v = expect_ve(c.call(&Request::VeSet { name, change })?)?;
+            print_ve(g, &v, "updated");
+            if v.restart_pending && !g.json {
+                println!("some changes apply at the next start: `vessel ve restart {}`", v.spec.name);
+            }
+        }
+        VeCmd::Exec { name, tty, env, cwd, command } => return exec(&c, name, tty, env, cwd, command),
+        VeCmd::Console { name } => {
+            c.send(&Request::VeConsole { name: name.clone() }, &[])?;
+            match c.recv()?.0 {
+                Response::ConsoleAttached => {}
+                r => bail!("unexpected reply {r:?}"),
+            }
+            eprintln!("connected to the console of VE {name}; Ctrl-] detaches\r");
+            let _raw = crate::term::RawMode::enter();
+            let s = c.stream();
+            crate::term::relay(s.as_fd(), s.as_fd(), Some(0x1d));
+            drop(_raw);
+            eprintln!("\r\ndetached from VE {name}");
+        }
+        VeCmd::Logs { name, tail } => match c.call(&Request::VeLogs { name, tail_bytes: tail })? {
+            Response::Logs { text } if g.json => output::json(&serde_json::json!({"text": text})),
+            Response::Logs { text } => print!("{text}"),
+            r => bail!("unexpected reply {r:?}"),
+        },
+    }
+    Ok(0)
+}
+
+fn show_ve(v: &VeInfo) {
+    let l = &v.spec.limits;
+    let opt = |o: Option<u64>| o.map(format_size).unwrap_or_else(|| "unlimited".into());
+    println!("name:        {}", v.spec.name);
+    println!("status:      {}{}", v.status.as_str(), v.pid.map(|p| format!(" (init pid {p})")).unwrap_or_default());
+    println!("template:    {} ({})", v.spec.template, &v.template_id[..12.min(v.template_id.len())]);
+    println!("hostname:    {}", v.spec.hostname());
+    println!("ip:          {}", v.spec.ip.map(|i| i.to_string()).unwrap_or_default());
+    println!("uids:        VE 0..{} = host {}..{}", v.uid_count - 1, v.uid_base, v.uid_base + (v.uid_count - 1));
+    println!("memory:      max {}, low {}, used {}", opt(l.memory_max), opt(l.memory_low), v.memory_used.map(format_size).unwrap_or_else(|| "-".into()));
+    println!("cpu:         {} cpus, weight {}", l.cpus.map(|c| c.to_string()).unwrap_or_else(|| "unlimited".into()), l.cpu_weight.unwrap_or(100));
+    println!("pids:        {}", l.pids_max.map(|p| p.to_string()).unwrap_or_else(|| "unlimited".into()));
+    println!("restart:     {:?}", v.spec.restart);
+    println!("created:     {}", output::ago(v.created_unix));
+    if let Some(s) = v.started_unix {
+        println!("started:     {}", output::ago(s));
+    }
+    if let Some(c) = v.last_exit {
+        println!("last exit:   {c}");
+    }
+    if let Some(e) = &v.last_error {
+        println!("last error:  {e}");
+    }
+    if v.restart_pending {
+        println!("note:        settings changed; they apply at the next restart");
+    }
+    if v.console_lost {
+        println!("note:        console lost when the daemon restarted; `vessel ve restart` restores it");
+    }
+}
+
+fn exec(c: &Client, name: vessel_types::Name, tty: bool, env: Vec<String>, cwd: Option<String>, argv: Vec<String>) -> Result<i32> {
+    let req = Request::VeExec { name, argv, tty, env, cwd };
+    if !tty {
+        c.send(&req, &[0, 1, 2])?;
+    } else {
+        c.send(&req, &[])?;
+    }
+    let (r, fds) = c.recv()?;
+    if !matches!(r, Response::ExecStarted) {
+        bail!("unexpected reply {r:?}");
+    }
+    if tty {
+        let master = fds.into_iter().next().context("the daemon sent no terminal")?;
+        crate::term::copy_winsize(master.as_raw_fd());
+        let raw = crate::term::RawMode::enter();
+        crate::term::relay(master.as_fd(), master.as_fd(), None);
+        drop(raw);
+    }
+    match c.recv()?.0 {
+        Response::Exit { code } => Ok(code),
+        r => bail!("unexpected reply {r:?}"),
+    }
+}

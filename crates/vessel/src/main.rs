@@ -1,0 +1,220 @@
+//! `vessel`: the command line, the node daemon (`vessel daemon`) and the runtime helper
+//! (`vessel __runtime`, internal) in one binary. Logic lives in the library crates; this
+//! file parses arguments and prints results.
+
+mod commands;
+mod output;
+mod term;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "vessel", version, about = "Self-healing hosting cluster: virtual environments on replicated storage")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Node data directory
+    #[arg(long, global = true, env = "VESSEL_ROOT", default_value = "/var/lib/vessel")]
+    pub root: PathBuf,
+    /// Daemon socket (default: /run/vessel/vessel.sock, or ROOT/vessel.sock for a non-default root)
+    #[arg(long, global = true, env = "VESSEL_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Print JSON for scripts instead of tables
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Global {
+    pub fn socket(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(|| {
+            if self.root == std::path::Path::new("/var/lib/vessel") {
+                PathBuf::from("/run/vessel/vessel.sock")
+            } else {
+                self.root.join("vessel.sock")
+            }
+        })
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct DaemonArgs {
+    /// Node bridge VEs attach to
+    #[arg(long, env = "VESSEL_BRIDGE", default_value = "vessel0")]
+    pub bridge: String,
+    /// Node subnet; its first address is the bridge's (the VEs' gateway)
+    #[arg(long, env = "VESSEL_SUBNET", default_value = "10.213.0.0/16")]
+    pub subnet: vessel_types::Ipv4Cidr,
+    /// Parent cgroup of every VE, in each cgroup hierarchy
+    #[arg(long, env = "VESSEL_CGROUP_PARENT", default_value = "vessel")]
+    pub cgroup_parent: String,
+    /// Cache for downloads reused across template builds
+    #[arg(long, env = "VESSEL_CACHE_DIR", default_value = "/var/cache/vessel")]
+    pub cache_dir: PathBuf,
+    /// Static busybox used for the busybox template
+    #[arg(long, env = "VESSEL_BUSYBOX", default_value = "/bin/busybox")]
+    pub busybox: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Start the node daemon in the background
+    Up(DaemonArgs),
+    /// Stop the node daemon (VEs keep running)
+    Down,
+    /// Show what runs on this node
+    Status,
+    /// Run the node daemon in the foreground
+    Daemon(DaemonArgs),
+    /// Manage templates
+    #[command(subcommand)]
+    Template(TemplateCmd),
+    /// Manage virtual environments
+    #[command(subcommand)]
+    Ve(VeCmd),
+    #[command(name = "__runtime", hide = true)]
+    Runtime { request: String },
+}
+
+#[derive(Subcommand)]
+pub enum TemplateCmd {
+    /// Build a template: busybox (from the host's busybox-static) or debian (Debian 12)
+    Build {
+        kind: vessel_types::api::TemplateKind,
+        /// Register under this name instead of the kind
+        #[arg(long)]
+        name: Option<vessel_types::Name>,
+    },
+    List,
+    Show { name: vessel_types::Name },
+    Remove { name: vessel_types::Name },
+}
+
+#[derive(Args, Clone, Default)]
+pub struct SpecArgs {
+    /// Memory cap, e.g. 256M (a cap, not a reservation)
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Memory soft mark: reclaimed last under host pressure, e.g. 64M
+    #[arg(long)]
+    pub memory_low: Option<String>,
+    /// CPU quota in CPUs, e.g. 0.5
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Relative CPU weight, 1..10000 (default 100)
+    #[arg(long)]
+    pub cpu_weight: Option<u64>,
+    /// Maximum number of processes and threads
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// Hostname inside the VE (default: the VE name)
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Root password as a crypt(3) hash (e.g. from `openssl passwd -6`)
+    #[arg(long)]
+    pub root_password_hash: Option<String>,
+    /// File of SSH public keys for root (repeatable)
+    #[arg(long = "ssh-key")]
+    pub ssh_key: Vec<PathBuf>,
+    /// Environment of the VE's init, KEY=VALUE (repeatable)
+    #[arg(long)]
+    pub env: Vec<String>,
+    /// DNS server for /etc/resolv.conf (repeatable)
+    #[arg(long)]
+    pub dns: Vec<String>,
+    /// Restart policy: no, on-failure, always (always = also start with the node)
+    #[arg(long)]
+    pub restart: Option<vessel_types::RestartPolicy>,
+}
+
+#[derive(Subcommand)]
+pub enum VeCmd {
+    /// Create a VE from a template
+    Create {
+        name: vessel_types::Name,
+        #[arg(long, short)]
+        template: vessel_types::Name,
+        /// Address with prefix inside the node subnet (default: next free)
+        #[arg(long)]
+        ip: Option<vessel_types::Ipv4Cidr>,
+        /// Start it right away
+        #[arg(long)]
+        start: bool,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    List,
+    Show { name: vessel_types::Name },
+    Start { name: vessel_types::Name },
+    /// Stop: ask init to shut down, kill after the timeout
+    Stop {
+        name: vessel_types::Name,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    Restart {
+        name: vessel_types::Name,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Remove a VE and all its files
+    Destroy {
+        name: vessel_types::Name,
+        /// Stop it first if it runs
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// Change limits (live) and OS parameters
+    Set {
+        name: vessel_types::Name,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Run a command in a running VE
+    Exec {
+        name: vessel_types::Name,
+        /// Allocate a terminal
+        #[arg(short, long)]
+        tty: bool,
+        /// Extra environment, KEY=VALUE
+        #[arg(short, long)]
+        env: Vec<String>,
+        /// Working directory inside the VE
+        #[arg(short = 'w', long)]
+        cwd: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Attach to the VE's console (Ctrl-] detaches)
+    Console { name: vessel_types::Name },
+    /// Show what the VE's init wrote to its console
+    Logs {
+        name: vessel_types::Name,
+        /// Only the last N bytes
+        #[arg(long)]
+        tail: Option<u64>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Cmd::Runtime { request } = &cli.cmd {
+        if let Ok(filter) = std::env::var("VESSEL_RUNTIME_LOG") {
+            tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).init();
+        }
+        std::process::exit(vessel_ve::runtime::helper_main(request));
+    }
+    match commands::run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("vessel: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
