@@ -61,30 +61,23 @@ pub fn enter(plan: &EnterPlan) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
         return Err(RuntimeError::Helper("empty command".into()));
     }
 
-    // Namespace handles first, while /proc is the host's.
-    let order = ["user", "ipc", "uts", "net", "cgroup", "pid", "mnt"];
-    let mut fds = Vec::new();
-    for ns in order {
-        let f = std::fs::File::open(format!("/proc/{}/ns/{ns}", plan.init_pid)).map_err(|e| RuntimeError::Helper(format!("VE init {} is gone: {e}", plan.init_pid)))?;
-        fds.push(OwnedFd::from(f));
-    }
-    // Join the VE's cgroups while we still have host privileges; the child inherits them.
-    let me = std::process::id().to_string();
-    for d in plan.cgroup_dirs {
-        std::fs::write(d.join("cgroup.procs"), &me).map_err(|e| RuntimeError::Helper(format!("join cgroup {}: {e}", d.display())))?;
-    }
-    for fd in &fds {
-        // SAFETY: setns with a namespace fd we opened; nstype 0 accepts any type.
-        if unsafe { libc::setns(fd.as_raw_fd(), 0) } != 0 {
-            return Err(os("enter VE namespace"));
-        }
-    }
+    // Namespace handles first, while /proc is the host's. The user namespace comes first
+    // so the child gains its capabilities there before joining the others.
+    let open_ns = |ns: &str| -> Result<OwnedFd, RuntimeError> {
+        std::fs::File::open(format!("/proc/{}/ns/{ns}", plan.init_pid))
+            .map(OwnedFd::from)
+            .map_err(|e| RuntimeError::Helper(format!("VE init {} is gone: {e}", plan.init_pid)))
+    };
+    let ns_fds: Vec<OwnedFd> = ["user", "ipc", "uts", "net", "cgroup", "mnt"].into_iter().map(open_ns).collect::<Result<_, _>>()?;
+    let pid_ns = open_ns("pid")?;
     let master = if plan.tty {
-        // The VE's /dev/ptmx: the pty lives in the VE's own devpts instance.
-        // SAFETY: opening a path with constant flags.
-        let m = unsafe { libc::open(c"/dev/ptmx".as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        // The VE's /dev/ptmx, reached through its init's root: the pty lives in the VE's
+        // own devpts instance.
+        let path = cstr(&format!("/proc/{}/root/dev/ptmx", plan.init_pid))?;
+        // SAFETY: opening a valid C path with constant flags.
+        let m = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
         if m < 0 {
-            return Err(os("open /dev/ptmx in VE"));
+            return Err(os("open /dev/ptmx of the VE"));
         }
         // SAFETY: m is a fresh fd we own.
         let m = unsafe { OwnedFd::from_raw_fd(m) };
@@ -108,14 +101,47 @@ pub fn enter(plan: &EnterPlan) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
         }
         None => None,
     };
-
+    // Children of this helper are born in the VE's pid namespace. The helper itself stays
+    // on the host (and out of the VE's cgroup, where the OOM killer would find it).
+    // SAFETY: setns with a pid namespace fd; affects only children created after it.
+    if unsafe { libc::setns(pid_ns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        return Err(os("enter VE pid namespace"));
+    }
+    let mut sync = [0i32; 2];
+    // SAFETY: a two-int array for pipe2.
+    if unsafe { libc::pipe2(sync.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(os("pipe"));
+    }
     // SAFETY: this helper is single-threaded, so the child may allocate and call anything.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(os("fork"));
     }
     if pid == 0 {
-        let msg = child(slave.as_ref(), &argv, &envp, cwd.as_deref(), caps.as_ref(), seccomp.as_ref());
+        // Wait until the parent has moved us into the VE's cgroups.
+        let mut b = 0u8;
+        // SAFETY: closing our copy of the write end, then a one-byte read into a local.
+        let n = unsafe {
+            libc::close(sync[1]);
+            libc::read(sync[0], &mut b as *mut u8 as *mut libc::c_void, 1)
+        };
+        let msg = if n != 1 {
+            "the runtime helper gave up".to_string()
+        } else {
+            let mut m = String::new();
+            for fd in &ns_fds {
+                // SAFETY: setns with a namespace fd we opened; 0 accepts its own type.
+                if unsafe { libc::setns(fd.as_raw_fd(), 0) } != 0 {
+                    m = format!("enter VE namespace: {}", std::io::Error::last_os_error());
+                    break;
+                }
+            }
+            if m.is_empty() {
+                child(slave.as_ref(), &argv, &envp, cwd.as_deref(), caps.as_ref(), seccomp.as_ref())
+            } else {
+                m
+            }
+        };
         let line = format!("vessel: exec {}: {msg}\n", plan.argv[0]);
         // SAFETY: writing a buffer to stderr, then leaving without running destructors.
         unsafe {
@@ -123,6 +149,19 @@ pub fn enter(plan: &EnterPlan) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
             libc::_exit(if msg.contains("No such file") { 127 } else { 126 });
         }
     }
+    // SAFETY: closing the read end we do not use.
+    unsafe { libc::close(sync[0]) };
+    let joined = plan.cgroup_dirs.iter().try_for_each(|d| {
+        std::fs::write(d.join("cgroup.procs"), pid.to_string()).map_err(|e| RuntimeError::Helper(format!("join cgroup {}: {e}", d.display())))
+    });
+    let go = 1u8;
+    if joined.is_ok() {
+        // SAFETY: one-byte write to our pipe end.
+        unsafe { libc::write(sync[1], &go as *const u8 as *const libc::c_void, 1) };
+    }
+    // SAFETY: closing our write end releases (or, without the byte, aborts) the child.
+    unsafe { libc::close(sync[1]) };
+    joined?;
     drop(slave);
     Ok((pid, master))
 }
