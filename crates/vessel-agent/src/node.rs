@@ -149,8 +149,11 @@ impl Node {
         VeCgroup::new(&self.opts.cgroup_root, &self.opts.config.cgroup_parent, name.as_str())
     }
 
-    fn host_if(rec: &VeRecord) -> String {
-        format!("vsl{}", rec.slot)
+    /// Host end of a VE's veth: unique per node bridge and VE slot, at most 15 bytes.
+    fn host_if(&self, rec: &VeRecord) -> String {
+        let bridge = &self.opts.config.bridge;
+        let h = bridge.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+        format!("v{:06x}_{}", h & 0xff_ffff, rec.slot)
     }
 
     // ------------------------------------------------------------------ queries
@@ -325,7 +328,7 @@ impl Node {
             let st = lock(&self.state);
             (st.config.bridge.clone(), st.config.subnet)
         };
-        let net = rec.spec.ip.map(|ip| NetPlan { host_if: Self::host_if(rec), bridge, ip, gateway: alloc::gateway(&subnet) });
+        let net = rec.spec.ip.map(|ip| NetPlan { host_if: self.host_if(rec), bridge, ip, gateway: alloc::gateway(&subnet) });
         let req = HelperRequest::Start { id: name.to_string(), state_root: self.layout.run(), bundle, net };
         runtime::start_ve(&self.opts.exe, req).map_err(|e| err(ErrorCode::Internal, format!("start VE '{name}': {e}")))
     }
@@ -344,7 +347,7 @@ impl Node {
             tracing::warn!(ve = name, "delete container state: {e}");
         }
         self.cgroup(&rec.spec.name).remove();
-        let _ = vessel_ve::net::delete_link(&Self::host_if(rec));
+        let _ = vessel_ve::net::delete_link(&self.host_if(rec));
         if let Err(e) = self.rootfs.unmount(&self.layout.ve(name)) {
             tracing::warn!(ve = name, "unmount: {e}");
         }
@@ -509,12 +512,15 @@ impl Node {
                         Err(e) => tracing::warn!(ve = %name, "watch init: {e}"),
                     }
                 }
-                tracing::info!(ve = %name, "VE died while the daemon was away");
+                // Its exit status went to whoever reaped it: decide as for an unknown exit.
+                let action = decide_exit(&rec.spec, None, rec.user_stopped, 0);
+                tracing::info!(ve = %name, ?action, "VE died while the daemon was away");
                 self.cleanup_runtime(&rec);
                 let _ = self.update(&name, |r| {
-                    r.status = VeStatus::Stopped;
+                    r.status = if action == ExitAction::Fail { VeStatus::Failed } else { VeStatus::Stopped };
                     r.pid = None;
                     r.pid_start = None;
+                    r.last_exit = None;
                 });
             }
             let rec = match self.record(&name) {

@@ -240,12 +240,16 @@ pub fn make_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
 
 /// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat):
 /// with the pid it identifies one process across pid reuse.
+/// A zombie (exited, not yet reaped) counts as gone.
 pub fn process_start_time(pid: i32) -> io::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after = stat
         .rsplit_once(')')
         .map(|(_, r)| r)
         .ok_or_else(|| io::Error::other("malformed /proc stat"))?;
+    if after.trim_start().starts_with(['Z', 'X']) {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "process exited"));
+    }
     after
         .split_whitespace()
         .nth(19)

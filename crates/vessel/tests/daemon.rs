@@ -1,0 +1,128 @@
+//! The node daemon: re-attach after restart and kill -9, restart policies, singleton,
+//! status, console attach and logs.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+#[test]
+fn daemon_restart_reattaches_running_ves() {
+    if !need_root("daemon_restart_reattaches_running_ves") {
+        return;
+    }
+    let mut node = TestNode::start("re");
+    node.ensure_busybox();
+    node.ok(&["ve", "create", "keep", "-t", "busybox", "--start"]);
+    node.ok(&["ve", "create", "dies", "-t", "busybox", "--start"]);
+    node.ok(&["ve", "create", "off", "-t", "busybox", "--restart", "no", "--start"]);
+    node.sh("keep", "echo data > /root/f");
+    let keep = node.ve_pid("keep");
+    let dies = node.ve_pid("dies");
+    let off = node.ve_pid("off");
+
+    // status --json carries the daemon pid; a second daemon for the same root is refused.
+    let st = node.json(&["status"]);
+    assert_eq!(st["pid"].as_u64(), node.daemon_pid().map(|p| p as u64));
+    assert_eq!(st["running"], true);
+    let e = node.fails(&["up"]);
+    assert!(e.contains("already runs"), "{e}");
+    let o = node.vessel(&["daemon"]);
+    assert!(!o.status.success() && (err(&o).contains("already") || err(&o).contains("another")), "{}", err(&o));
+
+    // kill -9: VEs keep running; while no daemon watches, two VEs die.
+    node.kill_daemon();
+    // SAFETY: these pids are VE inits this test started.
+    unsafe {
+        libc::kill(dies, libc::SIGKILL);
+        libc::kill(off, libc::SIGKILL);
+    }
+    wait_until("killed inits to exit", Duration::from_secs(10), || {
+        !std::fs::read_to_string(format!("/proc/{dies}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
+    });
+    assert!(std::path::Path::new(&format!("/proc/{keep}")).exists(), "VE must survive the daemon");
+    node.spawn_daemon();
+
+    // Re-attached: same init, exec works, files intact.
+    assert_eq!(node.ve_pid("keep"), keep);
+    assert_eq!(node.sh("keep", "cat /root/f").trim(), "data");
+    // "always" restarts the dead one; "no" leaves it down, marked failed (killed by a signal).
+    wait_until("the VE that died meanwhile to be restarted", Duration::from_secs(20), || {
+        let v = node.json(&["ve", "show", "dies"]);
+        v["status"] == "running" && v["pid"].as_i64().is_some_and(|p| p as i32 != dies)
+    });
+    assert_eq!(node.json(&["ve", "show", "off"])["status"], "failed");
+    // The re-attached VE says its console is gone and how to get it back.
+    let e = node.fails(&["ve", "console", "keep"]);
+    assert!(e.contains("vessel ve restart keep"), "{e}");
+
+    // Graceful daemon stop/start re-attaches too; the daemon notices an exit afterwards.
+    node.stop_daemon();
+    node.spawn_daemon();
+    assert_eq!(node.ve_pid("keep"), keep);
+    assert_eq!(node.sh("keep", "cat /root/f").trim(), "data");
+    // `poweroff` inside a VE this daemon started: it stays off, nothing left mounted.
+    // (For a re-adopted init the exit status goes to the host's init, so the daemon
+    // cannot tell poweroff from a crash; the restart policy applies then.)
+    node.ok(&["ve", "restart", "dies"]);
+    node.exec("dies", "poweroff");
+    wait_until("VE powered off from inside to be seen stopped", Duration::from_secs(20), || {
+        node.json(&["ve", "show", "dies"])["status"] == "stopped"
+    });
+    assert!(!node.mounts().iter().any(|m| m.contains("/ves/dies/")));
+}
+
+#[test]
+fn init_exit_follows_restart_policy() {
+    if !need_root("init_exit_follows_restart_policy") {
+        return;
+    }
+    let node = TestNode::start("pol");
+    node.ensure_busybox();
+    node.ok(&["ve", "create", "rb", "-t", "busybox", "--start"]);
+    let p = node.ve_pid("rb");
+    // reboot inside the VE: the node starts it again.
+    let _ = node.exec("rb", "reboot");
+    wait_until("VE to come back after reboot", Duration::from_secs(20), || {
+        let v = node.json(&["ve", "show", "rb"]);
+        v["status"] == "running" && v["pid"].as_i64().is_some_and(|x| x as i32 != p)
+    });
+    // Killed from outside: "always" brings it back too.
+    let p = node.ve_pid("rb");
+    // SAFETY: a VE init this test started.
+    unsafe { libc::kill(p, libc::SIGKILL) };
+    wait_until("VE restarted after being killed", Duration::from_secs(20), || {
+        node.json(&["ve", "show", "rb"])["pid"].as_i64().is_some_and(|x| x as i32 != p)
+    });
+}
+
+#[test]
+fn console_attach_and_logs() {
+    if !need_root("console_attach_and_logs") {
+        return;
+    }
+    let node = TestNode::start("con");
+    node.ensure_busybox();
+    node.ok(&["ve", "create", "con", "-t", "busybox", "--start"]);
+    wait_until("login prompt in the console log", Duration::from_secs(20), || node.ok(&["ve", "logs", "con"]).contains("con login:"));
+
+    let client = vessel_api::Client::connect(&node.socket()).unwrap();
+    client.send(&vessel_types::api::Request::VeConsole { name: vessel_types::Name::parse("con").unwrap() }, &[]).unwrap();
+    let (r, _) = client.recv().unwrap();
+    assert!(matches!(r, vessel_types::api::Response::ConsoleAttached));
+    let mut s = client.stream().try_clone().unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    // Type a user name at the getty prompt: it answers with a password prompt.
+    s.write_all(b"root\n").unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && !String::from_utf8_lossy(&seen).contains("assword") {
+        if let Ok(n) = s.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+    assert!(String::from_utf8_lossy(&seen).contains("assword"), "console did not answer: {:?}", String::from_utf8_lossy(&seen));
+    let _ = s.as_raw_fd();
+}
