@@ -310,7 +310,9 @@ impl Node {
         let tpl_root = tpl_dir.join("rootfs");
         let uid_base = alloc::uid_base(rec.slot);
         let req = RootFsRequest { ve: &ve, template_rootfs: &tpl_root, uid_base, uid_count: alloc::UID_COUNT };
+        let t0 = Instant::now();
         let rootfs = self.rootfs.mount(&req).map_err(|e| internal("mount VE root", e))?;
+        let t_mount = t0.elapsed();
         osconfig::apply(&rootfs, &rec.spec, uid_base).map_err(|e| internal("write VE settings", e))?;
         let cgroup_path = format!("/{}/{}", self.opts.config.cgroup_parent, name);
         let doc = oci::render(&oci::SpecInput {
@@ -330,7 +332,10 @@ impl Node {
         };
         let net = rec.spec.ip.map(|ip| NetPlan { host_if: self.host_if(rec), bridge, ip, gateway: alloc::gateway(&subnet) });
         let req = HelperRequest::Start { id: name.to_string(), state_root: self.layout.run(), bundle, net };
-        runtime::start_ve(&self.opts.exe, req).map_err(|e| err(ErrorCode::Internal, format!("start VE '{name}': {e}")))
+        let t_prep = t0.elapsed();
+        let r = runtime::start_ve(&self.opts.exe, req).map_err(|e| err(ErrorCode::Internal, format!("start VE '{name}': {e}")));
+        tracing::debug!(ve = name, ?t_mount, ?t_prep, total = ?t0.elapsed(), "launch timings");
+        r
     }
 
     /// Remove everything a run of the VE created on the host: libcontainer state, cgroups,

@@ -205,6 +205,7 @@ impl libcontainer::workload::Executor for VeInitExecutor {
 }
 
 fn start(id: &str, root: &Path, bundle: &Path, net: Option<&NetPlan>) -> Result<(i32, OwnedFd), RuntimeError> {
+    let t0 = std::time::Instant::now();
     let sock_path = bundle.join("console.sock");
     let listener = console_listener(&sock_path)?;
     // Leftover state from a crash would make libcontainer refuse the id.
@@ -220,12 +221,17 @@ fn start(id: &str, root: &Path, bundle: &Path, net: Option<&NetPlan>) -> Result<
         .build()
         .map_err(lc)?;
     let result = (|| {
+        let t_build = t0.elapsed();
         let master = receive_master(&listener)?;
         let pid = container.pid().ok_or_else(|| RuntimeError::Helper("VE has no init pid".into()))?.as_raw();
         if let Some(n) = net {
             net::attach_ve(&n.host_if, &n.bridge, pid, n.ip, n.gateway).map_err(|e| RuntimeError::Helper(e.to_string()))?;
         }
+        let t_net = t0.elapsed();
         container.start().map_err(lc)?;
+        if std::env::var_os("VESSEL_TIMINGS").is_some() {
+            let _ = std::fs::write(bundle.join("timings"), format!("build {t_build:?} net {t_net:?} start {:?}\n", t0.elapsed()));
+        }
         Ok((pid, master))
     })();
     let _ = std::fs::remove_file(&sock_path);

@@ -12,7 +12,7 @@ fn daemon_restart_reattaches_running_ves() {
     if !need_root("daemon_restart_reattaches_running_ves") {
         return;
     }
-    let mut node = TestNode::start("re");
+    let mut node = start("re");
     node.ensure_busybox();
     node.ok(&["ve", "create", "keep", "-t", "busybox", "--start"]);
     node.ok(&["ve", "create", "dies", "-t", "busybox", "--start"]);
@@ -78,7 +78,7 @@ fn init_exit_follows_restart_policy() {
     if !need_root("init_exit_follows_restart_policy") {
         return;
     }
-    let node = TestNode::start("pol");
+    let node = start("pol");
     node.ensure_busybox();
     node.ok(&["ve", "create", "rb", "-t", "busybox", "--start"]);
     let p = node.ve_pid("rb");
@@ -102,7 +102,7 @@ fn console_attach_and_logs() {
     if !need_root("console_attach_and_logs") {
         return;
     }
-    let node = TestNode::start("con");
+    let node = start("con");
     node.ensure_busybox();
     node.ok(&["ve", "create", "con", "-t", "busybox", "--start"]);
     wait_until("login prompt in the console log", Duration::from_secs(20), || node.ok(&["ve", "logs", "con"]).contains("con login:"));

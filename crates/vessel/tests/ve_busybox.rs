@@ -9,7 +9,7 @@ fn ves_are_isolated_servers_with_their_own_root() {
     if !need_root("ves_are_isolated_servers_with_their_own_root") {
         return;
     }
-    let node = TestNode::start("iso");
+    let node = start("iso");
     node.ensure_busybox();
     node.ok(&["ve", "create", "alpha", "-t", "busybox", "--hostname", "alpha.example", "--start"]);
     node.ok(&["ve", "create", "beta", "-t", "busybox", "--start"]);
@@ -77,7 +77,7 @@ fn limits_are_enforced_and_change_live() {
     if !need_root("limits_are_enforced_and_change_live") {
         return;
     }
-    let node = TestNode::start("lim");
+    let node = start("lim");
     node.ensure_busybox();
     node.ok(&["ve", "create", "lim", "-t", "busybox", "--memory", "64M", "--pids", "48", "--cpus", "0.5", "--start"]);
     let init = node.ve_pid("lim");
@@ -123,7 +123,7 @@ fn stop_start_destroy_leave_nothing_behind() {
     if !need_root("stop_start_destroy_leave_nothing_behind") {
         return;
     }
-    let node = TestNode::start("life");
+    let node = start("life");
     node.ensure_busybox();
     node.ok(&["ve", "create", "life", "-t", "busybox", "--start"]);
     node.sh("life", "echo kept > /root/file");
@@ -160,7 +160,7 @@ fn bad_input_gets_clear_errors_and_creates_nothing() {
     if !need_root("bad_input_gets_clear_errors_and_creates_nothing") {
         return;
     }
-    let node = TestNode::start("bad");
+    let node = start("bad");
     node.ensure_busybox();
     let e = node.fails(&["ve", "create", "Bad_Name", "-t", "busybox"]);
     assert!(e.contains("must start with a lowercase letter") || e.contains("lowercase"), "{e}");

@@ -1,0 +1,313 @@
+//! Test harness: a real `vessel daemon` with its own data dir, bridge, subnet and cgroup
+//! parent, all named with a unique prefix, and removed on every exit path (Drop runs on
+//! success, failure and panic). Host tests need root; without it they print why they skip.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Returns false (and says so) when the test cannot run here.
+pub fn need_root(test: &str) -> bool {
+    if !is_root() {
+        eprintln!("SKIPPED {test}: needs root (real namespaces, mounts and cgroups); CI runs it as root");
+        return false;
+    }
+    true
+}
+
+
+pub struct TestNode {
+    pub bin: PathBuf,
+    pub id: String,
+    pub root: PathBuf,
+    pub bridge: String,
+    pub subnet: String,
+    pub cgroup_parent: String,
+    daemon: Option<Child>,
+}
+
+impl TestNode {
+    /// Start a daemon for this test. `tag` shows in names to tell tests apart.
+    pub fn start(bin: &Path, tag: &str) -> TestNode {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let id = format!("vt{}{}", pid % 100_000, n);
+        let octet = (pid.wrapping_mul(7).wrapping_add(n * 13)) % 200 + 20;
+        let root = std::env::temp_dir().join(format!("vessel-test-{id}-{tag}"));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let mut node = TestNode {
+            bin: bin.to_path_buf(),
+            id: id.clone(),
+            root,
+            bridge: id.clone(),
+            subnet: format!("10.254.{octet}.0/24"),
+            cgroup_parent: format!("vessel-test-{id}"),
+            daemon: None,
+        };
+        node.spawn_daemon();
+        node
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("vessel.sock")
+    }
+
+    fn envs(&self, cmd: &mut Command) {
+        cmd.env("VESSEL_ROOT", &self.root)
+            .env("VESSEL_SOCKET", self.socket())
+            .env("VESSEL_BRIDGE", &self.bridge)
+            .env("VESSEL_SUBNET", &self.subnet)
+            .env("VESSEL_CGROUP_PARENT", &self.cgroup_parent)
+            .env_remove("VESSEL_LOG");
+    }
+
+    /// Start `vessel daemon` in the foreground as our child, wait for its socket.
+    pub fn spawn_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.root.join("test-daemon.log")).unwrap();
+        let mut cmd = Command::new(&self.bin);
+        self.envs(&mut cmd);
+        cmd.arg("daemon").stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        self.daemon = Some(cmd.spawn().expect("start vessel daemon"));
+        self.wait_ready();
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.vessel(&["status"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("daemon did not become ready; log:\n{}", self.daemon_log());
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.root.join("test-daemon.log")).unwrap_or_default()
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL the daemon (VEs keep running).
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM the daemon and wait for it.
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        self.envs(&mut cmd);
+        cmd
+    }
+
+    pub fn vessel(&self, args: &[&str]) -> Output {
+        let mut cmd = self.command();
+        cmd.args(args).stdin(Stdio::null());
+        run_bounded(cmd, Duration::from_secs(300))
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.vessel(args);
+        assert!(o.status.success(), "vessel {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log tail:\n{}", o.status, out(&o), err(&o), tail(&self.daemon_log(), 30));
+        out(&o)
+    }
+
+    /// Run and require failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.vessel(args);
+        assert!(!o.status.success(), "vessel {args:?} should have failed:\n{}", out(&o));
+        err(&o)
+    }
+
+    pub fn exec(&self, ve: &str, script: &str) -> Output {
+        self.vessel(&["ve", "exec", ve, "--", "sh", "-c", script])
+    }
+
+    /// Run a shell script in the VE and return its stdout; fails the test if it fails.
+    pub fn sh(&self, ve: &str, script: &str) -> String {
+        let o = self.exec(ve, script);
+        assert!(o.status.success(), "in VE {ve}: {script:?} failed ({}):\nstdout: {}\nstderr: {}", o.status, out(&o), err(&o));
+        out(&o)
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).expect("json output")
+    }
+
+    pub fn ve_pid(&self, ve: &str) -> i32 {
+        self.json(&["ve", "show", ve])["pid"].as_i64().expect("running VE has a pid") as i32
+    }
+
+    pub fn ensure_busybox(&self) {
+        self.ok(&["template", "build", "busybox"]);
+    }
+
+    /// Mount points below this node's data dir.
+    pub fn mounts(&self) -> Vec<String> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let prefix = self.root.to_string_lossy().to_string();
+        info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)).map(str::to_string).collect()
+    }
+
+    pub fn cgroup_dirs(&self, ve: &str) -> Vec<PathBuf> {
+        std::fs::read_dir("/sys/fs/cgroup")
+            .map(|rd| rd.flatten().map(|e| e.path().join(&self.cgroup_parent).join(ve)).filter(|p| p.exists()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn link_exists(&self, name: &str) -> bool {
+        std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default().lines().any(|l| l.split(':').next().map(str::trim) == Some(name))
+    }
+}
+
+pub fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}
+
+/// Run a command with a time bound: a hung command fails the test instead of hanging CI.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let t1 = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(mut s) = stdout {
+            let _ = std::io::Read::read_to_end(&mut s, &mut b);
+        }
+        b
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(mut s) = stderr {
+            let _ = std::io::Read::read_to_end(&mut s, &mut b);
+        }
+        b
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let st = child.wait().expect("wait");
+            eprintln!("command timed out after {limit:?}: {cmd:?}");
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output { status, stdout: t1.join().unwrap_or_default(), stderr: t2.join().unwrap_or_default() }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        // VEs first (through the daemon), then anything a crash left behind.
+        if self.daemon.is_none() && self.socket().exists() {
+            self.daemon = None;
+        }
+        if self.daemon.is_some() {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.vessel(&["ve", "list", "--json"]).stdout) {
+                for ve in v.as_array().cloned().unwrap_or_default() {
+                    if let Some(name) = ve["spec"]["name"].as_str() {
+                        let _ = self.vessel(&["ve", "destroy", "--force", name]);
+                    }
+                }
+            }
+        }
+        self.stop_daemon();
+        // Kill any process still in our cgroups (only ours: the parent carries our prefix).
+        for _ in 0..3 {
+            for ctrl in std::fs::read_dir("/sys/fs/cgroup").map(|r| r.flatten().collect::<Vec<_>>()).unwrap_or_default() {
+                let parent = ctrl.path().join(&self.cgroup_parent);
+                for ve in std::fs::read_dir(&parent).map(|r| r.flatten().collect::<Vec<_>>()).unwrap_or_default() {
+                    if let Ok(procs) = std::fs::read_to_string(ve.path().join("cgroup.procs")) {
+                        for p in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                            // SAFETY: killing processes inside a cgroup this test created.
+                            unsafe { libc::kill(p, libc::SIGKILL) };
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut mounts = self.mounts();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let c = std::ffi::CString::new(m).unwrap();
+            // SAFETY: lazy unmount of a mount point under our own temp dir.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        for ctrl in std::fs::read_dir("/sys/fs/cgroup").map(|r| r.flatten().collect::<Vec<_>>()).unwrap_or_default() {
+            let parent = ctrl.path().join(&self.cgroup_parent);
+            for ve in std::fs::read_dir(&parent).map(|r| r.flatten().collect::<Vec<_>>()).unwrap_or_default() {
+                let _ = std::fs::remove_dir(ve.path());
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).stderr(Stdio::null()).status();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+pub fn host_uid_of(pid: i32) -> u32 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    st.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|u| u.parse().ok()).unwrap()
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.symlink_metadata().is_ok()
+}
