@@ -30,16 +30,31 @@ fn median(v: &mut [f64]) -> f64 {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
         .unwrap_or(0)
 }
 
 fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").map(|r| r.flatten().collect::<Vec<_>>()).unwrap_or_default() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)).and_then(|x| x.parse::<u32>().ok());
+    for e in std::fs::read_dir("/proc")
+        .map(|r| r.flatten().collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|x| x.parse::<u32>().ok());
         if ppid == Some(pid) {
             out.push(p);
         }
@@ -51,7 +66,10 @@ fn vessel_bin() -> PathBuf {
     let me = std::env::current_exe().expect("current exe");
     let bin = me.with_file_name("vessel");
     if !bin.exists() {
-        eprintln!("vessel-bench: {} not found: run `cargo build --release` first", bin.display());
+        eprintln!(
+            "vessel-bench: {} not found: run `cargo build --release` first",
+            bin.display()
+        );
         std::process::exit(2);
     }
     bin
@@ -59,14 +77,22 @@ fn vessel_bin() -> PathBuf {
 
 fn arg(name: &str, default: usize) -> usize {
     let a: Vec<String> = std::env::args().collect();
-    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    a.iter()
+        .position(|x| x == name)
+        .and_then(|i| a.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// An OCI bundle for runc over the template's own tree (read-only, like Vessel's lower layer).
 fn runc_bundle(dir: &Path, rootfs: &Path) -> PathBuf {
     let b = dir.join("runc-bundle");
     std::fs::create_dir_all(&b).unwrap();
-    let st = Command::new("runc").arg("spec").current_dir(&b).status().expect("runc spec (install runc)");
+    let st = Command::new("runc")
+        .arg("spec")
+        .current_dir(&b)
+        .status()
+        .expect("runc spec (install runc)");
     assert!(st.success());
     let p = b.join("config.json");
     let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
@@ -93,7 +119,11 @@ fn main() {
     let node = TestNode::start(&vessel_bin(), "bench");
     node.ensure_busybox();
     let tpl = node.json(&["template", "show", "busybox"]);
-    let rootfs = node.root.join("templates").join(tpl["id"].as_str().unwrap()).join("rootfs");
+    let rootfs = node
+        .root
+        .join("templates")
+        .join(tpl["id"].as_str().unwrap())
+        .join("rootfs");
     let bundle = runc_bundle(&node.root, &rootfs);
     let runc_root = node.root.join("runc-state");
 
@@ -103,9 +133,18 @@ fn main() {
     node.ok(&["ve", "destroy", "--force", "warm"]);
     let runc = |id: &str| {
         let mut c = Command::new("runc");
-        c.arg("--root").arg(&runc_root).args(["run", "-b"]).arg(&bundle).arg(id).stdin(Stdio::null());
+        c.arg("--root")
+            .arg(&runc_root)
+            .args(["run", "-b"])
+            .arg(&bundle)
+            .arg(id)
+            .stdin(Stdio::null());
         let o = run_bounded(c, Duration::from_secs(60));
-        assert!(o.status.success(), "runc run failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "runc run failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     };
     runc("warm");
 
@@ -124,9 +163,27 @@ fn main() {
     }
     eprintln!();
     let (mv, mr) = (median(&mut tv), median(&mut tr));
-    println!("{:<44} {:>10} {:>10} {:>10}", "ve-start (ms, n=".to_string() + &runs.to_string() + ")", "median", "min", "max");
-    println!("{:<44} {:>10.1} {:>10.1} {:>10.1}", "vessel ve create --start + exec /bin/true", mv, tv[0], tv[tv.len() - 1]);
-    println!("{:<44} {:>10.1} {:>10.1} {:>10.1}", "runc run /bin/true (same busybox tree)", mr, tr[0], tr[tr.len() - 1]);
+    println!(
+        "{:<44} {:>10} {:>10} {:>10}",
+        "ve-start (ms, n=".to_string() + &runs.to_string() + ")",
+        "median",
+        "min",
+        "max"
+    );
+    println!(
+        "{:<44} {:>10.1} {:>10.1} {:>10.1}",
+        "vessel ve create --start + exec /bin/true",
+        mv,
+        tv[0],
+        tv[tv.len() - 1]
+    );
+    println!(
+        "{:<44} {:>10.1} {:>10.1} {:>10.1}",
+        "runc run /bin/true (same busybox tree)",
+        mr,
+        tr[0],
+        tr[tr.len() - 1]
+    );
 
     // Density: daemon memory per running idle VE.
     let daemon = node.daemon_pid().expect("daemon pid");
@@ -142,13 +199,33 @@ fn main() {
     std::thread::sleep(Duration::from_secs(3));
     let after = rss_kib(daemon);
     let kids = children_of(daemon);
-    let running = node.json(&["ve", "list"]).as_array().map(|a| a.iter().filter(|v| v["status"] == "running").count()).unwrap_or(0);
+    let running = node
+        .json(&["ve", "list"])
+        .as_array()
+        .map(|a| a.iter().filter(|v| v["status"] == "running").count())
+        .unwrap_or(0);
     let per_ve_kib = (after.saturating_sub(before)) as f64 / density.max(1) as f64;
-    let ve_mem: u64 = node.json(&["ve", "list"]).as_array().map(|a| a.iter().filter_map(|v| v["memory_used"].as_u64()).sum()).unwrap_or(0);
+    let ve_mem: u64 = node
+        .json(&["ve", "list"])
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v["memory_used"].as_u64()).sum())
+        .unwrap_or(0);
     println!();
-    println!("density: {running} busybox VEs running (started in {:.1} s)", t.elapsed().as_secs_f64());
-    println!("daemon RSS: {before} KiB with 0 VEs, {after} KiB with {density}: {per_ve_kib:.1} KiB per VE (goal < 1024)");
-    println!("host processes per VE besides its own: {} (daemon children = the {} VE inits)", kids.len().saturating_sub(running), kids.len());
-    println!("memory charged to the VEs' cgroups: {:.0} KiB per VE", ve_mem as f64 / 1024.0 / density.max(1) as f64);
+    println!(
+        "density: {running} busybox VEs running (started in {:.1} s)",
+        t.elapsed().as_secs_f64()
+    );
+    println!(
+        "daemon RSS: {before} KiB with 0 VEs, {after} KiB with {density}: {per_ve_kib:.1} KiB per VE (goal < 1024)"
+    );
+    println!(
+        "host processes per VE besides its own: {} (daemon children = the {} VE inits)",
+        kids.len().saturating_sub(running),
+        kids.len()
+    );
+    println!(
+        "memory charged to the VEs' cgroups: {:.0} KiB per VE",
+        ve_mem as f64 / 1024.0 / density.max(1) as f64
+    );
     println!("ve-start: vessel/runc = {:.2}", mv / mr);
 }

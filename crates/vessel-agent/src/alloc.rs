@@ -90,10 +90,22 @@ mod tests {
         let s = Ipv4Cidr::parse("10.5.0.0/24").unwrap();
         let used = vec![(Ipv4Addr::new(10, 5, 0, 7), "a".to_string())];
         assert!(check_ip(&s, Ipv4Cidr::parse("10.5.0.9/24").unwrap(), &used).is_ok());
-        assert!(matches!(check_ip(&s, Ipv4Cidr::parse("10.5.0.7/24").unwrap(), &used), Err(IpError::InUse(..))));
-        assert!(matches!(check_ip(&s, Ipv4Cidr::parse("10.5.0.1/24").unwrap(), &used), Err(IpError::Reserved(_))));
-        assert!(matches!(check_ip(&s, Ipv4Cidr::parse("10.6.0.9/24").unwrap(), &used), Err(IpError::Outside { .. })));
-        assert!(matches!(check_ip(&s, Ipv4Cidr::parse("10.5.0.9/16").unwrap(), &used), Err(IpError::Outside { .. })));
+        assert!(matches!(
+            check_ip(&s, Ipv4Cidr::parse("10.5.0.7/24").unwrap(), &used),
+            Err(IpError::InUse(..))
+        ));
+        assert!(matches!(
+            check_ip(&s, Ipv4Cidr::parse("10.5.0.1/24").unwrap(), &used),
+            Err(IpError::Reserved(_))
+        ));
+        assert!(matches!(
+            check_ip(&s, Ipv4Cidr::parse("10.6.0.9/24").unwrap(), &used),
+            Err(IpError::Outside { .. })
+        ));
+        assert!(matches!(
+            check_ip(&s, Ipv4Cidr::parse("10.5.0.9/16").unwrap(), &used),
+            Err(IpError::Outside { .. })
+        ));
     }
 
     proptest! {

@@ -27,11 +27,23 @@ pub fn run(opts: NodeOptions) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&opts.root).map_err(|e| setup(&format!("create {}", opts.root.display()), &e))?;
     let layout = vessel_ve::Layout::new(&opts.root);
     let pid_path = layout.pid_file();
-    let mut pid_file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&pid_path).map_err(|e| setup("pid file", &e))?;
+    let mut pid_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&pid_path)
+        .map_err(|e| setup("pid file", &e))?;
     // SAFETY: flock on an fd we own; the lock lives as long as `pid_file`.
     if unsafe { libc::flock(pid_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let pid = std::fs::read_to_string(&pid_path).unwrap_or_default().trim().to_string();
-        return Err(DaemonError::AlreadyRunning { root: opts.root.display().to_string(), pid });
+        let pid = std::fs::read_to_string(&pid_path)
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        return Err(DaemonError::AlreadyRunning {
+            root: opts.root.display().to_string(),
+            pid,
+        });
     }
     pid_file.set_len(0).map_err(|e| setup("pid file", &e))?;
     write!(pid_file, "{}", std::process::id()).map_err(|e| setup("pid file", &e))?;
@@ -46,14 +58,22 @@ pub fn run(opts: NodeOptions) -> Result<(), DaemonError> {
     vessel_ve::net::ensure_bridge(&bridge, gw).map_err(|e| setup("node bridge", &e))?;
 
     let n = node.clone();
-    node.monitor.set_exit_handler(Box::new(move |ve, pid, pidfd| n.on_exit(ve, pid, pidfd)));
+    node.monitor
+        .set_exit_handler(Box::new(move |ve, pid, pidfd| n.on_exit(ve, pid, pidfd)));
     let mon = node.monitor.clone();
-    std::thread::Builder::new().name("vessel-monitor".into()).spawn(move || mon.run(|| {})).map_err(|e| setup("monitor thread", &e))?;
+    std::thread::Builder::new()
+        .name("vessel-monitor".into())
+        .spawn(move || mon.run(|| {}))
+        .map_err(|e| setup("monitor thread", &e))?;
 
-    let listener = crate::server::bind(&opts.socket).map_err(|e| setup(&format!("socket {}", opts.socket.display()), &e))?;
+    let listener =
+        crate::server::bind(&opts.socket).map_err(|e| setup(&format!("socket {}", opts.socket.display()), &e))?;
     node.recover();
     let n = node.clone();
-    std::thread::Builder::new().name("vessel-api".into()).spawn(move || crate::server::serve(n, listener)).map_err(|e| setup("api thread", &e))?;
+    std::thread::Builder::new()
+        .name("vessel-api".into())
+        .spawn(move || crate::server::serve(n, listener))
+        .map_err(|e| setup("api thread", &e))?;
     tracing::info!(pid = std::process::id(), socket = %opts.socket.display(), "vessel daemon ready");
 
     let sig = sigs.wait().map_err(|e| setup("sigwait", &e))?;

@@ -14,7 +14,10 @@ impl Node {
     fn require_running(&self, name: &Name) -> NResult<()> {
         let rec = self.record(name)?;
         if rec.status != VeStatus::Running {
-            return Err(err(ErrorCode::Conflict, format!("VE '{name}' is not running: start it with `vessel ve start {name}`")));
+            return Err(err(
+                ErrorCode::Conflict,
+                format!("VE '{name}' is not running: start it with `vessel ve start {name}`"),
+            ));
         }
         Ok(())
     }
@@ -22,37 +25,70 @@ impl Node {
     /// Run `argv` in the VE. Replies `ExecStarted` (with the pty master when `tty`), then
     /// `Exit`. Without a tty the command uses the three fds the client sent as its stdio.
     #[allow(clippy::too_many_arguments)]
-    pub fn exec(&self, conn: &UnixStream, name: &Name, argv: Vec<String>, tty: bool, env: Vec<String>, cwd: Option<String>, fds: Vec<OwnedFd>) -> NResult<()> {
+    pub fn exec(
+        &self,
+        conn: &UnixStream,
+        name: &Name,
+        argv: Vec<String>,
+        tty: bool,
+        env: Vec<String>,
+        cwd: Option<String>,
+        fds: Vec<OwnedFd>,
+    ) -> NResult<()> {
         if argv.is_empty() {
-            return Err(err(ErrorCode::InvalidArgument, "no command given: use `vessel ve exec NAME -- COMMAND...`"));
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                "no command given: use `vessel ve exec NAME -- COMMAND...`",
+            ));
         }
         if let Some(e) = env.iter().find(|e| !e.contains('=')) {
-            return Err(err(ErrorCode::InvalidArgument, format!("environment entry '{e}' must look like KEY=VALUE")));
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("environment entry '{e}' must look like KEY=VALUE"),
+            ));
         }
         self.require_running(name)?;
         let stdio: Option<[OwnedFd; 3]> = if tty {
             None
         } else {
             let n = fds.len();
-            Some(fds.try_into().map_err(|_| err(ErrorCode::InvalidArgument, format!("exec without a tty needs 3 fds (stdin, stdout, stderr), got {n}")))?)
+            Some(fds.try_into().map_err(|_| {
+                err(
+                    ErrorCode::InvalidArgument,
+                    format!("exec without a tty needs 3 fds (stdin, stdout, stderr), got {n}"),
+                )
+            })?)
         };
-        let init_pid = self.record(name)?.pid.ok_or_else(|| err(ErrorCode::Conflict, format!("VE '{name}' has no init")))?;
+        let init_pid = self
+            .record(name)?
+            .pid
+            .ok_or_else(|| err(ErrorCode::Conflict, format!("VE '{name}' has no init")))?;
         let config = self.layout.ve(name.as_str()).bundle().join("config.json");
         let cgroup_dirs = self.cgroup(name).dirs();
-        let req = HelperRequest::Exec { init_pid, config, cgroup_dirs, argv, env, cwd, tty };
+        let req = HelperRequest::Exec {
+            init_pid,
+            config,
+            cgroup_dirs,
+            argv,
+            env,
+            cwd,
+            tty,
+        };
         let mut h = Helper::spawn(&self.opts.exe, &req, stdio).map_err(|e| internal("exec helper", e))?;
         let result = (|| {
-            let (r, fds) = h.next().map_err(|e| internal("exec", e))?;
+            let (r, fds) = h.next_report().map_err(|e| internal("exec", e))?;
             match r {
                 HelperReport::ExecStarted { .. } => {
                     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
                     let _ = write_frame(conn.as_raw_fd(), &Response::ExecStarted, &raw);
                 }
-                HelperReport::Error { message } => return Err(err(ErrorCode::Internal, format!("exec in VE '{name}': {message}"))),
+                HelperReport::Error { message } => {
+                    return Err(err(ErrorCode::Internal, format!("exec in VE '{name}': {message}")))
+                }
                 other => return Err(internal("exec", format!("unexpected report {other:?}"))),
             }
             drop(fds);
-            match h.next().map_err(|e| internal("exec", e))?.0 {
+            match h.next_report().map_err(|e| internal("exec", e))?.0 {
                 HelperReport::Exited { code } => Ok(code),
                 HelperReport::Error { message } => Err(err(ErrorCode::Internal, message)),
                 other => Err(internal("exec", format!("unexpected report {other:?}"))),
@@ -67,7 +103,12 @@ impl Node {
     /// Attach the connection to the VE's console until the client hangs up.
     pub fn console(&self, conn: &UnixStream, name: &Name) -> NResult<()> {
         self.require_running(name)?;
-        let console = self.live.lock().unwrap_or_else(|e| e.into_inner()).get(name).and_then(|l| l.console.as_ref().map(|c| c.0.clone()));
+        let console = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .and_then(|l| l.console.as_ref().map(|c| c.0.clone()));
         let console = console.ok_or_else(|| {
             err(ErrorCode::Conflict, format!("the console of VE '{name}' was lost when the daemon restarted: `vessel ve restart {name}` brings it back; `vessel ve exec -t {name} -- sh` works now"))
         })?;

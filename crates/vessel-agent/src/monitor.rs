@@ -3,6 +3,7 @@
 //! VE init's pidfd (an exit is handed to the node on a short-lived thread). Per VE this
 //! costs a few file descriptors and a small struct: no thread or process.
 
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -10,7 +11,6 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use vessel_types::Name;
 
 /// Console log size before it is rotated to `console.log.1`.
@@ -37,8 +37,16 @@ impl LogFile {
             if self.size > LOG_ROTATE_BYTES {
                 let _ = std::fs::rename(&self.path, self.path.with_extension("log.1"));
             }
-            self.file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).ok();
-            self.size = self.file.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+            self.file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .ok();
+            self.size = self
+                .file
+                .as_ref()
+                .and_then(|f| f.metadata().ok())
+                .map_or(0, |m| m.len());
         }
         if let Some(f) = &mut self.file {
             if f.write_all(data).is_ok() {
@@ -52,15 +60,26 @@ impl Console {
     pub fn new(master: OwnedFd, log_path: PathBuf) -> Arc<Console> {
         // SAFETY: TIOCGPTPEER on a pty master returns a new fd for its slave (or fails).
         let peer = unsafe {
-            libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
+            libc::ioctl(
+                master.as_raw_fd(),
+                libc::TIOCGPTPEER,
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            )
         };
         // SAFETY: a non-negative return is a fresh fd owned by nobody else.
         let peer = (peer >= 0).then(|| unsafe { OwnedFd::from_raw_fd(peer) });
-        let _ = nix::fcntl::fcntl(master.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
+        let _ = nix::fcntl::fcntl(
+            master.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
         Arc::new(Console {
             master,
             _peer: peer,
-            log: Mutex::new(LogFile { path: log_path, file: None, size: 0 }),
+            log: Mutex::new(LogFile {
+                path: log_path,
+                file: None,
+                size: 0,
+            }),
             subscribers: Mutex::new(Vec::new()),
         })
     }
@@ -72,7 +91,10 @@ impl Console {
 
     pub fn unsubscribe(&self, s: &UnixStream) {
         let fd = s.as_raw_fd();
-        self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| x.as_raw_fd() != fd);
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|x| x.as_raw_fd() != fd);
     }
 
     /// Write input from a console client to the VE.
@@ -125,7 +147,12 @@ pub struct Monitor {
 impl Monitor {
     pub fn new() -> std::io::Result<Arc<Monitor>> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        Ok(Arc::new(Monitor { epoll, targets: Mutex::new(HashMap::new()), next: Mutex::new(1), on_exit: Mutex::new(None) }))
+        Ok(Arc::new(Monitor {
+            epoll,
+            targets: Mutex::new(HashMap::new()),
+            next: Mutex::new(1),
+            on_exit: Mutex::new(None),
+        }))
     }
 
     pub fn set_exit_handler(&self, h: ExitHandler) {

@@ -101,14 +101,21 @@ impl Node {
     /// Open (or initialise) the node state under `opts.root`.
     pub fn open(opts: NodeOptions) -> NResult<Arc<Node>> {
         let layout = Layout::new(&opts.root);
-        for d in [layout.root().to_path_buf(), layout.templates(), layout.ves(), layout.run()] {
+        for d in [
+            layout.root().to_path_buf(),
+            layout.templates(),
+            layout.ves(),
+            layout.run(),
+        ] {
             std::fs::create_dir_all(&d).map_err(|e| internal(&format!("create {}", d.display()), e))?;
         }
         let mut state = NodeState::load(&layout.state_file())
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
             .unwrap_or_else(|| NodeState::new(opts.config.clone()));
         state.config = opts.config.clone();
-        state.save(&layout.state_file()).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        state
+            .save(&layout.state_file())
+            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
         let monitor = Monitor::new().map_err(|e| internal("epoll", e))?;
         Ok(Arc::new(Node {
             opts,
@@ -125,7 +132,8 @@ impl Node {
     }
 
     pub(crate) fn save(&self, st: &NodeState) -> NResult<()> {
-        st.save(&self.layout.state_file()).map_err(|e| err(ErrorCode::Internal, e.to_string()))
+        st.save(&self.layout.state_file())
+            .map_err(|e| err(ErrorCode::Internal, e.to_string()))
     }
 
     /// Serialise operations on one VE (start vs destroy, exit handling vs stop).
@@ -152,7 +160,9 @@ impl Node {
     /// Host end of a VE's veth: unique per node bridge and VE slot, at most 15 bytes.
     fn host_if(&self, rec: &VeRecord) -> String {
         let bridge = &self.opts.config.bridge;
-        let h = bridge.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+        let h = bridge
+            .bytes()
+            .fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
         format!("v{:06x}_{}", h & 0xff_ffff, rec.slot)
     }
 
@@ -168,7 +178,9 @@ impl Node {
             socket: self.opts.socket.display().to_string(),
             bridge: st.config.bridge.clone(),
             subnet: st.config.subnet,
-            cgroup: vessel_ve::cgroup::CgroupVersion::detect(&self.opts.cgroup_root).as_str().to_string(),
+            cgroup: vessel_ve::cgroup::CgroupVersion::detect(&self.opts.cgroup_root)
+                .as_str()
+                .to_string(),
             ves_total: st.ves.len(),
             ves_running: st.ves.values().filter(|v| v.status == VeStatus::Running).count(),
             templates: st.templates.len(),
@@ -197,28 +209,40 @@ impl Node {
     // ------------------------------------------------------------------ create
 
     pub fn create(&self, mut spec: VeSpec) -> NResult<VeInfo> {
-        spec.validate().map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+        spec.validate()
+            .map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
         let name = spec.name.clone();
         let vl = self.ve_lock(&name);
         let _g = lock(&vl);
         let rec = {
             let mut st = lock(&self.state);
             if st.ves.contains_key(&name) {
-                return Err(err(ErrorCode::AlreadyExists, format!("VE '{name}' already exists: pick another name or destroy it first")));
+                return Err(err(
+                    ErrorCode::AlreadyExists,
+                    format!("VE '{name}' already exists: pick another name or destroy it first"),
+                ));
             }
             let tpl = st.templates.get(&spec.template).ok_or_else(|| {
                 err(ErrorCode::NotFound, format!("template '{}' not found: build it with `vessel template build {}` or see `vessel template list`", spec.template, spec.template))
             })?;
             let template_id = tpl.id.clone();
             let slots: BTreeSet<u32> = st.ves.values().map(|v| v.slot).collect();
-            let slot = alloc::alloc_slot(&slots).ok_or_else(|| err(ErrorCode::Exhausted, "no free uid range left on this node"))?;
+            let slot = alloc::alloc_slot(&slots)
+                .ok_or_else(|| err(ErrorCode::Exhausted, "no free uid range left on this node"))?;
             let subnet = st.config.subnet;
-            let used: Vec<_> = st.ves.values().filter_map(|v| v.spec.ip.map(|ip| (ip.addr, v.spec.name.to_string()))).collect();
+            let used: Vec<_> = st
+                .ves
+                .values()
+                .filter_map(|v| v.spec.ip.map(|ip| (ip.addr, v.spec.name.to_string())))
+                .collect();
             spec.ip = Some(match spec.ip {
-                Some(ip) => alloc::check_ip(&subnet, ip, &used).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?,
+                Some(ip) => {
+                    alloc::check_ip(&subnet, ip, &used).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?
+                }
                 None => {
                     let used: BTreeSet<_> = used.iter().map(|(a, _)| *a).collect();
-                    alloc::alloc_ip(&subnet, &used).ok_or_else(|| err(ErrorCode::Exhausted, format!("no free address left in {subnet}")))?
+                    alloc::alloc_ip(&subnet, &used)
+                        .ok_or_else(|| err(ErrorCode::Exhausted, format!("no free address left in {subnet}")))?
                 }
             });
             let rec = VeRecord {
@@ -240,11 +264,20 @@ impl Node {
         };
         let ve = self.layout.ve(name.as_str());
         let tpl_root = self.layout.template_rootfs(&rec.template_id);
-        let req = RootFsRequest { ve: &ve, template_rootfs: &tpl_root, uid_base: alloc::uid_base(rec.slot), uid_count: alloc::UID_COUNT };
-        let created = self.rootfs.create(&req).map_err(|e| internal("create VE storage", e)).and_then(|_| {
-            let st = lock(&self.state);
-            self.save(&st)
-        });
+        let req = RootFsRequest {
+            ve: &ve,
+            template_rootfs: &tpl_root,
+            uid_base: alloc::uid_base(rec.slot),
+            uid_count: alloc::UID_COUNT,
+        };
+        let created = self
+            .rootfs
+            .create(&req)
+            .map_err(|e| internal("create VE storage", e))
+            .and_then(|_| {
+                let st = lock(&self.state);
+                self.save(&st)
+            });
         if let Err(e) = created {
             let _ = self.rootfs.destroy(&ve);
             lock(&self.state).ves.remove(&name);
@@ -272,9 +305,22 @@ impl Node {
                 let pid_start = sys::process_start_time(pid).ok();
                 let pidfd = Arc::new(sys::pidfd_open(pid).map_err(|e| internal("pidfd", e))?);
                 let console = Console::new(master, self.layout.ve(name.as_str()).console_log());
-                let ctoken = self.monitor.watch_console(console.clone()).map_err(|e| internal("watch console", e))?;
-                let exit_token = self.monitor.watch_exit(name.clone(), pid, pidfd.clone()).map_err(|e| internal("watch init", e))?;
-                lock(&self.live).insert(name.clone(), Live { pidfd, console: Some((console, ctoken)), exit_token });
+                let ctoken = self
+                    .monitor
+                    .watch_console(console.clone())
+                    .map_err(|e| internal("watch console", e))?;
+                let exit_token = self
+                    .monitor
+                    .watch_exit(name.clone(), pid, pidfd.clone())
+                    .map_err(|e| internal("watch init", e))?;
+                lock(&self.live).insert(
+                    name.clone(),
+                    Live {
+                        pidfd,
+                        console: Some((console, ctoken)),
+                        exit_token,
+                    },
+                );
                 let rec = self.update(&name, |r| {
                     r.status = VeStatus::Running;
                     r.pid = Some(pid);
@@ -306,10 +352,16 @@ impl Node {
         let name = rec.spec.name.as_str();
         let ve = self.layout.ve(name);
         let tpl_dir = self.layout.template(&rec.template_id);
-        let meta = template::read_meta(&tpl_dir).map_err(|e| err(ErrorCode::NotFound, format!("template of VE '{name}': {e}")))?;
+        let meta = template::read_meta(&tpl_dir)
+            .map_err(|e| err(ErrorCode::NotFound, format!("template of VE '{name}': {e}")))?;
         let tpl_root = tpl_dir.join("rootfs");
         let uid_base = alloc::uid_base(rec.slot);
-        let req = RootFsRequest { ve: &ve, template_rootfs: &tpl_root, uid_base, uid_count: alloc::UID_COUNT };
+        let req = RootFsRequest {
+            ve: &ve,
+            template_rootfs: &tpl_root,
+            uid_base,
+            uid_count: alloc::UID_COUNT,
+        };
         let t0 = Instant::now();
         let rootfs = self.rootfs.mount(&req).map_err(|e| internal("mount VE root", e))?;
         let t_mount = t0.elapsed();
@@ -325,15 +377,30 @@ impl Node {
         });
         let bundle = ve.bundle();
         std::fs::create_dir_all(&bundle).map_err(|e| internal("bundle dir", e))?;
-        std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&doc).unwrap_or_default()).map_err(|e| internal("write config.json", e))?;
+        std::fs::write(
+            bundle.join("config.json"),
+            serde_json::to_vec_pretty(&doc).unwrap_or_default(),
+        )
+        .map_err(|e| internal("write config.json", e))?;
         let (bridge, subnet) = {
             let st = lock(&self.state);
             (st.config.bridge.clone(), st.config.subnet)
         };
-        let net = rec.spec.ip.map(|ip| NetPlan { host_if: self.host_if(rec), bridge, ip, gateway: alloc::gateway(&subnet) });
-        let req = HelperRequest::Start { id: name.to_string(), state_root: self.layout.run(), bundle, net };
+        let net = rec.spec.ip.map(|ip| NetPlan {
+            host_if: self.host_if(rec),
+            bridge,
+            ip,
+            gateway: alloc::gateway(&subnet),
+        });
+        let req = HelperRequest::Start {
+            id: name.to_string(),
+            state_root: self.layout.run(),
+            bundle,
+            net,
+        };
         let t_prep = t0.elapsed();
-        let r = runtime::start_ve(&self.opts.exe, req).map_err(|e| err(ErrorCode::Internal, format!("start VE '{name}': {e}")));
+        let r = runtime::start_ve(&self.opts.exe, req)
+            .map_err(|e| err(ErrorCode::Internal, format!("start VE '{name}': {e}")));
         tracing::debug!(ve = name, ?t_mount, ?t_prep, total = ?t0.elapsed(), "launch timings");
         r
     }
@@ -376,9 +443,12 @@ impl Node {
         let pidfd = lock(&self.live).get(name).map(|l| l.pidfd.clone());
         let mut code = None;
         if let Some(pidfd) = pidfd {
-            let sig = template::read_meta(&self.layout.template(&rec.template_id)).map(|m| m.stop_signal).unwrap_or(libc::SIGTERM);
+            let sig = template::read_meta(&self.layout.template(&rec.template_id))
+                .map(|m| m.stop_signal)
+                .unwrap_or(libc::SIGTERM);
             let _ = sys::pidfd_signal(&pidfd, sig);
-            let exited = sys::pidfd_wait_exit(&pidfd, timeout.as_millis().min(i32::MAX as u128) as i32).unwrap_or(false);
+            let exited =
+                sys::pidfd_wait_exit(&pidfd, timeout.as_millis().min(i32::MAX as u128) as i32).unwrap_or(false);
             if !exited {
                 tracing::info!(ve = %name, "init did not stop within {timeout:?}; killing");
                 let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
@@ -418,12 +488,17 @@ impl Node {
         let rec = self.record(name)?;
         if rec.status == VeStatus::Running {
             if !force {
-                return Err(err(ErrorCode::Conflict, format!("VE '{name}' is running: stop it first or use --force")));
+                return Err(err(
+                    ErrorCode::Conflict,
+                    format!("VE '{name}' is running: stop it first or use --force"),
+                ));
             }
             self.stop_locked(&rec, Duration::from_secs(10))?;
         }
         self.cleanup_runtime(&rec);
-        self.rootfs.destroy(&self.layout.ve(name.as_str())).map_err(|e| internal("remove VE storage", e))?;
+        self.rootfs
+            .destroy(&self.layout.ve(name.as_str()))
+            .map_err(|e| internal("remove VE storage", e))?;
         let mut st = lock(&self.state);
         st.ves.remove(name);
         self.save(&st)?;
@@ -439,14 +514,18 @@ impl Node {
         let _g = lock(&vl);
         let rec = self.record(name)?;
         let new = change.apply_to(&rec.spec);
-        new.validate().map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+        new.validate()
+            .map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
         let running = rec.status == VeStatus::Running;
         if running {
             if new.limits != rec.spec.limits {
-                self.cgroup(name).apply(&new.limits).map_err(|e| err(ErrorCode::Conflict, format!("apply limits to VE '{name}': {e}")))?;
+                self.cgroup(name)
+                    .apply(&new.limits)
+                    .map_err(|e| err(ErrorCode::Conflict, format!("apply limits to VE '{name}': {e}")))?;
             }
             let ve = self.layout.ve(name.as_str());
-            osconfig::apply(&ve.rootfs(), &new, alloc::uid_base(rec.slot)).map_err(|e| internal("write VE settings", e))?;
+            osconfig::apply(&ve.rootfs(), &new, alloc::uid_base(rec.slot))
+                .map_err(|e| internal("write VE settings", e))?;
         }
         let rec = self.update(name, |r| {
             r.spec = new;
@@ -483,7 +562,11 @@ impl Node {
             r.pid = None;
             r.pid_start = None;
             r.last_exit = code;
-            r.status = if action == ExitAction::Fail { VeStatus::Failed } else { VeStatus::Stopped };
+            r.status = if action == ExitAction::Fail {
+                VeStatus::Failed
+            } else {
+                VeStatus::Stopped
+            };
             if action == ExitAction::Stop {
                 r.user_stopped = true;
             }
@@ -510,7 +593,14 @@ impl Node {
                     let pid = rec.pid.unwrap_or(0);
                     match self.monitor.watch_exit(name.clone(), pid, pidfd.clone()) {
                         Ok(exit_token) => {
-                            lock(&self.live).insert(name.clone(), Live { pidfd, console: None, exit_token });
+                            lock(&self.live).insert(
+                                name.clone(),
+                                Live {
+                                    pidfd,
+                                    console: None,
+                                    exit_token,
+                                },
+                            );
                             tracing::info!(ve = %name, pid, "re-attached to running VE (console lost until it restarts)");
                             continue;
                         }
@@ -522,7 +612,11 @@ impl Node {
                 tracing::info!(ve = %name, ?action, "VE died while the daemon was away");
                 self.cleanup_runtime(&rec);
                 let _ = self.update(&name, |r| {
-                    r.status = if action == ExitAction::Fail { VeStatus::Failed } else { VeStatus::Stopped };
+                    r.status = if action == ExitAction::Fail {
+                        VeStatus::Failed
+                    } else {
+                        VeStatus::Stopped
+                    };
                     r.pid = None;
                     r.pid_start = None;
                     r.last_exit = None;
@@ -532,7 +626,10 @@ impl Node {
                 Ok(r) => r,
                 Err(_) => continue,
             };
-            if rec.status != VeStatus::Running && !rec.user_stopped && rec.spec.restart == vessel_types::RestartPolicy::Always {
+            if rec.status != VeStatus::Running
+                && !rec.user_stopped
+                && rec.spec.restart == vessel_types::RestartPolicy::Always
+            {
                 if let Err(e) = self.start_locked(rec) {
                     tracing::warn!(ve = %name, "start on boot failed: {e}");
                 }
@@ -553,7 +650,10 @@ impl Node {
 }
 
 pub(crate) fn not_found(name: &Name) -> ApiError {
-    err(ErrorCode::NotFound, format!("VE '{name}' not found: see `vessel ve list`"))
+    err(
+        ErrorCode::NotFound,
+        format!("VE '{name}' not found: see `vessel ve list`"),
+    )
 }
 
 #[cfg(test)]
@@ -572,12 +672,21 @@ mod tests {
         use ExitAction::*;
         assert_eq!(decide_exit(&spec(RestartPolicy::Always), Some(0), false, 0), Restart);
         assert_eq!(decide_exit(&spec(RestartPolicy::Always), Some(1), true, 0), Stop);
-        assert_eq!(decide_exit(&spec(RestartPolicy::Always), Some(-libc::SIGINT), false, 0), Stop);
-        assert_eq!(decide_exit(&spec(RestartPolicy::No), Some(-libc::SIGHUP), false, 0), Restart);
+        assert_eq!(
+            decide_exit(&spec(RestartPolicy::Always), Some(-libc::SIGINT), false, 0),
+            Stop
+        );
+        assert_eq!(
+            decide_exit(&spec(RestartPolicy::No), Some(-libc::SIGHUP), false, 0),
+            Restart
+        );
         assert_eq!(decide_exit(&spec(RestartPolicy::No), Some(1), false, 0), Fail);
         assert_eq!(decide_exit(&spec(RestartPolicy::No), Some(0), false, 0), Stop);
         assert_eq!(decide_exit(&spec(RestartPolicy::OnFailure), Some(0), false, 0), Stop);
-        assert_eq!(decide_exit(&spec(RestartPolicy::OnFailure), Some(-9), false, 2), Restart);
+        assert_eq!(
+            decide_exit(&spec(RestartPolicy::OnFailure), Some(-9), false, 2),
+            Restart
+        );
         assert_eq!(decide_exit(&spec(RestartPolicy::Always), Some(1), false, 5), Fail);
     }
 }

@@ -15,7 +15,10 @@ use vessel_types::api::{ApiError, ErrorCode, Request, Response};
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("a vessel daemon already listens on {}", path.display())));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("a vessel daemon already listens on {}", path.display()),
+            ));
         }
         std::fs::remove_file(path)?;
     }
@@ -32,7 +35,9 @@ pub fn serve(node: Arc<Node>, listener: UnixListener) {
         match conn {
             Ok(c) => {
                 let node = node.clone();
-                let _ = std::thread::Builder::new().name("vessel-conn".into()).spawn(move || handle(&node, c));
+                let _ = std::thread::Builder::new()
+                    .name("vessel-conn".into())
+                    .spawn(move || handle(&node, c));
             }
             Err(e) => tracing::warn!("accept: {e}"),
         }
@@ -49,7 +54,11 @@ fn handle(node: &Arc<Node>, conn: UnixStream) {
             Ok(x) => x,
             Err(FrameError::Closed) => return,
             Err(e @ (FrameError::Decode(_) | FrameError::Version(_) | FrameError::TooLarge(_))) => {
-                let code = if matches!(e, FrameError::Version(_)) { ErrorCode::VersionMismatch } else { ErrorCode::InvalidArgument };
+                let code = if matches!(e, FrameError::Version(_)) {
+                    ErrorCode::VersionMismatch
+                } else {
+                    ErrorCode::InvalidArgument
+                };
                 reply(&conn, &Response::Error(ApiError::new(code, e.to_string())));
                 return;
             }
@@ -70,14 +79,28 @@ fn handle(node: &Arc<Node>, conn: UnixStream) {
     }
 }
 
-fn dispatch(node: &Arc<Node>, conn: &UnixStream, req: Request, fds: Vec<std::os::fd::OwnedFd>) -> Result<Option<Response>, ApiError> {
+fn dispatch(
+    node: &Arc<Node>,
+    conn: &UnixStream,
+    req: Request,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> Result<Option<Response>, ApiError> {
     let mut progress = |message: &str, done: u64, total: u64| {
-        reply(conn, &Response::Progress { message: message.to_string(), done, total });
+        reply(
+            conn,
+            &Response::Progress {
+                message: message.to_string(),
+                done,
+                total,
+            },
+        );
     };
     Ok(Some(match req {
         Request::Status => Response::Status(node.status()),
         Request::TemplateBuild { kind, name } => Response::Template(node.template_build(kind, name, &mut progress)?),
-        Request::TemplateList => Response::Templates { templates: node.template_list() },
+        Request::TemplateList => Response::Templates {
+            templates: node.template_list(),
+        },
         Request::TemplateShow { name } => Response::Template(node.template_show(&name)?),
         Request::TemplateRemove { name } => {
             node.template_remove(&name)?;
@@ -96,14 +119,24 @@ fn dispatch(node: &Arc<Node>, conn: &UnixStream, req: Request, fds: Vec<std::os:
         Request::VeList => Response::Ves { ves: node.list() },
         Request::VeShow { name } => Response::Ve(Box::new(node.show(&name)?)),
         Request::VeStart { name } => Response::Ve(Box::new(node.start(&name)?)),
-        Request::VeStop { name, timeout_secs } => Response::Ve(Box::new(node.stop(&name, Duration::from_secs(timeout_secs))?)),
-        Request::VeRestart { name, timeout_secs } => Response::Ve(Box::new(node.restart(&name, Duration::from_secs(timeout_secs))?)),
+        Request::VeStop { name, timeout_secs } => {
+            Response::Ve(Box::new(node.stop(&name, Duration::from_secs(timeout_secs))?))
+        }
+        Request::VeRestart { name, timeout_secs } => {
+            Response::Ve(Box::new(node.restart(&name, Duration::from_secs(timeout_secs))?))
+        }
         Request::VeDestroy { name, force } => {
             node.destroy(&name, force)?;
             Response::Ok
         }
         Request::VeSet { name, change } => Response::Ve(Box::new(node.set(&name, &change)?)),
-        Request::VeExec { name, argv, tty, env, cwd } => {
+        Request::VeExec {
+            name,
+            argv,
+            tty,
+            env,
+            cwd,
+        } => {
             node.exec(conn, &name, argv, tty, env, cwd, fds)?;
             return Ok(None);
         }
@@ -111,6 +144,8 @@ fn dispatch(node: &Arc<Node>, conn: &UnixStream, req: Request, fds: Vec<std::os:
             node.console(conn, &name)?;
             return Ok(None);
         }
-        Request::VeLogs { name, tail_bytes } => Response::Logs { text: node.logs(&name, tail_bytes)? },
+        Request::VeLogs { name, tail_bytes } => Response::Logs {
+            text: node.logs(&name, tail_bytes)?,
+        },
     }))
 }

@@ -65,7 +65,11 @@ pub struct NodeState {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("node state {path} is corrupt ({reason}): restore it from {path}.bak or move it away to start empty")]
     Corrupt { path: PathBuf, reason: String },
     #[error("node state {path} has version {found}, newer than this vessel ({STATE_VERSION}): upgrade vessel")]
@@ -74,7 +78,12 @@ pub enum StateError {
 
 impl NodeState {
     pub fn new(config: NodeConfig) -> Self {
-        NodeState { version: STATE_VERSION, config, templates: BTreeMap::new(), ves: BTreeMap::new() }
+        NodeState {
+            version: STATE_VERSION,
+            config,
+            templates: BTreeMap::new(),
+            ves: BTreeMap::new(),
+        }
     }
 
     /// Load the state, or `None` if the node has none yet.
@@ -82,17 +91,32 @@ impl NodeState {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { what: "read", path: path.into(), source }),
+            Err(source) => {
+                return Err(StateError::Io {
+                    what: "read",
+                    path: path.into(),
+                    source,
+                })
+            }
         };
         Self::decode(path, &bytes).map(Some)
     }
 
     pub fn decode(path: &Path, bytes: &[u8]) -> Result<NodeState, StateError> {
-        let corrupt = |reason: String| StateError::Corrupt { path: path.into(), reason };
+        let corrupt = |reason: String| StateError::Corrupt {
+            path: path.into(),
+            reason,
+        };
         let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-        let found = v.get("version").and_then(|v| v.as_u64()).ok_or_else(|| corrupt("no version".into()))? as u32;
+        let found = v
+            .get("version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| corrupt("no version".into()))? as u32;
         if found > STATE_VERSION {
-            return Err(StateError::TooNew { path: path.into(), found });
+            return Err(StateError::TooNew {
+                path: path.into(),
+                found,
+            });
         }
         // Version 1 is the first format; later versions add migrations here.
         serde_json::from_value(v).map_err(|e| corrupt(e.to_string()))
@@ -147,7 +171,11 @@ mod tests {
     use super::*;
 
     fn cfg() -> NodeConfig {
-        NodeConfig { bridge: "vessel0".into(), subnet: Ipv4Cidr::parse("10.213.0.0/16").unwrap(), cgroup_parent: "vessel".into() }
+        NodeConfig {
+            bridge: "vessel0".into(),
+            subnet: Ipv4Cidr::parse("10.213.0.0/16").unwrap(),
+            cgroup_parent: "vessel".into(),
+        }
     }
 
     #[test]
@@ -157,10 +185,23 @@ mod tests {
         assert!(NodeState::load(&p).unwrap().is_none());
         let mut s = NodeState::new(cfg());
         let spec = VeSpec::new(Name::parse("a").unwrap(), Name::parse("busybox").unwrap());
-        s.ves.insert(spec.name.clone(), VeRecord {
-            spec, template_id: "x".into(), slot: 0, status: VeStatus::Stopped, pid: None, pid_start: None,
-            user_stopped: false, created_unix: 1, started_unix: None, last_exit: None, last_error: None, restart_pending: false,
-        });
+        s.ves.insert(
+            spec.name.clone(),
+            VeRecord {
+                spec,
+                template_id: "x".into(),
+                slot: 0,
+                status: VeStatus::Stopped,
+                pid: None,
+                pid_start: None,
+                user_stopped: false,
+                created_unix: 1,
+                started_unix: None,
+                last_exit: None,
+                last_error: None,
+                restart_pending: false,
+            },
+        );
         s.save(&p).unwrap();
         s.save(&p).unwrap();
         assert_eq!(NodeState::load(&p).unwrap().unwrap(), s);

@@ -7,7 +7,12 @@ use vessel_types::Name;
 use vessel_ve::{apt_sources, template};
 
 impl Node {
-    pub fn template_build(&self, kind: TemplateKind, name: Option<Name>, progress: &mut vessel_ve::Progress) -> NResult<TemplateInfo> {
+    pub fn template_build(
+        &self,
+        kind: TemplateKind,
+        name: Option<Name>,
+        progress: &mut vessel_ve::Progress,
+    ) -> NResult<TemplateInfo> {
         let name = match name {
             Some(n) => n,
             None => Name::parse(match kind {
@@ -17,7 +22,10 @@ impl Node {
             .map_err(|e| internal("template name", e))?,
         };
         let _g = self.template_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let staging = self.layout.templates().join(format!(".build-{}-{}", std::process::id(), vessel_ve::now_unix()));
+        let staging = self
+            .layout
+            .templates()
+            .join(format!(".build-{}-{}", std::process::id(), vessel_ve::now_unix()));
         let rootfs = staging.join("rootfs");
         std::fs::create_dir_all(&rootfs).map_err(|e| internal("create build dir", e))?;
         let built = match kind {
@@ -41,12 +49,18 @@ impl Node {
             }
         };
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let old = st.templates.insert(name.clone(), TemplateRecord { id: id.clone(), kind });
+        let old = st
+            .templates
+            .insert(name.clone(), TemplateRecord { id: id.clone(), kind });
         self.save(&st)?;
         if let Some(old) = old {
             self.gc_template(&st, &old.id);
         }
-        progress(&format!("template '{name}' ready: {} files, id {}", meta.files, &id[..12]), 1, 1);
+        progress(
+            &format!("template '{name}' ready: {} files, id {}", meta.files, &id[..12]),
+            1,
+            1,
+        );
         Ok(self.template_info(&st, &name, &id, kind, &meta))
     }
 
@@ -58,7 +72,14 @@ impl Node {
         }
     }
 
-    fn template_info(&self, st: &crate::state::NodeState, name: &Name, id: &str, kind: TemplateKind, meta: &template::TemplateMeta) -> TemplateInfo {
+    fn template_info(
+        &self,
+        st: &crate::state::NodeState,
+        name: &Name,
+        id: &str,
+        kind: TemplateKind,
+        meta: &template::TemplateMeta,
+    ) -> TemplateInfo {
         TemplateInfo {
             name: name.clone(),
             kind,
@@ -66,7 +87,12 @@ impl Node {
             files: meta.files,
             bytes: meta.bytes,
             created_unix: meta.created_unix,
-            used_by: st.ves.values().filter(|v| v.template_id == id).map(|v| v.spec.name.clone()).collect(),
+            used_by: st
+                .ves
+                .values()
+                .filter(|v| v.template_id == id)
+                .map(|v| v.spec.name.clone())
+                .collect(),
         }
     }
 
@@ -85,20 +111,37 @@ impl Node {
         self.template_list()
             .into_iter()
             .find(|t| &t.name == name)
-            .ok_or_else(|| err(ErrorCode::NotFound, format!("template '{name}' not found: see `vessel template list`")))
+            .ok_or_else(|| {
+                err(
+                    ErrorCode::NotFound,
+                    format!("template '{name}' not found: see `vessel template list`"),
+                )
+            })
     }
 
     pub fn template_remove(&self, name: &Name) -> NResult<()> {
         let _g = self.template_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let rec = st
-            .templates
-            .get(name)
-            .cloned()
-            .ok_or_else(|| err(ErrorCode::NotFound, format!("template '{name}' not found: see `vessel template list`")))?;
-        let users: Vec<String> = st.ves.values().filter(|v| v.template_id == rec.id).map(|v| v.spec.name.to_string()).collect();
+        let rec = st.templates.get(name).cloned().ok_or_else(|| {
+            err(
+                ErrorCode::NotFound,
+                format!("template '{name}' not found: see `vessel template list`"),
+            )
+        })?;
+        let users: Vec<String> = st
+            .ves
+            .values()
+            .filter(|v| v.template_id == rec.id)
+            .map(|v| v.spec.name.to_string())
+            .collect();
         if !users.is_empty() {
-            return Err(err(ErrorCode::Conflict, format!("template '{name}' is used by VE(s) {}: destroy them first", users.join(", "))));
+            return Err(err(
+                ErrorCode::Conflict,
+                format!(
+                    "template '{name}' is used by VE(s) {}: destroy them first",
+                    users.join(", ")
+                ),
+            ));
         }
         st.templates.remove(name);
         self.save(&st)?;

@@ -28,10 +28,18 @@ impl Client {
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
         match UnixStream::connect(path) {
             Ok(sock) => Ok(Client { sock }),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
                 Err(ClientError::NotRunning(path.display().to_string()))
             }
-            Err(source) => Err(ClientError::Connect { path: path.display().to_string(), source }),
+            Err(source) => Err(ClientError::Connect {
+                path: path.display().to_string(),
+                source,
+            }),
         }
     }
 
@@ -50,7 +58,11 @@ impl Client {
     }
 
     /// Send `req` and return the final reply, passing each progress frame to `progress`.
-    pub fn call_with_progress(&self, req: &Request, progress: &mut dyn FnMut(&str, u64, u64)) -> Result<Response, ClientError> {
+    pub fn call_with_progress(
+        &self,
+        req: &Request,
+        progress: &mut dyn FnMut(&str, u64, u64),
+    ) -> Result<Response, ClientError> {
         self.send(req, &[])?;
         loop {
             match self.recv()?.0 {

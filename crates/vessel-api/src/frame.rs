@@ -84,14 +84,23 @@ mod tests {
     fn rejects_garbage_and_versions() {
         let (a, b) = UnixStream::pair().unwrap();
         send_with_fds(a.as_raw_fd(), &[0, 0, 0, 3, b'x', b'y', b'z'], &[]).unwrap();
-        assert!(matches!(read_frame::<Request>(b.as_raw_fd()), Err(FrameError::Decode(_))));
+        assert!(matches!(
+            read_frame::<Request>(b.as_raw_fd()),
+            Err(FrameError::Decode(_))
+        ));
         let body = br#"{"v":99,"body":{"type":"ok"}}"#;
         let mut m = (body.len() as u32).to_be_bytes().to_vec();
         m.extend_from_slice(body);
         send_with_fds(a.as_raw_fd(), &m, &[]).unwrap();
-        assert!(matches!(read_frame::<Response>(b.as_raw_fd()), Err(FrameError::Version(99))));
+        assert!(matches!(
+            read_frame::<Response>(b.as_raw_fd()),
+            Err(FrameError::Version(99))
+        ));
         send_with_fds(a.as_raw_fd(), &u32::MAX.to_be_bytes(), &[]).unwrap();
-        assert!(matches!(read_frame::<Response>(b.as_raw_fd()), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_frame::<Response>(b.as_raw_fd()),
+            Err(FrameError::TooLarge(_))
+        ));
         drop(a);
         assert!(matches!(read_frame::<Response>(b.as_raw_fd()), Err(FrameError::Closed)));
     }

@@ -23,7 +23,6 @@ pub fn need_root(test: &str) -> bool {
     true
 }
 
-
 pub struct TestNode {
     pub bin: PathBuf,
     pub id: String,
@@ -72,10 +71,17 @@ impl TestNode {
 
     /// Start `vessel daemon` in the foreground as our child, wait for its socket.
     pub fn spawn_daemon(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.root.join("test-daemon.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("test-daemon.log"))
+            .unwrap();
         let mut cmd = Command::new(&self.bin);
         self.envs(&mut cmd);
-        cmd.arg("daemon").stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        cmd.arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         self.daemon = Some(cmd.spawn().expect("start vessel daemon"));
         self.wait_ready();
     }
@@ -139,7 +145,14 @@ impl TestNode {
     /// Run and require success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.vessel(args);
-        assert!(o.status.success(), "vessel {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log tail:\n{}", o.status, out(&o), err(&o), tail(&self.daemon_log(), 30));
+        assert!(
+            o.status.success(),
+            "vessel {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log tail:\n{}",
+            o.status,
+            out(&o),
+            err(&o),
+            tail(&self.daemon_log(), 30)
+        );
         out(&o)
     }
 
@@ -157,7 +170,13 @@ impl TestNode {
     /// Run a shell script in the VE and return its stdout; fails the test if it fails.
     pub fn sh(&self, ve: &str, script: &str) -> String {
         let o = self.exec(ve, script);
-        assert!(o.status.success(), "in VE {ve}: {script:?} failed ({}):\nstdout: {}\nstderr: {}", o.status, out(&o), err(&o));
+        assert!(
+            o.status.success(),
+            "in VE {ve}: {script:?} failed ({}):\nstdout: {}\nstderr: {}",
+            o.status,
+            out(&o),
+            err(&o)
+        );
         out(&o)
     }
 
@@ -168,7 +187,9 @@ impl TestNode {
     }
 
     pub fn ve_pid(&self, ve: &str) -> i32 {
-        self.json(&["ve", "show", ve])["pid"].as_i64().expect("running VE has a pid") as i32
+        self.json(&["ve", "show", ve])["pid"]
+            .as_i64()
+            .expect("running VE has a pid") as i32
     }
 
     pub fn ensure_busybox(&self) {
@@ -179,17 +200,29 @@ impl TestNode {
     pub fn mounts(&self) -> Vec<String> {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let prefix = self.root.to_string_lossy().to_string();
-        info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)).map(str::to_string).collect()
+        info.lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&prefix))
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn cgroup_dirs(&self, ve: &str) -> Vec<PathBuf> {
         std::fs::read_dir("/sys/fs/cgroup")
-            .map(|rd| rd.flatten().map(|e| e.path().join(&self.cgroup_parent).join(ve)).filter(|p| p.exists()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path().join(&self.cgroup_parent).join(ve))
+                    .filter(|p| p.exists())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     pub fn link_exists(&self, name: &str) -> bool {
-        std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default().lines().any(|l| l.split(':').next().map(str::trim) == Some(name))
+        std::fs::read_to_string("/proc/self/net/dev")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(':').next().map(str::trim) == Some(name))
     }
 }
 
@@ -239,7 +272,11 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    Output { status, stdout: t1.join().unwrap_or_default(), stderr: t2.join().unwrap_or_default() }
+    Output {
+        status,
+        stdout: t1.join().unwrap_or_default(),
+        stderr: t2.join().unwrap_or_default(),
+    }
 }
 
 impl Drop for TestNode {
@@ -260,9 +297,15 @@ impl Drop for TestNode {
         self.stop_daemon();
         // Kill any process still in our cgroups (only ours: the parent carries our prefix).
         for _ in 0..3 {
-            for ctrl in std::fs::read_dir("/sys/fs/cgroup").map(|r| r.flatten().collect::<Vec<_>>()).unwrap_or_default() {
+            for ctrl in std::fs::read_dir("/sys/fs/cgroup")
+                .map(|r| r.flatten().collect::<Vec<_>>())
+                .unwrap_or_default()
+            {
                 let parent = ctrl.path().join(&self.cgroup_parent);
-                for ve in std::fs::read_dir(&parent).map(|r| r.flatten().collect::<Vec<_>>()).unwrap_or_default() {
+                for ve in std::fs::read_dir(&parent)
+                    .map(|r| r.flatten().collect::<Vec<_>>())
+                    .unwrap_or_default()
+                {
                     if let Ok(procs) = std::fs::read_to_string(ve.path().join("cgroup.procs")) {
                         for p in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
                             // SAFETY: killing processes inside a cgroup this test created.
@@ -280,14 +323,23 @@ impl Drop for TestNode {
             // SAFETY: lazy unmount of a mount point under our own temp dir.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
-        for ctrl in std::fs::read_dir("/sys/fs/cgroup").map(|r| r.flatten().collect::<Vec<_>>()).unwrap_or_default() {
+        for ctrl in std::fs::read_dir("/sys/fs/cgroup")
+            .map(|r| r.flatten().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
             let parent = ctrl.path().join(&self.cgroup_parent);
-            for ve in std::fs::read_dir(&parent).map(|r| r.flatten().collect::<Vec<_>>()).unwrap_or_default() {
+            for ve in std::fs::read_dir(&parent)
+                .map(|r| r.flatten().collect::<Vec<_>>())
+                .unwrap_or_default()
+            {
                 let _ = std::fs::remove_dir(ve.path());
             }
             let _ = std::fs::remove_dir(&parent);
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -305,7 +357,11 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 
 pub fn host_uid_of(pid: i32) -> u32 {
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    st.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|u| u.parse().ok()).unwrap()
+    st.lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .unwrap()
 }
 
 pub fn path_exists(p: &Path) -> bool {

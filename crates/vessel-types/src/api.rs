@@ -194,7 +194,10 @@ impl std::error::Error for ApiError {}
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into() }
+        ApiError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -293,7 +296,12 @@ mod tests {
 
     #[test]
     fn request_wire_shape_is_stable() {
-        let r = Envelope { v: API_VERSION, body: Request::VeStart { name: Name::parse("web").unwrap() } };
+        let r = Envelope {
+            v: API_VERSION,
+            body: Request::VeStart {
+                name: Name::parse("web").unwrap(),
+            },
+        };
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"v":1,"body":{"op":"ve-start","name":"web"}}"#);
         let back: Envelope<Request> = serde_json::from_str(&s).unwrap();
@@ -310,12 +318,18 @@ mod tests {
     fn change_applies_and_flags_restart() {
         let spec = VeSpec::new(Name::parse("a").unwrap(), Name::parse("busybox").unwrap());
         let ch = VeChange {
-            limits: Limits { pids_max: Some(64), ..Default::default() },
+            limits: Limits {
+                pids_max: Some(64),
+                ..Default::default()
+            },
             ..Default::default()
         };
         assert!(!ch.needs_restart());
         assert_eq!(ch.apply_to(&spec).limits.pids_max, Some(64));
-        let ch = VeChange { hostname: Some("h".into()), ..Default::default() };
+        let ch = VeChange {
+            hostname: Some("h".into()),
+            ..Default::default()
+        };
         assert!(ch.needs_restart());
         assert_eq!(ch.apply_to(&spec).hostname(), "h");
     }

@@ -87,8 +87,7 @@ impl Limits {
 
     /// CFS quota in microseconds per [`CPU_PERIOD_US`], if a CPU cap is set.
     pub fn cpu_quota_us(&self) -> Option<u64> {
-        self.cpus
-            .map(|c| ((c * CPU_PERIOD_US as f64).round() as u64).max(1000))
+        self.cpus.map(|c| ((c * CPU_PERIOD_US as f64).round() as u64).max(1000))
     }
 
     /// v1 `cpu.shares` for the v2-scale weight (v2 default 100 = v1 default 1024).
@@ -104,29 +103,56 @@ mod tests {
     #[test]
     fn validates_ranges() {
         assert!(Limits::default().validate().is_ok());
-        let l = Limits { memory_max: Some(1 << 20), ..Default::default() };
+        let l = Limits {
+            memory_max: Some(1 << 20),
+            ..Default::default()
+        };
         assert_eq!(l.validate(), Err(LimitsError::MemoryTooSmall(1 << 20)));
-        let l = Limits { cpus: Some(0.0), ..Default::default() };
+        let l = Limits {
+            cpus: Some(0.0),
+            ..Default::default()
+        };
         assert!(matches!(l.validate(), Err(LimitsError::BadCpus(_))));
-        let l = Limits { cpus: Some(f64::NAN), ..Default::default() };
+        let l = Limits {
+            cpus: Some(f64::NAN),
+            ..Default::default()
+        };
         assert!(matches!(l.validate(), Err(LimitsError::BadCpus(_))));
-        let l = Limits { pids_max: Some(1), ..Default::default() };
+        let l = Limits {
+            pids_max: Some(1),
+            ..Default::default()
+        };
         assert_eq!(l.validate(), Err(LimitsError::PidsTooSmall(1)));
-        let l = Limits { memory_max: Some(64 << 20), memory_low: Some(128 << 20), ..Default::default() };
+        let l = Limits {
+            memory_max: Some(64 << 20),
+            memory_low: Some(128 << 20),
+            ..Default::default()
+        };
         assert!(matches!(l.validate(), Err(LimitsError::LowAboveMax { .. })));
     }
 
     #[test]
     fn cpu_conversions() {
-        let l = Limits { cpus: Some(0.5), cpu_weight: Some(100), ..Default::default() };
+        let l = Limits {
+            cpus: Some(0.5),
+            cpu_weight: Some(100),
+            ..Default::default()
+        };
         assert_eq!(l.cpu_quota_us(), Some(50_000));
         assert_eq!(l.cpu_shares(), Some(1024));
     }
 
     #[test]
     fn merge_prefers_change() {
-        let base = Limits { memory_max: Some(256 << 20), pids_max: Some(100), ..Default::default() };
-        let ch = Limits { memory_max: Some(512 << 20), ..Default::default() };
+        let base = Limits {
+            memory_max: Some(256 << 20),
+            pids_max: Some(100),
+            ..Default::default()
+        };
+        let ch = Limits {
+            memory_max: Some(512 << 20),
+            ..Default::default()
+        };
         let m = base.merged(&ch);
         assert_eq!(m.memory_max, Some(512 << 20));
         assert_eq!(m.pids_max, Some(100));

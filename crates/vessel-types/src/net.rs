@@ -63,7 +63,10 @@ impl Ipv4Cidr {
     }
 
     pub fn with_addr(&self, addr: Ipv4Addr) -> Ipv4Cidr {
-        Ipv4Cidr { addr, prefix: self.prefix }
+        Ipv4Cidr {
+            addr,
+            prefix: self.prefix,
+        }
     }
 }
 

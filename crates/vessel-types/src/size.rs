@@ -42,7 +42,7 @@ pub fn format_size(b: u64) -> String {
     const UNITS: [(&str, u64); 4] = [("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)];
     for (u, m) in UNITS {
         if b >= m {
-            return if b % m == 0 {
+            return if b.is_multiple_of(m) {
                 format!("{}{u}", b / m)
             } else {
                 format!("{:.1}{u}", b as f64 / m as f64)

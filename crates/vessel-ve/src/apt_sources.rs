@@ -83,7 +83,10 @@ pub fn host_mirror(etc_apt: &Path, suite: &str) -> Option<String> {
         let mut names: Vec<_> = rd.flatten().map(|e| e.path()).collect();
         names.sort();
         for p in names {
-            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             if n.ends_with(".sources") || n.ends_with(".list") {
                 if let Ok(t) = std::fs::read_to_string(&p) {
                     files.push((n, t));
@@ -102,7 +105,10 @@ mod tests {
     fn deb822_picks_base_suite() {
         let t = "Types: deb\n# comment\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: http://sec.example/debian-security\nSuites: bookworm-security\nComponents: main\n";
         let files = vec![("debian.sources".to_string(), t.to_string())];
-        assert_eq!(mirror_from_sources(&files, "bookworm").as_deref(), Some("http://mirror.example/debian"));
+        assert_eq!(
+            mirror_from_sources(&files, "bookworm").as_deref(),
+            Some("http://mirror.example/debian")
+        );
         assert_eq!(mirror_from_sources(&files, "trixie"), None);
     }
 
@@ -110,7 +116,10 @@ mod tests {
     fn one_line_with_options() {
         let t = "# x\ndeb-src http://a/debian bookworm main\ndeb [arch=amd64 signed-by=/k] http://b/debian bookworm main contrib\n";
         let files = vec![("sources.list".to_string(), t.to_string())];
-        assert_eq!(mirror_from_sources(&files, "bookworm").as_deref(), Some("http://b/debian"));
+        assert_eq!(
+            mirror_from_sources(&files, "bookworm").as_deref(),
+            Some("http://b/debian")
+        );
     }
 
     #[test]

@@ -39,10 +39,26 @@ pub fn limit_writes(v: CgroupVersion, l: &Limits) -> Vec<CgWrite> {
     let mut w = Vec::new();
     match v {
         CgroupVersion::V1 => {
-            w.push(("memory", "memory.limit_in_bytes", l.memory_max.map_or("-1".into(), |m| m.to_string())));
-            w.push(("memory", "memory.soft_limit_in_bytes", l.memory_low.map_or("-1".into(), |m| m.to_string())));
-            w.push(("cpu", "cpu.cfs_period_us", vessel_types::limits::CPU_PERIOD_US.to_string()));
-            w.push(("cpu", "cpu.cfs_quota_us", l.cpu_quota_us().map_or("-1".into(), |q| q.to_string())));
+            w.push((
+                "memory",
+                "memory.limit_in_bytes",
+                l.memory_max.map_or("-1".into(), |m| m.to_string()),
+            ));
+            w.push((
+                "memory",
+                "memory.soft_limit_in_bytes",
+                l.memory_low.map_or("-1".into(), |m| m.to_string()),
+            ));
+            w.push((
+                "cpu",
+                "cpu.cfs_period_us",
+                vessel_types::limits::CPU_PERIOD_US.to_string(),
+            ));
+            w.push((
+                "cpu",
+                "cpu.cfs_quota_us",
+                l.cpu_quota_us().map_or("-1".into(), |q| q.to_string()),
+            ));
             w.push(("cpu", "cpu.shares", l.cpu_shares().unwrap_or(1024).to_string()));
             w.push(("pids", "pids.max", l.pids_max.map_or("max".into(), |p| p.to_string())));
         }
@@ -50,7 +66,11 @@ pub fn limit_writes(v: CgroupVersion, l: &Limits) -> Vec<CgWrite> {
             w.push(("", "memory.max", l.memory_max.map_or("max".into(), |m| m.to_string())));
             w.push(("", "memory.low", l.memory_low.unwrap_or(0).to_string()));
             let quota = l.cpu_quota_us().map_or("max".into(), |q| q.to_string());
-            w.push(("", "cpu.max", format!("{quota} {}", vessel_types::limits::CPU_PERIOD_US)));
+            w.push((
+                "",
+                "cpu.max",
+                format!("{quota} {}", vessel_types::limits::CPU_PERIOD_US),
+            ));
             w.push(("", "cpu.weight", l.cpu_weight.unwrap_or(100).to_string()));
             w.push(("", "pids.max", l.pids_max.map_or("max".into(), |p| p.to_string())));
         }
@@ -78,7 +98,11 @@ impl VeCgroup {
     pub fn new(root: impl Into<PathBuf>, parent: &str, name: &str) -> Self {
         let root = root.into();
         let version = CgroupVersion::detect(&root);
-        VeCgroup { root, version, path: format!("{parent}/{name}") }
+        VeCgroup {
+            root,
+            version,
+            path: format!("{parent}/{name}"),
+        }
     }
 
     fn dir(&self, controller: &str) -> PathBuf {
@@ -96,7 +120,10 @@ impl VeCgroup {
             if !p.exists() {
                 continue; // controller not enabled for this hierarchy (e.g. v2 without cpu)
             }
-            std::fs::write(&p, &value).map_err(|source| CgroupError { file: p.clone(), source })?;
+            std::fs::write(&p, &value).map_err(|source| CgroupError {
+                file: p.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -107,12 +134,18 @@ impl VeCgroup {
             CgroupVersion::V1 => "memory.usage_in_bytes",
             CgroupVersion::V2 => "memory.current",
         };
-        std::fs::read_to_string(self.dir("memory").join(f)).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.dir("memory").join(f))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Read one limit file back (for tests and `show`).
     pub fn read(&self, controller: &str, file: &str) -> Option<String> {
-        std::fs::read_to_string(self.dir(controller).join(file)).ok().map(|s| s.trim().to_string())
+        std::fs::read_to_string(self.dir(controller).join(file))
+            .ok()
+            .map(|s| s.trim().to_string())
     }
 
     /// Every directory this cgroup has on this host (v1: one per mounted controller).
@@ -152,7 +185,12 @@ mod tests {
 
     #[test]
     fn v1_writes() {
-        let l = Limits { memory_max: Some(256 << 20), cpus: Some(0.5), pids_max: Some(128), ..Default::default() };
+        let l = Limits {
+            memory_max: Some(256 << 20),
+            cpus: Some(0.5),
+            pids_max: Some(128),
+            ..Default::default()
+        };
         let w = limit_writes(CgroupVersion::V1, &l);
         assert!(w.contains(&("memory", "memory.limit_in_bytes", (256u64 << 20).to_string())));
         assert!(w.contains(&("cpu", "cpu.cfs_quota_us", "50000".into())));
@@ -164,7 +202,12 @@ mod tests {
 
     #[test]
     fn v2_writes() {
-        let l = Limits { memory_max: Some(1 << 30), cpus: Some(2.0), cpu_weight: Some(50), ..Default::default() };
+        let l = Limits {
+            memory_max: Some(1 << 30),
+            cpus: Some(2.0),
+            cpu_weight: Some(50),
+            ..Default::default()
+        };
         let w = limit_writes(CgroupVersion::V2, &l);
         assert!(w.contains(&("", "memory.max", (1u64 << 30).to_string())));
         assert!(w.contains(&("", "cpu.max", "200000 100000".into())));
@@ -183,9 +226,17 @@ mod tests {
         std::fs::write(d.path().join("memory/vt/web/memory.limit_in_bytes"), "-1").unwrap();
         let cg = VeCgroup::new(d.path(), "vt", "web");
         assert_eq!(cg.version, CgroupVersion::V1);
-        cg.apply(&Limits { pids_max: Some(64), memory_max: Some(64 << 20), ..Default::default() }).unwrap();
+        cg.apply(&Limits {
+            pids_max: Some(64),
+            memory_max: Some(64 << 20),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(cg.read("pids", "pids.max").as_deref(), Some("64"));
-        assert_eq!(cg.read("memory", "memory.limit_in_bytes"), Some((64u64 << 20).to_string()));
+        assert_eq!(
+            cg.read("memory", "memory.limit_in_bytes"),
+            Some((64u64 << 20).to_string())
+        );
         assert_eq!(cg.dirs().len(), 3);
     }
 }

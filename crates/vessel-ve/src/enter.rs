@@ -47,8 +47,12 @@ pub fn merge_env(base: &[String], extra: &[String]) -> Vec<String> {
 
 /// Start the process; returns its host pid (our child) and, with `tty`, the pty master.
 pub fn enter(plan: &EnterPlan) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
-    let spec: Spec = serde_json::from_slice(&std::fs::read(plan.config)?).map_err(|e| RuntimeError::Helper(format!("VE config: {e}")))?;
-    let process = spec.process().clone().ok_or_else(|| RuntimeError::Helper("VE config has no process".into()))?;
+    let spec: Spec = serde_json::from_slice(&std::fs::read(plan.config)?)
+        .map_err(|e| RuntimeError::Helper(format!("VE config: {e}")))?;
+    let process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| RuntimeError::Helper("VE config has no process".into()))?;
     let caps = process.capabilities().clone();
     let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
     let mut base_env = process.env().clone().unwrap_or_default();
@@ -68,7 +72,10 @@ pub fn enter(plan: &EnterPlan) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
             .map(OwnedFd::from)
             .map_err(|e| RuntimeError::Helper(format!("VE init {} is gone: {e}", plan.init_pid)))
     };
-    let ns_fds: Vec<OwnedFd> = ["user", "ipc", "uts", "net", "cgroup", "mnt"].into_iter().map(open_ns).collect::<Result<_, _>>()?;
+    let ns_fds: Vec<OwnedFd> = ["user", "ipc", "uts", "net", "cgroup", "mnt"]
+        .into_iter()
+        .map(open_ns)
+        .collect::<Result<_, _>>()?;
     let pid_ns = open_ns("pid")?;
     let master = if plan.tty {
         // The VE's /dev/ptmx, reached through its init's root: the pty lives in the VE's
@@ -137,7 +144,14 @@ pub fn enter(plan: &EnterPlan) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
                 }
             }
             if m.is_empty() {
-                child(slave.as_ref(), &argv, &envp, cwd.as_deref(), caps.as_ref(), seccomp.as_ref())
+                child(
+                    slave.as_ref(),
+                    &argv,
+                    &envp,
+                    cwd.as_deref(),
+                    caps.as_ref(),
+                    seccomp.as_ref(),
+                )
             } else {
                 m
             }
@@ -152,7 +166,8 @@ pub fn enter(plan: &EnterPlan) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
     // SAFETY: closing the read end we do not use.
     unsafe { libc::close(sync[0]) };
     let joined = plan.cgroup_dirs.iter().try_for_each(|d| {
-        std::fs::write(d.join("cgroup.procs"), pid.to_string()).map_err(|e| RuntimeError::Helper(format!("join cgroup {}: {e}", d.display())))
+        std::fs::write(d.join("cgroup.procs"), pid.to_string())
+            .map_err(|e| RuntimeError::Helper(format!("join cgroup {}: {e}", d.display())))
     });
     let go = 1u8;
     if joined.is_ok() {

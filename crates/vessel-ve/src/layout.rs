@@ -42,7 +42,9 @@ impl Layout {
         self.root.join("ves")
     }
     pub fn ve(&self, name: &str) -> VeLayout {
-        VeLayout { dir: self.ves().join(name) }
+        VeLayout {
+            dir: self.ves().join(name),
+        }
     }
     pub fn run(&self) -> PathBuf {
         self.root.join("run")

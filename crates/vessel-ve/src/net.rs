@@ -17,17 +17,28 @@ pub enum NetError {
 type Result<T> = std::result::Result<T, NetError>;
 
 fn ip_batch(context: &str, script: &str, netns_pid: Option<i32>) -> Result<()> {
-    let err = |m: String| NetError::Ip { context: context.to_string(), message: m };
+    let err = |m: String| NetError::Ip {
+        context: context.to_string(),
+        message: m,
+    };
     let mut cmd = Command::new("ip");
-    cmd.args(["-batch", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     if let Some(pid) = netns_pid {
-        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| err(format!("open netns of pid {pid}: {e}")))?;
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+            .map_err(|e| err(format!("open netns of pid {pid}: {e}")))?;
         // SAFETY: the closure runs in the forked child before exec and only calls setns(2).
         unsafe {
-            cmd.pre_exec(move || nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+            cmd.pre_exec(move || {
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
         }
     }
-    let mut child = cmd.spawn().map_err(|e| err(format!("cannot run ip (install iproute2): {e}")))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| err(format!("cannot run ip (install iproute2): {e}")))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(script.as_bytes()).map_err(|e| err(e.to_string()))?;
     }
@@ -42,7 +53,11 @@ fn ip_batch(context: &str, script: &str, netns_pid: Option<i32>) -> Result<()> {
 /// the caller's namespace (`/sys/class/net` follows the namespace that mounted sysfs).
 pub fn link_exists(name: &str) -> bool {
     std::fs::read_to_string("/proc/self/net/dev")
-        .map(|t| t.lines().skip(2).any(|l| l.split(':').next().map(str::trim) == Some(name)))
+        .map(|t| {
+            t.lines()
+                .skip(2)
+                .any(|l| l.split(':').next().map(str::trim) == Some(name))
+        })
         .unwrap_or(false)
 }
 

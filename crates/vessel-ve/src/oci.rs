@@ -9,11 +9,32 @@ use vessel_types::{Limits, VeSpec};
 /// so a VE can run a whole server (bind low ports, manage its firewall, chroot, reboot
 /// itself) while module loading, raw I/O, the clock and audit stay the host's.
 pub const VE_CAPS: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
-    "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
     "CAP_SETFCAP",
 ];
 
@@ -21,11 +42,40 @@ pub const VE_CAPS: &[&str] = &[
 /// swap, accounting, the kernel keyring, BPF and perf (kernel attack surface), handle-based
 /// opens (escape from bind mounts), and the clock.
 pub const DENIED_SYSCALLS: &[&str] = &[
-    "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module", "delete_module",
-    "finit_module", "get_kernel_syms", "init_module", "ioperm", "iopl", "kcmp", "kexec_file_load",
-    "kexec_load", "keyctl", "lookup_dcookie", "nfsservctl", "open_by_handle_at", "perf_event_open",
-    "query_module", "quotactl", "request_key", "settimeofday", "stime", "swapoff", "swapon",
-    "syslog", "uselib", "userfaultfd", "vm86", "vm86old", "_sysctl", "adjtimex",
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "nfsservctl",
+    "open_by_handle_at",
+    "perf_event_open",
+    "query_module",
+    "quotactl",
+    "request_key",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "uselib",
+    "userfaultfd",
+    "vm86",
+    "vm86old",
+    "_sysctl",
+    "adjtimex",
 ];
 
 /// Inputs for one VE's runtime spec.
@@ -147,7 +197,12 @@ mod tests {
     #[test]
     fn spec_parses_as_oci_and_carries_limits() {
         let mut spec = VeSpec::new(Name::parse("web").unwrap(), Name::parse("busybox").unwrap());
-        spec.limits = Limits { memory_max: Some(256 << 20), cpus: Some(0.5), pids_max: Some(100), ..Default::default() };
+        spec.limits = Limits {
+            memory_max: Some(256 << 20),
+            cpus: Some(0.5),
+            pids_max: Some(100),
+            ..Default::default()
+        };
         spec.env = vec!["A=b".into()];
         let init = vec!["/sbin/init".to_string()];
         let v = render(&SpecInput {
@@ -168,6 +223,9 @@ mod tests {
         assert_eq!(oci.hostname().as_deref(), Some("web"));
         let env = oci.process().as_ref().unwrap().env().as_ref().unwrap();
         assert!(env.contains(&"A=b".to_string()));
-        assert!(v["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap().contains(&json!("kexec_load")));
+        assert!(v["linux"]["seccomp"]["syscalls"][0]["names"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("kexec_load")));
     }
 }

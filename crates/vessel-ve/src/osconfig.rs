@@ -61,14 +61,32 @@ pub fn debian_files() -> Vec<(&'static str, &'static str, u32)> {
     vec![
         ("etc/inittab", DEBIAN_INITTAB, 0o644),
         ("etc/hostname", "localhost\n", 0o644),
-        ("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n", 0o644),
+        (
+            "etc/hosts",
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            0o644,
+        ),
         // Policy for dpkg inside the VE: services start when packages are installed.
         ("usr/sbin/policy-rc.d", "#!/bin/sh\nexit 0\n", 0o755),
     ]
 }
 
 /// Boot scripts that touch hardware or the kernel and fail or hang in a container.
-pub const DEBIAN_DISABLED_SERVICES: &[&str] = &["hwclock.sh", "kmod", "udev", "procps", "mountall.sh", "mountnfs.sh", "checkroot.sh", "checkfs.sh", "checkroot-bootclean.sh", "mountdevsubfs.sh", "mountkernfs.sh", "brightness", "urandom"];
+pub const DEBIAN_DISABLED_SERVICES: &[&str] = &[
+    "hwclock.sh",
+    "kmod",
+    "udev",
+    "procps",
+    "mountall.sh",
+    "mountnfs.sh",
+    "checkroot.sh",
+    "checkfs.sh",
+    "checkroot-bootclean.sh",
+    "mountdevsubfs.sh",
+    "mountkernfs.sh",
+    "brightness",
+    "urandom",
+];
 
 const DEBIAN_INITTAB: &str = "\
 # Vessel Debian VE (sysvinit). SIGPWR from the node means: shut down now.
@@ -89,7 +107,11 @@ co:2345:respawn:/sbin/agetty --noclear --keep-baud console 115200,38400,9600 vt1
 /// `/etc/hosts` with the VE's own name on its address.
 pub fn render_hosts(hostname: &str, ip: Option<std::net::Ipv4Addr>) -> String {
     let short = hostname.split('.').next().unwrap_or(hostname);
-    let names = if short == hostname { hostname.to_string() } else { format!("{hostname} {short}") };
+    let names = if short == hostname {
+        hostname.to_string()
+    } else {
+        format!("{hostname} {short}")
+    };
     let own = match ip {
         Some(ip) => format!("{ip}\t{names}\n"),
         None => format!("127.0.1.1\t{names}\n"),
@@ -129,7 +151,13 @@ pub fn apply(rootfs: &Path, spec: &VeSpec, uid_base: u32) -> std::io::Result<()>
     let root: OwnedFd = std::fs::File::open(rootfs)?.into();
     let hostname = spec.hostname();
     write_if_changed(&root, "etc/hostname", &format!("{hostname}\n"), 0o644, uid_base)?;
-    write_if_changed(&root, "etc/hosts", &render_hosts(hostname, spec.ip.map(|c| c.addr)), 0o644, uid_base)?;
+    write_if_changed(
+        &root,
+        "etc/hosts",
+        &render_hosts(hostname, spec.ip.map(|c| c.addr)),
+        0o644,
+        uid_base,
+    )?;
     if !spec.dns.is_empty() {
         write_if_changed(&root, "etc/resolv.conf", &render_resolv(&spec.dns), 0o644, uid_base)?;
     }
@@ -156,7 +184,12 @@ fn write_if_changed(root: &OwnedFd, rel: &str, content: &str, mode: u32, uid: u3
     if read_in_root(root, rel).ok().as_deref() == Some(content) {
         return Ok(());
     }
-    let fd = open_in_root(root, Path::new(rel), libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW, mode)?;
+    let fd = open_in_root(
+        root,
+        Path::new(rel),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+        mode,
+    )?;
     // SAFETY: fd is a valid open file we own.
     if unsafe { libc::fchown(fd.as_raw_fd(), uid, uid) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -211,6 +244,9 @@ mod tests {
 
     #[test]
     fn resolv_lists_servers() {
-        assert_eq!(render_resolv(&["1.1.1.1".into(), "9.9.9.9".into()]), "nameserver 1.1.1.1\nnameserver 9.9.9.9\n");
+        assert_eq!(
+            render_resolv(&["1.1.1.1".into(), "9.9.9.9".into()]),
+            "nameserver 1.1.1.1\nnameserver 9.9.9.9\n"
+        );
     }
 }

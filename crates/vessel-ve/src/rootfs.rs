@@ -12,9 +12,17 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum RootFsError {
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("mount {what} at {path}: {source}")]
-    Mount { what: &'static str, path: PathBuf, source: nix::Error },
+    Mount {
+        what: &'static str,
+        path: PathBuf,
+        source: nix::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, RootFsError>;
@@ -45,25 +53,41 @@ pub trait RootFs {
 pub struct OverlayRootFs;
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RootFsError + 'a {
-    move |source| RootFsError::Io { what, path: path.to_path_buf(), source }
+    move |source| RootFsError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// True if `path` is a mount point (its device differs from its parent's, or it is listed
 /// in mountinfo).
 pub fn is_mount_point(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let Ok(canon) = path.canonicalize() else { return false };
     let want = canon.to_string_lossy();
-    info.lines().any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*want))
+    info.lines()
+        .any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*want))
 }
 
 fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 impl RootFs for OverlayRootFs {
     fn create(&self, req: &RootFsRequest) -> Result<()> {
-        for d in [req.ve.upper(), req.ve.work(), req.ve.rootfs(), req.ve.lower(), req.ve.bundle()] {
+        for d in [
+            req.ve.upper(),
+            req.ve.work(),
+            req.ve.rootfs(),
+            req.ve.lower(),
+            req.ve.bundle(),
+        ] {
             std::fs::create_dir_all(&d).map_err(io("create", &d))?;
         }
         // The upper dir is the VE's `/`: owned by the VE's root.
@@ -80,15 +104,26 @@ impl RootFs for OverlayRootFs {
         let lower = req.ve.lower();
         std::fs::create_dir_all(&lower).map_err(io("create", &lower))?;
         let userns = sys::make_userns(req.uid_base, req.uid_count).map_err(io("user namespace for", &lower))?;
-        sys::idmapped_bind(req.template_rootfs, &lower, &userns).map_err(io("id-mapped mount of template at", &lower))?;
+        sys::idmapped_bind(req.template_rootfs, &lower, &userns)
+            .map_err(io("id-mapped mount of template at", &lower))?;
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.display(),
             req.ve.upper().display(),
             req.ve.work().display()
         );
-        let res = mount(Some("vessel"), &target, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
-            .map_err(|source| RootFsError::Mount { what: "overlay", path: target.clone(), source });
+        let res = mount(
+            Some("vessel"),
+            &target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(|source| RootFsError::Mount {
+            what: "overlay",
+            path: target.clone(),
+            source,
+        });
         // The overlay holds its own reference to the lower tree: detach the helper mount
         // so each VE leaves exactly one entry in the mount table.
         let _ = umount2(&lower, MntFlags::MNT_DETACH);
@@ -103,8 +138,11 @@ impl RootFs for OverlayRootFs {
                 break;
             }
             if umount2(&target, MntFlags::empty()).is_err() {
-                umount2(&target, MntFlags::MNT_DETACH)
-                    .map_err(|source| RootFsError::Mount { what: "unmount", path: target.clone(), source })?;
+                umount2(&target, MntFlags::MNT_DETACH).map_err(|source| RootFsError::Mount {
+                    what: "unmount",
+                    path: target.clone(),
+                    source,
+                })?;
             }
         }
         let lower = ve.lower();

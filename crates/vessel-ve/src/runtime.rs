@@ -58,11 +58,19 @@ pub enum HelperRequest {
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum HelperReport {
     /// Init runs; the pty master of its console is attached.
-    Started { pid: i32 },
+    Started {
+        pid: i32,
+    },
     /// The exec'd process runs; with a tty its pty master is attached.
-    ExecStarted { pid: i32 },
-    Exited { code: i32 },
-    Error { message: String },
+    ExecStarted {
+        pid: i32,
+    },
+    Exited {
+        code: i32,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,12 +109,22 @@ pub fn helper_main(json: &str) -> i32 {
     let req: HelperRequest = match serde_json::from_str(json) {
         Ok(r) => r,
         Err(e) => {
-            send(&HelperReport::Error { message: format!("bad helper request: {e}") }, &[]);
+            send(
+                &HelperReport::Error {
+                    message: format!("bad helper request: {e}"),
+                },
+                &[],
+            );
             return 2;
         }
     };
     match req {
-        HelperRequest::Start { id, state_root, bundle, net } => match start(&id, &state_root, &bundle, net.as_ref()) {
+        HelperRequest::Start {
+            id,
+            state_root,
+            bundle,
+            net,
+        } => match start(&id, &state_root, &bundle, net.as_ref()) {
             Ok((pid, master)) => {
                 send(&HelperReport::Started { pid }, &[master.as_raw_fd()]);
                 0
@@ -116,8 +134,24 @@ pub fn helper_main(json: &str) -> i32 {
                 1
             }
         },
-        HelperRequest::Exec { init_pid, config, cgroup_dirs, argv, env, cwd, tty } => {
-            let plan = crate::enter::EnterPlan { init_pid, config: &config, cgroup_dirs: &cgroup_dirs, argv: &argv, env: &env, cwd: cwd.as_deref(), tty };
+        HelperRequest::Exec {
+            init_pid,
+            config,
+            cgroup_dirs,
+            argv,
+            env,
+            cwd,
+            tty,
+        } => {
+            let plan = crate::enter::EnterPlan {
+                init_pid,
+                config: &config,
+                cgroup_dirs: &cgroup_dirs,
+                argv: &argv,
+                env: &env,
+                cwd: cwd.as_deref(),
+                tty,
+            };
             match crate::enter::enter(&plan) {
                 Ok((pid, master)) => {
                     let fds: Vec<RawFd> = master.iter().map(|m| m.as_raw_fd()).collect();
@@ -179,7 +213,8 @@ fn receive_master(l: &UnixListener) -> Result<OwnedFd, RuntimeError> {
     let mut fds = Vec::new();
     let mut buf = [0u8; 256];
     recv_with_fds(conn.as_raw_fd(), &mut buf, &mut fds)?;
-    fds.pop().ok_or_else(|| RuntimeError::Helper("VE sent no console".into()))
+    fds.pop()
+        .ok_or_else(|| RuntimeError::Helper("VE sent no console".into()))
 }
 
 /// Runs last inside the VE's init, right before exec: gives up the console as controlling
@@ -223,14 +258,21 @@ fn start(id: &str, root: &Path, bundle: &Path, net: Option<&NetPlan>) -> Result<
     let result = (|| {
         let t_build = t0.elapsed();
         let master = receive_master(&listener)?;
-        let pid = container.pid().ok_or_else(|| RuntimeError::Helper("VE has no init pid".into()))?.as_raw();
+        let pid = container
+            .pid()
+            .ok_or_else(|| RuntimeError::Helper("VE has no init pid".into()))?
+            .as_raw();
         if let Some(n) = net {
-            net::attach_ve(&n.host_if, &n.bridge, pid, n.ip, n.gateway).map_err(|e| RuntimeError::Helper(e.to_string()))?;
+            net::attach_ve(&n.host_if, &n.bridge, pid, n.ip, n.gateway)
+                .map_err(|e| RuntimeError::Helper(e.to_string()))?;
         }
         let t_net = t0.elapsed();
         container.start().map_err(lc)?;
         if std::env::var_os("VESSEL_TIMINGS").is_some() {
-            let _ = std::fs::write(bundle.join("timings"), format!("build {t_build:?} net {t_net:?} start {:?}\n", t0.elapsed()));
+            let _ = std::fs::write(
+                bundle.join("timings"),
+                format!("build {t_build:?} net {t_net:?} start {:?}\n", t0.elapsed()),
+            );
         }
         Ok((pid, master))
     })();
@@ -282,7 +324,7 @@ impl Helper {
     }
 
     /// Next report with its attached fds; a helper that died without a word is an error.
-    pub fn next(&mut self) -> Result<(HelperReport, Vec<OwnedFd>), RuntimeError> {
+    pub fn next_report(&mut self) -> Result<(HelperReport, Vec<OwnedFd>), RuntimeError> {
         let mut fds = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         let n = recv_with_fds(self.report.as_raw_fd(), &mut buf, &mut fds)?;
@@ -292,9 +334,12 @@ impl Helper {
             if let Some(mut e) = self.child.stderr.take() {
                 let _ = e.read_to_string(&mut err);
             }
-            return Err(RuntimeError::Helper(format!("runtime helper ended without a report ({st}) {err}")));
+            return Err(RuntimeError::Helper(format!(
+                "runtime helper ended without a report ({st}) {err}"
+            )));
         }
-        let r: HelperReport = serde_json::from_slice(&buf[..n]).map_err(|e| RuntimeError::Helper(format!("bad helper report: {e}")))?;
+        let r: HelperReport =
+            serde_json::from_slice(&buf[..n]).map_err(|e| RuntimeError::Helper(format!("bad helper report: {e}")))?;
         Ok((r, fds))
     }
 
@@ -306,9 +351,11 @@ impl Helper {
 /// Start a VE through a helper: returns init's pid and its console's pty master.
 pub fn start_ve(exe: &Path, req: HelperRequest) -> Result<(i32, OwnedFd), RuntimeError> {
     let mut h = Helper::spawn(exe, &req, None)?;
-    let res = match h.next()? {
+    let res = match h.next_report()? {
         (HelperReport::Started { pid }, mut fds) => {
-            let master = fds.pop().ok_or_else(|| RuntimeError::Helper("no console master from helper".into()))?;
+            let master = fds
+                .pop()
+                .ok_or_else(|| RuntimeError::Helper("no console master from helper".into()))?;
             Ok((pid, master))
         }
         (HelperReport::Error { message }, _) => Err(RuntimeError::Helper(message)),

@@ -134,7 +134,11 @@ pub fn pidfd_signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
 
 /// Wait up to `timeout_ms` for the process behind `pidfd` to exit. True if it exited.
 pub fn pidfd_wait_exit(pidfd: &OwnedFd, timeout_ms: i32) -> io::Result<bool> {
-    let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     loop {
         // SAFETY: one valid pollfd.
         let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
@@ -170,7 +174,11 @@ pub fn pidfd_try_reap(pidfd: &OwnedFd) -> Option<i32> {
     }
     // SAFETY: as above, the child fields are valid after a successful reap.
     let status = unsafe { info.si_status() };
-    Some(if info.si_code == libc::CLD_EXITED { status } else { -status })
+    Some(if info.si_code == libc::CLD_EXITED {
+        status
+    } else {
+        -status
+    })
 }
 
 /// Create a user namespace mapping ids `0..count` to host ids `base..base+count` and
@@ -261,7 +269,10 @@ pub fn process_start_time(pid: i32) -> io::Result<u64> {
 /// re-parented to us, so we can reap them and learn their exit status.
 pub fn set_child_subreaper() -> io::Result<()> {
     // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(36 /* PR_SET_CHILD_SUBREAPER */, 1, 0, 0, 0) } != 0 {
+    if unsafe {
+        libc::prctl(36 /* PR_SET_CHILD_SUBREAPER */, 1, 0, 0, 0)
+    } != 0
+    {
         return Err(io::Error::last_os_error());
     }
     Ok(())

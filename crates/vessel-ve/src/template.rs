@@ -18,7 +18,11 @@ pub const MANIFEST_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("busybox not found at {0}: install the busybox-static package")]
     NoBusybox(PathBuf),
     #[error("{0} is not a static busybox (it would not run inside a VE): install busybox-static")]
@@ -28,7 +32,11 @@ pub enum TemplateError {
     #[error("no Debian mirror for '{0}' in the host's apt sources (/etc/apt/sources.list*): add one or set VESSEL_DEBIAN_MIRROR")]
     NoMirror(String),
     #[error("{tool} failed ({status}): {tail}")]
-    Tool { tool: &'static str, status: String, tail: String },
+    Tool {
+        tool: &'static str,
+        status: String,
+        tail: String,
+    },
     #[error("template manifest {path} is corrupt: {reason}")]
     BadManifest { path: PathBuf, reason: String },
 }
@@ -36,7 +44,11 @@ pub enum TemplateError {
 type Result<T> = std::result::Result<T, TemplateError>;
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TemplateError + 'a {
-    move |source| TemplateError::Io { what, path: path.to_path_buf(), source }
+    move |source| TemplateError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,7 +118,10 @@ pub struct TemplateMeta {
 pub fn scan(root: &Path) -> Result<Manifest> {
     let mut entries = Vec::new();
     walk(root, Path::new(""), &mut entries)?;
-    Ok(Manifest { version: MANIFEST_VERSION, entries })
+    Ok(Manifest {
+        version: MANIFEST_VERSION,
+        entries,
+    })
 }
 
 fn walk(root: &Path, rel: &Path, out: &mut Vec<Entry>) -> Result<()> {
@@ -144,7 +159,12 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<Entry>) -> Result<()> {
             e.sha256 = Some(hash_file(&p)?);
         } else if ft.is_symlink() {
             e.kind = EntryKind::Symlink;
-            e.target = Some(std::fs::read_link(&p).map_err(io("read link", &p))?.to_string_lossy().into_owned());
+            e.target = Some(
+                std::fs::read_link(&p)
+                    .map_err(io("read link", &p))?
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         } else if ft.is_char_device() {
             e.kind = EntryKind::Char;
             e.rdev = md.rdev();
@@ -219,7 +239,23 @@ pub fn build_busybox(rootfs: &Path, busybox: &Path, progress: &mut Progress) -> 
         return Err(TemplateError::BusyboxNotStatic(busybox.to_path_buf()));
     }
     progress("installing busybox", 1, 3);
-    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc/init.d", "dev", "proc", "sys", "tmp", "root", "run", "var/log", "var/run", "home", "mnt"] {
+    for d in [
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc/init.d",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "root",
+        "run",
+        "var/log",
+        "var/run",
+        "home",
+        "mnt",
+    ] {
         let p = rootfs.join(d);
         std::fs::create_dir_all(&p).map_err(io("create", &p))?;
     }
@@ -288,8 +324,21 @@ pub const DEBIAN_SUITE: &str = "bookworm";
 pub fn build_debian(rootfs: &Path, mirror: &str, cache_dir: &Path, progress: &mut Progress) -> Result<TemplateMeta> {
     let tarball = cache_dir.join(format!("debian-{DEBIAN_SUITE}-minbase.tar"));
     if tarball.exists() {
-        progress(&format!("unpacking cached debootstrap tree {}", tarball.display()), 1, 3);
-        run_tool("tar", Command::new("tar").arg("-xpf").arg(&tarball).arg("--numeric-owner").arg("-C").arg(rootfs), progress)?;
+        progress(
+            &format!("unpacking cached debootstrap tree {}", tarball.display()),
+            1,
+            3,
+        );
+        run_tool(
+            "tar",
+            Command::new("tar")
+                .arg("-xpf")
+                .arg(&tarball)
+                .arg("--numeric-owner")
+                .arg("-C")
+                .arg(rootfs),
+            progress,
+        )?;
     } else {
         if which("debootstrap").is_none() {
             return Err(TemplateError::NoDebootstrap);
@@ -313,7 +362,17 @@ pub fn build_debian(rootfs: &Path, mirror: &str, cache_dir: &Path, progress: &mu
             .status();
         std::fs::create_dir_all(cache_dir).map_err(io("create", cache_dir))?;
         let tmp = tarball.with_extension("tar.tmp");
-        run_tool("tar", Command::new("tar").arg("-cpf").arg(&tmp).arg("--numeric-owner").arg("-C").arg(rootfs).arg("."), progress)?;
+        run_tool(
+            "tar",
+            Command::new("tar")
+                .arg("-cpf")
+                .arg(&tmp)
+                .arg("--numeric-owner")
+                .arg("-C")
+                .arg(rootfs)
+                .arg("."),
+            progress,
+        )?;
         std::fs::rename(&tmp, &tarball).map_err(io("rename", &tmp))?;
     }
     progress("configuring Debian for a VE", 2, 3);
@@ -328,7 +387,10 @@ pub fn build_debian(rootfs: &Path, mirror: &str, cache_dir: &Path, progress: &mu
     }
     // Services that make no sense in a container (hardware clock, kernel modules, udev).
     for s in crate::osconfig::DEBIAN_DISABLED_SERVICES {
-        let _ = Command::new("chroot").arg(rootfs).args(["update-rc.d", "-f", s, "remove"]).output();
+        let _ = Command::new("chroot")
+            .arg(rootfs)
+            .args(["update-rc.d", "-f", s, "remove"])
+            .output();
     }
     progress("Debian tree ready", 3, 3);
     Ok(TemplateMeta {
@@ -345,7 +407,12 @@ pub fn build_debian(rootfs: &Path, mirror: &str, cache_dir: &Path, progress: &mu
 fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join(tool)).find(|p| p.exists()))
-        .unwrap_or_else(|| ["/usr/sbin", "/usr/bin", "/sbin", "/bin"].iter().map(|d| Path::new(d).join(tool)).find(|p| p.exists()))
+        .unwrap_or_else(|| {
+            ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(tool))
+                .find(|p| p.exists())
+        })
 }
 
 /// Run a build tool, forwarding each output line as progress and keeping the last lines
@@ -363,7 +430,11 @@ fn run_tool(tool: &'static str, cmd: &mut Command, progress: &mut Progress) -> R
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| TemplateError::Tool { tool, status: "could not start".into(), tail: e.to_string() })?;
+        .map_err(|e| TemplateError::Tool {
+            tool,
+            status: "could not start".into(),
+            tail: e.to_string(),
+        })?;
     let stderr = child.stderr.take();
     let err_thread = std::thread::spawn(move || {
         let mut s = String::new();
@@ -384,18 +455,39 @@ fn run_tool(tool: &'static str, cmd: &mut Command, progress: &mut Progress) -> R
             }
         }
     }
-    let status = child.wait().map_err(|e| TemplateError::Tool { tool, status: "wait".into(), tail: e.to_string() })?;
+    let status = child.wait().map_err(|e| TemplateError::Tool {
+        tool,
+        status: "wait".into(),
+        tail: e.to_string(),
+    })?;
     let err = err_thread.join().unwrap_or_default();
     if !status.success() {
-        tail.extend(err.lines().rev().take(8).map(str::to_string).collect::<Vec<_>>().into_iter().rev());
-        return Err(TemplateError::Tool { tool, status: status.to_string(), tail: tail.join(" | ") });
+        tail.extend(
+            err.lines()
+                .rev()
+                .take(8)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev(),
+        );
+        return Err(TemplateError::Tool {
+            tool,
+            status: status.to_string(),
+            tail: tail.join(" | "),
+        });
     }
     Ok(())
 }
 
 /// Hash a freshly built tree and move it into the template store under its content
 /// address. Returns the id; if an identical template exists, the new copy is dropped.
-pub fn install(templates_dir: &Path, staging: &Path, mut meta: TemplateMeta, progress: &mut Progress) -> Result<(String, TemplateMeta)> {
+pub fn install(
+    templates_dir: &Path,
+    staging: &Path,
+    mut meta: TemplateMeta,
+    progress: &mut Progress,
+) -> Result<(String, TemplateMeta)> {
     progress("hashing template files", 0, 0);
     let rootfs = staging.join("rootfs");
     let manifest = scan(&rootfs)?;
@@ -421,10 +513,15 @@ pub fn install(templates_dir: &Path, staging: &Path, mut meta: TemplateMeta, pro
 pub fn read_meta(dir: &Path) -> Result<TemplateMeta> {
     let p = dir.join("template.json");
     let b = std::fs::read(&p).map_err(io("read", &p))?;
-    let m: TemplateMeta = serde_json::from_slice(&b)
-        .map_err(|e| TemplateError::BadManifest { path: p.clone(), reason: e.to_string() })?;
+    let m: TemplateMeta = serde_json::from_slice(&b).map_err(|e| TemplateError::BadManifest {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
     if m.version != MANIFEST_VERSION {
-        return Err(TemplateError::BadManifest { path: p, reason: format!("unsupported version {}", m.version) });
+        return Err(TemplateError::BadManifest {
+            path: p,
+            reason: format!("unsupported version {}", m.version),
+        });
     }
     Ok(m)
 }
@@ -432,7 +529,10 @@ pub fn read_meta(dir: &Path) -> Result<TemplateMeta> {
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let p = dir.join("manifest.json");
     let b = std::fs::read(&p).map_err(io("read", &p))?;
-    serde_json::from_slice(&b).map_err(|e| TemplateError::BadManifest { path: p, reason: e.to_string() })
+    serde_json::from_slice(&b).map_err(|e| TemplateError::BadManifest {
+        path: p,
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -31,11 +31,19 @@ fn connect(g: &Global) -> Result<Client> {
 }
 
 fn node_options(g: &Global, a: &DaemonArgs) -> Result<vessel_agent::NodeOptions> {
-    let root = if g.root.is_absolute() { g.root.clone() } else { std::env::current_dir()?.join(&g.root) };
+    let root = if g.root.is_absolute() {
+        g.root.clone()
+    } else {
+        std::env::current_dir()?.join(&g.root)
+    };
     Ok(vessel_agent::NodeOptions {
         root,
         socket: g.socket(),
-        config: vessel_agent::state::NodeConfig { bridge: a.bridge.clone(), subnet: a.subnet, cgroup_parent: a.cgroup_parent.clone() },
+        config: vessel_agent::state::NodeConfig {
+            bridge: a.bridge.clone(),
+            subnet: a.subnet,
+            cgroup_parent: a.cgroup_parent.clone(),
+        },
         cache_dir: a.cache_dir.clone(),
         exe: std::env::current_exe().context("locate the vessel binary")?,
         cgroup_root: "/sys/fs/cgroup".into(),
@@ -51,14 +59,23 @@ fn require_root() -> Result<()> {
 }
 
 fn validate_daemon_args(a: &DaemonArgs) -> Result<()> {
-    if a.bridge.is_empty() || a.bridge.len() > 15 || !a.bridge.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if a.bridge.is_empty()
+        || a.bridge.len() > 15
+        || !a
+            .bridge
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         bail!("bridge name '{}' must be 1-15 letters, digits, '-' or '_'", a.bridge);
     }
     if a.subnet.prefix > 30 {
         bail!("subnet {} is too small: use a prefix of /30 or shorter", a.subnet);
     }
     if a.cgroup_parent.is_empty() || a.cgroup_parent.contains("..") || a.cgroup_parent.starts_with('/') {
-        bail!("cgroup parent '{}' must be a relative path without '..'", a.cgroup_parent);
+        bail!(
+            "cgroup parent '{}' must be a relative path without '..'",
+            a.cgroup_parent
+        );
     }
     Ok(())
 }
@@ -91,16 +108,36 @@ fn up(g: &Global, a: &DaemonArgs) -> Result<i32> {
     require_root()?;
     validate_daemon_args(a)?;
     if let Some(s) = current_status(g)? {
-        bail!("the vessel daemon already runs (pid {}, socket {}): `vessel down` stops it", s.pid, s.socket);
+        bail!(
+            "the vessel daemon already runs (pid {}, socket {}): `vessel down` stops it",
+            s.pid,
+            s.socket
+        );
     }
     std::fs::create_dir_all(&g.root).with_context(|| format!("create {}", g.root.display()))?;
     let log_path = vessel_ve::Layout::new(&g.root).daemon_log();
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("open {}", log_path.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("open {}", log_path.display()))?;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--root").arg(&g.root).arg("--socket").arg(g.socket()).arg("daemon");
-    cmd.arg("--bridge").arg(&a.bridge).arg("--subnet").arg(a.subnet.to_string());
-    cmd.arg("--cgroup-parent").arg(&a.cgroup_parent).arg("--cache-dir").arg(&a.cache_dir).arg("--busybox").arg(&a.busybox);
+    cmd.arg("--root")
+        .arg(&g.root)
+        .arg("--socket")
+        .arg(g.socket())
+        .arg("daemon");
+    cmd.arg("--bridge")
+        .arg(&a.bridge)
+        .arg("--subnet")
+        .arg(a.subnet.to_string());
+    cmd.arg("--cgroup-parent")
+        .arg(&a.cgroup_parent)
+        .arg("--cache-dir")
+        .arg(&a.cache_dir)
+        .arg("--busybox")
+        .arg(&a.busybox);
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: setsid in the forked child detaches the daemon from our terminal and session.
     unsafe {
@@ -115,13 +152,21 @@ fn up(g: &Global, a: &DaemonArgs) -> Result<i32> {
         if let Some(st) = child.try_wait()? {
             let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-            bail!("the daemon exited at start ({st}); last log lines:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            bail!(
+                "the daemon exited at start ({st}); last log lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         if let Ok(Some(s)) = current_status(g) {
             if g.json {
                 output::json(&s);
             } else {
-                println!("vessel daemon running (pid {}), socket {}, log {}", s.pid, s.socket, log_path.display());
+                println!(
+                    "vessel daemon running (pid {}), socket {}, log {}",
+                    s.pid,
+                    s.socket,
+                    log_path.display()
+                );
             }
             return Ok(0);
         }
@@ -157,7 +202,10 @@ fn status(g: &Global) -> Result<i32> {
             if g.json {
                 output::json(&serde_json::json!({"running": false, "socket": g.socket()}));
             } else {
-                println!("vessel daemon: not running (socket {}); start it with `vessel up`", g.socket().display());
+                println!(
+                    "vessel daemon: not running (socket {}); start it with `vessel up`",
+                    g.socket().display()
+                );
             }
             Ok(3)
         }
@@ -167,7 +215,10 @@ fn status(g: &Global) -> Result<i32> {
                 v["running"] = true.into();
                 output::json(&v);
             } else {
-                println!("vessel daemon: running (pid {}, up {}s, version {})", s.pid, s.uptime_secs, s.version);
+                println!(
+                    "vessel daemon: running (pid {}, up {}s, version {})",
+                    s.pid, s.uptime_secs, s.version
+                );
                 println!("root:      {}", s.root);
                 println!("socket:    {}", s.socket);
                 println!("network:   bridge {} subnet {}", s.bridge, s.subnet);
@@ -189,7 +240,13 @@ fn template(g: &Global, t: TemplateCmd) -> Result<i32> {
             p.finish();
             match r? {
                 Response::Template(t) if g.json => output::json(&t),
-                Response::Template(t) => println!("template {} built: {} files, {}, id {}", t.name, t.files, format_size(t.bytes), t.id),
+                Response::Template(t) => println!(
+                    "template {} built: {} files, {}, id {}",
+                    t.name,
+                    t.files,
+                    format_size(t.bytes),
+                    t.id
+                ),
                 r => bail!("unexpected reply {r:?}"),
             }
         }
@@ -198,7 +255,17 @@ fn template(g: &Global, t: TemplateCmd) -> Result<i32> {
             Response::Templates { templates } => {
                 let rows: Vec<Vec<String>> = templates
                     .iter()
-                    .map(|t| vec![t.name.to_string(), format!("{:?}", t.kind).to_lowercase(), t.id[..12].to_string(), t.files.to_string(), format_size(t.bytes), t.used_by.len().to_string(), output::ago(t.created_unix)])
+                    .map(|t| {
+                        vec![
+                            t.name.to_string(),
+                            format!("{:?}", t.kind).to_lowercase(),
+                            t.id[..12].to_string(),
+                            t.files.to_string(),
+                            format_size(t.bytes),
+                            t.used_by.len().to_string(),
+                            output::ago(t.created_unix),
+                        ]
+                    })
                     .collect();
                 output::table(&["NAME", "KIND", "ID", "FILES", "SIZE", "VES", "CREATED"], &rows);
             }
@@ -212,7 +279,10 @@ fn template(g: &Global, t: TemplateCmd) -> Result<i32> {
                 println!("id:      {}", t.id);
                 println!("files:   {}", t.files);
                 println!("size:    {}", format_size(t.bytes));
-                println!("used by: {}", t.used_by.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "));
+                println!(
+                    "used by: {}",
+                    t.used_by.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+                );
             }
             r => bail!("unexpected reply {r:?}"),
         },
@@ -238,7 +308,12 @@ fn ssh_keys(files: &[std::path::PathBuf]) -> Result<Vec<String>> {
     let mut keys = Vec::new();
     for f in files {
         let t = std::fs::read_to_string(f).with_context(|| format!("read SSH key file {}", f.display()))?;
-        keys.extend(t.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+        keys.extend(
+            t.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
     }
     Ok(keys)
 }
@@ -248,7 +323,12 @@ fn print_ve(g: &Global, v: &VeInfo, verb: &str) {
         output::json(v);
     } else {
         let ip = v.spec.ip.map(|i| i.to_string()).unwrap_or_default();
-        println!("VE {} {verb}: {}, {ip}, template {}", v.spec.name, v.status.as_str(), v.spec.template);
+        println!(
+            "VE {} {verb}: {}, {ip}, template {}",
+            v.spec.name,
+            v.status.as_str(),
+            v.spec.template
+        );
     }
 }
 
@@ -262,7 +342,13 @@ fn expect_ve(r: Response) -> Result<VeInfo> {
 fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
     let c = connect(g)?;
     match cmd {
-        VeCmd::Create { name, template, ip, start, spec } => {
+        VeCmd::Create {
+            name,
+            template,
+            ip,
+            start,
+            spec,
+        } => {
             let mut s = VeSpec::new(name, template);
             s.limits = limits(&spec)?;
             s.hostname = spec.hostname;
@@ -296,7 +382,10 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
                             v.spec.ip.map(|i| i.addr.to_string()).unwrap_or_default(),
                             v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                             mem,
-                            v.started_unix.filter(|_| v.pid.is_some()).map(output::ago).unwrap_or_else(|| "-".into()),
+                            v.started_unix
+                                .filter(|_| v.pid.is_some())
+                                .map(output::ago)
+                                .unwrap_or_else(|| "-".into()),
                         ]
                     })
                     .collect();
@@ -313,10 +402,27 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
             }
         }
         VeCmd::Start { name } => print_ve(g, &expect_ve(c.call(&Request::VeStart { name })?)?, "started"),
-        VeCmd::Stop { name, timeout } => print_ve(g, &expect_ve(c.call(&Request::VeStop { name, timeout_secs: timeout })?)?, "stopped"),
-        VeCmd::Restart { name, timeout } => print_ve(g, &expect_ve(c.call(&Request::VeRestart { name, timeout_secs: timeout })?)?, "restarted"),
+        VeCmd::Stop { name, timeout } => print_ve(
+            g,
+            &expect_ve(c.call(&Request::VeStop {
+                name,
+                timeout_secs: timeout,
+            })?)?,
+            "stopped",
+        ),
+        VeCmd::Restart { name, timeout } => print_ve(
+            g,
+            &expect_ve(c.call(&Request::VeRestart {
+                name,
+                timeout_secs: timeout,
+            })?)?,
+            "restarted",
+        ),
         VeCmd::Destroy { name, force } => {
-            c.call(&Request::VeDestroy { name: name.clone(), force })?;
+            c.call(&Request::VeDestroy {
+                name: name.clone(),
+                force,
+            })?;
             if g.json {
                 output::json(&serde_json::json!({"destroyed": name}));
             } else {
@@ -328,7 +434,11 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
                 limits: limits(&spec)?,
                 hostname: spec.hostname,
                 root_password_hash: spec.root_password_hash,
-                ssh_keys: if spec.ssh_key.is_empty() { None } else { Some(ssh_keys(&spec.ssh_key)?) },
+                ssh_keys: if spec.ssh_key.is_empty() {
+                    None
+                } else {
+                    Some(ssh_keys(&spec.ssh_key)?)
+                },
                 env: if spec.env.is_empty() { None } else { Some(spec.env) },
                 restart: spec.restart,
                 dns: if spec.dns.is_empty() { None } else { Some(spec.dns) },
@@ -339,10 +449,19 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
             let v = expect_ve(c.call(&Request::VeSet { name, change })?)?;
             print_ve(g, &v, "updated");
             if v.restart_pending && !g.json {
-                println!("some changes apply at the next start: `vessel ve restart {}`", v.spec.name);
+                println!(
+                    "some changes apply at the next start: `vessel ve restart {}`",
+                    v.spec.name
+                );
             }
         }
-        VeCmd::Exec { name, tty, env, cwd, command } => return exec(&c, name, tty, env, cwd, command),
+        VeCmd::Exec {
+            name,
+            tty,
+            env,
+            cwd,
+            command,
+        } => return exec(&c, name, tty, env, cwd, command),
         VeCmd::Console { name } => {
             c.send(&Request::VeConsole { name: name.clone() }, &[])?;
             match c.recv()?.0 {
@@ -369,14 +488,39 @@ fn show_ve(v: &VeInfo) {
     let l = &v.spec.limits;
     let opt = |o: Option<u64>| o.map(format_size).unwrap_or_else(|| "unlimited".into());
     println!("name:        {}", v.spec.name);
-    println!("status:      {}{}", v.status.as_str(), v.pid.map(|p| format!(" (init pid {p})")).unwrap_or_default());
-    println!("template:    {} ({})", v.spec.template, &v.template_id[..12.min(v.template_id.len())]);
+    println!(
+        "status:      {}{}",
+        v.status.as_str(),
+        v.pid.map(|p| format!(" (init pid {p})")).unwrap_or_default()
+    );
+    println!(
+        "template:    {} ({})",
+        v.spec.template,
+        &v.template_id[..12.min(v.template_id.len())]
+    );
     println!("hostname:    {}", v.spec.hostname());
     println!("ip:          {}", v.spec.ip.map(|i| i.to_string()).unwrap_or_default());
-    println!("uids:        VE 0..{} = host {}..{}", v.uid_count - 1, v.uid_base, v.uid_base + (v.uid_count - 1));
-    println!("memory:      max {}, low {}, used {}", opt(l.memory_max), opt(l.memory_low), v.memory_used.map(format_size).unwrap_or_else(|| "-".into()));
-    println!("cpu:         {} cpus, weight {}", l.cpus.map(|c| c.to_string()).unwrap_or_else(|| "unlimited".into()), l.cpu_weight.unwrap_or(100));
-    println!("pids:        {}", l.pids_max.map(|p| p.to_string()).unwrap_or_else(|| "unlimited".into()));
+    println!(
+        "uids:        VE 0..{} = host {}..{}",
+        v.uid_count - 1,
+        v.uid_base,
+        v.uid_base + (v.uid_count - 1)
+    );
+    println!(
+        "memory:      max {}, low {}, used {}",
+        opt(l.memory_max),
+        opt(l.memory_low),
+        v.memory_used.map(format_size).unwrap_or_else(|| "-".into())
+    );
+    println!(
+        "cpu:         {} cpus, weight {}",
+        l.cpus.map(|c| c.to_string()).unwrap_or_else(|| "unlimited".into()),
+        l.cpu_weight.unwrap_or(100)
+    );
+    println!(
+        "pids:        {}",
+        l.pids_max.map(|p| p.to_string()).unwrap_or_else(|| "unlimited".into())
+    );
     println!("restart:     {:?}", v.spec.restart);
     println!("created:     {}", output::ago(v.created_unix));
     if let Some(s) = v.started_unix {
@@ -396,8 +540,21 @@ fn show_ve(v: &VeInfo) {
     }
 }
 
-fn exec(c: &Client, name: vessel_types::Name, tty: bool, env: Vec<String>, cwd: Option<String>, argv: Vec<String>) -> Result<i32> {
-    let req = Request::VeExec { name, argv, tty, env, cwd };
+fn exec(
+    c: &Client,
+    name: vessel_types::Name,
+    tty: bool,
+    env: Vec<String>,
+    cwd: Option<String>,
+    argv: Vec<String>,
+) -> Result<i32> {
+    let req = Request::VeExec {
+        name,
+        argv,
+        tty,
+        env,
+        cwd,
+    };
     if !tty {
         c.send(&req, &[0, 1, 2])?;
     } else {

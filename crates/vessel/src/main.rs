@@ -7,10 +7,15 @@ mod output;
 mod term;
 
 use clap::{Args, Parser, Subcommand};
+
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "vessel", version, about = "Self-healing hosting cluster: virtual environments on replicated storage")]
+#[command(
+    name = "vessel",
+    version,
+    about = "Self-healing hosting cluster: virtual environments on replicated storage"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -92,8 +97,12 @@ pub enum TemplateCmd {
         name: Option<vessel_types::Name>,
     },
     List,
-    Show { name: vessel_types::Name },
-    Remove { name: vessel_types::Name },
+    Show {
+        name: vessel_types::Name,
+    },
+    Remove {
+        name: vessel_types::Name,
+    },
 }
 
 #[derive(Args, Clone, Default)]
@@ -150,8 +159,12 @@ pub enum VeCmd {
         spec: SpecArgs,
     },
     List,
-    Show { name: vessel_types::Name },
-    Start { name: vessel_types::Name },
+    Show {
+        name: vessel_types::Name,
+    },
+    Start {
+        name: vessel_types::Name,
+    },
     /// Stop: ask init to shut down, kill after the timeout
     Stop {
         name: vessel_types::Name,
@@ -192,7 +205,9 @@ pub enum VeCmd {
         command: Vec<String>,
     },
     /// Attach to the VE's console (Ctrl-] detaches)
-    Console { name: vessel_types::Name },
+    Console {
+        name: vessel_types::Name,
+    },
     /// Show what the VE's init wrote to its console
     Logs {
         name: vessel_types::Name,
@@ -202,11 +217,42 @@ pub enum VeCmd {
     },
 }
 
+/// Parse arguments; usage errors become one line (`vessel: ...`) with exit code 2.
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            let text = e.render().to_string();
+            let msg: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            eprintln!(
+                "vessel: {} (see `vessel --help`)",
+                msg.join(" ").trim_start_matches("error: ")
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse();
     if let Cmd::Runtime { request } = &cli.cmd {
         if let Ok(filter) = std::env::var("VESSEL_RUNTIME_LOG") {
-            tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).init();
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .init();
         }
         std::process::exit(vessel_ve::runtime::helper_main(request));
     }

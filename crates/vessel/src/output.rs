@@ -11,7 +11,11 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:<width$}", c, width = w[i])).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<width$}", c, width = w[i]))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.to_vec());
@@ -32,12 +36,19 @@ pub struct Progress {
 
 impl Progress {
     pub fn new() -> Self {
-        Progress { tty: std::io::stderr().is_terminal(), last_len: 0 }
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            last_len: 0,
+        }
     }
 
     pub fn update(&mut self, message: &str, done: u64, total: u64) {
         let msg: String = message.chars().take(100).collect();
-        let text = if total > 0 { format!("[{done}/{total}] {msg}") } else { format!("[{done}] {msg}") };
+        let text = if total > 0 {
+            format!("[{done}/{total}] {msg}")
+        } else {
+            format!("[{done}] {msg}")
+        };
         let mut e = std::io::stderr();
         if self.tty {
             let _ = write!(e, "\r\x1b[K{text}");

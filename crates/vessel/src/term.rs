@@ -53,9 +53,17 @@ pub fn relay(to: BorrowedFd, from: BorrowedFd, detach: Option<u8>) -> bool {
     let mut buf = [0u8; 16 << 10];
     let mut stdin_open = true;
     loop {
-        let mut fds = vec![libc::pollfd { fd: from_raw, events: libc::POLLIN, revents: 0 }];
+        let mut fds = vec![libc::pollfd {
+            fd: from_raw,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
         if stdin_open {
-            fds.push(libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 });
+            fds.push(libc::pollfd {
+                fd: 0,
+                events: libc::POLLIN,
+                revents: 0,
+            });
         }
         // SAFETY: fds is a valid array of pollfd of the given length.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };

@@ -29,7 +29,11 @@ fn daemon_restart_reattaches_running_ves() {
     let e = node.fails(&["up"]);
     assert!(e.contains("already runs"), "{e}");
     let o = node.vessel(&["daemon"]);
-    assert!(!o.status.success() && (err(&o).contains("already") || err(&o).contains("another")), "{}", err(&o));
+    assert!(
+        !o.status.success() && (err(&o).contains("already") || err(&o).contains("another")),
+        "{}",
+        err(&o)
+    );
 
     // kill -9: VEs keep running; while no daemon watches, two VEs die.
     node.kill_daemon();
@@ -39,19 +43,28 @@ fn daemon_restart_reattaches_running_ves() {
         libc::kill(off, libc::SIGKILL);
     }
     wait_until("killed inits to exit", Duration::from_secs(10), || {
-        !std::fs::read_to_string(format!("/proc/{dies}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
+        !std::fs::read_to_string(format!("/proc/{dies}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
     });
-    assert!(std::path::Path::new(&format!("/proc/{keep}")).exists(), "VE must survive the daemon");
+    assert!(
+        std::path::Path::new(&format!("/proc/{keep}")).exists(),
+        "VE must survive the daemon"
+    );
     node.spawn_daemon();
 
     // Re-attached: same init, exec works, files intact.
     assert_eq!(node.ve_pid("keep"), keep);
     assert_eq!(node.sh("keep", "cat /root/f").trim(), "data");
     // "always" restarts the dead one; "no" leaves it down, marked failed (killed by a signal).
-    wait_until("the VE that died meanwhile to be restarted", Duration::from_secs(20), || {
-        let v = node.json(&["ve", "show", "dies"]);
-        v["status"] == "running" && v["pid"].as_i64().is_some_and(|p| p as i32 != dies)
-    });
+    wait_until(
+        "the VE that died meanwhile to be restarted",
+        Duration::from_secs(20),
+        || {
+            let v = node.json(&["ve", "show", "dies"]);
+            v["status"] == "running" && v["pid"].as_i64().is_some_and(|p| p as i32 != dies)
+        },
+    );
     assert_eq!(node.json(&["ve", "show", "off"])["status"], "failed");
     // The re-attached VE says its console is gone and how to get it back.
     let e = node.fails(&["ve", "console", "keep"]);
@@ -67,9 +80,11 @@ fn daemon_restart_reattaches_running_ves() {
     // cannot tell poweroff from a crash; the restart policy applies then.)
     node.ok(&["ve", "restart", "dies"]);
     node.exec("dies", "poweroff");
-    wait_until("VE powered off from inside to be seen stopped", Duration::from_secs(20), || {
-        node.json(&["ve", "show", "dies"])["status"] == "stopped"
-    });
+    wait_until(
+        "VE powered off from inside to be seen stopped",
+        Duration::from_secs(20),
+        || node.json(&["ve", "show", "dies"])["status"] == "stopped",
+    );
     assert!(!node.mounts().iter().any(|m| m.contains("/ves/dies/")));
 }
 
@@ -93,7 +108,9 @@ fn init_exit_follows_restart_policy() {
     // SAFETY: a VE init this test started.
     unsafe { libc::kill(p, libc::SIGKILL) };
     wait_until("VE restarted after being killed", Duration::from_secs(20), || {
-        node.json(&["ve", "show", "rb"])["pid"].as_i64().is_some_and(|x| x as i32 != p)
+        node.json(&["ve", "show", "rb"])["pid"]
+            .as_i64()
+            .is_some_and(|x| x as i32 != p)
     });
 }
 
@@ -105,10 +122,19 @@ fn console_attach_and_logs() {
     let node = start("con");
     node.ensure_busybox();
     node.ok(&["ve", "create", "con", "-t", "busybox", "--start"]);
-    wait_until("login prompt in the console log", Duration::from_secs(20), || node.ok(&["ve", "logs", "con"]).contains("con login:"));
+    wait_until("login prompt in the console log", Duration::from_secs(20), || {
+        node.ok(&["ve", "logs", "con"]).contains("con login:")
+    });
 
     let client = vessel_api::Client::connect(&node.socket()).unwrap();
-    client.send(&vessel_types::api::Request::VeConsole { name: vessel_types::Name::parse("con").unwrap() }, &[]).unwrap();
+    client
+        .send(
+            &vessel_types::api::Request::VeConsole {
+                name: vessel_types::Name::parse("con").unwrap(),
+            },
+            &[],
+        )
+        .unwrap();
     let (r, _) = client.recv().unwrap();
     assert!(matches!(r, vessel_types::api::Response::ConsoleAttached));
     let mut s = client.stream().try_clone().unwrap();
@@ -123,6 +149,10 @@ fn console_attach_and_logs() {
             seen.extend_from_slice(&buf[..n]);
         }
     }
-    assert!(String::from_utf8_lossy(&seen).contains("assword"), "console did not answer: {:?}", String::from_utf8_lossy(&seen));
+    assert!(
+        String::from_utf8_lossy(&seen).contains("assword"),
+        "console did not answer: {:?}",
+        String::from_utf8_lossy(&seen)
+    );
     let _ = s.as_raw_fd();
 }
