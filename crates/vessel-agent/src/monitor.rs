@@ -3,7 +3,9 @@
 //! VE init's pidfd (an exit is handed to the node on a short-lived thread). Per VE this
 //! costs a few file descriptors and a small struct: no thread or process.
 
+use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{send, MsgFlags};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -84,8 +86,9 @@ impl Console {
         })
     }
 
+    /// Add a client that receives console output. The socket stays blocking (it shares its
+    /// file description with the reader of the client's input); writes use MSG_DONTWAIT.
     pub fn subscribe(&self, s: UnixStream) {
-        let _ = s.set_nonblocking(true);
         self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).push(s);
     }
 
@@ -122,10 +125,9 @@ impl Console {
             let data = &buf[..n];
             self.log.lock().unwrap_or_else(|e| e.into_inner()).append(data);
             let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-            subs.retain_mut(|s| match s.write(data) {
-                Ok(_) => true,
-                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-            });
+            // A client too slow to take the output misses it; a gone client is dropped.
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+            subs.retain(|s| !matches!(send(s.as_raw_fd(), data, flags), Err(e) if e != Errno::EAGAIN));
         }
     }
 }

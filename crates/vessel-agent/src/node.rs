@@ -190,6 +190,7 @@ impl Node {
 
     pub fn info(&self, rec: &VeRecord) -> VeInfo {
         let mut i = rec.info();
+        i.host_interface = self.host_if(rec);
         if rec.status == VeStatus::Running {
             i.memory_used = self.cgroup(&rec.spec.name).memory_used();
             i.console_lost = lock(&self.live).get(&rec.spec.name).is_none_or(|l| l.console.is_none());

@@ -111,7 +111,16 @@ fn dispatch(
             let info = node.create(spec)?;
             if start {
                 progress("starting", 1, 2);
-                Response::Ve(Box::new(node.start(&name)?))
+                match node.start(&name) {
+                    Ok(v) => Response::Ve(Box::new(v)),
+                    Err(mut e) => {
+                        // Create and start were asked as one: leave nothing half-made.
+                        if node.destroy(&name, true).is_ok() {
+                            e.message.push_str(" (the VE was not created)");
+                        }
+                        return Err(e);
+                    }
+                }
             } else {
                 Response::Ve(Box::new(info))
             }

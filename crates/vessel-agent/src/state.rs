@@ -162,6 +162,7 @@ impl VeRecord {
             memory_used: None,
             restart_pending: self.restart_pending,
             console_lost: false,
+            host_interface: String::new(),
         }
     }
 }

@@ -258,6 +258,9 @@ pub struct VeInfo {
     /// Console is unavailable (the daemon re-attached to a VE it did not start).
     #[serde(default)]
     pub console_lost: bool,
+    /// Host end of the VE's veth on the node bridge.
+    #[serde(default)]
+    pub host_interface: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -499,7 +499,11 @@ fn show_ve(v: &VeInfo) {
         &v.template_id[..12.min(v.template_id.len())]
     );
     println!("hostname:    {}", v.spec.hostname());
-    println!("ip:          {}", v.spec.ip.map(|i| i.to_string()).unwrap_or_default());
+    println!(
+        "ip:          {} (host side {})",
+        v.spec.ip.map(|i| i.to_string()).unwrap_or_default(),
+        v.host_interface
+    );
     println!(
         "uids:        VE 0..{} = host {}..{}",
         v.uid_count - 1,

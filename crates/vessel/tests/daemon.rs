@@ -151,8 +151,13 @@ fn console_attach_and_logs() {
     }
     assert!(
         String::from_utf8_lossy(&seen).contains("assword"),
-        "console did not answer: {:?}",
-        String::from_utf8_lossy(&seen)
+        "console did not answer: {:?}\nlog: {:?}\nps: {}",
+        String::from_utf8_lossy(&seen),
+        node.ok(&["ve", "logs", "con"]),
+        node.sh(
+            "con",
+            "ps; for p in /proc/[0-9]*; do echo $p $(cat $p/wchan) $(cut -d\" \" -f3 $p/stat); done"
+        )
     );
     let _ = s.as_raw_fd();
 }
