@@ -9,6 +9,7 @@ pub mod net;
 pub mod oci;
 pub mod osconfig;
 pub mod rootfs;
+pub mod rtnl;
 pub mod runtime;
 pub mod sys;
 pub mod template;
