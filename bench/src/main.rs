@@ -148,17 +148,23 @@ fn main() {
     };
     runc("warm");
 
+    // Each timed run starts on a settled machine: namespace and cgroup teardown of the
+    // previous run (either side's) is asynchronous in the kernel and would be billed to
+    // whoever runs next.
+    let settle = || std::thread::sleep(Duration::from_millis(200));
     let (mut tv, mut tr) = (Vec::new(), Vec::new());
     for i in 0..runs {
         let name = format!("b{i}");
+        settle();
         let t = Instant::now();
         node.ok(&["ve", "create", &name, "-t", "busybox", "--start"]);
         node.ok(&["ve", "exec", &name, "--", "/bin/true"]);
         tv.push(t.elapsed().as_secs_f64() * 1000.0);
+        node.ok(&["ve", "destroy", "--force", &name]);
+        settle();
         let t = Instant::now();
         runc(&format!("r{i}"));
         tr.push(t.elapsed().as_secs_f64() * 1000.0);
-        node.ok(&["ve", "destroy", "--force", &name]);
         eprint!("\rve-start run {}/{runs}", i + 1);
     }
     eprintln!();

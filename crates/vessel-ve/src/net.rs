@@ -15,14 +15,21 @@ pub struct NetError {
 type Result<T> = std::result::Result<T, NetError>;
 
 fn ctx<T>(context: impl Into<String>, r: std::io::Result<T>) -> Result<T> {
-    r.map_err(|source| NetError { context: context.into(), source })
+    r.map_err(|source| NetError {
+        context: context.into(),
+        source,
+    })
 }
 
 /// Whether a link exists in this process's network namespace. `/proc/self/net` follows
 /// the caller's namespace (`/sys/class/net` follows the namespace that mounted sysfs).
 pub fn link_exists(name: &str) -> bool {
     std::fs::read_to_string("/proc/self/net/dev")
-        .map(|t| t.lines().skip(2).any(|l| l.split(':').next().map(str::trim) == Some(name)))
+        .map(|t| {
+            t.lines()
+                .skip(2)
+                .any(|l| l.split(':').next().map(str::trim) == Some(name))
+        })
         .unwrap_or(false)
 }
 
@@ -31,7 +38,10 @@ pub fn ensure_bridge(bridge: &str, gateway: Ipv4Cidr) -> Result<()> {
     let mut nl = ctx("netlink socket", Rtnl::new())?;
     if ctx("look up bridge", nl.link_index(bridge))?.is_none() {
         ctx(format!("create bridge {bridge}"), nl.create_bridge(bridge))?;
-        ctx(format!("address {gateway} on {bridge}"), nl.add_address(bridge, gateway))?;
+        ctx(
+            format!("address {gateway} on {bridge}"),
+            nl.add_address(bridge, gateway),
+        )?;
     }
     ctx(format!("bring up {bridge}"), nl.set_up(bridge, None))
 }
@@ -51,9 +61,15 @@ pub fn attach_ve(host_if: &str, bridge: &str, pid: i32, ip: Ipv4Cidr, gateway: s
     let _ = host.delete_link(host_if); // a stale end from a crashed start
     ctx(format!("create veth {host_if}"), host.create_veth(host_if, "eth0", pid))?;
     let inside = (|| {
-        let bridge_index = ctx(format!("look up bridge {bridge}"), host.link_index(bridge))?
-            .ok_or_else(|| NetError { context: format!("bridge {bridge}"), source: std::io::ErrorKind::NotFound.into() })?;
-        ctx(format!("attach {host_if} to {bridge}"), host.set_up(host_if, Some(bridge_index)))?;
+        let bridge_index =
+            ctx(format!("look up bridge {bridge}"), host.link_index(bridge))?.ok_or_else(|| NetError {
+                context: format!("bridge {bridge}"),
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
+        ctx(
+            format!("attach {host_if} to {bridge}"),
+            host.set_up(host_if, Some(bridge_index)),
+        )?;
         let mut ve = ctx("netlink socket in the VE", Rtnl::in_netns_of(pid))?;
         ctx("bring up lo", ve.set_up("lo", None))?;
         ctx(format!("address {ip} on eth0"), ve.add_address("eth0", ip))?;

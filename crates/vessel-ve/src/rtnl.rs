@@ -4,8 +4,12 @@
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::link::{
+    InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 use std::io;
@@ -94,7 +98,8 @@ impl Rtnl {
     }
 
     fn need_index(&mut self, name: &str) -> io::Result<u32> {
-        self.link_index(name)?.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no link {name}")))
+        self.link_index(name)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no link {name}")))
     }
 
     pub fn create_bridge(&mut self, name: &str) -> io::Result<()> {
@@ -104,7 +109,8 @@ impl Rtnl {
             LinkInfo::Kind(InfoKind::Bridge),
             LinkInfo::Data(InfoData::Bridge(Vec::<InfoBridge>::new())),
         ]));
-        self.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL).map(|_| ())
+        self.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)
+            .map(|_| ())
     }
 
     /// A veth pair: `host` here, `peer` created directly in the netns of process `pid`.
@@ -118,7 +124,8 @@ impl Rtnl {
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
         ]));
-        self.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL).map(|_| ())
+        self.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)
+            .map(|_| ())
     }
 
     /// Bring `name` up, optionally enslaving it to the bridge with index `controller`.
@@ -134,7 +141,9 @@ impl Rtnl {
     }
 
     pub fn delete_link(&mut self, name: &str) -> io::Result<()> {
-        let Some(index) = self.link_index(name)? else { return Ok(()) };
+        let Some(index) = self.link_index(name)? else {
+            return Ok(());
+        };
         let mut m = LinkMessage::default();
         m.header.index = index;
         match self.request(RouteNetlinkMessage::DelLink(m), 0) {
@@ -153,7 +162,8 @@ impl Rtnl {
         if ip.prefix < 31 {
             m.attributes.push(AddressAttribute::Broadcast(ip.broadcast()));
         }
-        self.request(RouteNetlinkMessage::NewAddress(m), NLM_F_CREATE | NLM_F_EXCL).map(|_| ())
+        self.request(RouteNetlinkMessage::NewAddress(m), NLM_F_CREATE | NLM_F_EXCL)
+            .map(|_| ())
     }
 
     pub fn add_default_route(&mut self, gateway: Ipv4Addr) -> io::Result<()> {
@@ -164,6 +174,7 @@ impl Rtnl {
         m.header.scope = RouteScope::Universe;
         m.header.kind = RouteType::Unicast;
         m.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
-        self.request(RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_EXCL).map(|_| ())
+        self.request(RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_EXCL)
+            .map(|_| ())
     }
 }
