@@ -207,15 +207,32 @@ impl TestNode {
             .collect()
     }
 
-    pub fn cgroup_dirs(&self, ve: &str) -> Vec<PathBuf> {
+    /// Every cgroup hierarchy mounted under /sys/fs/cgroup.
+    fn hierarchies() -> Vec<PathBuf> {
         std::fs::read_dir("/sys/fs/cgroup")
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.path().join(&self.cgroup_parent).join(ve))
-                    .filter(|p| p.exists())
-                    .collect()
-            })
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
             .unwrap_or_default()
+    }
+
+    /// The cgroup directory of every VE of this node, in every hierarchy.
+    fn all_ve_cgroup_dirs(&self) -> Vec<PathBuf> {
+        Self::hierarchies()
+            .into_iter()
+            .flat_map(|h| {
+                std::fs::read_dir(h.join(&self.cgroup_parent))
+                    .map(|r| r.flatten().map(|e| e.path()).collect::<Vec<_>>())
+                    .unwrap_or_default()
+            })
+            .filter(|p| p.is_dir())
+            .collect()
+    }
+
+    pub fn cgroup_dirs(&self, ve: &str) -> Vec<PathBuf> {
+        Self::hierarchies()
+            .into_iter()
+            .map(|h| h.join(&self.cgroup_parent).join(ve))
+            .filter(|p| p.exists())
+            .collect()
     }
 
     pub fn link_exists(&self, name: &str) -> bool {
@@ -282,9 +299,6 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
 impl Drop for TestNode {
     fn drop(&mut self) {
         // VEs first (through the daemon), then anything a crash left behind.
-        if self.daemon.is_none() && self.socket().exists() {
-            self.daemon = None;
-        }
         if self.daemon.is_some() {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.vessel(&["ve", "list", "--json"]).stdout) {
                 for ve in v.as_array().cloned().unwrap_or_default() {
@@ -297,20 +311,11 @@ impl Drop for TestNode {
         self.stop_daemon();
         // Kill any process still in our cgroups (only ours: the parent carries our prefix).
         for _ in 0..3 {
-            for ctrl in std::fs::read_dir("/sys/fs/cgroup")
-                .map(|r| r.flatten().collect::<Vec<_>>())
-                .unwrap_or_default()
-            {
-                let parent = ctrl.path().join(&self.cgroup_parent);
-                for ve in std::fs::read_dir(&parent)
-                    .map(|r| r.flatten().collect::<Vec<_>>())
-                    .unwrap_or_default()
-                {
-                    if let Ok(procs) = std::fs::read_to_string(ve.path().join("cgroup.procs")) {
-                        for p in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                            // SAFETY: killing processes inside a cgroup this test created.
-                            unsafe { libc::kill(p, libc::SIGKILL) };
-                        }
+            for ve in self.all_ve_cgroup_dirs() {
+                if let Ok(procs) = std::fs::read_to_string(ve.join("cgroup.procs")) {
+                    for p in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        // SAFETY: killing processes inside a cgroup this test created.
+                        unsafe { libc::kill(p, libc::SIGKILL) };
                     }
                 }
             }
@@ -323,18 +328,11 @@ impl Drop for TestNode {
             // SAFETY: lazy unmount of a mount point under our own temp dir.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
-        for ctrl in std::fs::read_dir("/sys/fs/cgroup")
-            .map(|r| r.flatten().collect::<Vec<_>>())
-            .unwrap_or_default()
-        {
-            let parent = ctrl.path().join(&self.cgroup_parent);
-            for ve in std::fs::read_dir(&parent)
-                .map(|r| r.flatten().collect::<Vec<_>>())
-                .unwrap_or_default()
-            {
-                let _ = std::fs::remove_dir(ve.path());
-            }
-            let _ = std::fs::remove_dir(&parent);
+        for ve in self.all_ve_cgroup_dirs() {
+            let _ = std::fs::remove_dir(ve);
+        }
+        for ctrl in Self::hierarchies() {
+            let _ = std::fs::remove_dir(ctrl.join(&self.cgroup_parent));
         }
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
