@@ -192,8 +192,15 @@ fn main() {
     );
 
     // Density: daemon memory per running idle VE.
+    // Node-side memory: the daemon plus the node's console keeper (both serve all VEs).
     let daemon = node.daemon_pid().expect("daemon pid");
-    let before = rss_kib(daemon);
+    let keeper = || {
+        std::fs::read_to_string(node.root.join("console-keeper.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+    };
+    let node_rss = || rss_kib(daemon) + keeper().map_or(0, rss_kib);
+    let before = node_rss();
     let t = Instant::now();
     for i in 0..density {
         node.ok(&["ve", "create", &format!("d{i}"), "-t", "busybox", "--start"]);
@@ -203,8 +210,11 @@ fn main() {
     }
     eprintln!();
     std::thread::sleep(Duration::from_secs(3));
-    let after = rss_kib(daemon);
-    let kids = children_of(daemon);
+    let after = node_rss();
+    let kids: Vec<u32> = children_of(daemon)
+        .into_iter()
+        .filter(|p| Some(*p) != keeper())
+        .collect();
     let running = node
         .json(&["ve", "list"])
         .as_array()

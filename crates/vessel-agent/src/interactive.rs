@@ -1,8 +1,8 @@
 //! Operations that keep a client connection open: exec (stdio passed as fds, or a pty
 //! master handed back), console attach (raw byte relay), and console logs.
 
+use crate::keeper::KeeperRequest;
 use crate::node::{err, internal, NResult, Node};
-use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use vessel_api::frame::write_frame;
@@ -100,35 +100,28 @@ impl Node {
         Ok(())
     }
 
-    /// Attach the connection to the VE's console until the client hangs up.
+    /// Attach the client to the VE's console: the reply `ConsoleAttached` carries a
+    /// connection to the console keeper that relays raw bytes both ways.
     pub fn console(&self, conn: &UnixStream, name: &Name) -> NResult<()> {
         self.require_running(name)?;
-        let console = self
+        let held = self
             .live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
-            .and_then(|l| l.console.as_ref().map(|c| c.0.clone()));
-        let console = console.ok_or_else(|| {
-            err(ErrorCode::Conflict, format!("the console of VE '{name}' was lost when the daemon restarted: `vessel ve restart {name}` brings it back; `vessel ve exec -t {name} -- sh` works now"))
-        })?;
-        write_frame(conn.as_raw_fd(), &Response::ConsoleAttached, &[]).map_err(|e| internal("console", e))?;
-        let out = conn.try_clone().map_err(|e| internal("console", e))?;
-        let key = out.try_clone().map_err(|e| internal("console", e))?;
-        console.subscribe(out);
-        let mut input = conn.try_clone().map_err(|e| internal("console", e))?;
-        let mut buf = [0u8; 4096];
-        loop {
-            match input.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if console.input(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
+            .is_some_and(|l| l.console);
+        if !held {
+            return Err(err(
+                ErrorCode::Conflict,
+                format!("VE '{name}' has no console (its console keeper was gone): `vessel ve restart {name}` brings it back; `vessel ve exec -t {name} -- sh` works now"),
+            ));
         }
-        console.unsubscribe(&key);
+        let (_, stream) = self
+            .keeper
+            .call(&KeeperRequest::Attach { ve: name.to_string() }, &[], false)
+            .map_err(|e| internal("console keeper", e))?;
+        write_frame(conn.as_raw_fd(), &Response::ConsoleAttached, &[stream.as_raw_fd()])
+            .map_err(|e| internal("console", e))?;
         Ok(())
     }
 

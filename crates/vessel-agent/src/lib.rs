@@ -4,6 +4,7 @@
 pub mod alloc;
 pub mod daemon;
 mod interactive;
+pub mod keeper;
 pub mod monitor;
 pub mod node;
 pub mod server;

@@ -3,10 +3,11 @@
 //! Templates, exec and console live in sibling modules on the same `Node`.
 
 use crate::alloc;
-use crate::monitor::{Console, Monitor};
+use crate::keeper::{KeeperClient, KeeperRequest};
+use crate::monitor::Monitor;
 use crate::state::{NodeConfig, NodeState, VeRecord};
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -76,7 +77,8 @@ pub fn decide_exit(spec: &VeSpec, code: Option<i32>, user_stopped: bool, quick_f
 /// Handles on a running VE that live only in daemon memory.
 pub(crate) struct Live {
     pub pidfd: Arc<OwnedFd>,
-    pub console: Option<(Arc<Console>, u64)>,
+    /// The console keeper holds this VE's console.
+    pub console: bool,
     pub exit_token: u64,
 }
 
@@ -90,6 +92,7 @@ pub struct Node {
     pub(crate) monitor: Arc<Monitor>,
     pub(crate) rootfs: Box<dyn RootFs + Send + Sync>,
     pub(crate) template_lock: Mutex<()>,
+    pub(crate) keeper: KeeperClient,
     started: Instant,
 }
 
@@ -117,6 +120,7 @@ impl Node {
             .save(&layout.state_file())
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
         let monitor = Monitor::new().map_err(|e| internal("epoll", e))?;
+        let keeper = KeeperClient::new(&opts.root, &opts.exe);
         Ok(Arc::new(Node {
             opts,
             layout,
@@ -127,6 +131,7 @@ impl Node {
             monitor,
             rootfs: Box::new(OverlayRootFs),
             template_lock: Mutex::new(()),
+            keeper,
             started: Instant::now(),
         }))
     }
@@ -193,7 +198,7 @@ impl Node {
         i.host_interface = self.host_if(rec);
         if rec.status == VeStatus::Running {
             i.memory_used = self.cgroup(&rec.spec.name).memory_used();
-            i.console_lost = lock(&self.live).get(&rec.spec.name).is_none_or(|l| l.console.is_none());
+            i.console_lost = lock(&self.live).get(&rec.spec.name).is_none_or(|l| !l.console);
         }
         i
     }
@@ -305,11 +310,18 @@ impl Node {
             Ok((pid, master)) => {
                 let pid_start = sys::process_start_time(pid).ok();
                 let pidfd = Arc::new(sys::pidfd_open(pid).map_err(|e| internal("pidfd", e))?);
-                let console = Console::new(master, self.layout.ve(name.as_str()).console_log());
-                let ctoken = self
-                    .monitor
-                    .watch_console(console.clone())
-                    .map_err(|e| internal("watch console", e))?;
+                let adopt = KeeperRequest::Adopt {
+                    ve: name.to_string(),
+                    log: self.layout.ve(name.as_str()).console_log(),
+                };
+                let console = match self.keeper.call(&adopt, &[master.as_raw_fd()], true) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::warn!(ve = %name, "console keeper: {e}; the VE runs without a console");
+                        false
+                    }
+                };
+                drop(master);
                 let exit_token = self
                     .monitor
                     .watch_exit(name.clone(), pid, pidfd.clone())
@@ -318,7 +330,7 @@ impl Node {
                     name.clone(),
                     Live {
                         pidfd,
-                        console: Some((console, ctoken)),
+                        console,
                         exit_token,
                     },
                 );
@@ -412,10 +424,10 @@ impl Node {
         let name = rec.spec.name.as_str();
         if let Some(l) = lock(&self.live).remove(&rec.spec.name) {
             self.monitor.unwatch(l.exit_token);
-            if let Some((_, t)) = l.console {
-                self.monitor.unwatch(t);
-            }
         }
+        let _ = self
+            .keeper
+            .call(&KeeperRequest::Release { ve: name.to_string() }, &[], false);
         if let Err(e) = runtime::delete_ve(&self.layout.run(), name) {
             tracing::warn!(ve = name, "delete container state: {e}");
         }
@@ -585,6 +597,7 @@ impl Node {
     /// no daemon watched, and start VEs whose policy says so.
     pub fn recover(self: &Arc<Self>) {
         let recs: Vec<VeRecord> = lock(&self.state).ves.values().cloned().collect();
+        let consoles = self.keeper.list_if_running().unwrap_or_default();
         for rec in recs {
             let name = rec.spec.name.clone();
             let vl = self.ve_lock(&name);
@@ -594,15 +607,16 @@ impl Node {
                     let pid = rec.pid.unwrap_or(0);
                     match self.monitor.watch_exit(name.clone(), pid, pidfd.clone()) {
                         Ok(exit_token) => {
+                            let console = consoles.iter().any(|c| c == name.as_str());
                             lock(&self.live).insert(
                                 name.clone(),
                                 Live {
                                     pidfd,
-                                    console: None,
+                                    console,
                                     exit_token,
                                 },
                             );
-                            tracing::info!(ve = %name, pid, "re-attached to running VE (console lost until it restarts)");
+                            tracing::info!(ve = %name, pid, console, "re-attached to running VE");
                             continue;
                         }
                         Err(e) => tracing::warn!(ve = %name, "watch init: {e}"),

@@ -309,6 +309,16 @@ impl Drop for TestNode {
             }
         }
         self.stop_daemon();
+        // The node's console keeper outlives daemons by design; this test's goes now.
+        if let Some(pid) = std::fs::read_to_string(self.root.join("console-keeper.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            if std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("__console-keeper")) {
+                // SAFETY: the keeper this test's daemon started (checked by its command line).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         // Kill any process still in our cgroups (only ours: the parent carries our prefix).
         for _ in 0..3 {
             for ve in self.all_ve_cgroup_dirs() {

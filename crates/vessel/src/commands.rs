@@ -22,7 +22,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Daemon(a) => daemon(&g, &a),
         Cmd::Template(t) => template(&g, t),
         Cmd::Ve(v) => ve(&g, v),
-        Cmd::Runtime { .. } => unreachable!("handled in main"),
+        Cmd::Runtime { .. } | Cmd::ConsoleKeeper { .. } => unreachable!("handled in main"),
     }
 }
 
@@ -464,14 +464,13 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
         } => return exec(&c, name, tty, env, cwd, command),
         VeCmd::Console { name } => {
             c.send(&Request::VeConsole { name: name.clone() }, &[])?;
-            match c.recv()?.0 {
-                Response::ConsoleAttached => {}
-                r => bail!("unexpected reply {r:?}"),
-            }
+            let stream = match c.recv()? {
+                (Response::ConsoleAttached, fds) => fds.into_iter().next().context("the daemon sent no console")?,
+                (r, _) => bail!("unexpected reply {r:?}"),
+            };
             eprintln!("connected to the console of VE {name}; Ctrl-] detaches\r");
             let _raw = crate::term::RawMode::enter();
-            let s = c.stream();
-            crate::term::relay(s.as_fd(), s.as_fd(), Some(0x1d));
+            crate::term::relay(stream.as_fd(), stream.as_fd(), Some(0x1d));
             drop(_raw);
             eprintln!("\r\ndetached from VE {name}");
         }

@@ -85,6 +85,8 @@ pub enum Cmd {
     Ve(VeCmd),
     #[command(name = "__runtime", hide = true)]
     Runtime { request: String },
+    #[command(name = "__console-keeper", hide = true)]
+    ConsoleKeeper { root: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -255,6 +257,13 @@ fn main() {
                 .init();
         }
         std::process::exit(vessel_ve::runtime::helper_main(request));
+    }
+    if let Cmd::ConsoleKeeper { root } = &cli.cmd {
+        if let Err(e) = vessel_agent::keeper::run(root) {
+            eprintln!("vessel console keeper: {e}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
     }
     match commands::run(cli) {
         Ok(code) => std::process::exit(code),

@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -18,6 +17,9 @@ fn daemon_restart_reattaches_running_ves() {
     node.ok(&["ve", "create", "dies", "-t", "busybox", "--start"]);
     node.ok(&["ve", "create", "off", "-t", "busybox", "--restart", "no", "--start"]);
     node.sh("keep", "echo data > /root/f");
+    wait_until("login prompt of keep", Duration::from_secs(20), || {
+        node.ok(&["ve", "logs", "keep"]).contains("keep login:")
+    });
     let keep = node.ve_pid("keep");
     let dies = node.ve_pid("dies");
     let off = node.ve_pid("off");
@@ -66,9 +68,14 @@ fn daemon_restart_reattaches_running_ves() {
         },
     );
     assert_eq!(node.json(&["ve", "show", "off"])["status"], "failed");
-    // The re-attached VE says its console is gone and how to get it back.
-    let e = node.fails(&["ve", "console", "keep"]);
-    assert!(e.contains("vessel ve restart keep"), "{e}");
+    // The console survived the daemon: the keeper still holds it.
+    assert_eq!(node.json(&["ve", "show", "keep"])["console_lost"], false);
+    let seen = console_dialog(&node, "keep", b"root\n", "assword");
+    assert!(
+        seen.contains("assword"),
+        "console after daemon restart: {seen:?}\nlog: {:?}",
+        node.ok(&["ve", "logs", "keep"])
+    );
 
     // Graceful daemon stop/start re-attaches too; the daemon notices an exit afterwards.
     node.stop_daemon();
@@ -126,40 +133,43 @@ fn console_attach_and_logs() {
         node.ok(&["ve", "logs", "con"]).contains("con login:")
     });
 
-    let client = vessel_api::Client::connect(&node.socket()).unwrap();
-    client
-        .send(
-            &vessel_types::api::Request::VeConsole {
-                name: vessel_types::Name::parse("con").unwrap(),
-            },
-            &[],
-        )
-        .unwrap();
-    let (r, _) = client.recv().unwrap();
-    assert!(matches!(r, vessel_types::api::Response::ConsoleAttached));
-    let mut s = client.stream().try_clone().unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     // Type a user name at the getty prompt: it answers with a password prompt.
-    s.write_all(b"root\n").unwrap();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline && !String::from_utf8_lossy(&seen).contains("assword") {
-        if let Ok(n) = s.read(&mut buf) {
-            seen.extend_from_slice(&buf[..n]);
-        }
-    }
+    let seen = console_dialog(&node, "con", b"root\n", "assword");
     assert!(
-        String::from_utf8_lossy(&seen).contains("assword"),
-        "console did not answer: {:?}\nlog: {:?}\nps: {}",
-        String::from_utf8_lossy(&seen),
+        seen.contains("assword"),
+        "console did not answer: {seen:?}\nlog: {:?}\nps: {}",
         node.ok(&["ve", "logs", "con"]),
         node.sh(
             "con",
             "ps; for p in /proc/[0-9]*; do echo $p $(cat $p/wchan) $(cut -d\" \" -f3 $p/stat); done"
         )
     );
-    let _ = s.as_raw_fd();
+    // The dialog is in the log too.
+    assert!(node.ok(&["ve", "logs", "con"]).contains("assword"));
+}
+
+/// Attach to a VE's console through the API, type `input`, read until `until` shows up
+/// (or 20 s pass); returns what the console printed.
+fn console_dialog(node: &TestNode, ve: &str, input: &[u8], until: &str) -> String {
+    let client = vessel_api::Client::connect(&node.socket()).unwrap();
+    let req = vessel_types::api::Request::VeConsole {
+        name: vessel_types::Name::parse(ve).unwrap(),
+    };
+    client.send(&req, &[]).unwrap();
+    let (r, fds) = client.recv().unwrap();
+    assert!(matches!(r, vessel_types::api::Response::ConsoleAttached));
+    let mut s = std::os::unix::net::UnixStream::from(fds.into_iter().next().expect("console connection"));
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.write_all(input).unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && !String::from_utf8_lossy(&seen).contains(until) {
+        if let Ok(n) = s.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
 }
 
 #[test]
