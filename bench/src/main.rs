@@ -232,7 +232,7 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
     println!(
-        "daemon RSS: {before} KiB with 0 VEs, {after} KiB with {density}: {per_ve_kib:.1} KiB per VE (goal < 1024)"
+        "daemon + console keeper RSS: {before} KiB with 0 VEs, {after} KiB with {density}: {per_ve_kib:.1} KiB per VE (goal < 1024)"
     );
     println!(
         "host processes per VE besides its own: {} (daemon children = the {} VE inits)",

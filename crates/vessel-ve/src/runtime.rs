@@ -268,12 +268,8 @@ fn start(id: &str, root: &Path, bundle: &Path, net: Option<&NetPlan>) -> Result<
         }
         let t_net = t0.elapsed();
         container.start().map_err(lc)?;
-        if std::env::var_os("VESSEL_TIMINGS").is_some() {
-            let _ = std::fs::write(
-                bundle.join("timings"),
-                format!("build {t_build:?} net {t_net:?} start {:?}\n", t0.elapsed()),
-            );
-        }
+        // Visible with VESSEL_RUNTIME_LOG=debug in the daemon's environment.
+        tracing::debug!(?t_build, ?t_net, total = ?t0.elapsed(), "helper start timings");
         Ok((pid, master))
     })();
     let _ = std::fs::remove_file(&sock_path);
