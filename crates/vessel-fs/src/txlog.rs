@@ -1,0 +1,571 @@
+//! The transaction log of one volume: segment files in a directory, each a header and a
+//! run of framed, checksummed transactions with dense sequence numbers.
+//!
+//! ```text
+//! segment file  <first_seq, 20 digits>.seg
+//! header  (24)  magic "VSLTXSEG" | version u32 | first_seq u64 | crc32 of the previous 20 bytes
+//! record        len u32 | crc32(body) u32 | body (see `tx`, at most MAX_RECORD bytes)
+//! ```
+//! Recovery after a crash: a damaged record at the very end of the last segment (a write
+//! cut short: the record runs past the end of the file, or only zeros follow it) is a torn
+//! tail and is cut off; the log ends at the last whole transaction. Damage anywhere else is
+//! corruption and is reported with the volume, segment and offset; nothing after it is
+//! applied.
+
+use crate::tx::{Tx, TX_VERSION};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"VSLTXSEG";
+const HEADER_LEN: u64 = 24;
+const FRAME_LEN: u64 = 8;
+/// Largest transaction body accepted.
+pub const MAX_RECORD: u32 = 64 << 20;
+/// Segment size after which the log starts a new segment.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TxLogError {
+    #[error("txlog of volume '{volume}': {what} {path}: {source}")]
+    Io {
+        volume: String,
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("txlog of volume '{volume}' is corrupt in {segment} at byte {offset}: {reason}; the log is intact up to seq {last_good_seq}: restore this volume from a replica or a backup")]
+    Corrupt {
+        volume: String,
+        segment: PathBuf,
+        offset: u64,
+        reason: String,
+        last_good_seq: u64,
+    },
+    #[error("txlog of volume '{volume}': expected seq {expected}, got {got}")]
+    OutOfOrder { volume: String, expected: u64, got: u64 },
+    #[error("txlog of volume '{volume}': epoch {got} is older than the log's epoch {current} (a fenced writer)")]
+    StaleEpoch { volume: String, current: u64, got: u64 },
+    #[error("txlog of volume '{volume}': transaction of {0} bytes is over the limit", volume = .1)]
+    TooLarge(usize, String),
+}
+
+type Result<T> = std::result::Result<T, TxLogError>;
+
+/// What opening the log found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Whole transactions in the log.
+    pub records: u64,
+    pub last_seq: u64,
+    /// Bytes of a torn tail that were cut off (0 after a clean shutdown).
+    pub truncated_bytes: u64,
+}
+
+pub struct TxLog {
+    volume: String,
+    dir: PathBuf,
+    seg: File,
+    seg_path: PathBuf,
+    seg_len: u64,
+    last_seq: u64,
+    last_epoch: u64,
+    max_segment: u64,
+}
+
+fn seg_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.seg")
+}
+
+fn header(first_seq: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER_LEN as usize);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&TX_VERSION.to_le_bytes());
+    h.extend_from_slice(&first_seq.to_le_bytes());
+    let crc = crc32fast::hash(&h);
+    h.extend_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// The whole records of one segment, where they end, and the damage found after them:
+/// (offset, reason, whether it looks like a torn tail).
+struct Scan {
+    txs: Vec<Tx>,
+    end: u64,
+    damage: Option<(u64, String, bool)>,
+}
+
+/// Check the record at `off`; `Ok((tx, next offset))` or `Err((reason, torn?))`.
+fn record_at(bytes: &[u8], off: usize, expected_seq: u64) -> std::result::Result<(Tx, usize), (String, bool)> {
+    let len = bytes.len();
+    if len - off < FRAME_LEN as usize {
+        return Err(("partial record frame".into(), true));
+    }
+    let rlen = u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().expect("4 bytes"));
+    let body_at = off + FRAME_LEN as usize;
+    // A write cut short leaves a record running to (or past) the end, or zeros.
+    let torn = body_at as u64 + rlen as u64 >= len as u64 || bytes[off..].iter().all(|b| *b == 0);
+    if rlen > MAX_RECORD {
+        return Err((format!("record length {rlen} over the limit"), torn));
+    }
+    if body_at + rlen as usize > len {
+        return Err(("record runs past the end of the segment".into(), torn));
+    }
+    let body = &bytes[body_at..body_at + rlen as usize];
+    if crc32fast::hash(body) != crc {
+        return Err(("checksum mismatch".into(), torn));
+    }
+    let tx = Tx::decode(body).map_err(|e| (format!("undecodable transaction: {e}"), torn))?;
+    if tx.seq != expected_seq {
+        return Err((format!("sequence {} where {expected_seq} belongs", tx.seq), false));
+    }
+    Ok((tx, body_at + rlen as usize))
+}
+
+fn scan(bytes: &[u8], first_seq: u64) -> Scan {
+    let mut txs = Vec::new();
+    let mut off = HEADER_LEN as usize;
+    while off < bytes.len() {
+        match record_at(bytes, off, first_seq + txs.len() as u64) {
+            Ok((tx, next)) => {
+                txs.push(tx);
+                off = next;
+            }
+            Err((reason, torn)) => {
+                return Scan {
+                    txs,
+                    end: off as u64,
+                    damage: Some((off as u64, reason, torn)),
+                }
+            }
+        }
+    }
+    Scan {
+        txs,
+        end: off as u64,
+        damage: None,
+    }
+}
+
+impl TxLog {
+    /// Open (or create) the log in `dir`, recovering from a torn tail. `volume` names the
+    /// volume in every error.
+    pub fn open(dir: &Path, volume: &str) -> Result<(TxLog, Recovery)> {
+        Self::open_with(dir, volume, DEFAULT_SEGMENT_BYTES)
+    }
+
+    pub fn open_with(dir: &Path, volume: &str, max_segment: u64) -> Result<(TxLog, Recovery)> {
+        let io = |what: &'static str, path: &Path| {
+            let (v, p) = (volume.to_string(), path.to_path_buf());
+            move |source| TxLogError::Io {
+                volume: v,
+                what,
+                path: p,
+                source,
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let segs = segments(dir).map_err(io("list", dir))?;
+        let mut records = 0;
+        let mut last_seq = 0;
+        let mut last_epoch = 0;
+        let mut truncated = 0;
+        for (i, (first, path)) in segs.iter().enumerate() {
+            let is_last = i + 1 == segs.len();
+            let bytes = std::fs::read(path).map_err(io("read", path))?;
+            let corrupt = |offset: u64, reason: String, last_good_seq: u64| TxLogError::Corrupt {
+                volume: volume.to_string(),
+                segment: path.clone(),
+                offset,
+                reason,
+                last_good_seq,
+            };
+            if bytes.len() < HEADER_LEN as usize || bytes[..HEADER_LEN as usize] != header(*first)[..] {
+                if is_last && bytes.iter().all(|b| *b == 0) {
+                    // A segment created but never written before the crash.
+                    std::fs::write(path, header(*first)).map_err(io("rewrite", path))?;
+                    continue;
+                }
+                return Err(corrupt(0, "bad segment header".into(), last_seq));
+            }
+            if *first != last_seq + 1 {
+                return Err(corrupt(
+                    0,
+                    format!("segment starts at seq {first}, the log is at {last_seq}"),
+                    last_seq,
+                ));
+            }
+            let s = scan(&bytes, *first);
+            records += s.txs.len() as u64;
+            if let Some(t) = s.txs.last() {
+                last_seq = t.seq;
+            }
+            for t in &s.txs {
+                if t.epoch < last_epoch {
+                    return Err(corrupt(
+                        0,
+                        format!("epoch goes back from {last_epoch} to {} at seq {}", t.epoch, t.seq),
+                        last_seq,
+                    ));
+                }
+                last_epoch = t.epoch;
+            }
+            if let Some((off, reason, torn)) = s.damage {
+                if !(is_last && torn) {
+                    return Err(corrupt(off, reason, last_seq));
+                }
+                truncated = bytes.len() as u64 - s.end;
+                let f = OpenOptions::new().write(true).open(path).map_err(io("open", path))?;
+                f.set_len(s.end).map_err(io("truncate", path))?;
+                f.sync_all().map_err(io("fsync", path))?;
+            }
+        }
+        let seg_path = match segs.last() {
+            Some((_, p)) => p.clone(),
+            None => {
+                let p = dir.join(seg_name(1));
+                std::fs::write(&p, header(1)).map_err(io("create", &p))?;
+                sync_dir(dir);
+                p
+            }
+        };
+        let mut seg = OpenOptions::new()
+            .append(true)
+            .read(true)
+            .open(&seg_path)
+            .map_err(io("open", &seg_path))?;
+        let seg_len = seg.seek(SeekFrom::End(0)).map_err(io("seek", &seg_path))?;
+        let log = TxLog {
+            volume: volume.to_string(),
+            dir: dir.to_path_buf(),
+            seg,
+            seg_path,
+            seg_len,
+            last_seq,
+            last_epoch,
+            max_segment,
+        };
+        Ok((
+            log,
+            Recovery {
+                records,
+                last_seq,
+                truncated_bytes: truncated,
+            },
+        ))
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    pub fn last_epoch(&self) -> u64 {
+        self.last_epoch
+    }
+
+    fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> TxLogError + '_ {
+        move |source| TxLogError::Io {
+            volume: self.volume.clone(),
+            what,
+            path: self.seg_path.clone(),
+            source,
+        }
+    }
+
+    /// Append one transaction (not yet durable: see [`TxLog::sync`]). Its seq must follow
+    /// the log's last and its epoch must not be older (fencing).
+    pub fn append(&mut self, tx: &Tx) -> Result<()> {
+        if tx.seq != self.last_seq + 1 {
+            return Err(TxLogError::OutOfOrder {
+                volume: self.volume.clone(),
+                expected: self.last_seq + 1,
+                got: tx.seq,
+            });
+        }
+        if tx.epoch < self.last_epoch {
+            return Err(TxLogError::StaleEpoch {
+                volume: self.volume.clone(),
+                current: self.last_epoch,
+                got: tx.epoch,
+            });
+        }
+        let body = tx.encode();
+        if body.len() > MAX_RECORD as usize {
+            return Err(TxLogError::TooLarge(body.len(), self.volume.clone()));
+        }
+        if self.seg_len >= self.max_segment {
+            self.rotate(tx.seq)?;
+        }
+        let mut frame = Vec::with_capacity(body.len() + FRAME_LEN as usize);
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        frame.extend_from_slice(&body);
+        self.seg.write_all(&frame).map_err(self.io("append to"))?;
+        self.seg_len += frame.len() as u64;
+        self.last_seq = tx.seq;
+        self.last_epoch = tx.epoch;
+        Ok(())
+    }
+
+    /// Make every appended transaction durable.
+    pub fn sync(&mut self) -> Result<()> {
+        self.seg.sync_data().map_err(self.io("fsync"))
+    }
+
+    fn rotate(&mut self, first_seq: u64) -> Result<()> {
+        self.sync()?;
+        let path = self.dir.join(seg_name(first_seq));
+        let mut f = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .read(true)
+            .open(&path)
+            .map_err(|source| TxLogError::Io {
+                volume: self.volume.clone(),
+                what: "create",
+                path: path.clone(),
+                source,
+            })?;
+        f.write_all(&header(first_seq))
+            .and_then(|_| f.sync_all())
+            .map_err(|source| TxLogError::Io {
+                volume: self.volume.clone(),
+                what: "write",
+                path: path.clone(),
+                source,
+            })?;
+        sync_dir(&self.dir);
+        self.seg = f;
+        self.seg_path = path;
+        self.seg_len = HEADER_LEN;
+        Ok(())
+    }
+
+    /// Every transaction with seq >= `from`, in order.
+    pub fn read_from(&self, from: u64) -> Result<Vec<Tx>> {
+        let segs = segments(&self.dir).map_err(|source| TxLogError::Io {
+            volume: self.volume.clone(),
+            what: "list",
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for (i, (first, path)) in segs.iter().enumerate() {
+            let next_first = segs.get(i + 1).map(|(f, _)| *f).unwrap_or(u64::MAX);
+            if next_first <= from {
+                continue;
+            }
+            let mut bytes = Vec::new();
+            File::open(path)
+                .and_then(|mut f| f.read_to_end(&mut bytes))
+                .map_err(|source| TxLogError::Io {
+                    volume: self.volume.clone(),
+                    what: "read",
+                    path: path.clone(),
+                    source,
+                })?;
+            let s = scan(&bytes, *first);
+            if let Some((offset, reason, _)) = s.damage {
+                return Err(TxLogError::Corrupt {
+                    volume: self.volume.clone(),
+                    segment: path.clone(),
+                    offset,
+                    reason,
+                    last_good_seq: s.txs.last().map_or(first - 1, |t| t.seq),
+                });
+            }
+            out.extend(s.txs.into_iter().filter(|t| t.seq >= from));
+        }
+        Ok(out)
+    }
+}
+
+fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_suffix(".seg")
+                .and_then(|s| s.parse::<u64>().ok())
+                .map(|f| (f, e.path()))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tx::strategies;
+    use crate::tx::Op;
+    use proptest::prelude::*;
+
+    fn tx(seq: u64, epoch: u64) -> Tx {
+        Tx {
+            epoch,
+            seq,
+            time_ns: seq as i64 * 1000,
+            op: Op::Write {
+                ino: 7,
+                offset: seq * 10,
+                data: vec![seq as u8; (seq % 50) as usize],
+            },
+        }
+    }
+
+    fn fill(dir: &Path, n: u64, max_segment: u64) -> Vec<Tx> {
+        let (mut log, rec) = TxLog::open_with(dir, "v1", max_segment).unwrap();
+        assert_eq!(
+            rec,
+            Recovery {
+                records: 0,
+                last_seq: 0,
+                truncated_bytes: 0
+            }
+        );
+        let txs: Vec<Tx> = (1..=n).map(|s| tx(s, 1 + s / 10)).collect();
+        for t in &txs {
+            log.append(t).unwrap();
+        }
+        log.sync().unwrap();
+        txs
+    }
+
+    #[test]
+    fn reopen_reads_everything_back_across_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let txs = fill(d.path(), 100, 512);
+        assert!(segments(d.path()).unwrap().len() > 3, "expected several segments");
+        let (log, rec) = TxLog::open_with(d.path(), "v1", 512).unwrap();
+        assert_eq!(
+            rec,
+            Recovery {
+                records: 100,
+                last_seq: 100,
+                truncated_bytes: 0
+            }
+        );
+        assert_eq!(log.read_from(1).unwrap(), txs);
+        assert_eq!(log.read_from(42).unwrap(), txs[41..].to_vec());
+        assert_eq!(log.last_epoch(), 11);
+    }
+
+    #[test]
+    fn order_and_fencing_are_enforced() {
+        let d = tempfile::tempdir().unwrap();
+        fill(d.path(), 5, DEFAULT_SEGMENT_BYTES);
+        let (mut log, _) = TxLog::open(d.path(), "v1").unwrap();
+        assert!(matches!(
+            log.append(&tx(7, 5)),
+            Err(TxLogError::OutOfOrder {
+                expected: 6,
+                got: 7,
+                ..
+            })
+        ));
+        assert!(matches!(
+            log.append(&tx(6, 0)),
+            Err(TxLogError::StaleEpoch { current: 1, got: 0, .. })
+        ));
+        log.append(&tx(6, 2)).unwrap();
+        assert_eq!(log.last_seq(), 6);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_every_possible_byte() {
+        let d = tempfile::tempdir().unwrap();
+        let txs = fill(d.path(), 6, DEFAULT_SEGMENT_BYTES);
+        let seg = segments(d.path()).unwrap()[0].1.clone();
+        let full = std::fs::read(&seg).unwrap();
+        // Record boundaries: after the header and after each frame.
+        let mut ends = vec![HEADER_LEN as usize];
+        for t in &txs {
+            let last = *ends.last().unwrap();
+            ends.push(last + FRAME_LEN as usize + t.encode().len());
+        }
+        for cut in HEADER_LEN as usize..full.len() {
+            std::fs::write(&seg, &full[..cut]).unwrap();
+            let (mut log, rec) = TxLog::open(d.path(), "v1").unwrap();
+            let whole = ends.iter().filter(|e| **e <= cut).count() as u64 - 1;
+            assert_eq!(rec.last_seq, whole, "cut at {cut}");
+            assert_eq!(rec.truncated_bytes as usize, cut - ends[whole as usize]);
+            assert_eq!(log.read_from(1).unwrap(), txs[..whole as usize].to_vec());
+            // The log goes on from the last whole transaction.
+            log.append(&tx(whole + 1, 9)).unwrap();
+        }
+    }
+
+    #[test]
+    fn zeros_after_the_last_record_are_a_torn_tail() {
+        let d = tempfile::tempdir().unwrap();
+        fill(d.path(), 3, DEFAULT_SEGMENT_BYTES);
+        let seg = segments(d.path()).unwrap()[0].1.clone();
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[0u8; 4096]).unwrap();
+        let (_, rec) = TxLog::open(d.path(), "v1").unwrap();
+        assert_eq!((rec.last_seq, rec.truncated_bytes), (3, 4096));
+    }
+
+    #[test]
+    fn corruption_inside_the_log_is_reported_not_applied() {
+        let d = tempfile::tempdir().unwrap();
+        fill(d.path(), 10, DEFAULT_SEGMENT_BYTES);
+        let seg = segments(d.path()).unwrap()[0].1.clone();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        // Flip a byte in the body of the third record.
+        let at = HEADER_LEN as usize + 2 * (FRAME_LEN as usize + tx(1, 1).encode().len()) + 12;
+        bytes[at] ^= 0xff;
+        std::fs::write(&seg, &bytes).unwrap();
+        let e = TxLog::open(d.path(), "web").err().expect("corruption must be reported");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("volume 'web'") && msg.contains("checksum mismatch") && msg.contains("up to seq 2"),
+            "{msg}"
+        );
+        // The file was not truncated: nothing is lost while an operator looks.
+        assert_eq!(std::fs::read(&seg).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_damaged_older_segment_is_corruption_even_at_its_end() {
+        let d = tempfile::tempdir().unwrap();
+        fill(d.path(), 40, 256);
+        let segs = segments(d.path()).unwrap();
+        let first = &segs[0].1;
+        let b = std::fs::read(first).unwrap();
+        std::fs::write(first, &b[..b.len() - 3]).unwrap();
+        assert!(matches!(
+            TxLog::open_with(d.path(), "v1", 256),
+            Err(TxLogError::Corrupt { .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_cut_keeps_a_prefix(ops in proptest::collection::vec(strategies::op(), 1..20), cut_frac in 0.0f64..1.0) {
+            let d = tempfile::tempdir().unwrap();
+            let (mut log, _) = TxLog::open(d.path(), "p").unwrap();
+            let txs: Vec<Tx> = ops.into_iter().enumerate().map(|(i, op)| Tx { epoch: 1, seq: i as u64 + 1, time_ns: 0, op }).collect();
+            for t in &txs { log.append(t).unwrap(); }
+            log.sync().unwrap();
+            drop(log);
+            let seg = segments(d.path()).unwrap()[0].1.clone();
+            let full = std::fs::read(&seg).unwrap();
+            let cut = HEADER_LEN as usize + ((full.len() - HEADER_LEN as usize) as f64 * cut_frac) as usize;
+            std::fs::write(&seg, &full[..cut]).unwrap();
+            let (log, rec) = TxLog::open(d.path(), "p").unwrap();
+            let got = log.read_from(1).unwrap();
+            prop_assert_eq!(got.len() as u64, rec.last_seq);
+            prop_assert_eq!(&got[..], &txs[..got.len()]);
+        }
+    }
+}
