@@ -539,6 +539,11 @@ impl Node {
             let ve = self.layout.ve(name.as_str());
             osconfig::apply(&ve.rootfs(), &new, alloc::uid_base(rec.slot))
                 .map_err(|e| internal("write VE settings", e))?;
+            if new.hostname() != rec.spec.hostname() {
+                if let Some(pid) = rec.pid {
+                    sys::set_hostname_of(pid, new.hostname()).map_err(|e| internal("set the VE's hostname", e))?;
+                }
+            }
         }
         let rec = self.update(name, |r| {
             r.spec = new;

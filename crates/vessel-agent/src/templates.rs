@@ -57,7 +57,11 @@ impl Node {
             self.gc_template(&st, &old.id);
         }
         progress(
-            &format!("template '{name}' ready: {} files, id {}", meta.files, &id[..12]),
+            &format!(
+                "template '{name}' ready: {} files, id {}",
+                meta.files,
+                id.get(..12).unwrap_or(&id)
+            ),
             1,
             1,
         );

@@ -84,9 +84,9 @@ impl VeChange {
         s
     }
 
-    /// True when the change touches files or settings read only at VE start.
+    /// True when the change touches settings read only at VE start (the init's environment).
     pub fn needs_restart(&self) -> bool {
-        self.hostname.is_some() || self.env.is_some()
+        self.env.is_some()
     }
 }
 
@@ -333,7 +333,12 @@ mod tests {
             hostname: Some("h".into()),
             ..Default::default()
         };
-        assert!(ch.needs_restart());
+        assert!(!ch.needs_restart(), "the hostname applies live");
         assert_eq!(ch.apply_to(&spec).hostname(), "h");
+        let ch = VeChange {
+            env: Some(vec!["A=1".into()]),
+            ..Default::default()
+        };
+        assert!(ch.needs_restart());
     }
 }

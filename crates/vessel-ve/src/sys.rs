@@ -291,3 +291,17 @@ pub fn unblock_all_signals() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Set the hostname inside the UTS namespace of process `pid` (a running VE's init). Runs
+/// on a short-lived thread: `setns` of a UTS namespace affects only the calling thread,
+/// and the thread's namespace goes away with it.
+pub fn set_hostname_of(pid: i32, hostname: &str) -> io::Result<()> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/uts"))?;
+    let name = hostname.to_string();
+    std::thread::spawn(move || -> io::Result<()> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUTS).map_err(io::Error::from)?;
+        nix::unistd::sethostname(&name).map_err(io::Error::from)
+    })
+    .join()
+    .map_err(|_| io::Error::other("hostname thread panicked"))?
+}

@@ -259,7 +259,7 @@ fn template(g: &Global, t: TemplateCmd) -> Result<i32> {
                         vec![
                             t.name.to_string(),
                             format!("{:?}", t.kind).to_lowercase(),
-                            t.id[..12].to_string(),
+                            t.id.chars().take(12).collect(),
                             t.files.to_string(),
                             format_size(t.bytes),
                             t.used_by.len().to_string(),

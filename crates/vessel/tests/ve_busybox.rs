@@ -179,6 +179,10 @@ fn limits_are_enforced_and_change_live() {
         node.ok(&["ve", "set", "lim", "--pids", "200"]);
         assert_eq!(std::fs::read_to_string(d.join("pids.max")).unwrap().trim(), "200");
     }
+    // The hostname changes live too (kernel and /etc/hostname), without a restart.
+    node.ok(&["ve", "set", "lim", "--hostname", "renamed"]);
+    assert_eq!(node.sh("lim", "hostname; cat /etc/hostname").trim(), "renamed\nrenamed");
+    assert_eq!(node.json(&["ve", "show", "lim"])["restart_pending"], false);
     assert_eq!(node.ve_pid("lim"), init, "live limit changes must not restart the VE");
     let show = node.json(&["ve", "show", "lim"]);
     assert_eq!(show["spec"]["limits"]["pids_max"].as_u64(), Some(200));
