@@ -63,7 +63,7 @@ pub fn run(opts: NodeOptions) -> Result<(), DaemonError> {
     let mon = node.monitor.clone();
     std::thread::Builder::new()
         .name("vessel-monitor".into())
-        .spawn(move || mon.run(|| {}))
+        .spawn(move || mon.run())
         .map_err(|e| setup("monitor thread", &e))?;
 
     let listener =

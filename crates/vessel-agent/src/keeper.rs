@@ -287,24 +287,22 @@ pub fn run(root: &Path) -> std::io::Result<()> {
     loop {
         let n = k.epoll.wait(&mut events, EpollTimeout::from(1000u16)).unwrap_or(0);
         for ev in &events[..n] {
-            let what = match k.tokens.get(&ev.data()) {
-                Some(Token::Listener) => 0,
+            match k.tokens.get(&ev.data()) {
+                Some(Token::Listener) => {
+                    while let Ok((conn, _)) = listener.accept() {
+                        let _ = conn.set_nonblocking(false);
+                        k.handle_request(conn);
+                    }
+                }
                 Some(Token::Master(v)) => {
                     let v = v.clone();
                     k.pump(&v, &mut buf);
-                    continue;
                 }
                 Some(Token::Client(v, fd)) => {
                     let (v, fd) = (v.clone(), *fd);
                     k.client_input(&v, fd, &mut buf);
-                    continue;
                 }
-                None => continue,
-            };
-            let _ = what;
-            while let Ok((conn, _)) = listener.accept() {
-                let _ = conn.set_nonblocking(false);
-                k.handle_request(conn);
+                None => {}
             }
         }
         if !k.consoles.is_empty() {

@@ -64,10 +64,9 @@ impl Monitor {
         }
     }
 
-    /// The monitor loop; runs for the daemon's life. `tick` runs about once a second.
-    pub fn run(self: Arc<Self>, tick: impl Fn()) {
+    /// The monitor loop; runs for the daemon's life.
+    pub fn run(self: Arc<Self>) {
         let mut events = vec![EpollEvent::empty(); 64];
-        let mut last_tick = std::time::Instant::now();
         loop {
             let n = self.epoll.wait(&mut events, EpollTimeout::from(500u16)).unwrap_or(0);
             for ev in &events[..n] {
@@ -83,10 +82,6 @@ impl Monitor {
                         std::thread::spawn(move || h(ve, pid, pidfd));
                     }
                 }
-            }
-            if last_tick.elapsed() >= std::time::Duration::from_secs(1) {
-                last_tick = std::time::Instant::now();
-                tick();
             }
         }
     }

@@ -306,34 +306,18 @@ impl Node {
 
     fn start_locked(&self, rec: VeRecord) -> NResult<VeInfo> {
         let name = rec.spec.name.clone();
-        match self.launch(&rec) {
-            Ok((pid, master)) => {
+        let started = self.launch(&rec).and_then(|(pid, master)| {
+            let watched = self.watch(&name, pid, master);
+            if watched.is_err() {
+                // Never leave a VE running that the node does not track.
+                // SAFETY: kill(2) on the init we just started (its pid namespace dies with it).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            watched.map(|()| pid)
+        });
+        match started {
+            Ok(pid) => {
                 let pid_start = sys::process_start_time(pid).ok();
-                let pidfd = Arc::new(sys::pidfd_open(pid).map_err(|e| internal("pidfd", e))?);
-                let adopt = KeeperRequest::Adopt {
-                    ve: name.to_string(),
-                    log: self.layout.ve(name.as_str()).console_log(),
-                };
-                let console = match self.keeper.call(&adopt, &[master.as_raw_fd()], true) {
-                    Ok(_) => true,
-                    Err(e) => {
-                        tracing::warn!(ve = %name, "console keeper: {e}; the VE runs without a console");
-                        false
-                    }
-                };
-                drop(master);
-                let exit_token = self
-                    .monitor
-                    .watch_exit(name.clone(), pid, pidfd.clone())
-                    .map_err(|e| internal("watch init", e))?;
-                lock(&self.live).insert(
-                    name.clone(),
-                    Live {
-                        pidfd,
-                        console,
-                        exit_token,
-                    },
-                );
                 let rec = self.update(&name, |r| {
                     r.status = VeStatus::Running;
                     r.pid = Some(pid);
@@ -358,6 +342,35 @@ impl Node {
                 Err(e)
             }
         }
+    }
+
+    /// Watch a freshly started init: its exit (pidfd) and its console (handed to the keeper).
+    fn watch(&self, name: &Name, pid: i32, master: OwnedFd) -> NResult<()> {
+        let pidfd = Arc::new(sys::pidfd_open(pid).map_err(|e| internal("pidfd", e))?);
+        let adopt = KeeperRequest::Adopt {
+            ve: name.to_string(),
+            log: self.layout.ve(name.as_str()).console_log(),
+        };
+        let console = match self.keeper.call(&adopt, &[master.as_raw_fd()], true) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(ve = %name, "console keeper: {e}; the VE runs without a console");
+                false
+            }
+        };
+        let exit_token = self
+            .monitor
+            .watch_exit(name.clone(), pid, pidfd.clone())
+            .map_err(|e| internal("watch init", e))?;
+        lock(&self.live).insert(
+            name.clone(),
+            Live {
+                pidfd,
+                console,
+                exit_token,
+            },
+        );
+        Ok(())
     }
 
     /// Mount, configure and start the VE; returns init's pid and console master.
