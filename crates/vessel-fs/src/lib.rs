@@ -4,8 +4,10 @@
 //! The materialized tree, the FUSE frontend and replication build on these.
 
 pub mod codec;
+pub mod tree;
 pub mod tx;
 pub mod txlog;
 
+pub use tree::{Tree, TreeError};
 pub use tx::{FileKind, Ino, Op, Tx};
 pub use txlog::{Recovery, TxLog, TxLogError};

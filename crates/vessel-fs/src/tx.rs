@@ -28,7 +28,7 @@ pub enum FileKind {
 }
 
 impl FileKind {
-    fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             FileKind::File => 1,
             FileKind::Dir => 2,
@@ -39,7 +39,7 @@ impl FileKind {
             FileKind::BlockDev => 7,
         }
     }
-    fn from_code(c: u8) -> Result<Self, DecodeError> {
+    pub(crate) fn from_code(c: u8) -> Result<Self, DecodeError> {
         Ok(match c {
             1 => FileKind::File,
             2 => FileKind::Dir,
