@@ -19,7 +19,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use vessel_api::fdpass::{recv_with_fds, send_with_fds};
+use vessel_api::fdpass::recv_with_fds;
+use vessel_api::frame::{read_frame, write_frame, FrameError};
 use vessel_types::Ipv4Cidr;
 
 /// fd number on which the helper reports to the daemon.
@@ -102,9 +103,9 @@ pub fn helper_main(json: &str) -> i32 {
     let _ = crate::sys::unblock_all_signals();
     // SAFETY: the daemon placed our report socket on fd 3 and nothing else owns it.
     let report = unsafe { OwnedFd::from_raw_fd(REPORT_FD) };
+    // Framed like the API: the daemon may read two quick reports in one go.
     let send = |r: &HelperReport, fds: &[RawFd]| {
-        let b = serde_json::to_vec(r).unwrap_or_default();
-        let _ = send_with_fds(report.as_raw_fd(), &b, fds);
+        let _ = write_frame(report.as_raw_fd(), r, fds);
     };
     let req: HelperRequest = match serde_json::from_str(json) {
         Ok(r) => r,
@@ -321,22 +322,20 @@ impl Helper {
 
     /// Next report with its attached fds; a helper that died without a word is an error.
     pub fn next_report(&mut self) -> Result<(HelperReport, Vec<OwnedFd>), RuntimeError> {
-        let mut fds = Vec::new();
-        let mut buf = vec![0u8; 64 << 10];
-        let n = recv_with_fds(self.report.as_raw_fd(), &mut buf, &mut fds)?;
-        if n == 0 {
-            let st = self.child.wait()?;
-            let mut err = String::new();
-            if let Some(mut e) = self.child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
+        match read_frame::<HelperReport>(self.report.as_raw_fd()) {
+            Ok(x) => Ok(x),
+            Err(FrameError::Closed) => {
+                let st = self.child.wait()?;
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                Err(RuntimeError::Helper(format!(
+                    "runtime helper ended without a report ({st}) {err}"
+                )))
             }
-            return Err(RuntimeError::Helper(format!(
-                "runtime helper ended without a report ({st}) {err}"
-            )));
+            Err(e) => Err(RuntimeError::Helper(format!("bad helper report: {e}"))),
         }
-        let r: HelperReport =
-            serde_json::from_slice(&buf[..n]).map_err(|e| RuntimeError::Helper(format!("bad helper report: {e}")))?;
-        Ok((r, fds))
     }
 
     pub fn wait(mut self) -> std::io::Result<std::process::ExitStatus> {

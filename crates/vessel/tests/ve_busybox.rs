@@ -106,6 +106,12 @@ fn ves_are_isolated_servers_with_their_own_root() {
     assert_eq!(o.status.code(), Some(7));
     assert_eq!(out(&o), "out\n");
     assert_eq!(err(&o), "err\n");
+    // Regression: the helper's two reports (started, exited) can reach the daemon in one
+    // read; they are framed, so back-to-back short execs never fail.
+    for i in 0..40 {
+        let o = node.vessel(&["ve", "exec", "alpha", "--", "true"]);
+        assert!(o.status.success(), "quick exec {i} failed: {}", err(&o));
+    }
     let o = node.vessel(&["ve", "exec", "alpha", "--", "no-such-command"]);
     assert_eq!(o.status.code(), Some(127));
 
