@@ -11,7 +11,8 @@ use vessel_types::{Name, VeStatus};
 use vessel_ve::runtime::{Helper, HelperReport, HelperRequest};
 
 impl Node {
-    fn require_running(&self, name: &Name) -> NResult<()> {
+    /// The host pid of the VE's init, or why there is none.
+    fn require_running(&self, name: &Name) -> NResult<i32> {
         let rec = self.record(name)?;
         if rec.status != VeStatus::Running {
             return Err(err(
@@ -19,7 +20,8 @@ impl Node {
                 format!("VE '{name}' is not running: start it with `vessel ve start {name}`"),
             ));
         }
-        Ok(())
+        rec.pid
+            .ok_or_else(|| err(ErrorCode::Conflict, format!("VE '{name}' has no init")))
     }
 
     /// Run `argv` in the VE. Replies `ExecStarted` (with the pty master when `tty`), then
@@ -47,7 +49,7 @@ impl Node {
                 format!("environment entry '{e}' must look like KEY=VALUE"),
             ));
         }
-        self.require_running(name)?;
+        let init_pid = self.require_running(name)?;
         let stdio: Option<[OwnedFd; 3]> = if tty {
             None
         } else {
@@ -59,10 +61,6 @@ impl Node {
                 )
             })?)
         };
-        let init_pid = self
-            .record(name)?
-            .pid
-            .ok_or_else(|| err(ErrorCode::Conflict, format!("VE '{name}' has no init")))?;
         let config = self.layout.ve(name.as_str()).bundle().join("config.json");
         let cgroup_dirs = self.cgroup(name).dirs();
         let req = HelperRequest::Exec {

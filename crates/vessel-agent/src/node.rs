@@ -344,6 +344,20 @@ impl Node {
         }
     }
 
+    /// Watch `pid`'s exit and record the VE as live.
+    fn track(&self, name: &Name, pid: i32, pidfd: Arc<OwnedFd>, console: bool) -> std::io::Result<()> {
+        let exit_token = self.monitor.watch_exit(name.clone(), pid, pidfd.clone())?;
+        lock(&self.live).insert(
+            name.clone(),
+            Live {
+                pidfd,
+                console,
+                exit_token,
+            },
+        );
+        Ok(())
+    }
+
     /// Watch a freshly started init: its exit (pidfd) and its console (handed to the keeper).
     fn watch(&self, name: &Name, pid: i32, master: OwnedFd) -> NResult<()> {
         let pidfd = Arc::new(sys::pidfd_open(pid).map_err(|e| internal("pidfd", e))?);
@@ -358,19 +372,8 @@ impl Node {
                 false
             }
         };
-        let exit_token = self
-            .monitor
-            .watch_exit(name.clone(), pid, pidfd.clone())
-            .map_err(|e| internal("watch init", e))?;
-        lock(&self.live).insert(
-            name.clone(),
-            Live {
-                pidfd,
-                console,
-                exit_token,
-            },
-        );
-        Ok(())
+        self.track(name, pid, pidfd, console)
+            .map_err(|e| internal("watch init", e))
     }
 
     /// Mount, configure and start the VE; returns init's pid and console master.
@@ -623,17 +626,9 @@ impl Node {
             if rec.status == VeStatus::Running {
                 if let Some(pidfd) = self.reattach(&rec) {
                     let pid = rec.pid.unwrap_or(0);
-                    match self.monitor.watch_exit(name.clone(), pid, pidfd.clone()) {
-                        Ok(exit_token) => {
-                            let console = consoles.iter().any(|c| c == name.as_str());
-                            lock(&self.live).insert(
-                                name.clone(),
-                                Live {
-                                    pidfd,
-                                    console,
-                                    exit_token,
-                                },
-                            );
+                    let console = consoles.iter().any(|c| c == name.as_str());
+                    match self.track(&name, pid, pidfd, console) {
+                        Ok(()) => {
                             tracing::info!(ve = %name, pid, console, "re-attached to running VE");
                             continue;
                         }

@@ -2,7 +2,7 @@
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// Most fds accepted on one message.
 pub const MAX_FDS: usize = 4;
@@ -50,9 +50,4 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std
         }
     }
     Ok(msg.bytes)
-}
-
-/// Convenience for sockets wrapped in std types.
-pub fn raw<T: AsRawFd>(t: &T) -> RawFd {
-    t.as_raw_fd()
 }

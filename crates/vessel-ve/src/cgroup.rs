@@ -163,14 +163,6 @@ impl VeCgroup {
         }
     }
 
-    /// Pids of every process in the cgroup.
-    pub fn pids(&self) -> Vec<i32> {
-        let ctrl = if self.version == CgroupVersion::V1 { "pids" } else { "" };
-        std::fs::read_to_string(self.dir(ctrl).join("cgroup.procs"))
-            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
-            .unwrap_or_default()
-    }
-
     /// Remove the (empty) cgroup directories; leftovers after a crash are cleaned here.
     pub fn remove(&self) {
         for d in self.dirs() {
