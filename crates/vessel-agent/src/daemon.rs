@@ -1,11 +1,13 @@
 //! `vessel daemon`: one process per node. Takes the node lock, becomes a child subreaper
 //! (VE inits are re-parented to it), re-attaches to running VEs, serves the API, and on
-//! SIGTERM/SIGINT exits leaving VEs running.
+//! SIGTERM/SIGINT stops the VEs (their files are served by this process) and marks them
+//! to be started again by the next daemon.
 
 use crate::node::{Node, NodeOptions};
 use nix::sys::signal::{SigSet, Signal};
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -77,7 +79,10 @@ pub fn run(opts: NodeOptions) -> Result<(), DaemonError> {
     tracing::info!(pid = std::process::id(), socket = %opts.socket.display(), "vessel daemon ready");
 
     let sig = sigs.wait().map_err(|e| setup("sigwait", &e))?;
-    tracing::info!("{sig:?}: daemon exits; VEs keep running");
+    tracing::info!(
+        "{sig:?}: stopping VEs (their files are served by this daemon); they start again with the next daemon"
+    );
+    node.shutdown(Duration::from_secs(10));
     let _ = std::fs::remove_file(&opts.socket);
     drop(pid_file);
     Ok(())

@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod daemon;
+pub mod fsroot;
 mod interactive;
 pub mod keeper;
 pub mod monitor;

@@ -3,6 +3,7 @@
 //! Templates, exec and console live in sibling modules on the same `Node`.
 
 use crate::alloc;
+use crate::fsroot::VesselFsRoot;
 use crate::keeper::{KeeperClient, KeeperRequest};
 use crate::monitor::Monitor;
 use crate::state::{NodeConfig, NodeState, VeRecord};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use vessel_types::api::{ApiError, ErrorCode, NodeStatus, VeChange, VeInfo};
 use vessel_types::{Name, VeSpec, VeStatus};
 use vessel_ve::cgroup::VeCgroup;
-use vessel_ve::rootfs::{OverlayRootFs, RootFs, RootFsRequest};
+use vessel_ve::rootfs::{RootFs, RootFsRequest};
 use vessel_ve::runtime::{self, HelperRequest, NetPlan};
 use vessel_ve::{oci, osconfig, sys, template, Layout};
 
@@ -90,10 +91,27 @@ pub struct Node {
     pub(crate) live: Mutex<HashMap<Name, Live>>,
     quick_failures: Mutex<HashMap<Name, u32>>,
     pub(crate) monitor: Arc<Monitor>,
-    pub(crate) rootfs: Box<dyn RootFs + Send + Sync>,
+    pub(crate) rootfs: VesselFsRoot,
     pub(crate) template_lock: Mutex<()>,
     pub(crate) keeper: KeeperClient,
     started: Instant,
+}
+
+/// What the root tree provider needs to know about a VE.
+pub(crate) fn rootfs_request<'a>(
+    rec: &'a VeRecord,
+    ve: &'a vessel_ve::layout::VeLayout,
+    template_rootfs: &'a std::path::Path,
+) -> RootFsRequest<'a> {
+    RootFsRequest {
+        ve,
+        template_rootfs,
+        uid_base: alloc::uid_base(rec.slot),
+        uid_count: alloc::UID_COUNT,
+        template_id: &rec.template_id,
+        disk: rec.spec.limits.disk,
+        inodes: rec.spec.limits.inodes,
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -129,7 +147,7 @@ impl Node {
             live: Mutex::new(HashMap::new()),
             quick_failures: Mutex::new(HashMap::new()),
             monitor,
-            rootfs: Box::new(OverlayRootFs),
+            rootfs: VesselFsRoot::new(),
             template_lock: Mutex::new(()),
             keeper,
             started: Instant::now(),
@@ -264,18 +282,14 @@ impl Node {
                 last_exit: None,
                 last_error: None,
                 restart_pending: false,
+                resume: false,
             };
             st.ves.insert(name.clone(), rec.clone());
             rec
         };
         let ve = self.layout.ve(name.as_str());
         let tpl_root = self.layout.template_rootfs(&rec.template_id);
-        let req = RootFsRequest {
-            ve: &ve,
-            template_rootfs: &tpl_root,
-            uid_base: alloc::uid_base(rec.slot),
-            uid_count: alloc::UID_COUNT,
-        };
+        let req = rootfs_request(&rec, &ve, &tpl_root);
         let created = self
             .rootfs
             .create(&req)
@@ -385,12 +399,7 @@ impl Node {
             .map_err(|e| err(ErrorCode::NotFound, format!("template of VE '{name}': {e}")))?;
         let tpl_root = tpl_dir.join("rootfs");
         let uid_base = alloc::uid_base(rec.slot);
-        let req = RootFsRequest {
-            ve: &ve,
-            template_rootfs: &tpl_root,
-            uid_base,
-            uid_count: alloc::UID_COUNT,
-        };
+        let req = rootfs_request(rec, &ve, &tpl_root);
         let t0 = Instant::now();
         let rootfs = self.rootfs.mount(&req).map_err(|e| internal("mount VE root", e))?;
         let t_mount = t0.elapsed();
@@ -618,50 +627,89 @@ impl Node {
     /// no daemon watched, and start VEs whose policy says so.
     pub fn recover(self: &Arc<Self>) {
         let recs: Vec<VeRecord> = lock(&self.state).ves.values().cloned().collect();
-        let consoles = self.keeper.list_if_running().unwrap_or_default();
         for rec in recs {
             let name = rec.spec.name.clone();
             let vl = self.ve_lock(&name);
             let _g = lock(&vl);
             if rec.status == VeStatus::Running {
+                // A VE's files are served by the daemon that started it: after that daemon
+                // died its root is gone, so its processes are ended and it starts again.
                 if let Some(pidfd) = self.reattach(&rec) {
-                    let pid = rec.pid.unwrap_or(0);
-                    let console = consoles.iter().any(|c| c == name.as_str());
-                    match self.track(&name, pid, pidfd, console) {
-                        Ok(()) => {
-                            tracing::info!(ve = %name, pid, console, "re-attached to running VE");
-                            continue;
-                        }
-                        Err(e) => tracing::warn!(ve = %name, "watch init: {e}"),
-                    }
+                    tracing::info!(ve = %name, "the previous daemon served this VE's files: restarting it");
+                    let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
+                    let _ = sys::pidfd_wait_exit(&pidfd, 10_000);
+                    self.cleanup_runtime(&rec);
+                    let _ = self.update(&name, |r| {
+                        r.status = VeStatus::Stopped;
+                        r.pid = None;
+                        r.pid_start = None;
+                        r.resume = true;
+                    });
+                } else {
+                    // Its exit status went to whoever reaped it: decide as for an unknown exit.
+                    let action = decide_exit(&rec.spec, None, rec.user_stopped, 0);
+                    tracing::info!(ve = %name, ?action, "VE died while the daemon was away");
+                    self.cleanup_runtime(&rec);
+                    let _ = self.update(&name, |r| {
+                        r.status = if action == ExitAction::Fail {
+                            VeStatus::Failed
+                        } else {
+                            VeStatus::Stopped
+                        };
+                        r.pid = None;
+                        r.pid_start = None;
+                        r.last_exit = None;
+                    });
                 }
-                // Its exit status went to whoever reaped it: decide as for an unknown exit.
-                let action = decide_exit(&rec.spec, None, rec.user_stopped, 0);
-                tracing::info!(ve = %name, ?action, "VE died while the daemon was away");
-                self.cleanup_runtime(&rec);
-                let _ = self.update(&name, |r| {
-                    r.status = if action == ExitAction::Fail {
-                        VeStatus::Failed
-                    } else {
-                        VeStatus::Stopped
-                    };
-                    r.pid = None;
-                    r.pid_start = None;
-                    r.last_exit = None;
-                });
             }
             let rec = match self.record(&name) {
                 Ok(r) => r,
                 Err(_) => continue,
             };
-            if rec.status != VeStatus::Running
+            let always = rec.status != VeStatus::Running
                 && !rec.user_stopped
-                && rec.spec.restart == vessel_types::RestartPolicy::Always
-            {
+                && rec.spec.restart == vessel_types::RestartPolicy::Always;
+            if rec.resume || always {
+                let _ = self.update(&name, |r| r.resume = false);
                 if let Err(e) = self.start_locked(rec) {
-                    tracing::warn!(ve = %name, "start on boot failed: {e}");
+                    tracing::warn!(ve = %name, "start on daemon start failed: {e}");
                 }
             }
+        }
+    }
+
+    /// Daemon shutdown: stop every running VE (their files are served by this process)
+    /// and mark them to be started again by the next daemon.
+    pub fn shutdown(self: &Arc<Self>, timeout: Duration) {
+        let running: Vec<Name> = lock(&self.state)
+            .ves
+            .values()
+            .filter(|r| r.status == VeStatus::Running)
+            .map(|r| r.spec.name.clone())
+            .collect();
+        let workers: Vec<_> = running
+            .into_iter()
+            .map(|name| {
+                let n = self.clone();
+                std::thread::spawn(move || {
+                    let vl = n.ve_lock(&name);
+                    let _g = lock(&vl);
+                    if let Ok(rec) = n.record(&name) {
+                        if rec.status == VeStatus::Running {
+                            if let Err(e) = n.stop_locked(&rec, timeout) {
+                                tracing::warn!(ve = %name, "stop at shutdown: {e}");
+                            }
+                            let _ = n.update(&name, |r| {
+                                r.user_stopped = false;
+                                r.resume = true;
+                            });
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            let _ = w.join();
         }
     }
 

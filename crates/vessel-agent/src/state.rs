@@ -50,6 +50,9 @@ pub struct VeRecord {
     pub last_error: Option<String>,
     #[serde(default)]
     pub restart_pending: bool,
+    /// Running when the daemon stopped (or died): start it again when the daemon starts.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,6 +204,7 @@ mod tests {
                 last_exit: None,
                 last_error: None,
                 restart_pending: false,
+                resume: false,
             },
         );
         s.save(&p).unwrap();

@@ -1,13 +1,24 @@
 //! vessel-fs: every change a VE makes to its files is a transaction, appended to its
 //! volume's transaction log (txlog); the VE's private tree is the result of applying the
-//! log. This crate holds, so far, the transaction format ([`tx`]) and the log ([`txlog`]).
-//! The materialized tree, the FUSE frontend and replication build on these.
+//! log over the read-only template.
+//!
+//! - [`tx`]: the transaction format; [`txlog`]: the log; [`tree`]: metadata = apply(log).
+//! - [`lower`]: a template's tree, indexed once per node; [`view`]: the merged view.
+//! - [`volume`]: one volume on disk (log, checkpoint, file contents, crash recovery,
+//!   group commit); [`fuse`]: the FUSE frontend that serves it.
+//! - [`history`]: diff against the template, history of a path, state as of a time.
 
 pub mod codec;
+pub mod fuse;
+pub mod history;
+pub mod lower;
 pub mod tree;
 pub mod tx;
 pub mod txlog;
+pub mod view;
+pub mod volume;
 
 pub use tree::{Tree, TreeError};
 pub use tx::{FileKind, Ino, Op, Tx};
 pub use txlog::{Recovery, TxLog, TxLogError};
+pub use volume::{Volume, VolumeError};

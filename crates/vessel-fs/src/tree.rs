@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 
 /// Inode id of the volume's root directory.
 pub const ROOT: Ino = 1;
+/// A directory entry that hides the template's entry of the same name (a delete of a
+/// template file, or the old name of a moved one).
+pub const WHITEOUT: Ino = 0;
 /// Version of the checkpoint format.
 pub const CHECKPOINT_VERSION: u32 = 1;
 const CHECKPOINT_MAGIC: &[u8; 8] = b"VSLCKPT1";
@@ -86,6 +89,22 @@ pub struct Inode {
     pub entries: BTreeMap<Vec<u8>, Ino>,
     /// Parent directory (directories only; the root is its own parent).
     pub parent: Ino,
+    /// The template entry this inode was copied up from: a directory merges that
+    /// template directory's entries; a file's contents started as that file's.
+    pub lower: Option<u64>,
+}
+
+impl Inode {
+    /// Real entries (whiteouts left out).
+    pub fn children(&self) -> impl Iterator<Item = (&Vec<u8>, Ino)> {
+        self.entries
+            .iter()
+            .filter(|(_, t)| **t != WHITEOUT)
+            .map(|(n, t)| (n, *t))
+    }
+    fn has_children(&self) -> bool {
+        self.children().next().is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +135,7 @@ impl Tree {
             xattrs: BTreeMap::new(),
             entries: BTreeMap::new(),
             parent: ROOT,
+            lower: None,
         };
         Tree {
             inodes: BTreeMap::from([(ROOT, root)]),
@@ -123,8 +143,14 @@ impl Tree {
         }
     }
 
+    /// The entry `name` in `parent` (`Some(WHITEOUT)` for a whiteout).
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
         self.inodes.get(&parent)?.entries.get(name).copied()
+    }
+
+    /// The real entry `name` in `parent` (whiteouts read as absent).
+    fn real(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
+        self.lookup(parent, name).filter(|t| *t != WHITEOUT)
     }
 
     fn dir(&self, ino: Ino) -> Result<&Inode, TreeError> {
@@ -169,7 +195,17 @@ impl Tree {
                 if !valid_name(name) || *ino == ROOT {
                     return Err(TreeError::Invalid);
                 }
-                if p.entries.contains_key(name) || self.inodes.contains_key(ino) {
+                if self.real(*parent, name).is_some() || self.inodes.contains_key(ino) || *ino == WHITEOUT {
+                    return Err(TreeError::Exists);
+                }
+                let _ = p;
+            }
+            Op::CopyUp { parent, name, ino, .. } => {
+                self.dir(*parent)?;
+                if !valid_name(name) || *ino == ROOT || *ino == WHITEOUT {
+                    return Err(TreeError::Invalid);
+                }
+                if self.lookup(*parent, name).is_some() || self.inodes.contains_key(ino) {
                     return Err(TreeError::Exists);
                 }
             }
@@ -182,15 +218,22 @@ impl Tree {
                 if !valid_name(name) {
                     return Err(TreeError::Invalid);
                 }
-                if p.entries.contains_key(name) {
+                if self.real(*parent, name).is_some() {
                     return Err(TreeError::Exists);
                 }
+                let _ = p;
             }
-            Op::Unlink { parent, name } => {
-                let t = *self.dir(*parent)?.entries.get(name).ok_or(TreeError::NotFound)?;
-                let i = &self.inodes[&t];
-                if i.kind == FileKind::Dir && !i.entries.is_empty() {
-                    return Err(TreeError::NotEmpty);
+            Op::Unlink { parent, name, whiteout } => {
+                self.dir(*parent)?;
+                match self.real(*parent, name) {
+                    Some(t) => {
+                        let i = &self.inodes[&t];
+                        if i.kind == FileKind::Dir && i.has_children() {
+                            return Err(TreeError::NotEmpty);
+                        }
+                    }
+                    None if *whiteout && valid_name(name) => {}
+                    None => return Err(TreeError::NotFound),
                 }
             }
             Op::Rename {
@@ -199,12 +242,18 @@ impl Tree {
                 new_parent,
                 new_name,
                 flags,
+                whiteout,
             } => {
-                if *flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || *flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
+                if *flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+                    || *flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+                    || (*whiteout && *flags & RENAME_EXCHANGE != 0)
+                {
                     return Err(TreeError::Invalid);
                 }
-                let src = *self.dir(*parent)?.entries.get(name).ok_or(TreeError::NotFound)?;
-                let dst = self.dir(*new_parent)?.entries.get(new_name).copied();
+                self.dir(*parent)?;
+                let src = self.real(*parent, name).ok_or(TreeError::NotFound)?;
+                self.dir(*new_parent)?;
+                let dst = self.real(*new_parent, new_name);
                 if !valid_name(new_name) {
                     return Err(TreeError::Invalid);
                 }
@@ -226,7 +275,7 @@ impl Tree {
                         match (src_dir, di.kind == FileKind::Dir) {
                             (true, false) => return Err(TreeError::NotDir),
                             (false, true) => return Err(TreeError::IsDir),
-                            (true, true) if !di.entries.is_empty() => return Err(TreeError::NotEmpty),
+                            (true, true) if di.has_children() => return Err(TreeError::NotEmpty),
                             _ => {}
                         }
                     }
@@ -315,6 +364,7 @@ impl Tree {
                     xattrs: BTreeMap::new(),
                     entries: BTreeMap::new(),
                     parent,
+                    lower: None,
                 };
                 self.inodes.insert(ino, node);
                 let p = self.inodes.get_mut(&parent).expect("checked");
@@ -331,17 +381,56 @@ impl Tree {
                 self.inodes.get_mut(&parent).expect("checked").entries.insert(name, ino);
                 self.touch_dir(parent, t);
             }
-            Op::Unlink { parent, name } => {
-                let target = self
-                    .inodes
-                    .get_mut(&parent)
-                    .expect("checked")
-                    .entries
-                    .remove(&name)
-                    .expect("checked");
-                self.drop_link(parent, target);
-                if let Some(i) = self.inodes.get_mut(&target) {
-                    i.ctime_ns = t;
+            Op::CopyUp {
+                parent,
+                name,
+                ino,
+                lower,
+                kind,
+                mode,
+                uid,
+                gid,
+                rdev,
+                target,
+                size,
+                mtime_ns,
+            } => {
+                let is_dir = kind == FileKind::Dir;
+                let node = Inode {
+                    kind,
+                    mode,
+                    uid,
+                    gid,
+                    rdev,
+                    size,
+                    nlink: if is_dir { 2 } else { 1 },
+                    atime_ns: mtime_ns,
+                    mtime_ns,
+                    ctime_ns: t,
+                    target,
+                    xattrs: BTreeMap::new(),
+                    entries: BTreeMap::new(),
+                    parent,
+                    lower: Some(lower),
+                };
+                self.inodes.insert(ino, node);
+                let p = self.inodes.get_mut(&parent).expect("checked");
+                p.entries.insert(name, ino);
+                if is_dir {
+                    p.nlink += 1;
+                }
+            }
+            Op::Unlink { parent, name, whiteout } => {
+                let p = self.inodes.get_mut(&parent).expect("checked");
+                let target = p.entries.remove(&name).filter(|t| *t != WHITEOUT);
+                if whiteout {
+                    p.entries.insert(name, WHITEOUT);
+                }
+                if let Some(target) = target {
+                    self.drop_link(parent, target);
+                    if let Some(i) = self.inodes.get_mut(&target) {
+                        i.ctime_ns = t;
+                    }
                 }
                 self.touch_dir(parent, t);
             }
@@ -351,9 +440,10 @@ impl Tree {
                 new_parent,
                 new_name,
                 flags,
+                whiteout,
             } => {
                 let src = self.inodes[&parent].entries[&name];
-                let dst = self.inodes[&new_parent].entries.get(&new_name).copied();
+                let dst = self.real(new_parent, &new_name);
                 if flags & RENAME_EXCHANGE != 0 {
                     let d = dst.expect("checked");
                     self.inodes.get_mut(&parent).expect("checked").entries.insert(name, d);
@@ -373,7 +463,11 @@ impl Tree {
                             .remove(&new_name);
                         self.drop_link(new_parent, d);
                     }
-                    self.inodes.get_mut(&parent).expect("checked").entries.remove(&name);
+                    let p = self.inodes.get_mut(&parent).expect("checked");
+                    p.entries.remove(&name);
+                    if whiteout {
+                        p.entries.insert(name, WHITEOUT);
+                    }
                     self.inodes
                         .get_mut(&new_parent)
                         .expect("checked")
@@ -463,7 +557,7 @@ impl Tree {
         let mut names: BTreeMap<Ino, u32> = BTreeMap::new();
         let mut subdirs: BTreeMap<Ino, u32> = BTreeMap::new();
         for (&d, i) in &self.inodes {
-            for (n, &t) in &i.entries {
+            for (n, t) in i.children() {
                 let ti = self
                     .inodes
                     .get(&t)
@@ -516,7 +610,8 @@ impl Tree {
                 .i64(i.mtime_ns)
                 .i64(i.ctime_ns)
                 .bytes(&i.target)
-                .u64(i.parent);
+                .u64(i.parent)
+                .opt_u64(i.lower);
             e.u32(i.xattrs.len() as u32);
             for (k, v) in &i.xattrs {
                 e.bytes(k).bytes(v);
@@ -561,7 +656,7 @@ impl Tree {
             let kind = FileKind::from_code(d.u8()?)?;
             let (mode, uid, gid, rdev, size, nlink) = (d.u32()?, d.u32()?, d.u32()?, d.u64()?, d.u64()?, d.u32()?);
             let (atime_ns, mtime_ns, ctime_ns) = (d.i64()?, d.i64()?, d.i64()?);
-            let (target, parent) = (d.bytes()?, d.u64()?);
+            let (target, parent, lower) = (d.bytes()?, d.u64()?, d.opt_u64()?);
             let mut xattrs = BTreeMap::new();
             for _ in 0..d.u32()? {
                 xattrs.insert(d.bytes()?, d.bytes()?);
@@ -587,6 +682,7 @@ impl Tree {
                     xattrs,
                     entries,
                     parent,
+                    lower,
                 },
             );
         }
@@ -648,6 +744,7 @@ mod tests {
                 new_parent: np,
                 new_name: nn.into(),
                 flags,
+                whiteout: false,
             })
         }
     }
@@ -681,12 +778,14 @@ mod tests {
         l.try_op(Op::Unlink {
             parent: 2,
             name: b"f".to_vec(),
+            whiteout: false,
         })
         .unwrap();
         assert_eq!(l.tree.inodes[&3].nlink, 1);
         l.try_op(Op::Unlink {
             parent: ROOT,
             name: b"g".to_vec(),
+            whiteout: false,
         })
         .unwrap();
         assert!(!l.tree.inodes.contains_key(&3));
@@ -695,7 +794,8 @@ mod tests {
         assert_eq!(
             l.try_op(Op::Unlink {
                 parent: ROOT,
-                name: b"d".to_vec()
+                name: b"d".to_vec(),
+                whiteout: false,
             }),
             Err(TreeError::NotEmpty)
         );
@@ -844,6 +944,7 @@ mod tests {
                 Op::Unlink {
                     parent: d,
                     name: entry_of(d, b),
+                    whiteout: f == 1,
                 }
             }
             4 => {
@@ -854,6 +955,7 @@ mod tests {
                     new_parent: nd,
                     new_name: name(c / 7),
                     flags: [0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE][f as usize],
+                    whiteout: f == 1,
                 }
             }
             5 => Op::Write {

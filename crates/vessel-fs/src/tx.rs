@@ -80,18 +80,41 @@ pub enum Op {
         parent: Ino,
         name: Vec<u8>,
     },
-    /// Remove a name (file, symlink, node or empty directory).
+    /// Remove a name (file, symlink, node or empty directory). With `whiteout` the name
+    /// is left as a whiteout that hides the template's entry of that name (the name need
+    /// not exist in the private tree then).
     Unlink {
         parent: Ino,
         name: Vec<u8>,
+        whiteout: bool,
     },
-    /// Rename, with renameat2 flags (RENAME_NOREPLACE = 1, RENAME_EXCHANGE = 2).
+    /// Rename, with renameat2 flags (RENAME_NOREPLACE = 1, RENAME_EXCHANGE = 2). With
+    /// `whiteout` the old name is left as a whiteout (it exists in the template).
     Rename {
         parent: Ino,
         name: Vec<u8>,
         new_parent: Ino,
         new_name: Vec<u8>,
         flags: u32,
+        whiteout: bool,
+    },
+    /// Copy-up: the template's entry number `lower` becomes private inode `ino` named
+    /// `name` in `parent`, with the given attributes. A directory keeps showing the
+    /// template directory's entries (merged); a file's contents are copied from the
+    /// template (every replica holds the same content-addressed template).
+    CopyUp {
+        parent: Ino,
+        name: Vec<u8>,
+        ino: Ino,
+        lower: u64,
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u64,
+        target: Vec<u8>,
+        size: u64,
+        mtime_ns: i64,
     },
     Write {
         ino: Ino,
@@ -171,8 +194,8 @@ impl Tx {
             Op::Link { ino, parent, name } => {
                 e.u8(2).u64(*ino).u64(*parent).bytes(name);
             }
-            Op::Unlink { parent, name } => {
-                e.u8(3).u64(*parent).bytes(name);
+            Op::Unlink { parent, name, whiteout } => {
+                e.u8(3).u64(*parent).bytes(name).u8(*whiteout as u8);
             }
             Op::Rename {
                 parent,
@@ -180,13 +203,43 @@ impl Tx {
                 new_parent,
                 new_name,
                 flags,
+                whiteout,
             } => {
                 e.u8(4)
                     .u64(*parent)
                     .bytes(name)
                     .u64(*new_parent)
                     .bytes(new_name)
-                    .u32(*flags);
+                    .u32(*flags)
+                    .u8(*whiteout as u8);
+            }
+            Op::CopyUp {
+                parent,
+                name,
+                ino,
+                lower,
+                kind,
+                mode,
+                uid,
+                gid,
+                rdev,
+                target,
+                size,
+                mtime_ns,
+            } => {
+                e.u8(11)
+                    .u64(*parent)
+                    .bytes(name)
+                    .u64(*ino)
+                    .u64(*lower)
+                    .u8(kind.code())
+                    .u32(*mode)
+                    .u32(*uid)
+                    .u32(*gid)
+                    .u64(*rdev)
+                    .bytes(target)
+                    .u64(*size)
+                    .i64(*mtime_ns);
             }
             Op::Write { ino, offset, data } => {
                 e.u8(5).u64(*ino).u64(*offset).bytes(data);
@@ -246,6 +299,7 @@ impl Tx {
             3 => Op::Unlink {
                 parent: d.u64()?,
                 name: d.bytes()?,
+                whiteout: d.bool()?,
             },
             4 => Op::Rename {
                 parent: d.u64()?,
@@ -253,6 +307,7 @@ impl Tx {
                 new_parent: d.u64()?,
                 new_name: d.bytes()?,
                 flags: d.u32()?,
+                whiteout: d.bool()?,
             },
             5 => Op::Write {
                 ino: d.u64()?,
@@ -285,6 +340,20 @@ impl Tx {
             10 => Op::RemoveXattr {
                 ino: d.u64()?,
                 name: d.bytes()?,
+            },
+            11 => Op::CopyUp {
+                parent: d.u64()?,
+                name: d.bytes()?,
+                ino: d.u64()?,
+                lower: d.u64()?,
+                kind: FileKind::from_code(d.u8()?)?,
+                mode: d.u32()?,
+                uid: d.u32()?,
+                gid: d.u32()?,
+                rdev: d.u64()?,
+                target: d.bytes()?,
+                size: d.u64()?,
+                mtime_ns: d.i64()?,
             },
             v => {
                 return Err(DecodeError::Unknown {
@@ -327,7 +396,7 @@ pub(crate) mod strategies {
                 any::<u64>(),
                 name(),
                 any::<u64>(),
-                kind,
+                kind.clone(),
                 any::<u32>(),
                 any::<u32>(),
                 any::<u32>(),
@@ -346,16 +415,51 @@ pub(crate) mod strategies {
                     target
                 }),
             (any::<u64>(), any::<u64>(), name()).prop_map(|(ino, parent, name)| Op::Link { ino, parent, name }),
-            (any::<u64>(), name()).prop_map(|(parent, name)| Op::Unlink { parent, name }),
-            (any::<u64>(), name(), any::<u64>(), name(), 0u32..4).prop_map(
-                |(parent, name, new_parent, new_name, flags)| Op::Rename {
+            (any::<u64>(), name(), any::<bool>()).prop_map(|(parent, name, whiteout)| Op::Unlink {
+                parent,
+                name,
+                whiteout
+            }),
+            (any::<u64>(), name(), any::<u64>(), name(), 0u32..4, any::<bool>()).prop_map(
+                |(parent, name, new_parent, new_name, flags, whiteout)| Op::Rename {
                     parent,
                     name,
                     new_parent,
                     new_name,
-                    flags
+                    flags,
+                    whiteout
                 }
             ),
+            (
+                (any::<u64>(), name(), any::<u64>(), any::<u64>(), kind.clone()),
+                (
+                    any::<u32>(),
+                    any::<u32>(),
+                    any::<u32>(),
+                    any::<u64>(),
+                    name(),
+                    any::<u64>(),
+                    any::<i64>()
+                )
+            )
+                .prop_map(
+                    |((parent, name, ino, lower, kind), (mode, uid, gid, rdev, target, size, mtime_ns))| {
+                        Op::CopyUp {
+                            parent,
+                            name,
+                            ino,
+                            lower,
+                            kind,
+                            mode,
+                            uid,
+                            gid,
+                            rdev,
+                            target,
+                            size,
+                            mtime_ns,
+                        }
+                    }
+                ),
             (
                 any::<u64>(),
                 any::<u64>(),

@@ -308,6 +308,23 @@ impl TxLog {
         Ok(())
     }
 
+    /// A second handle on the segment being appended to: `sync_data` on it makes every
+    /// transaction appended so far durable, without holding the log (group commit). Older
+    /// segments were synced when the log moved on from them.
+    pub fn segment_handle(&self) -> Result<File> {
+        self.seg.try_clone().map_err(self.io("duplicate"))
+    }
+
+    /// Bytes in all segments of the log.
+    pub fn disk_bytes(&self) -> u64 {
+        segments(&self.dir)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|(_, p)| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// Make every appended transaction durable.
     pub fn sync(&mut self) -> Result<()> {
         self.seg.sync_data().map_err(self.io("fsync"))

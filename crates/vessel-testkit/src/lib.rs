@@ -118,7 +118,8 @@ impl TestNode {
         if let Some(mut c) = self.daemon.take() {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(20);
+            // The daemon stops its VEs first (bounded by its own stop timeouts).
+            let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
                 if c.try_wait().ok().flatten().is_some() {
                     return;

@@ -28,6 +28,13 @@ pub struct Limits {
     /// Maximum number of tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids_max: Option<u64>,
+    /// Disk quota of the VE's private files in bytes (template files are shared and not
+    /// counted); a full quota gives ENOSPC inside the VE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<u64>,
+    /// Quota of private inodes (files, directories, links).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inodes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -42,6 +49,10 @@ pub enum LimitsError {
     BadWeight(u64),
     #[error("pids limit must be at least 8 (got {0})")]
     PidsTooSmall(u64),
+    #[error("disk quota must be at least 1M (got {0} bytes)")]
+    DiskTooSmall(u64),
+    #[error("inode quota must be at least 16 (got {0})")]
+    InodesTooSmall(u64),
 }
 
 impl Limits {
@@ -71,6 +82,16 @@ impl Limits {
                 return Err(LimitsError::PidsTooSmall(p));
             }
         }
+        if let Some(d) = self.disk {
+            if d < 1 << 20 {
+                return Err(LimitsError::DiskTooSmall(d));
+            }
+        }
+        if let Some(i) = self.inodes {
+            if i < 16 {
+                return Err(LimitsError::InodesTooSmall(i));
+            }
+        }
         Ok(())
     }
 
@@ -82,6 +103,8 @@ impl Limits {
             cpus: change.cpus.or(self.cpus),
             cpu_weight: change.cpu_weight.or(self.cpu_weight),
             pids_max: change.pids_max.or(self.pids_max),
+            disk: change.disk.or(self.disk),
+            inodes: change.inodes.or(self.inodes),
         }
     }
 

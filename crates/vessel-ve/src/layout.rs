@@ -78,6 +78,14 @@ impl VeLayout {
     pub fn bundle(&self) -> PathBuf {
         self.dir.join("bundle")
     }
+    /// The VE's vessel-fs volume (txlog, checkpoint, private file contents).
+    pub fn volume(&self) -> PathBuf {
+        self.dir.join("volume")
+    }
+    /// Root tree of rescue mode (pristine template; the VE's tree at /mnt/ve).
+    pub fn rescue(&self) -> PathBuf {
+        self.dir.join("rescue")
+    }
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }

@@ -34,6 +34,11 @@ pub struct RootFsRequest<'a> {
     pub template_rootfs: &'a Path,
     pub uid_base: u32,
     pub uid_count: u32,
+    /// Template id (recorded in the volume).
+    pub template_id: &'a str,
+    /// Private-file quotas (bytes, inodes).
+    pub disk: Option<u64>,
+    pub inodes: Option<u64>,
 }
 
 /// Provides a VE's root file tree at `ve.rootfs()`.
@@ -48,6 +53,8 @@ pub trait RootFs {
     fn destroy(&self, ve: &VeLayout) -> Result<()>;
     /// Whether the tree is mounted now.
     fn is_mounted(&self, ve: &VeLayout) -> bool;
+    /// Change the quotas of a mounted tree (no-op where unsupported).
+    fn set_quota(&self, _ve: &VeLayout, _disk: Option<u64>, _inodes: Option<u64>) {}
 }
 
 pub struct OverlayRootFs;

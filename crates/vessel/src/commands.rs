@@ -22,7 +22,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Daemon(a) => daemon(&g, &a),
         Cmd::Template(t) => template(&g, t),
         Cmd::Ve(v) => ve(&g, v),
-        Cmd::Runtime { .. } | Cmd::ConsoleKeeper { .. } => unreachable!("handled in main"),
+        Cmd::Runtime { .. } | Cmd::ConsoleKeeper { .. } | Cmd::FsServe { .. } => unreachable!("handled in main"),
     }
 }
 
@@ -184,7 +184,8 @@ fn down(g: &Global) -> Result<i32> {
     };
     let pid = nix::unistd::Pid::from_raw(s.pid as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("signal the daemon")?;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    eprintln!("stopping the running VEs and the daemon ...");
+    let deadline = Instant::now() + Duration::from_secs(60);
     while std::path::Path::new(&format!("/proc/{}", s.pid)).exists() && Instant::now() < deadline {
         // A zombie (our parent is not its parent) counts as gone.
         if std::fs::read_to_string(format!("/proc/{}/stat", s.pid)).is_ok_and(|st| st.contains(") Z ")) {
@@ -192,7 +193,7 @@ fn down(g: &Global) -> Result<i32> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!("vessel daemon stopped (VEs keep running; `vessel up` re-attaches)");
+    println!("vessel daemon stopped; the VEs that were running start again with `vessel up`");
     Ok(0)
 }
 
@@ -301,6 +302,8 @@ fn limits(a: &SpecArgs) -> Result<Limits> {
         cpus: a.cpus,
         cpu_weight: a.cpu_weight,
         pids_max: a.pids,
+        disk: a.disk.as_deref().map(parse_size).transpose()?,
+        inodes: a.inodes,
     })
 }
 

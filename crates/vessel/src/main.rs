@@ -68,10 +68,11 @@ pub struct DaemonArgs {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 pub enum Cmd {
     /// Start the node daemon in the background
     Up(DaemonArgs),
-    /// Stop the node daemon (VEs keep running)
+    /// Stop the node daemon and its VEs (they start again with `vessel up`)
     Down,
     /// Show what runs on this node
     Status,
@@ -87,6 +88,16 @@ pub enum Cmd {
     Runtime { request: String },
     #[command(name = "__console-keeper", hide = true)]
     ConsoleKeeper { root: PathBuf },
+    /// Serve one vessel-fs volume at a mount point until SIGTERM (tests, benchmarks).
+    #[command(name = "__fs-serve", hide = true)]
+    FsServe {
+        volume: PathBuf,
+        mountpoint: PathBuf,
+        #[arg(long)]
+        template: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        uid_base: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +135,12 @@ pub struct SpecArgs {
     /// Maximum number of processes and threads
     #[arg(long)]
     pub pids: Option<u64>,
+    /// Disk quota for the VE's own files, e.g. 10G (template files are shared, not counted)
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Quota of the VE's own files and directories (inodes)
+    #[arg(long)]
+    pub inodes: Option<u64>,
     /// Hostname inside the VE (default: the VE name)
     #[arg(long)]
     pub hostname: Option<String>,
@@ -261,6 +278,19 @@ fn main() {
     if let Cmd::ConsoleKeeper { root } = &cli.cmd {
         if let Err(e) = vessel_agent::keeper::run(root) {
             eprintln!("vessel console keeper: {e}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
+    if let Cmd::FsServe {
+        volume,
+        mountpoint,
+        template,
+        uid_base,
+    } = &cli.cmd
+    {
+        if let Err(e) = vessel_agent::fsroot::serve(volume, template.as_deref(), mountpoint, *uid_base) {
+            eprintln!("vessel: {e:#}");
             std::process::exit(1);
         }
         std::process::exit(0);

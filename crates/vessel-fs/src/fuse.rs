@@ -1,0 +1,753 @@
+//! The FUSE frontend: serves a [`Volume`] at a mount point, in the daemon's own process.
+//!
+//! - Owners: the volume stores VE-relative ids (0..count); the kernel sees host ids
+//!   (`uid_base + id`), so a template's files belong to each VE's own root without a
+//!   chown or copy, and a volume can move to a node that maps the VE elsewhere.
+//! - Template files opened read-only are served by FUSE passthrough from the one template
+//!   copy on the node: every VE of that template shares its page cache.
+//! - Permissions are checked by the kernel (`default_permissions`); `allow_other` lets
+//!   the VE's mapped users in.
+//! - fsync/fdatasync/O_SYNC/O_DSYNC return once the covering transactions are durable.
+
+use crate::tx::{FileKind, Ino};
+use crate::view::{Attr, FsResult};
+use crate::volume::{SetAttr, Volume};
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const TTL: Duration = Duration::from_secs(1);
+const XATTR_CAPS: &[u8] = b"security.capability";
+const VFS_CAP_REVISION_2: u32 = 0x0200_0000;
+const VFS_CAP_REVISION_3: u32 = 0x0300_0000;
+
+/// How a VE's ids map to host ids.
+#[derive(Debug, Clone, Copy)]
+pub struct IdMap {
+    pub base: u32,
+    pub count: u32,
+}
+
+impl IdMap {
+    pub fn to_host(&self, id: u32) -> u32 {
+        if id < self.count {
+            self.base + id
+        } else {
+            self.base + self.count.saturating_sub(2).min(65534)
+        }
+    }
+    /// Host ids outside the VE's range (the host's administrator) act as the VE's root.
+    pub fn from_host(&self, id: u32) -> u32 {
+        if id >= self.base && id - self.base < self.count {
+            id - self.base
+        } else if id == 0 {
+            0
+        } else {
+            65534
+        }
+    }
+}
+
+enum Handle {
+    /// A private file: reads and writes go through the volume.
+    Private { ino: Ino, sync: bool },
+    /// A template file read by the kernel directly (passthrough).
+    Passthrough { ino: Ino },
+    /// A template file read through us (passthrough unavailable).
+    Lower { file: std::fs::File },
+}
+
+pub struct VolumeFs {
+    vol: Arc<Volume>,
+    ids: IdMap,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    /// One backing file per template inode while it has passthrough handles.
+    backing: Mutex<HashMap<Ino, (Arc<BackingId>, u32)>>,
+    passthrough: std::sync::atomic::AtomicBool,
+}
+
+fn ts(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn time_ns(t: TimeOrNow) -> i64 {
+    let t = match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    };
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn ftype(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn kind_of_mode(mode: u32) -> Option<FileKind> {
+    Some(match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => FileKind::File,
+        libc::S_IFDIR => FileKind::Dir,
+        libc::S_IFLNK => FileKind::Symlink,
+        libc::S_IFIFO => FileKind::Fifo,
+        libc::S_IFSOCK => FileKind::Socket,
+        libc::S_IFCHR => FileKind::CharDev,
+        libc::S_IFBLK => FileKind::BlockDev,
+        _ => return None,
+    })
+}
+
+fn err(e: i32) -> Errno {
+    Errno::from_i32(e)
+}
+
+/// security.capability as stored (v2, relative to the VE's root) -> as the kernel must
+/// see it on this node (v3, rooted at the VE's root's host uid), and back.
+fn caps_out(v: Vec<u8>, root_uid: u32) -> Vec<u8> {
+    if v.len() == 20 && u32::from_le_bytes(v[0..4].try_into().expect("4")) & 0xff00_0000 == VFS_CAP_REVISION_2 {
+        let magic = (u32::from_le_bytes(v[0..4].try_into().expect("4")) & !0xff00_0000) | VFS_CAP_REVISION_3;
+        let mut out = magic.to_le_bytes().to_vec();
+        out.extend_from_slice(&v[4..20]);
+        out.extend_from_slice(&root_uid.to_le_bytes());
+        return out;
+    }
+    v
+}
+
+fn caps_in(v: &[u8], root_uid: u32) -> Vec<u8> {
+    if v.len() == 24
+        && u32::from_le_bytes(v[0..4].try_into().expect("4")) & 0xff00_0000 == VFS_CAP_REVISION_3
+        && u32::from_le_bytes(v[20..24].try_into().expect("4")) == root_uid
+    {
+        let magic = (u32::from_le_bytes(v[0..4].try_into().expect("4")) & !0xff00_0000) | VFS_CAP_REVISION_2;
+        let mut out = magic.to_le_bytes().to_vec();
+        out.extend_from_slice(&v[4..20]);
+        return out;
+    }
+    v.to_vec()
+}
+
+impl VolumeFs {
+    pub fn new(vol: Arc<Volume>, ids: IdMap) -> VolumeFs {
+        VolumeFs {
+            vol,
+            ids,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            backing: Mutex::new(HashMap::new()),
+            passthrough: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn fattr(&self, a: &Attr) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.blocks,
+            atime: ts(a.atime_ns),
+            mtime: ts(a.mtime_ns),
+            ctime: ts(a.ctime_ns),
+            crtime: ts(a.ctime_ns),
+            kind: ftype(a.kind),
+            perm: (a.perm & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: self.ids.to_host(a.uid),
+            gid: self.ids.to_host(a.gid),
+            rdev: a.rdev as u32,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, r: FsResult<Attr>, reply: ReplyEntry) {
+        match r {
+            Ok(a) => reply.entry(&TTL, &self.fattr(&a), Generation(0)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, h);
+        fh
+    }
+
+    fn after_change(&self) {
+        if let Err(e) = self.vol.maybe_checkpoint() {
+            eprintln!("vessel-fs: {e}");
+        }
+    }
+}
+
+fn name(n: &OsStr) -> &[u8] {
+    n.as_bytes()
+}
+
+impl Filesystem for VolumeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok() {
+            self.passthrough.store(true, Ordering::Relaxed);
+        }
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.vol.checkpoint() {
+            eprintln!("vessel-fs: {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
+        self.entry(self.vol.lookup(parent.0, name(n)), reply);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.vol.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &self.fattr(&a)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let a = SetAttr {
+            mode,
+            uid: uid.map(|u| self.ids.from_host(u)),
+            gid: gid.map(|g| self.ids.from_host(g)),
+            size,
+            atime_ns: atime.map(time_ns),
+            mtime_ns: mtime.map(time_ns),
+        };
+        match self.vol.setattr(ino.0, &a) {
+            Ok(a) => reply.attr(&TTL, &self.fattr(&a)),
+            Err(e) => reply.error(err(e)),
+        }
+        self.after_change();
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.vol.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, n: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let Some(kind) = kind_of_mode(mode) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let r = self.vol.mknod(
+            parent.0,
+            name(n),
+            kind,
+            mode & !umask & 0o7777,
+            self.ids.from_host(req.uid()),
+            self.ids.from_host(req.gid()),
+            rdev as u64,
+            b"",
+        );
+        self.entry(r, reply);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, n: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let r = self.vol.mknod(
+            parent.0,
+            name(n),
+            FileKind::Dir,
+            mode & !umask & 0o7777,
+            self.ids.from_host(req.uid()),
+            self.ids.from_host(req.gid()),
+            0,
+            b"",
+        );
+        self.entry(r, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        match self.vol.remove(parent.0, name(n), false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        match self.vol.remove(parent.0, name(n), true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, n: &OsStr, target: &Path, reply: ReplyEntry) {
+        let r = self.vol.mknod(
+            parent.0,
+            name(n),
+            FileKind::Symlink,
+            0o777,
+            self.ids.from_host(req.uid()),
+            self.ids.from_host(req.gid()),
+            0,
+            target.as_os_str().as_bytes(),
+        );
+        self.entry(r, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .vol
+            .rename(parent.0, name(n), newparent.0, name(newname), flags.bits())
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.entry(self.vol.link(ino.0, newparent.0, name(newname)), reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let f = flags.0;
+        let write = f & libc::O_ACCMODE != libc::O_RDONLY;
+        let trunc = f & libc::O_TRUNC != 0;
+        let sync = f & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        match self.vol.open_file(ino.0, write, trunc) {
+            Ok(true) => {
+                let fh = self.add_handle(Handle::Private { ino: ino.0, sync });
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Ok(false) => {
+                // A template file, read-only.
+                let file = match self.vol.open_lower(ino.0) {
+                    Ok(f) => f,
+                    Err(e) => return reply.error(err(e)),
+                };
+                if self.passthrough.load(Ordering::Relaxed) {
+                    let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+                    let id = match b.get_mut(&ino.0) {
+                        Some((id, n)) => {
+                            *n += 1;
+                            Some(id.clone())
+                        }
+                        None => match reply.open_backing(&file) {
+                            Ok(id) => {
+                                let id = Arc::new(id);
+                                b.insert(ino.0, (id.clone(), 1));
+                                Some(id)
+                            }
+                            Err(_) => None,
+                        },
+                    };
+                    drop(b);
+                    if let Some(id) = id {
+                        let fh = self.add_handle(Handle::Passthrough { ino: ino.0 });
+                        return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    }
+                }
+                let fh = self.add_handle(Handle::Lower { file });
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            Err(e) => reply.error(err(e)),
+        }
+        if write || trunc {
+            self.after_change();
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let lower = {
+            let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            match h.get(&fh.0) {
+                Some(Handle::Lower { file }) => Some(file.try_clone()),
+                _ => None,
+            }
+        };
+        let r = match lower {
+            Some(Ok(f)) => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; size as usize];
+                let mut n = 0;
+                loop {
+                    match f.read_at(&mut buf[n..], offset + n as u64) {
+                        Ok(0) => break Ok(()),
+                        Ok(k) => {
+                            n += k;
+                            if n == buf.len() {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) => break Err(e.raw_os_error().unwrap_or(libc::EIO)),
+                    }
+                }
+                .map(|_| {
+                    buf.truncate(n);
+                    buf
+                })
+            }
+            Some(Err(e)) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
+            None => self.vol.read(ino.0, offset, size),
+        };
+        match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let sync = {
+            let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            match h.get(&fh.0) {
+                Some(Handle::Private { sync, .. }) => *sync,
+                Some(_) => return reply.error(Errno::EBADF),
+                None => false,
+            }
+        } || flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        match self.vol.write(ino.0, offset, data) {
+            Ok(n) => {
+                if sync {
+                    if let Err(e) = self.vol.sync() {
+                        return reply.error(err(e));
+                    }
+                }
+                reply.written(n)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+        self.after_change();
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        match h {
+            Some(Handle::Private { ino, .. }) => self.vol.release(ino),
+            Some(Handle::Passthrough { ino }) => {
+                let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((_, n)) = b.get_mut(&ino) {
+                    *n -= 1;
+                    if *n == 0 {
+                        b.remove(&ino);
+                    }
+                }
+            }
+            _ => {}
+        }
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.vol.sync() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.vol.sync() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let (parent, entries) = match self.vol.readdir(ino.0) {
+            Ok(v) => v,
+            Err(e) => return reply.error(err(e)),
+        };
+        let dots = [
+            (ino.0, FileType::Directory, &b"."[..]),
+            (parent, FileType::Directory, &b".."[..]),
+        ];
+        let all = dots
+            .into_iter()
+            .chain(entries.iter().map(|(n, i, k)| (*i, ftype(*k), n.as_slice())));
+        for (i, (ino, kind, n)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, OsStr::from_bytes(n)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (u, q) = self.vol.usage();
+        // Without a quota, report the host file system holding the volume.
+        let host = nix::sys::statvfs::statvfs(self.vol.dir()).ok();
+        let bsize = 4096u64;
+        let (blocks, bfree) = match q.bytes {
+            Some(b) => (b / bsize, b.saturating_sub(u.bytes) / bsize),
+            None => host
+                .as_ref()
+                .map(|s| {
+                    let f = s.fragment_size().max(1);
+                    (s.blocks() * f / bsize, s.blocks_available() * f / bsize)
+                })
+                .unwrap_or((0, 0)),
+        };
+        let (files, ffree) = match q.inodes {
+            Some(i) => (i, i.saturating_sub(u.inodes)),
+            None => host.map(|s| (s.files(), s.files_available())).unwrap_or((0, 0)),
+        };
+        reply.statfs(blocks, bfree, bfree, files, ffree, bsize as u32, 255, bsize as u32);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        n: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let value = if name(n) == XATTR_CAPS {
+            caps_in(value, self.ids.base)
+        } else {
+            value.to_vec()
+        };
+        let r = self.vol.setxattr(
+            ino.0,
+            name(n),
+            &value,
+            flags & libc::XATTR_CREATE != 0,
+            flags & libc::XATTR_REPLACE != 0,
+        );
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.vol.getxattr(ino.0, name(n)) {
+            Ok(v) => {
+                let v = if name(n) == XATTR_CAPS {
+                    caps_out(v, self.ids.base)
+                } else {
+                    v
+                };
+                if size == 0 {
+                    reply.size(v.len() as u32)
+                } else if (size as usize) < v.len() {
+                    reply.error(Errno::ERANGE)
+                } else {
+                    reply.data(&v)
+                }
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.vol.listxattr(ino.0) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                if size == 0 {
+                    reply.size(buf.len() as u32)
+                } else if (size as usize) < buf.len() {
+                    reply.error(Errno::ERANGE)
+                } else {
+                    reply.data(&buf)
+                }
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        match self.vol.removexattr(ino.0, name(n)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, n: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let Some(kind) = kind_of_mode(mode) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let r = self.vol.mknod(
+            parent.0,
+            name(n),
+            kind,
+            mode & !umask & 0o7777,
+            self.ids.from_host(req.uid()),
+            self.ids.from_host(req.gid()),
+            0,
+            b"",
+        );
+        let a = match r {
+            Ok(a) => a,
+            Err(e) => return reply.error(err(e)),
+        };
+        if let Err(e) = self.vol.open_file(a.ino, true, false) {
+            return reply.error(err(e));
+        }
+        let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        let fh = self.add_handle(Handle::Private { ino: a.ino, sync });
+        reply.created(
+            &TTL,
+            &self.fattr(&a),
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::empty(),
+        );
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.vol.fallocate(ino.0, offset, length, mode as u32) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+}
+
+/// Mount options every vessel-fs mount uses.
+pub fn mount_config(threads: usize) -> fuser::Config {
+    let mut c = fuser::Config::default();
+    c.mount_options = vec![
+        MountOption::FSName("vessel-fs".into()),
+        MountOption::Subtype("vessel".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Suid,
+        MountOption::NoDev,
+        MountOption::Exec,
+        MountOption::RW,
+    ];
+    c.acl = fuser::SessionACL::All;
+    c.n_threads = Some(threads.max(1));
+    c.clone_fd = threads > 1;
+    c
+}
+
+/// A mounted volume; unmounts (and checkpoints) when dropped.
+pub struct Mounted {
+    pub volume: Arc<Volume>,
+    session: Option<fuser::BackgroundSession>,
+}
+
+impl Mounted {
+    pub fn unmount(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = s.umount_and_join();
+        }
+        if let Err(e) = self.volume.checkpoint() {
+            eprintln!("vessel-fs: {e}");
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Serve `vol` at `at` from threads of this process.
+pub fn mount(vol: Arc<Volume>, ids: IdMap, at: &Path, threads: usize) -> std::io::Result<Mounted> {
+    let fs = VolumeFs::new(vol.clone(), ids);
+    let session = fuser::Session::new(fs, at, &mount_config(threads))?.spawn()?;
+    Ok(Mounted {
+        volume: vol,
+        session: Some(session),
+    })
+}
