@@ -8,6 +8,7 @@ mod interactive;
 pub mod keeper;
 pub mod monitor;
 pub mod node;
+mod repair;
 pub mod server;
 pub mod state;
 mod templates;

@@ -217,6 +217,7 @@ impl Node {
         if rec.status == VeStatus::Running {
             i.memory_used = self.cgroup(&rec.spec.name).memory_used();
             i.console_lost = lock(&self.live).get(&rec.spec.name).is_none_or(|l| !l.console);
+            i.fs = self.fs_info(&rec.spec.name);
         }
         i
     }
@@ -283,6 +284,7 @@ impl Node {
                 last_error: None,
                 restart_pending: false,
                 resume: false,
+                rescue: false,
             };
             st.ves.insert(name.clone(), rec.clone());
             rec
@@ -318,7 +320,7 @@ impl Node {
         self.start_locked(rec)
     }
 
-    fn start_locked(&self, rec: VeRecord) -> NResult<VeInfo> {
+    pub(crate) fn start_locked(&self, rec: VeRecord) -> NResult<VeInfo> {
         let name = rec.spec.name.clone();
         let started = self.launch(&rec).and_then(|(pid, master)| {
             let watched = self.watch(&name, pid, master);
@@ -401,8 +403,14 @@ impl Node {
         let uid_base = alloc::uid_base(rec.slot);
         let req = rootfs_request(rec, &ve, &tpl_root);
         let t0 = Instant::now();
-        let rootfs = self.rootfs.mount(&req).map_err(|e| internal("mount VE root", e))?;
+        let mut rootfs = self.rootfs.mount(&req).map_err(|e| internal("mount VE root", e))?;
         let t_mount = t0.elapsed();
+        let mut binds = Vec::new();
+        if rec.rescue {
+            // Rescue: a throwaway root from the pristine template; the VE's own tree at /mnt/ve.
+            binds.push((rootfs.clone(), "/mnt/ve".to_string()));
+            rootfs = self.mount_rescue_root(&req)?;
+        }
         osconfig::apply(&rootfs, &rec.spec, uid_base).map_err(|e| internal("write VE settings", e))?;
         let cgroup_path = format!("/{}/{}", self.opts.config.cgroup_parent, name);
         let doc = oci::render(&oci::SpecInput {
@@ -412,6 +420,7 @@ impl Node {
             uid_base,
             uid_count: alloc::UID_COUNT,
             cgroup_path: &cgroup_path,
+            binds: &binds,
         });
         let bundle = ve.bundle();
         std::fs::create_dir_all(&bundle).map_err(|e| internal("bundle dir", e))?;
@@ -458,9 +467,32 @@ impl Node {
         }
         self.cgroup(&rec.spec.name).remove();
         let _ = vessel_ve::net::delete_link(&self.host_if(rec));
+        let rescue = vessel_ve::layout::VeLayout {
+            dir: self.layout.ve(name).rescue(),
+        };
+        if let Err(e) = vessel_ve::rootfs::OverlayRootFs.unmount(&rescue) {
+            tracing::warn!(ve = name, "unmount rescue root: {e}");
+        }
         if let Err(e) = self.rootfs.unmount(&self.layout.ve(name)) {
             tracing::warn!(ve = name, "unmount: {e}");
         }
+    }
+
+    /// Mount a fresh rescue root (template + an empty private layer) for a VE.
+    fn mount_rescue_root(&self, req: &RootFsRequest) -> NResult<std::path::PathBuf> {
+        let rescue = vessel_ve::layout::VeLayout { dir: req.ve.rescue() };
+        let _ = vessel_ve::rootfs::OverlayRootFs.unmount(&rescue);
+        for d in [rescue.upper(), rescue.work()] {
+            let _ = std::fs::remove_dir_all(&d);
+        }
+        let r = RootFsRequest {
+            ve: &rescue,
+            ..req.clone()
+        };
+        vessel_ve::rootfs::OverlayRootFs
+            .create(&r)
+            .and_then(|_| vessel_ve::rootfs::OverlayRootFs.mount(&r))
+            .map_err(|e| internal("mount rescue root", e))
     }
 
     // ------------------------------------------------------------------ stop
@@ -475,7 +507,7 @@ impl Node {
         self.stop_locked(&rec, timeout)
     }
 
-    fn stop_locked(&self, rec: &VeRecord, timeout: Duration) -> NResult<VeInfo> {
+    pub(crate) fn stop_locked(&self, rec: &VeRecord, timeout: Duration) -> NResult<VeInfo> {
         let name = &rec.spec.name;
         self.update(name, |r| r.user_stopped = true)?;
         let pidfd = lock(&self.live).get(name).map(|l| l.pidfd.clone());
@@ -560,6 +592,8 @@ impl Node {
                 self.cgroup(name)
                     .apply(&new.limits)
                     .map_err(|e| err(ErrorCode::Conflict, format!("apply limits to VE '{name}': {e}")))?;
+                self.rootfs
+                    .set_quota(&self.layout.ve(name.as_str()), new.limits.disk, new.limits.inodes);
             }
             let ve = self.layout.ve(name.as_str());
             osconfig::apply(&ve.rootfs(), &new, alloc::uid_base(rec.slot))

@@ -156,5 +156,21 @@ fn dispatch(
         Request::VeLogs { name, tail_bytes } => Response::Logs {
             text: node.logs(&name, tail_bytes)?,
         },
+        Request::VeDiff { name, path } => Response::Diff {
+            entries: node.diff(&name, path.as_deref())?,
+        },
+        Request::VeHistory { name, path } => Response::History {
+            entries: node.history(&name, &path)?,
+        },
+        Request::VeRevert { name, path, to } => Response::Reverted {
+            changed: node.revert(&name, &path, to)?,
+        },
+        Request::VeRollback { name, to } => Response::Reverted {
+            changed: node.rollback(&name, to)?,
+        },
+        Request::VeRescue { name, end } => {
+            node.rescue(&name, end)?;
+            Response::Ve(Box::new(node.show(&name)?))
+        }
     }))
 }

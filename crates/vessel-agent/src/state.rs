@@ -53,6 +53,9 @@ pub struct VeRecord {
     /// Running when the daemon stopped (or died): start it again when the daemon starts.
     #[serde(default)]
     pub resume: bool,
+    /// Boot from the pristine template with the VE's own tree at /mnt/ve.
+    #[serde(default)]
+    pub rescue: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +169,8 @@ impl VeRecord {
             restart_pending: self.restart_pending,
             console_lost: false,
             host_interface: String::new(),
+            rescue: self.rescue,
+            fs: None,
         }
     }
 }
@@ -205,6 +210,7 @@ mod tests {
                 last_error: None,
                 restart_pending: false,
                 resume: false,
+                rescue: false,
             },
         );
         s.save(&p).unwrap();

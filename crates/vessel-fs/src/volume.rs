@@ -95,7 +95,7 @@ fn tree_err(e: TreeError) -> i32 {
     e.errno()
 }
 
-pub(crate) fn data_name(ino: Ino) -> String {
+pub fn data_name(ino: Ino) -> String {
     format!("{ino:016x}")
 }
 
@@ -1122,7 +1122,7 @@ fn lower_has(tree: &Tree, lower: Option<&Lower>, private_dir: Ino, name: &[u8]) 
 }
 
 /// The inode an op changes (for dirty tracking and replay bookkeeping).
-pub(crate) fn op_ino(op: &Op) -> Option<Ino> {
+pub fn op_ino(op: &Op) -> Option<Ino> {
     match op {
         Op::Create { ino, .. }
         | Op::CopyUp { ino, .. }

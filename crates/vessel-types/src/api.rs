@@ -162,6 +162,80 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tail_bytes: Option<u64>,
     },
+    /// What the VE changed relative to its template (under `path`, default everything).
+    VeDiff {
+        name: Name,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+    },
+    /// The transactions that touched a path.
+    VeHistory {
+        name: Name,
+        path: String,
+    },
+    /// Bring one file or directory back to a point in time or to the template's version.
+    VeRevert {
+        name: Name,
+        path: String,
+        to: RepairPoint,
+    },
+    /// The whole VE back to a point in time (stopped for it, started again if it ran).
+    VeRollback {
+        name: Name,
+        to: RepairPoint,
+    },
+    /// Boot from the pristine template with the VE's own tree at /mnt/ve (`end`: back to
+    /// normal).
+    VeRescue {
+        name: Name,
+        #[serde(default)]
+        end: bool,
+    },
+}
+
+/// A point in a VE's file history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum RepairPoint {
+    /// The state as of this time (ns since the Unix epoch).
+    Time { ns: i64 },
+    /// The template's version (before the VE's first change).
+    Template,
+}
+
+/// One changed path relative to the template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffItem {
+    pub path: String,
+    /// added, modified or deleted
+    pub change: String,
+    /// file, dir, symlink, fifo, socket, chardev, blockdev
+    pub kind: String,
+    pub size: u64,
+}
+
+/// One transaction in a path's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryItem {
+    pub seq: u64,
+    pub time_ns: i64,
+    pub path: String,
+    pub what: String,
+}
+
+/// The VE's file system (vessel-fs volume).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsInfo {
+    /// Bytes of the VE's own files (template files are shared, not counted).
+    pub used_bytes: u64,
+    pub used_inodes: u64,
+    /// Size of the transaction log on disk.
+    pub log_bytes: u64,
+    /// Seq of the last transaction.
+    pub last_seq: u64,
+    /// The oldest point `revert`/`rollback` can return to (ns since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_ns: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +335,11 @@ pub struct VeInfo {
     /// Host end of the VE's veth on the node bridge.
     #[serde(default)]
     pub host_interface: String,
+    /// Booted in rescue mode (pristine template root, the VE's tree at /mnt/ve).
+    #[serde(default)]
+    pub rescue: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<FsInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -290,6 +369,16 @@ pub enum Response {
     ConsoleAttached,
     Logs {
         text: String,
+    },
+    Diff {
+        entries: Vec<DiffItem>,
+    },
+    History {
+        entries: Vec<HistoryItem>,
+    },
+    /// What a revert or rollback changed.
+    Reverted {
+        changed: Vec<String>,
     },
 }
 

@@ -7,6 +7,7 @@ pub mod limits;
 pub mod name;
 pub mod net;
 pub mod size;
+pub mod time;
 pub mod ve;
 
 pub use limits::Limits;

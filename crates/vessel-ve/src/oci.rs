@@ -86,6 +86,8 @@ pub struct SpecInput<'a> {
     pub uid_base: u32,
     pub uid_count: u32,
     pub cgroup_path: &'a str,
+    /// Extra bind mounts: (host path, path in the VE).
+    pub binds: &'a [(std::path::PathBuf, String)],
 }
 
 fn resources(l: &Limits) -> Value {
@@ -140,6 +142,20 @@ pub fn render(input: &SpecInput) -> Value {
     ];
     env.extend(s.env.iter().cloned());
     let caps: Vec<&str> = VE_CAPS.to_vec();
+    let mut mounts = json!([
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755", "size=65536k"]}
+    ]);
+    if let Some(m) = mounts.as_array_mut() {
+        for (src, dst) in input.binds {
+            m.push(json!({"destination": dst, "type": "bind", "source": src, "options": ["rbind", "rw"]}));
+        }
+    }
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -156,15 +172,7 @@ pub fn render(input: &SpecInput) -> Value {
         },
         "root": {"path": input.rootfs, "readonly": false},
         "hostname": s.hostname(),
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755", "size=65536k"]}
-        ],
+        "mounts": mounts,
         "linux": {
             "uidMappings": [{"containerID": 0, "hostID": input.uid_base, "size": input.uid_count}],
             "gidMappings": [{"containerID": 0, "hostID": input.uid_base, "size": input.uid_count}],
@@ -212,6 +220,7 @@ mod tests {
             uid_base: 200_000,
             uid_count: 65536,
             cgroup_path: "/vessel/web",
+            binds: &[],
         });
         let oci: oci_spec::runtime::Spec = serde_json::from_value(v.clone()).expect("valid OCI spec");
         let linux = oci.linux().as_ref().unwrap();

@@ -28,7 +28,7 @@ pub enum RootFsError {
 type Result<T> = std::result::Result<T, RootFsError>;
 
 /// What the runtime needs to mount a VE's root tree.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct RootFsRequest<'a> {
     pub ve: &'a VeLayout,
     pub template_rootfs: &'a Path,

@@ -482,8 +482,94 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
             Response::Logs { text } => print!("{text}"),
             r => bail!("unexpected reply {r:?}"),
         },
+        VeCmd::Diff { name, path } => match c.call(&Request::VeDiff { name, path })? {
+            Response::Diff { entries } if g.json => output::json(&entries),
+            Response::Diff { entries } => {
+                let rows: Vec<Vec<String>> = entries
+                    .iter()
+                    .map(|e| vec![e.change.clone(), e.kind.clone(), format_size(e.size), e.path.clone()])
+                    .collect();
+                output::table(&["CHANGE", "KIND", "SIZE", "PATH"], &rows);
+            }
+            r => bail!("unexpected reply {r:?}"),
+        },
+        VeCmd::History { name, path } => match c.call(&Request::VeHistory { name, path })? {
+            Response::History { entries } if g.json => output::json(&entries),
+            Response::History { entries } => {
+                let rows: Vec<Vec<String>> = entries
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            vessel_types::time::format_utc(e.time_ns),
+                            e.seq.to_string(),
+                            e.path.clone(),
+                            e.what.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["TIME (UTC)", "SEQ", "PATH", "CHANGE"], &rows);
+            }
+            r => bail!("unexpected reply {r:?}"),
+        },
+        VeCmd::Revert {
+            name,
+            path,
+            to,
+            template,
+        } => {
+            let to = repair_point(to.as_deref(), template)?;
+            let r = c.call(&Request::VeRevert {
+                name: name.clone(),
+                path: path.clone(),
+                to,
+            })?;
+            print_reverted(g, &r, &format!("{path} in VE {name}"))?;
+        }
+        VeCmd::Rollback { name, to } => {
+            let to = repair_point(Some(&to), false)?;
+            eprintln!("rolling back VE {name} (it is stopped for this and started again if it ran) ...");
+            let r = c.call(&Request::VeRollback { name: name.clone(), to })?;
+            print_reverted(g, &r, &format!("VE {name}"))?;
+        }
+        VeCmd::Rescue { name, end } => match c.call(&Request::VeRescue { name: name.clone(), end })? {
+            Response::Ve(v) if g.json => output::json(&v),
+            Response::Ve(_) if end => println!("VE {name} boots normally again"),
+            Response::Ve(_) => println!(
+                "VE {name} runs in rescue mode: pristine template root, its own files at /mnt/ve \
+                 (`vessel ve console {name}` or `vessel ve exec {name} -- sh`; `vessel ve rescue --end {name}` returns to normal)"
+            ),
+            r => bail!("unexpected reply {r:?}"),
+        },
     }
     Ok(0)
+}
+
+fn repair_point(to: Option<&str>, template: bool) -> Result<vessel_types::api::RepairPoint> {
+    use vessel_types::api::RepairPoint;
+    if template {
+        return Ok(RepairPoint::Template);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    let ns = vessel_types::time::parse_point(to.unwrap_or_default(), now).map_err(anyhow::Error::msg)?;
+    Ok(RepairPoint::Time { ns })
+}
+
+fn print_reverted(g: &Global, r: &Response, what: &str) -> Result<()> {
+    match r {
+        Response::Reverted { changed } if g.json => output::json(&serde_json::json!({ "changed": changed })),
+        Response::Reverted { changed } if changed.is_empty() => println!("{what}: nothing to change"),
+        Response::Reverted { changed } => {
+            for p in changed {
+                println!("restored {p}");
+            }
+            println!("{what}: {} paths restored", changed.len());
+        }
+        r => bail!("unexpected reply {r:?}"),
+    }
+    Ok(())
 }
 
 fn show_ve(v: &VeInfo) {
@@ -527,6 +613,29 @@ fn show_ve(v: &VeInfo) {
         "pids:        {}",
         l.pids_max.map(|p| p.to_string()).unwrap_or_else(|| "unlimited".into())
     );
+    println!(
+        "disk:        quota {}, inodes {}",
+        opt(l.disk),
+        l.inodes.map(|p| p.to_string()).unwrap_or_else(|| "unlimited".into())
+    );
+    if let Some(f) = &v.fs {
+        println!(
+            "files:       {} in {} inodes (own files; template shared)",
+            format_size(f.used_bytes),
+            f.used_inodes
+        );
+        println!(
+            "history:     {} of log, {} changes, back to {}",
+            format_size(f.log_bytes),
+            f.last_seq,
+            f.oldest_ns
+                .map(vessel_types::time::format_utc)
+                .unwrap_or_else(|| "the template (no changes yet)".into())
+        );
+    }
+    if v.rescue {
+        println!("rescue:      yes (pristine template root; own files at /mnt/ve)");
+    }
     println!("restart:     {:?}", v.spec.restart);
     println!("created:     {}", output::ago(v.created_unix));
     if let Some(s) = v.started_unix {

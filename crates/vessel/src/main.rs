@@ -234,6 +234,43 @@ pub enum VeCmd {
         #[arg(long)]
         tail: Option<u64>,
     },
+    /// What the VE changed relative to its template (added, modified, deleted)
+    Diff {
+        name: vessel_types::Name,
+        /// Only under this path
+        path: Option<String>,
+    },
+    /// The changes that touched a path, oldest first
+    History {
+        name: vessel_types::Name,
+        path: String,
+    },
+    /// Bring one file or directory back (the VE may keep running)
+    #[command(group(clap::ArgGroup::new("point").required(true).args(["to", "template"])))]
+    Revert {
+        name: vessel_types::Name,
+        path: String,
+        /// Point in time: 10m (ago), 2h, 1d, @UNIX-SECONDS or 2026-11-25T10:00:00Z
+        #[arg(long)]
+        to: Option<String>,
+        /// The template's version
+        #[arg(long)]
+        template: bool,
+    },
+    /// Bring the whole VE back to a point in time (stopped for it, started again)
+    Rollback {
+        name: vessel_types::Name,
+        /// Point in time: 10m (ago), 2h, 1d, @UNIX-SECONDS or 2026-11-25T10:00:00Z
+        #[arg(long)]
+        to: String,
+    },
+    /// Boot from the pristine template with the VE's own files at /mnt/ve
+    Rescue {
+        name: vessel_types::Name,
+        /// Return to normal boot
+        #[arg(long)]
+        end: bool,
+    },
 }
 
 /// Parse arguments; usage errors become one line (`vessel: ...`) with exit code 2.

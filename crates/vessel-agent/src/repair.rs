@@ -1,0 +1,149 @@
+//! Remote repair of a VE's files: diff against the template, history of a path, revert of
+//! a path, rollback of the whole VE, rescue boot. Works on the live volume of a running VE
+//! (changes are ordinary transactions) and opens the volume directly for a stopped one.
+
+use crate::node::{err, internal, not_found, NResult, Node};
+use std::sync::Arc;
+use std::time::Duration;
+use vessel_fs::history::{self, Target};
+use vessel_fs::volume::Volume;
+use vessel_types::api::{DiffItem, ErrorCode, FsInfo, HistoryItem, RepairPoint};
+use vessel_types::{Name, VeStatus};
+
+impl Node {
+    /// The VE's volume: the mounted one if it runs, else opened for this call (the caller
+    /// holds the VE lock, so nothing mounts it meanwhile).
+    fn volume_of(&self, name: &Name) -> NResult<Arc<Volume>> {
+        let rec = self.record(name)?;
+        let ve = self.layout.ve(name.as_str());
+        if let Some(v) = self.rootfs.volume(&ve) {
+            return Ok(v);
+        }
+        let tpl_root = self.layout.template_rootfs(&rec.template_id);
+        let lower = vessel_fs::lower::shared(&tpl_root).map_err(|e| internal("index template", e))?;
+        let v = Volume::open(&ve.volume(), Some(lower)).map_err(|e| internal("open volume", e))?;
+        Ok(Arc::new(v))
+    }
+
+    pub(crate) fn fs_info(&self, name: &Name) -> Option<FsInfo> {
+        let ve = self.layout.ve(name.as_str());
+        let v = self.rootfs.volume(&ve)?;
+        let (usage, _) = v.usage();
+        let (last_seq, log_bytes) = v.log_status();
+        let oldest_ns = v.read_log(1).ok().and_then(|t| history::oldest_point(&t));
+        Some(FsInfo {
+            used_bytes: usage.bytes,
+            used_inodes: usage.inodes,
+            log_bytes,
+            last_seq,
+            oldest_ns,
+        })
+    }
+
+    pub fn diff(&self, name: &Name, path: Option<&str>) -> NResult<Vec<DiffItem>> {
+        let vl = self.ve_lock(name);
+        let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
+        let v = self.volume_of(name)?;
+        Ok(history::diff(&v, path.unwrap_or("/"))
+            .into_iter()
+            .map(|e| DiffItem {
+                path: e.path,
+                change: e.change.as_str().into(),
+                kind: history::kind_name(e.kind).into(),
+                size: e.size,
+            })
+            .collect())
+    }
+
+    pub fn history(&self, name: &Name, path: &str) -> NResult<Vec<HistoryItem>> {
+        let vl = self.ve_lock(name);
+        let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
+        let v = self.volume_of(name)?;
+        let h = history::history(&v, path).map_err(|e| internal("read history", e))?;
+        Ok(h.into_iter()
+            .map(|e| HistoryItem {
+                seq: e.seq,
+                time_ns: e.time_ns,
+                path: e.path,
+                what: e.what,
+            })
+            .collect())
+    }
+
+    fn target(v: &Volume, to: RepairPoint) -> NResult<Target> {
+        Ok(match to {
+            RepairPoint::Template => Target::Seq(0),
+            RepairPoint::Time { ns } => {
+                let txs = v.read_log(1).map_err(|e| internal("read history", e))?;
+                if let Some(oldest) = history::oldest_point(&txs) {
+                    if ns < oldest {
+                        // Before the VE's first change is the template's state.
+                        return Ok(Target::Seq(0));
+                    }
+                }
+                Target::Seq(history::seq_at(&txs, ns))
+            }
+        })
+    }
+
+    pub fn revert(&self, name: &Name, path: &str, to: RepairPoint) -> NResult<Vec<String>> {
+        let vl = self.ve_lock(name);
+        let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
+        if history::norm(path) == "/" {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                "to bring back the whole VE use `vessel ve rollback NAME --to TIME`".to_string(),
+            ));
+        }
+        let v = self.volume_of(name)?;
+        let t = Self::target(&v, to)?;
+        let r = history::revert(&v, path, t).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+        v.sync()
+            .map_err(|e| internal("sync", std::io::Error::from_raw_os_error(e)))?;
+        Ok(r.changed)
+    }
+
+    pub fn rollback(&self, name: &Name, to: RepairPoint) -> NResult<Vec<String>> {
+        let vl = self.ve_lock(name);
+        let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.record(name)?;
+        let was_running = rec.status == VeStatus::Running;
+        if was_running {
+            self.stop_locked(&rec, Duration::from_secs(10))?;
+        }
+        let res = (|| {
+            let v = self.volume_of(name)?;
+            let t = Self::target(&v, to)?;
+            let r = history::revert(&v, "/", t).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+            v.checkpoint().map_err(|e| internal("checkpoint", e))?;
+            Ok(r.changed)
+        })();
+        if was_running {
+            let rec = self.record(name)?;
+            self.start_locked(rec)?;
+        }
+        res
+    }
+
+    pub fn rescue(&self, name: &Name, end: bool) -> NResult<()> {
+        let vl = self.ve_lock(name);
+        let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.record(name)?;
+        if rec.rescue != end {
+            return Err(err(
+                ErrorCode::Conflict,
+                if end {
+                    format!("VE '{name}' is not in rescue mode")
+                } else {
+                    format!("VE '{name}' is in rescue mode already: `vessel ve rescue --end {name}` returns to normal")
+                },
+            ));
+        }
+        if rec.status == VeStatus::Running {
+            self.stop_locked(&rec, Duration::from_secs(10))?;
+        }
+        self.update(name, |r| r.rescue = !end)?;
+        let rec = self.record(name).map_err(|_| not_found(name))?;
+        self.start_locked(rec).map(|_| ())
+    }
+}
