@@ -487,7 +487,7 @@ impl Node {
         }
         let r = RootFsRequest {
             ve: &rescue,
-            ..req.clone()
+            ..*req
         };
         vessel_ve::rootfs::OverlayRootFs
             .create(&r)
