@@ -159,7 +159,7 @@ fn ve_name(ve: &VeLayout) -> String {
 
 /// `vessel __fs-serve`: serve one volume at a mount point until SIGTERM/SIGINT (tests,
 /// benchmarks and debugging). Creates the volume if it does not exist.
-pub fn serve(volume: &Path, template: Option<&Path>, at: &Path, uid_base: u32) -> anyhow::Result<()> {
+pub fn serve(volume: &Path, template: Option<&Path>, at: &Path, uid_base: u32, quota: Quota) -> anyhow::Result<()> {
     use anyhow::Context;
     if !volume.join("volume.json").exists() {
         let name = volume
@@ -173,6 +173,7 @@ pub fn serve(volume: &Path, template: Option<&Path>, at: &Path, uid_base: u32) -
         None => None,
     };
     let vol = Arc::new(Volume::open(volume, lower)?);
+    vol.set_quota(quota);
     detach_stale(at);
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(nix::sys::signal::Signal::SIGTERM);

@@ -485,10 +485,7 @@ impl Node {
         for d in [rescue.upper(), rescue.work()] {
             let _ = std::fs::remove_dir_all(&d);
         }
-        let r = RootFsRequest {
-            ve: &rescue,
-            ..*req
-        };
+        let r = RootFsRequest { ve: &rescue, ..*req };
         vessel_ve::rootfs::OverlayRootFs
             .create(&r)
             .and_then(|_| vessel_ve::rootfs::OverlayRootFs.mount(&r))

@@ -366,17 +366,33 @@ impl Volume {
     // ---- reads ----
 
     pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        let st = self.lock();
-        if let Some(o) = st.orphans.get(&ino) {
-            return Ok(view::inode_attr(ino, o));
-        }
-        view::attr(&st.tree, self.lower(), ino)
+        let a = {
+            let st = self.lock();
+            match st.orphans.get(&ino) {
+                Some(o) => view::inode_attr(ino, o),
+                None => view::attr(&st.tree, self.lower(), ino)?,
+            }
+        };
+        Ok(self.with_blocks(a))
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
-        let st = self.lock();
-        let ino = view::lookup(&st.tree, self.lower(), parent, name)?;
-        view::attr(&st.tree, self.lower(), ino)
+        let a = {
+            let st = self.lock();
+            let ino = view::lookup(&st.tree, self.lower(), parent, name)?;
+            view::attr(&st.tree, self.lower(), ino)?
+        };
+        Ok(self.with_blocks(a))
+    }
+
+    /// Blocks actually allocated by a private file (sparse files, fallocate).
+    fn with_blocks(&self, mut a: Attr) -> Attr {
+        if a.kind == FileKind::File && a.ino < LOWER_BASE {
+            if let Ok(md) = std::fs::metadata(self.data_path(a.ino)) {
+                a.blocks = std::os::unix::fs::MetadataExt::blocks(&md);
+            }
+        }
+        a
     }
 
     pub fn readdir(&self, dir: Ino) -> FsResult<(Ino, view::DirEntries)> {
@@ -490,8 +506,9 @@ impl Volume {
         account(st, &tx.op, before, &freed);
         // Inodes freed while open live on as orphans until their last close.
         let mut gone = Vec::new();
-        for (ino, inode) in freed {
+        for (ino, mut inode) in freed {
             if st.open.get(&ino).copied().unwrap_or(0) > 0 {
+                inode.nlink = 0;
                 st.orphans.insert(ino, inode);
             } else {
                 gone.push(ino);
@@ -582,12 +599,14 @@ impl Volume {
     /// The effect of `op` on file contents (also used by replay, where files may already
     /// be ahead of the op: every effect is idempotent).
     fn apply_data(&self, tree: &Tree, op: &Op, freed: &[Ino], replay: bool) -> std::io::Result<()> {
-        let open_rw = |ino: Ino, create: bool| {
+        // In replay a file may be gone already (a later transaction freed it): recreate it;
+        // the later transaction removes it again.
+        let open_rw = |ino: Ino, truncate: bool| {
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(create)
-                .truncate(create)
+                .create(truncate || replay)
+                .truncate(truncate)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(self.data_path(ino))
         };

@@ -376,3 +376,101 @@ pub fn host_uid_of(pid: i32) -> u32 {
 pub fn path_exists(p: &Path) -> bool {
     p.symlink_metadata().is_ok()
 }
+
+/// One vessel-fs volume served by `vessel __fs-serve` (a child process this test owns)
+/// at a mount point under a unique temp dir; killed, unmounted and removed on drop.
+pub struct FsServer {
+    pub bin: PathBuf,
+    pub dir: PathBuf,
+    pub mnt: PathBuf,
+    pub vol: PathBuf,
+    pub template: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+impl FsServer {
+    pub fn new(bin: &Path, tag: &str, template: Option<&Path>) -> FsServer {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vessel-fstest-{}-{n}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("mnt")).unwrap();
+        FsServer {
+            bin: bin.to_path_buf(),
+            mnt: dir.join("mnt"),
+            vol: dir.join("vol"),
+            dir,
+            template: template.map(Path::to_path_buf),
+            child: None,
+        }
+    }
+
+    /// Serve the volume (creating it on first use); Err(stderr) if the server fails.
+    pub fn start(&mut self, extra: &[&str]) -> Result<(), String> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("__fs-serve").arg(&self.vol).arg(&self.mnt);
+        if let Some(t) = &self.template {
+            cmd.arg("--template").arg(t);
+        }
+        cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn vessel __fs-serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+            let _ = tx.send(line);
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) if l.trim() == "ready" => {
+                self.child = Some(child);
+                Ok(())
+            }
+            _ => {
+                let _ = child.kill();
+                let o = child.wait_with_output().expect("wait");
+                Err(String::from_utf8_lossy(&o.stderr).into_owned())
+            }
+        }
+    }
+
+    /// kill -9 the server (a crash), and detach its dead mount.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.detach();
+    }
+
+    /// SIGTERM: clean unmount (the server checkpoints the volume).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && c.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.detach();
+    }
+
+    fn detach(&self) {
+        let c = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()).expect("path");
+        for _ in 0..4 {
+            // SAFETY: a NUL-terminated path; MNT_DETACH on our own mount point.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                break;
+            }
+        }
+    }
+}
+
+impl Drop for FsServer {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -97,6 +97,12 @@ pub enum Cmd {
         template: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         uid_base: u32,
+        /// Quota of private bytes
+        #[arg(long)]
+        disk: Option<u64>,
+        /// Quota of private inodes
+        #[arg(long)]
+        inodes: Option<u64>,
     },
 }
 
@@ -324,9 +330,15 @@ fn main() {
         mountpoint,
         template,
         uid_base,
+        disk,
+        inodes,
     } = &cli.cmd
     {
-        if let Err(e) = vessel_agent::fsroot::serve(volume, template.as_deref(), mountpoint, *uid_base) {
+        let quota = vessel_fs::volume::Quota {
+            bytes: *disk,
+            inodes: *inodes,
+        };
+        if let Err(e) = vessel_agent::fsroot::serve(volume, template.as_deref(), mountpoint, *uid_base, quota) {
             eprintln!("vessel: {e:#}");
             std::process::exit(1);
         }
