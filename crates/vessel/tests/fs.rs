@@ -10,7 +10,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -271,10 +271,8 @@ fn posix_semantics_over_a_template() {
     drop(f);
     let f = fs::File::create(m.join("falloc")).unwrap();
     // SAFETY: plain syscall on our fd.
-    assert_eq!(
-        unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 1 << 20) },
-        0
-    );
+    let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 1 << 20) };
+    assert_eq!(r, 0);
     assert_eq!(f.metadata().unwrap().len(), 1 << 20);
     drop(f);
     for part in ["one\n", "two\n"] {
