@@ -12,7 +12,7 @@
 # failure, missing users, output it cannot parse).
 #
 # Usage: scripts/pjdfstest.sh DIR RESULT_FILE [TEST_PATTERN...]
-#   DIR          directory to test in (must exist; pjdfstest makes a temporary
+#   DIR          directory to test in (must exist; the script makes a temporary
 #                directory inside it and removes it when done). DIR and every
 #                parent must be searchable by the users "nobody" and "tests":
 #                a FUSE mount therefore needs allow_other.
@@ -72,6 +72,9 @@ bin="$PJDFSTEST_ROOT/bin/pjdfstest"
 if [ -x "$bin" ] && [ "$("$bin" --version 2>/dev/null)" = "pjdfstest $PJDFSTEST_VERSION" ]; then
     :
 else
+    if ! command -v cargo >/dev/null 2>&1 && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
+        PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+    fi
     command -v cargo >/dev/null 2>&1 || die "cargo not found in PATH; needed to install pjdfstest $PJDFSTEST_VERSION"
     mkdir -p "$PJDFSTEST_ROOT" || die "cannot create PJDFSTEST_ROOT '$PJDFSTEST_ROOT'"
     echo "==> installing pjdfstest $PJDFSTEST_VERSION into $PJDFSTEST_ROOT" >&2
@@ -111,6 +114,7 @@ fi
 # --- config ------------------------------------------------------------------
 tmp=$(mktemp -d /tmp/pjdfstest-sh.XXXXXX)
 sec=""
+# shellcheck disable=SC2317 # invoked by the trap
 cleanup() {
     rm -rf "$tmp"
     if [ -n "$sec" ] && [ "$PJDFSTEST_SECONDARY_FS" = auto ]; then rm -rf "$sec"; fi
@@ -155,6 +159,9 @@ auto)
 esac
 
 # --- run ---------------------------------------------------------------------
+# Run in a fresh subdirectory, removed afterwards even if pjdfstest was killed.
+work=$(mktemp -d "$dir/pjdfstest.XXXXXX") || die "cannot create a directory in '$dir'"
+chmod 0755 "$work"
 patterns=()
 if [ $# -gt 0 ]; then patterns=(-- "$@"); fi
 echo "==> pjdfstest $PJDFSTEST_VERSION in $dir (log: $log)" >&2
@@ -162,10 +169,11 @@ start=$SECONDS
 set +e
 NO_COLOR=1 RUST_BACKTRACE=${RUST_BACKTRACE:-0} \
     timeout --kill-after=30 "$PJDFSTEST_TIMEOUT" \
-    "$bin" -c "$cfg" -p "$dir" "${sec_args[@]}" "${patterns[@]}" >"$log" 2>&1
+    "$bin" -c "$cfg" -p "$work" "${sec_args[@]}" "${patterns[@]}" >"$log" 2>&1
 rc=$?
 set -e
 elapsed=$((SECONDS - start))
+timeout 120 rm -rf "$work" || warn "could not remove '$work'"
 
 # Result lines look like "<name><spaces><status>"; panic messages and
 # backtraces are indented or never end in a status word.

@@ -150,6 +150,74 @@ fn caps_in(v: &[u8], root_uid: u32) -> Vec<u8> {
     v.to_vec()
 }
 
+const XATTR_ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+const XATTR_ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+const ACL_USER_OBJ: u16 = 0x01;
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_GROUP: u16 = 0x08;
+const ACL_MASK: u16 = 0x10;
+const ACL_OTHER: u16 = 0x20;
+
+/// A POSIX ACL in its xattr form: (tag, perm, id) entries after a version header.
+fn acl_entries(v: &[u8]) -> Option<Vec<(u16, u16, u32)>> {
+    if v.len() < 4 || (v.len() - 4) % 8 != 0 || u32::from_le_bytes(v[0..4].try_into().ok()?) != 2 {
+        return None;
+    }
+    Some(
+        v[4..]
+            .chunks(8)
+            .map(|e| {
+                (
+                    u16::from_le_bytes([e[0], e[1]]),
+                    u16::from_le_bytes([e[2], e[3]]),
+                    u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+                )
+            })
+            .collect(),
+    )
+}
+
+fn acl_bytes(e: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (t, p, i) in e {
+        v.extend_from_slice(&t.to_le_bytes());
+        v.extend_from_slice(&p.to_le_bytes());
+        v.extend_from_slice(&i.to_le_bytes());
+    }
+    v
+}
+
+/// Map the ids of named ACL entries.
+fn acl_map(v: &[u8], f: impl Fn(u32) -> u32) -> Vec<u8> {
+    match acl_entries(v) {
+        Some(e) => acl_bytes(
+            &e.into_iter()
+                .map(|(t, p, i)| {
+                    if t == ACL_USER || t == ACL_GROUP {
+                        (t, p, f(i))
+                    } else {
+                        (t, p, i)
+                    }
+                })
+                .collect::<Vec<_>>(),
+        ),
+        None => v.to_vec(),
+    }
+}
+
+/// The permission bits an access ACL implies, and whether the ACL says no more than them.
+fn acl_mode(e: &[(u16, u16, u32)]) -> (u32, bool) {
+    let get = |tag: u16| e.iter().find(|x| x.0 == tag).map(|x| (x.1 & 7) as u32);
+    let user = get(ACL_USER_OBJ).unwrap_or(0);
+    let group = get(ACL_MASK).or(get(ACL_GROUP_OBJ)).unwrap_or(0);
+    let other = get(ACL_OTHER).unwrap_or(0);
+    let minimal = e
+        .iter()
+        .all(|x| matches!(x.0, ACL_USER_OBJ | ACL_GROUP_OBJ | ACL_OTHER));
+    (user << 6 | group << 3 | other, minimal)
+}
+
 impl VolumeFs {
     pub fn new(vol: Arc<Volume>, ids: IdMap) -> VolumeFs {
         VolumeFs {
@@ -583,8 +651,42 @@ impl Filesystem for VolumeFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if name(n) == XATTR_ACL_ACCESS {
+            // An access ACL sets the permission bits (as on a disk file system); one that
+            // says no more than the bits is not kept as an attribute.
+            let Some(e) = acl_entries(value) else {
+                return reply.error(Errno::EINVAL);
+            };
+            let (bits, minimal) = acl_mode(&e);
+            let cur = match self.vol.getattr(ino.0) {
+                Ok(a) => a.perm,
+                Err(er) => return reply.error(err(er)),
+            };
+            let mode = (cur & 0o7000) | bits;
+            if let Err(er) = self.vol.setattr(
+                ino.0,
+                &SetAttr {
+                    mode: Some(mode),
+                    ..Default::default()
+                },
+            ) {
+                return reply.error(err(er));
+            }
+            if minimal {
+                let r = match self.vol.removexattr(ino.0, XATTR_ACL_ACCESS) {
+                    Err(libc::ENODATA) => Ok(()),
+                    r => r,
+                };
+                return match r {
+                    Ok(()) => reply.ok(),
+                    Err(er) => reply.error(err(er)),
+                };
+            }
+        }
         let value = if name(n) == XATTR_CAPS {
             caps_in(value, self.ids.base)
+        } else if name(n) == XATTR_ACL_ACCESS || name(n) == XATTR_ACL_DEFAULT {
+            acl_map(value, |i| self.ids.from_host(i))
         } else {
             value.to_vec()
         };
@@ -606,6 +708,8 @@ impl Filesystem for VolumeFs {
             Ok(v) => {
                 let v = if name(n) == XATTR_CAPS {
                     caps_out(v, self.ids.base)
+                } else if name(n) == XATTR_ACL_ACCESS || name(n) == XATTR_ACL_DEFAULT {
+                    acl_map(&v, |i| self.ids.to_host(i))
                 } else {
                     v
                 };

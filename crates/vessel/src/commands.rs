@@ -84,7 +84,9 @@ fn daemon(g: &Global, a: &DaemonArgs) -> Result<i32> {
     require_root()?;
     validate_daemon_args(a)?;
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VESSEL_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VESSEL_LOG").unwrap_or_else(|_| "info,fuser=error".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
