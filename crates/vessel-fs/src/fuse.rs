@@ -161,7 +161,7 @@ const ACL_OTHER: u16 = 0x20;
 
 /// A POSIX ACL in its xattr form: (tag, perm, id) entries after a version header.
 fn acl_entries(v: &[u8]) -> Option<Vec<(u16, u16, u32)>> {
-    if v.len() < 4 || (v.len() - 4) % 8 != 0 || u32::from_le_bytes(v[0..4].try_into().ok()?) != 2 {
+    if v.len() < 4 || !(v.len() - 4).is_multiple_of(8) || u32::from_le_bytes(v[0..4].try_into().ok()?) != 2 {
         return None;
     }
     Some(

@@ -462,6 +462,9 @@ impl Tree {
                             .entries
                             .remove(&new_name);
                         self.drop_link(new_parent, d);
+                        if let Some(i) = self.inodes.get_mut(&d) {
+                            i.ctime_ns = t;
+                        }
                     }
                     let p = self.inodes.get_mut(&parent).expect("checked");
                     p.entries.remove(&name);

@@ -377,6 +377,7 @@ impl Volume {
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        long_name(name)?;
         let a = {
             let st = self.lock();
             let ino = view::lookup(&st.tree, self.lower(), parent, name)?;
@@ -707,6 +708,7 @@ impl Volume {
         rdev: u64,
         target: &[u8],
     ) -> FsResult<Attr> {
+        long_name(name)?;
         let mut st = self.lock();
         match view::lookup(&st.tree, self.lower(), parent, name) {
             Ok(_) => return Err(libc::EEXIST),
@@ -751,6 +753,7 @@ impl Volume {
     }
 
     pub fn link(&self, ino: Ino, new_parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        long_name(name)?;
         let mut st = self.lock();
         match view::lookup(&st.tree, self.lower(), new_parent, name) {
             Ok(_) => return Err(libc::EEXIST),
@@ -775,6 +778,7 @@ impl Volume {
 
     /// unlink(2) (`dir` false) or rmdir(2) (`dir` true).
     pub fn remove(&self, parent: Ino, name: &[u8], dir: bool) -> FsResult<()> {
+        long_name(name)?;
         let mut st = self.lock();
         let low = self.lower.clone();
         let t = view::lookup(&st.tree, low.as_deref(), parent, name)?;
@@ -799,6 +803,8 @@ impl Volume {
     }
 
     pub fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32) -> FsResult<()> {
+        long_name(name)?;
+        long_name(new_name)?;
         let mut st = self.lock();
         let low = self.lower.clone();
         let lw = low.as_deref();
@@ -1089,6 +1095,14 @@ impl Volume {
         }
         Ok(txs.len() as u64)
     }
+}
+
+/// Names are at most 255 bytes (NAME_MAX), as on Linux disk file systems.
+fn long_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > 255 {
+        return Err(libc::ENAMETOOLONG);
+    }
+    Ok(())
 }
 
 fn read_at(f: &File, off: u64, size: u32) -> FsResult<Vec<u8>> {

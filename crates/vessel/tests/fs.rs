@@ -607,3 +607,104 @@ fn corrupt_log_and_checkpoint_bytes_are_reported() {
     s.start(&[]).unwrap();
     assert_eq!(fs::read_to_string(s.mnt.join("f7")).unwrap(), "content 7".repeat(20));
 }
+
+/// Cases that pass on ext4 and may not on vessel-fs, with the reason.
+const PJDFSTEST_KNOWN: &[(&str, &str)] = &[(
+    "link::link_count_max",
+    "skipped on any FUSE mount: pathconf(LINK_MAX) reports no limit there, so the case cannot run",
+)];
+
+/// A loop-mounted ext4 image, unmounted and removed on drop.
+struct Ext4 {
+    img: PathBuf,
+    dir: PathBuf,
+}
+
+impl Ext4 {
+    fn new(base: &Path) -> Ext4 {
+        let (img, dir) = (base.join("ext4.img"), base.join("ext4"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
+        let mk = run_bounded(
+            {
+                let mut c = std::process::Command::new("mkfs.ext4");
+                c.args(["-q", "-F"]).arg(&img);
+                c
+            },
+            Duration::from_secs(60),
+        );
+        assert!(mk.status.success(), "mkfs.ext4: {}", err(&mk));
+        let m = run_bounded(
+            {
+                let mut c = std::process::Command::new("mount");
+                c.args(["-o", "loop"]).arg(&img).arg(&dir);
+                c
+            },
+            Duration::from_secs(60),
+        );
+        assert!(m.status.success(), "mount ext4 image: {}", err(&m));
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        Ext4 { img, dir }
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        let _ = fs::remove_file(&self.img);
+    }
+}
+
+fn pjdfstest(dir: &Path, results: &Path) -> BTreeMap<String, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pjdfstest.sh");
+    let o = run_bounded(
+        {
+            let mut c = std::process::Command::new("bash");
+            c.arg(&script).arg(dir).arg(results);
+            c
+        },
+        Duration::from_secs(1200),
+    );
+    assert!(o.status.success(), "pjdfstest.sh: {}{}", out(&o), err(&o));
+    fs::read_to_string(results)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(r, n)| (n.to_string(), r.to_string()))
+        .collect()
+}
+
+#[test]
+fn pjdfstest_passes_on_vessel_fs_wherever_it_passes_on_ext4() {
+    if !need_root("pjdfstest_passes_on_vessel_fs_wherever_it_passes_on_ext4") {
+        return;
+    }
+    let mut s = server("pjd", true);
+    fs::set_permissions(&s.dir, fs::Permissions::from_mode(0o755)).unwrap();
+    s.start(&[]).unwrap();
+    let ext4 = Ext4::new(&s.dir);
+    let on_ext4 = pjdfstest(&ext4.dir, &s.dir.join("ext4.txt"));
+    let on_vfs = pjdfstest(&s.mnt, &s.dir.join("vessel-fs.txt"));
+    assert!(on_ext4.values().filter(|r| *r == "PASS").count() > 300, "{on_ext4:?}");
+    let mut regressions = Vec::new();
+    for (case, r) in &on_ext4 {
+        if r == "PASS" && on_vfs.get(case).map(String::as_str) != Some("PASS") {
+            if let Some((_, why)) = PJDFSTEST_KNOWN.iter().find(|(c, _)| c == case) {
+                eprintln!("pjdfstest {case}: {:?} on vessel-fs ({why})", on_vfs.get(case));
+            } else {
+                regressions.push(format!("{case}: {:?}", on_vfs.get(case)));
+            }
+        }
+    }
+    let log = fs::read_to_string(s.dir.join("vessel-fs.txt.log")).unwrap_or_default();
+    assert!(
+        regressions.is_empty(),
+        "fail on vessel-fs, pass on ext4: {regressions:#?}\n{log}"
+    );
+    eprintln!(
+        "pjdfstest: ext4 {} pass; vessel-fs {} pass",
+        on_ext4.values().filter(|r| *r == "PASS").count(),
+        on_vfs.values().filter(|r| *r == "PASS").count()
+    );
+    drop(ext4);
+}
