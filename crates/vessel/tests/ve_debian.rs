@@ -176,15 +176,20 @@ fn debian_workloads_then_remote_repair() {
     // dpkg installs sqlite3 from .deb files (fetched by the host from its Debian mirror).
     let debs = node.root.join("debs");
     std::fs::create_dir_all(&debs).unwrap();
-    let dl = run_bounded(
-        {
-            let mut c = Command::new("apt-get");
-            c.args(["download", "sqlite3", "libsqlite3-0", "libreadline8", "readline-common"])
-                .current_dir(&debs);
-            c
-        },
-        Duration::from_secs(300),
-    );
+    let download = || {
+        let mut c = Command::new("apt-get");
+        c.args(["download", "sqlite3", "libsqlite3-0", "libreadline8", "readline-common"])
+            .current_dir(&debs);
+        run_bounded(c, Duration::from_secs(300))
+    };
+    let mut dl = download();
+    if !dl.status.success() {
+        // The host's package lists may be missing: fetch them once.
+        let mut c = Command::new("apt-get");
+        c.args(["update", "-qq"]);
+        run_bounded(c, Duration::from_secs(300));
+        dl = download();
+    }
     assert!(dl.status.success(), "apt-get download sqlite3: {}", err(&dl));
     for e in std::fs::read_dir(&debs).unwrap() {
         let p = e.unwrap().path();
