@@ -1,4 +1,7 @@
-//! `vessel-bench ve-start [--runs N] [--density N]`: run as root after `cargo build --release`.
+//! `vessel-bench ve-start [--runs N] [--density N]` and `vessel-bench fs [--runs N]`: run
+//! as root after `cargo build --release`. See `fsbench.rs` for the file system benchmark.
+//!
+//! ve-start:
 //!
 //! 1. VE start: time from `vessel ve create --start` of a busybox VE to a command having
 //!    run in it (`vessel ve exec NAME -- /bin/true`), against `runc run` of the same busybox
@@ -8,6 +11,8 @@
 //!    processes per VE on the host besides the VE's own (goal: none).
 //!
 //! Last line: `ve-start: vessel/runc = X`.
+
+mod fsbench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -105,14 +110,19 @@ fn runc_bundle(dir: &Path, rootfs: &Path) -> PathBuf {
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() != Some("ve-start") {
-        eprintln!("usage: vessel-bench ve-start [--runs N] [--density N]");
+    let cmd = std::env::args().nth(1);
+    if !matches!(cmd.as_deref(), Some("ve-start") | Some("fs")) {
+        eprintln!("usage: vessel-bench ve-start [--runs N] [--density N] | fs [--runs N] [--seq-mib N] [--mounts N]");
         std::process::exit(2);
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("vessel-bench: run as root (it starts real VEs)");
+        eprintln!("vessel-bench: run as root (it starts real VEs and mounts)");
         std::process::exit(2);
+    }
+    if cmd.as_deref() == Some("fs") {
+        fsbench::run(&vessel_bin());
+        return;
     }
     let runs = arg("--runs", 15).max(10);
     let density = arg("--density", 100);

@@ -12,7 +12,7 @@ use vessel_ve::layout::VeLayout;
 use vessel_ve::rootfs::{is_mount_point, RootFs, RootFsError, RootFsRequest};
 
 /// FUSE worker threads per mounted volume.
-const THREADS: usize = 2;
+const THREADS: usize = 4;
 
 #[derive(Default)]
 pub struct VesselFsRoot {

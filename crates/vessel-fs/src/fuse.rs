@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const TTL: Duration = Duration::from_secs(1);
+/// Longest time a change stays only in the page cache (without an fsync).
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 const XATTR_CAPS: &[u8] = b"security.capability";
 const VFS_CAP_REVISION_2: u32 = 0x0200_0000;
 const VFS_CAP_REVISION_3: u32 = 0x0300_0000;
@@ -490,27 +492,7 @@ impl Filesystem for VolumeFs {
             }
         };
         let r = match lower {
-            Some(Ok(f)) => {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0u8; size as usize];
-                let mut n = 0;
-                loop {
-                    match f.read_at(&mut buf[n..], offset + n as u64) {
-                        Ok(0) => break Ok(()),
-                        Ok(k) => {
-                            n += k;
-                            if n == buf.len() {
-                                break Ok(());
-                            }
-                        }
-                        Err(e) => break Err(e.raw_os_error().unwrap_or(libc::EIO)),
-                    }
-                }
-                .map(|_| {
-                    buf.truncate(n);
-                    buf
-                })
-            }
+            Some(Ok(f)) => crate::volume::read_at(&f, offset, size),
             Some(Err(e)) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
             None => self.vol.read(ino.0, offset, size),
         };
@@ -823,6 +805,7 @@ pub fn mount_config(threads: usize) -> fuser::Config {
 pub struct Mounted {
     pub volume: Arc<Volume>,
     session: Option<fuser::BackgroundSession>,
+    flusher: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Mounted {
@@ -831,6 +814,7 @@ impl Mounted {
     }
 
     fn stop(&mut self) {
+        self.flusher.store(true, Ordering::Relaxed);
         if let Some(s) = self.session.take() {
             let _ = s.umount_and_join();
         }
@@ -850,8 +834,26 @@ impl Drop for Mounted {
 pub fn mount(vol: Arc<Volume>, ids: IdMap, at: &Path, threads: usize) -> std::io::Result<Mounted> {
     let fs = VolumeFs::new(vol.clone(), ids);
     let session = fuser::Session::new(fs, at, &mount_config(threads))?.spawn()?;
+    // The kernel does not pass sync(2)/syncfs(2) on to FUSE servers (only virtiofs gets
+    // them), so changes nobody fsyncs are made durable within FLUSH_INTERVAL.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (weak, flag) = (Arc::downgrade(&vol), stop.clone());
+    std::thread::Builder::new()
+        .name("vessel-fs-flush".into())
+        .spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(FLUSH_INTERVAL);
+                match weak.upgrade() {
+                    Some(v) => {
+                        let _ = v.try_sync();
+                    }
+                    None => break,
+                }
+            }
+        })?;
     Ok(Mounted {
         volume: vol,
         session: Some(session),
+        flusher: stop,
     })
 }

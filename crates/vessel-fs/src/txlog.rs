@@ -15,6 +15,7 @@
 use crate::tx::{Tx, TX_VERSION};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"VSLTXSEG";
@@ -22,6 +23,10 @@ const HEADER_LEN: u64 = 24;
 const FRAME_LEN: u64 = 8;
 /// Largest transaction body accepted.
 pub const MAX_RECORD: u32 = 64 << 20;
+/// The log writes zeros this far ahead of its end, so that an fsync after an append only
+/// flushes data (the file's size changes once per this many bytes, not per append).
+pub const ZERO_AHEAD: u64 = 4 << 20;
+
 /// Segment size after which the log starts a new segment.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
@@ -68,6 +73,8 @@ pub struct TxLog {
     seg: File,
     seg_path: PathBuf,
     seg_len: u64,
+    /// Bytes of the segment file (zeros past `seg_len`).
+    zeroed_end: u64,
     last_seq: u64,
     last_epoch: u64,
     max_segment: u64,
@@ -104,8 +111,12 @@ fn record_at(bytes: &[u8], off: usize, expected_seq: u64) -> std::result::Result
     let rlen = u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes"));
     let crc = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().expect("4 bytes"));
     let body_at = off + FRAME_LEN as usize;
-    // A write cut short leaves a record running to (or past) the end, or zeros.
-    let torn = body_at as u64 + rlen as u64 >= len as u64 || bytes[off..].iter().all(|b| *b == 0);
+    // A write cut short leaves a record running to (or past) the end, or zeros (the log
+    // writes zeros ahead of itself), or a partly written record followed by zeros.
+    let rec_end = (body_at as u64 + rlen as u64).min(len as u64) as usize;
+    let torn = body_at as u64 + rlen as u64 >= len as u64
+        || bytes[off..].iter().all(|b| *b == 0)
+        || bytes[rec_end..].iter().all(|b| *b == 0);
     if rlen > MAX_RECORD {
         return Err((format!("record length {rlen} over the limit"), torn));
     }
@@ -171,6 +182,7 @@ impl TxLog {
         let mut last_seq = 0;
         let mut last_epoch = 0;
         let mut truncated = 0;
+        let mut last_end = HEADER_LEN;
         for (i, (first, path)) in segs.iter().enumerate() {
             let is_last = i + 1 == segs.len();
             let bytes = std::fs::read(path).map_err(io("read", path))?;
@@ -211,14 +223,18 @@ impl TxLog {
                 }
                 last_epoch = t.epoch;
             }
+            last_end = s.end;
             if let Some((off, reason, torn)) = s.damage {
                 if !(is_last && torn) {
                     return Err(corrupt(off, reason, last_seq));
                 }
-                truncated = bytes.len() as u64 - s.end;
-                let f = OpenOptions::new().write(true).open(path).map_err(io("open", path))?;
-                f.set_len(s.end).map_err(io("truncate", path))?;
-                f.sync_all().map_err(io("fsync", path))?;
+                // Zeros after the last record are space written ahead: keep them.
+                if !bytes[s.end as usize..].iter().all(|b| *b == 0) {
+                    truncated = bytes.len() as u64 - s.end;
+                    let f = OpenOptions::new().write(true).open(path).map_err(io("open", path))?;
+                    f.set_len(s.end).map_err(io("truncate", path))?;
+                    f.sync_all().map_err(io("fsync", path))?;
+                }
             }
         }
         let seg_path = match segs.last() {
@@ -231,17 +247,23 @@ impl TxLog {
             }
         };
         let mut seg = OpenOptions::new()
-            .append(true)
+            .write(true)
             .read(true)
             .open(&seg_path)
             .map_err(io("open", &seg_path))?;
-        let seg_len = seg.seek(SeekFrom::End(0)).map_err(io("seek", &seg_path))?;
+        let zeroed_end = seg.seek(SeekFrom::End(0)).map_err(io("seek", &seg_path))?;
+        let seg_len = if segs.is_empty() {
+            HEADER_LEN
+        } else {
+            last_end.min(zeroed_end)
+        };
         let log = TxLog {
             volume: volume.to_string(),
             dir: dir.to_path_buf(),
             seg,
             seg_path,
             seg_len,
+            zeroed_end,
             last_seq,
             last_epoch,
             max_segment,
@@ -301,8 +323,19 @@ impl TxLog {
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
         frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         frame.extend_from_slice(&body);
-        self.seg.write_all(&frame).map_err(self.io("append to"))?;
-        self.seg_len += frame.len() as u64;
+        let end = self.seg_len + frame.len() as u64;
+        if end > self.zeroed_end {
+            let upto = end + ZERO_AHEAD;
+            let zeros = vec![0u8; (upto - self.zeroed_end) as usize];
+            self.seg
+                .write_all_at(&zeros, self.zeroed_end)
+                .map_err(self.io("extend"))?;
+            self.zeroed_end = upto;
+        }
+        self.seg
+            .write_all_at(&frame, self.seg_len)
+            .map_err(self.io("append to"))?;
+        self.seg_len = end;
         self.last_seq = tx.seq;
         self.last_epoch = tx.epoch;
         Ok(())
@@ -331,11 +364,13 @@ impl TxLog {
     }
 
     fn rotate(&mut self, first_seq: u64) -> Result<()> {
+        // A finished segment ends at its last record.
+        self.seg.set_len(self.seg_len).map_err(self.io("trim"))?;
         self.sync()?;
         let path = self.dir.join(seg_name(first_seq));
         let mut f = OpenOptions::new()
             .create_new(true)
-            .append(true)
+            .write(true)
             .read(true)
             .open(&path)
             .map_err(|source| TxLogError::Io {
@@ -356,6 +391,7 @@ impl TxLog {
         self.seg = f;
         self.seg_path = path;
         self.seg_len = HEADER_LEN;
+        self.zeroed_end = HEADER_LEN;
         Ok(())
     }
 
@@ -383,7 +419,9 @@ impl TxLog {
                     source,
                 })?;
             let s = scan(&bytes, *first);
-            if let Some((offset, reason, _)) = s.damage {
+            let is_last = i + 1 == segs.len();
+            if let Some((offset, reason, torn)) = s.damage.filter(|(_, _, torn)| !(is_last && *torn)).map(|d| d) {
+                let _ = torn;
                 return Err(TxLogError::Corrupt {
                     volume: self.volume.clone(),
                     segment: path.clone(),
@@ -508,6 +546,8 @@ mod tests {
             let last = *ends.last().unwrap();
             ends.push(last + FRAME_LEN as usize + t.encode().len());
         }
+        // The records only (the file also has zeros written ahead).
+        let full = full[..*ends.last().unwrap()].to_vec();
         for cut in HEADER_LEN as usize..full.len() {
             std::fs::write(&seg, &full[..cut]).unwrap();
             let (mut log, rec) = TxLog::open(d.path(), "v1").unwrap();
@@ -528,7 +568,8 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&[0u8; 4096]).unwrap();
         let (_, rec) = TxLog::open(d.path(), "v1").unwrap();
-        assert_eq!((rec.last_seq, rec.truncated_bytes), (3, 4096));
+        // Zeros are the log's own space written ahead: kept, nothing cut.
+        assert_eq!((rec.last_seq, rec.truncated_bytes), (3, 0));
     }
 
     #[test]

@@ -1035,6 +1035,22 @@ impl Volume {
             return Ok(());
         }
         let _g = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.sync_locked(target)
+    }
+
+    /// A sync only if none runs now (the background flusher: never queue behind a caller).
+    pub fn try_sync(&self) -> FsResult<()> {
+        let target = self.lock().tree.applied;
+        if self.synced.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        match self.sync_lock.try_lock() {
+            Ok(_g) => self.sync_locked(target),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn sync_locked(&self, target: u64) -> FsResult<()> {
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(());
         }
@@ -1105,18 +1121,35 @@ fn long_name(name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
-fn read_at(f: &File, off: u64, size: u32) -> FsResult<Vec<u8>> {
-    let mut buf = vec![0u8; size as usize];
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read_at(&mut buf[n..], off + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(errno_of(&e)),
+pub(crate) fn read_at(f: &File, off: u64, size: u32) -> FsResult<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf: Vec<u8> = Vec::with_capacity(size as usize);
+    let mut n = 0usize;
+    while n < size as usize {
+        // SAFETY: pread writes at most `size - n` bytes into the vector's spare capacity,
+        // which starts at `as_mut_ptr() + n` and holds `size - n` bytes.
+        let r = unsafe {
+            libc::pread(
+                f.as_raw_fd(),
+                buf.as_mut_ptr().add(n).cast(),
+                size as usize - n,
+                (off + n as u64) as i64,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(errno_of(&e));
         }
+        if r == 0 {
+            break;
+        }
+        n += r as usize;
     }
-    buf.truncate(n);
+    // SAFETY: the first n bytes were written by pread above.
+    unsafe { buf.set_len(n) };
     Ok(buf)
 }
 
