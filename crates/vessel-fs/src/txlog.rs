@@ -420,8 +420,8 @@ impl TxLog {
                 })?;
             let s = scan(&bytes, *first);
             let is_last = i + 1 == segs.len();
-            if let Some((offset, reason, torn)) = s.damage.filter(|(_, _, torn)| !(is_last && *torn)).map(|d| d) {
-                let _ = torn;
+            // The end of the last segment may be torn (or zeros written ahead): its end.
+            if let Some((offset, reason, _)) = s.damage.filter(|(_, _, torn)| !(is_last && *torn)) {
                 return Err(TxLogError::Corrupt {
                     volume: self.volume.clone(),
                     segment: path.clone(),
