@@ -63,6 +63,9 @@ impl Drop for Ovl {
     }
 }
 
+/// Finds the host file holding a file's contents (to drop its page cache too).
+type Backing = Box<dyn Fn(&Path) -> Option<PathBuf>>;
+
 struct Dir(PathBuf);
 impl Drop for Dir {
     fn drop(&mut self) {
@@ -252,7 +255,7 @@ pub fn run(bin: &Path) {
     let ovl = Ovl::mount(&base.0, &tpl, "main");
     let vol = vfs.vol.clone();
     let upper = ovl.upper.clone();
-    let roots: [(&str, PathBuf, Box<dyn Fn(&Path) -> Option<PathBuf>>); 3] = [
+    let roots: [(&str, PathBuf, Backing); 3] = [
         ("ext4", ext4.clone(), Box::new(|_: &Path| None)),
         (
             "vessel-fs",
