@@ -1,5 +1,5 @@
 //! `vessel daemon`: one process per node. Takes the node lock, becomes a child subreaper
-//! (VE inits are re-parented to it), re-attaches to running VEs, serves the API, and on
+//! (VE inits are re-parented to it), restarts the VEs the previous daemon ran, serves the API, and on
 //! SIGTERM/SIGINT stops the VEs (their files are served by this process) and marks them
 //! to be started again by the next daemon.
 

@@ -1,5 +1,5 @@
 //! The node: its state, and the lifecycle of its VEs (create, start, stop, destroy, set),
-//! re-attachment after a daemon restart, and exit handling with restart policies.
+//! resuming VEs after a daemon restart, and exit handling with restart policies.
 //! Templates, exec and console live in sibling modules on the same `Node`.
 
 use crate::alloc;

@@ -105,7 +105,7 @@ impl TestNode {
         self.daemon.as_ref().map(|c| c.id())
     }
 
-    /// SIGKILL the daemon (VEs keep running).
+    /// SIGKILL the daemon (its VEs lose their root file system; the next daemon restarts them).
     pub fn kill_daemon(&mut self) {
         if let Some(mut c) = self.daemon.take() {
             let _ = c.kill();
