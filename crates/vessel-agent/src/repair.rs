@@ -3,12 +3,24 @@
 //! (changes are ordinary transactions) and opens the volume directly for a stopped one.
 
 use crate::node::{err, internal, not_found, NResult, Node};
+use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 use vessel_fs::history::{self, Target};
 use vessel_fs::volume::Volume;
-use vessel_types::api::{DiffItem, ErrorCode, FsInfo, HistoryItem, RepairPoint};
-use vessel_types::{Name, VeStatus};
+use vessel_types::api::{DiffItem, ErrorCode, FsInfo, HistoryItem, RepairPoint, VeInfo};
+use vessel_types::{Name, VeSpec, VeStatus};
+
+/// Version of the description at the start of an export stream.
+const EXPORT_VERSION: u32 = 1;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ExportMeta {
+    version: u32,
+    spec: VeSpec,
+    template_id: String,
+}
 
 impl Node {
     /// The VE's volume: the mounted one if it runs, else opened for this call (the caller
@@ -145,5 +157,79 @@ impl Node {
         self.update(name, |r| r.rescue = !end)?;
         let rec = self.record(name).map_err(|_| not_found(name))?;
         self.start_locked(rec).map(|_| ())
+    }
+
+    /// Write the VE's export stream to `out`. A running VE is exported as it is while the
+    /// stream is written (stop it first for one consistent point).
+    pub fn export(&self, name: &Name, out: OwnedFd) -> NResult<()> {
+        let vl = self.ve_lock(name);
+        let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.record(name)?;
+        let v = self.volume_of(name)?;
+        let meta = ExportMeta {
+            version: EXPORT_VERSION,
+            spec: rec.spec.clone(),
+            template_id: rec.template_id.clone(),
+        };
+        let meta = serde_json::to_vec_pretty(&meta).map_err(|e| internal("describe export", e))?;
+        let w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(out));
+        let mut w = vessel_fs::archive::export(&v, &meta, w).map_err(|e| internal("write export", e))?;
+        w.flush().map_err(|e| internal("write export", e))
+    }
+
+    /// Create a VE from an export stream.
+    pub fn import(&self, name: Option<Name>, start: bool, input: OwnedFd) -> NResult<VeInfo> {
+        let bad = |m: String| err(ErrorCode::InvalidArgument, m);
+        let r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::from(input));
+        let mut ar = tar::Archive::new(r);
+        let (meta, entries) = vessel_fs::archive::read_meta(&mut ar).map_err(|e| bad(e.to_string()))?;
+        let meta: ExportMeta =
+            serde_json::from_slice(&meta).map_err(|e| bad(format!("the export's description is unreadable: {e}")))?;
+        if meta.version != EXPORT_VERSION {
+            return Err(bad(format!(
+                "export format version {} (this vessel reads {EXPORT_VERSION}): upgrade vessel",
+                meta.version
+            )));
+        }
+        let mut spec = meta.spec;
+        if let Some(n) = name {
+            spec.name = n;
+        }
+        // The address is the node's to give; the template must be the very same tree.
+        spec.ip = None;
+        let tpl = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.templates
+                .iter()
+                .find(|(_, t)| t.id == meta.template_id)
+                .map(|(n, _)| n.clone())
+        };
+        spec.template = tpl.ok_or_else(|| {
+            err(
+                ErrorCode::NotFound,
+                format!(
+                    "template {} ('{}') is not on this node: build or import it first (`vessel template build ...`)",
+                    &meta.template_id[..12.min(meta.template_id.len())],
+                    spec.template
+                ),
+            )
+        })?;
+        let name = spec.name.clone();
+        self.create(spec)?;
+        let res = (|| {
+            let vl = self.ve_lock(&name);
+            let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
+            let v = self.volume_of(&name)?;
+            vessel_fs::archive::import(&v, entries).map_err(|e| bad(format!("import: {e}")))?;
+            v.checkpoint().map_err(|e| internal("checkpoint", e))
+        })();
+        if let Err(e) = res {
+            let _ = self.destroy(&name, true);
+            return Err(e);
+        }
+        if start {
+            self.start(&name)?;
+        }
+        self.show(&name)
     }
 }

@@ -168,6 +168,21 @@ fn dispatch(
         Request::VeRollback { name, to } => Response::Reverted {
             changed: node.rollback(&name, to)?,
         },
+        Request::VeExport { name } => {
+            let fd = fds
+                .into_iter()
+                .next()
+                .ok_or_else(|| crate::node::err(ErrorCode::InvalidArgument, "export needs the output as an fd"))?;
+            node.export(&name, fd)?;
+            Response::Ok
+        }
+        Request::VeImport { name, start } => {
+            let fd = fds
+                .into_iter()
+                .next()
+                .ok_or_else(|| crate::node::err(ErrorCode::InvalidArgument, "import needs the input as an fd"))?;
+            Response::Ve(Box::new(node.import(name, start, fd)?))
+        }
         Request::VeRescue { name, end } => {
             node.rescue(&name, end)?;
             Response::Ve(Box::new(node.show(&name)?))

@@ -517,18 +517,11 @@ impl Reverter<'_> {
     }
 
     fn remove_all(&self, parent: Ino, name: &[u8], path: &str, rep: &mut RevertReport) -> Result<(), VolumeError> {
-        let Some(ino) = self.now(parent, name) else {
+        if self.now(parent, name).is_none() {
             return Ok(());
-        };
-        let a = self.vol.getattr(ino).map_err(|e| op_err(self.vol, "stat", path, e))?;
-        if a.kind == FileKind::Dir {
-            let (_, kids) = self.vol.readdir(ino).map_err(|e| op_err(self.vol, "list", path, e))?;
-            for (n, _, _) in kids {
-                self.remove_all(ino, &n, &join(path, &n), rep)?;
-            }
         }
         self.vol
-            .remove(parent, name, a.kind == FileKind::Dir)
+            .remove_tree(parent, name)
             .map_err(|e| op_err(self.vol, "remove", path, e))?;
         rep.changed.push(path.to_string());
         Ok(())

@@ -8,6 +8,7 @@
 //!   group commit); [`fuse`]: the FUSE frontend that serves it.
 //! - [`history`]: diff against the template, history of a path, state as of a time.
 
+pub mod archive;
 pub mod codec;
 pub mod fuse;
 pub mod history;

@@ -802,6 +802,22 @@ impl Volume {
         Ok(())
     }
 
+    /// Remove `name` in `parent` and everything under it (absent is fine).
+    pub fn remove_tree(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        let a = match self.lookup(parent, name) {
+            Ok(a) => a,
+            Err(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if a.kind == FileKind::Dir {
+            let (_, kids) = self.readdir(a.ino)?;
+            for (n, _, _) in kids {
+                self.remove_tree(a.ino, &n)?;
+            }
+        }
+        self.remove(parent, name, a.kind == FileKind::Dir)
+    }
+
     pub fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32) -> FsResult<()> {
         long_name(name)?;
         long_name(new_name)?;

@@ -184,6 +184,19 @@ pub enum Request {
         name: Name,
         to: RepairPoint,
     },
+    /// Write the VE's export (a tar stream: description + its changes over the template)
+    /// to the fd this request carries.
+    VeExport {
+        name: Name,
+    },
+    /// Create a VE from an export stream read from the fd this request carries (the same
+    /// template must be on the node). `name` overrides the exported name.
+    VeImport {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<Name>,
+        #[serde(default)]
+        start: bool,
+    },
     /// Boot from the pristine template with the VE's own tree at /mnt/ve (`end`: back to
     /// normal).
     VeRescue {

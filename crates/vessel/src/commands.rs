@@ -533,6 +533,34 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
             let r = c.call(&Request::VeRollback { name: name.clone(), to })?;
             print_reverted(g, &r, &format!("VE {name}"))?;
         }
+        VeCmd::Export { name } => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                bail!("the export is a tar stream: redirect it to a file, e.g. `vessel ve export {name} > {name}.tar`");
+            }
+            c.send(&Request::VeExport { name: name.clone() }, &[1])?;
+            match c.recv()?.0 {
+                Response::Ok => eprintln!("exported VE {name}"),
+                Response::Error(e) => return Err(e.into()),
+                r => bail!("unexpected reply {r:?}"),
+            }
+        }
+        VeCmd::Import { name, start } => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                bail!("feed an export on stdin, e.g. `vessel ve import < web.tar`");
+            }
+            c.send(&Request::VeImport { name, start }, &[0])?;
+            match c.recv()?.0 {
+                Response::Ve(v) if g.json => output::json(&v),
+                Response::Ve(v) => println!(
+                    "imported VE {} ({}, ip {})",
+                    v.spec.name,
+                    v.status.as_str(),
+                    v.spec.ip.map(|i| i.to_string()).unwrap_or_default()
+                ),
+                Response::Error(e) => return Err(e.into()),
+                r => bail!("unexpected reply {r:?}"),
+            }
+        }
         VeCmd::Rescue { name, end } => match c.call(&Request::VeRescue { name: name.clone(), end })? {
             Response::Ve(v) if g.json => output::json(&v),
             Response::Ve(_) if end => println!("VE {name} boots normally again"),

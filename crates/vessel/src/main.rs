@@ -270,6 +270,19 @@ pub enum VeCmd {
         #[arg(long)]
         to: String,
     },
+    /// Write a backup of the VE to stdout: `vessel ve export web > web.tar`
+    Export {
+        name: vessel_types::Name,
+    },
+    /// Create a VE from a backup on stdin: `vessel ve import [--name N] < web.tar`
+    Import {
+        /// Name of the new VE (default: the exported one)
+        #[arg(long)]
+        name: Option<vessel_types::Name>,
+        /// Start it right away
+        #[arg(long)]
+        start: bool,
+    },
     /// Boot from the pristine template with the VE's own files at /mnt/ve
     Rescue {
         name: vessel_types::Name,
