@@ -89,6 +89,7 @@ impl VesselFsRoot {
             bytes: req.disk,
             inodes: req.inodes,
         });
+        vol.set_retention(req.history);
         let ids = IdMap {
             base: req.uid_base,
             count: req.uid_count,
@@ -143,9 +144,13 @@ impl RootFs for VesselFsRoot {
         self.lock().contains_key(&ve.rootfs())
     }
 
-    fn set_quota(&self, ve: &VeLayout, disk: Option<u64>, inodes: Option<u64>) {
+    fn set_storage(&self, ve: &VeLayout, l: &vessel_types::Limits) {
         if let Some(v) = self.volume(ve) {
-            v.set_quota(Quota { bytes: disk, inodes });
+            v.set_quota(Quota {
+                bytes: l.disk,
+                inodes: l.inodes,
+            });
+            v.set_retention(l.history);
         }
     }
 }
@@ -159,7 +164,15 @@ fn ve_name(ve: &VeLayout) -> String {
 
 /// `vessel __fs-serve`: serve one volume at a mount point until SIGTERM/SIGINT (tests,
 /// benchmarks and debugging). Creates the volume if it does not exist.
-pub fn serve(volume: &Path, template: Option<&Path>, at: &Path, uid_base: u32, quota: Quota) -> anyhow::Result<()> {
+pub fn serve(
+    volume: &Path,
+    template: Option<&Path>,
+    at: &Path,
+    uid_base: u32,
+    quota: Quota,
+    history_secs: Option<u64>,
+    segment_bytes: Option<u64>,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     if !volume.join("volume.json").exists() {
         let name = volume
@@ -172,8 +185,13 @@ pub fn serve(volume: &Path, template: Option<&Path>, at: &Path, uid_base: u32, q
         Some(t) => Some(vessel_fs::lower::shared(t).with_context(|| format!("index template {}", t.display()))?),
         None => None,
     };
-    let vol = Arc::new(Volume::open(volume, lower)?);
+    let mut opts = vessel_fs::volume::VolumeOptions::default();
+    if let Some(b) = segment_bytes {
+        opts.segment_bytes = b;
+    }
+    let vol = Arc::new(Volume::open_with(volume, lower, opts)?);
     vol.set_quota(quota);
+    vol.set_retention(history_secs);
     detach_stale(at);
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(nix::sys::signal::Signal::SIGTERM);

@@ -111,6 +111,7 @@ pub(crate) fn rootfs_request<'a>(
         template_id: &rec.template_id,
         disk: rec.spec.limits.disk,
         inodes: rec.spec.limits.inodes,
+        history: rec.spec.limits.history,
     }
 }
 
@@ -589,8 +590,7 @@ impl Node {
                 self.cgroup(name)
                     .apply(&new.limits)
                     .map_err(|e| err(ErrorCode::Conflict, format!("apply limits to VE '{name}': {e}")))?;
-                self.rootfs
-                    .set_quota(&self.layout.ve(name.as_str()), new.limits.disk, new.limits.inodes);
+                self.rootfs.set_storage(&self.layout.ve(name.as_str()), &new.limits);
             }
             let ve = self.layout.ve(name.as_str());
             osconfig::apply(&ve.rootfs(), &new, alloc::uid_base(rec.slot))

@@ -42,7 +42,7 @@ impl Node {
         let v = self.rootfs.volume(&ve)?;
         let (usage, _) = v.usage();
         let (last_seq, log_bytes) = v.log_status();
-        let oldest_ns = v.read_log(1).ok().and_then(|t| history::oldest_point(&t));
+        let oldest_ns = v.oldest_point();
         Some(FsInfo {
             used_bytes: usage.bytes,
             used_inodes: usage.inodes,
@@ -86,14 +86,25 @@ impl Node {
         Ok(match to {
             RepairPoint::Template => Target::Seq(0),
             RepairPoint::Time { ns } => {
-                let txs = v.read_log(1).map_err(|e| internal("read history", e))?;
-                if let Some(oldest) = history::oldest_point(&txs) {
+                let base = v.base_meta();
+                if let Some(oldest) = v.oldest_point() {
                     if ns < oldest {
-                        // Before the VE's first change is the template's state.
-                        return Ok(Target::Seq(0));
+                        if base.seq == 0 {
+                            // Before the VE's first change is the template's state.
+                            return Ok(Target::Seq(0));
+                        }
+                        return Err(err(
+                            ErrorCode::InvalidArgument,
+                            format!(
+                                "history before {} is compacted (retention {}): pick a later time or --template",
+                                vessel_types::time::format_utc(oldest),
+                                vessel_types::time::format_duration_secs(v.retention_secs())
+                            ),
+                        ));
                     }
                 }
-                Target::Seq(history::seq_at(&txs, ns))
+                let txs = v.read_log(base.seq + 1).map_err(|e| internal("read history", e))?;
+                Target::Seq(history::seq_at(&txs, ns).max(base.seq))
             }
         })
     }

@@ -841,13 +841,21 @@ pub fn mount(vol: Arc<Volume>, ids: IdMap, at: &Path, threads: usize) -> std::io
     std::thread::Builder::new()
         .name("vessel-fs-flush".into())
         .spawn(move || {
+            let mut last_compact = std::time::Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(FLUSH_INTERVAL);
-                match weak.upgrade() {
-                    Some(v) => {
-                        let _ = v.try_sync();
+                let Some(v) = weak.upgrade() else { break };
+                let _ = v.try_sync();
+                // History older than the retention is compacted now and then.
+                let every = Duration::from_secs((v.retention_secs() / 4).clamp(1, 60));
+                if last_compact.elapsed() >= every {
+                    last_compact = std::time::Instant::now();
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as i64);
+                    if let Err(e) = v.compact(now) {
+                        eprintln!("vessel-fs: compacting history: {e}");
                     }
-                    None => break,
                 }
             }
         })?;

@@ -279,15 +279,20 @@ fn describe(op: &Op) -> String {
     }
 }
 
-/// Replay `txs` over the volume's initial tree up to and including `upto`.
+/// Replay `txs` over `start` (the base tree) up to and including `upto`.
 fn replay<'a>(
-    lower: Option<&Lower>,
+    start: Tree,
     txs: &'a [Tx],
     upto: u64,
     mut each: impl FnMut(&Tree, &Names, &'a Tx, bool),
 ) -> Result<(Tree, Names), String> {
-    let mut tree = Volume::initial_tree(lower.is_some());
+    let mut tree = start;
     let mut names = Names::default();
+    for (&d, i) in &tree.inodes {
+        for (n, t) in i.children() {
+            names.0.entry(t).or_insert((d, n.clone()));
+        }
+    }
     for tx in txs.iter().take_while(|t| t.seq <= upto) {
         each(&tree, &names, tx, true);
         tree.apply(tx)
@@ -308,11 +313,12 @@ fn corrupt(vol: &Volume, reason: String) -> VolumeError {
 /// The transactions that touched `path` (or anything under it), oldest first.
 pub fn history(vol: &Volume, path: &str) -> Result<Vec<HistoryEntry>, VolumeError> {
     let path = norm(path);
-    let txs = vol.read_log(1)?;
+    let base = vol.base_meta();
+    let txs = vol.read_log(base.seq + 1)?;
     let lower = vol.lower();
     let mut out = Vec::new();
     let mut seen = HashSet::new();
-    replay(lower, &txs, u64::MAX, |tree, names, tx, before| {
+    replay(vol.base_tree()?, &txs, u64::MAX, |tree, names, tx, before| {
         let mut paths = Vec::new();
         match &tx.op {
             Op::Unlink { parent, name, .. } if before => paths.push(join(&names.path(tree, lower, *parent), name)),
@@ -369,10 +375,19 @@ pub enum Target {
     Seq(u64),
 }
 
-/// Contents of file `ino` as of `seq`, rebuilt from the template and the log.
-fn content_at(vol: &Volume, txs: &[Tx], ino: Ino, seq: u64) -> Result<Vec<u8>, VolumeError> {
+/// Contents of file `ino` as of `seq`, rebuilt from the base (or the template) and the log.
+fn content_at(vol: &Volume, base: &Tree, txs: &[Tx], ino: Ino, seq: u64) -> Result<Vec<u8>, VolumeError> {
     let mut data: Vec<u8> = Vec::new();
     let mut origin_found = false;
+    if seq > 0 && base.inodes.get(&ino).is_some_and(|i| i.kind == FileKind::File) {
+        data = vol.base_content(ino).map_err(|source| VolumeError::Io {
+            volume: vol.name().to_string(),
+            what: "read the base of",
+            path: vol.dir().join("base"),
+            source,
+        })?;
+        origin_found = true;
+    }
     for tx in txs.iter().take_while(|t| t.seq <= seq) {
         match &tx.op {
             Op::Create { ino: i, .. } if *i == ino => {
@@ -459,12 +474,33 @@ pub struct RevertReport {
 /// the live volume (the VE may be running).
 pub fn revert(vol: &Volume, path: &str, target: Target) -> Result<RevertReport, VolumeError> {
     let path = norm(path);
-    let txs = vol.read_log(1)?;
+    let base_meta = vol.base_meta();
+    let txs = vol.read_log(base_meta.seq + 1)?;
     let Target::Seq(seq) = target;
     let lower = vol.lower();
-    let (old, _) = replay(lower, &txs, seq, |_, _, _, _| {}).map_err(|e| corrupt(vol, e))?;
+    let base = vol.base_tree()?;
+    let old = if seq == 0 {
+        // The pristine template.
+        Volume::initial_tree(lower.is_some())
+    } else if seq < base_meta.seq {
+        return Err(VolumeError::Op(
+            format!(
+                "history before {} was compacted (older than the VE's retention); the oldest point is {}",
+                base_meta.seq, base_meta.time_ns
+            ),
+            vol.name().to_string(),
+        ));
+    } else {
+        replay(base.clone(), &txs, seq, |_, _, _, _| {})
+            .map_err(|e| corrupt(vol, e))?
+            .0
+    };
     // Inodes changed after the target point (others are as they were).
     let mut touched: HashSet<Ino> = HashSet::new();
+    if seq < base_meta.seq {
+        // Changes between the target and the base are compacted: compare everything private.
+        touched.extend(vol.with_tree(|t, _| t.inodes.keys().copied().collect::<Vec<_>>()));
+    }
     for tx in txs.iter().filter(|t| t.seq > seq) {
         if let Some(i) = op_ino(&tx.op) {
             touched.insert(i);
@@ -478,6 +514,7 @@ pub fn revert(vol: &Volume, path: &str, target: Target) -> Result<RevertReport, 
             txs: &txs,
             seq,
             old: &old,
+            base: &base,
             touched: &touched,
         };
         r.dir_children(ROOT, ROOT, "/", &mut rep)?;
@@ -493,6 +530,7 @@ pub fn revert(vol: &Volume, path: &str, target: Target) -> Result<RevertReport, 
         txs: &txs,
         seq,
         old: &old,
+        base: &base,
         touched: &touched,
     };
     r.entry(parent_now, name.as_bytes(), old_ino, &path, &mut rep)?;
@@ -504,6 +542,7 @@ struct Reverter<'a> {
     txs: &'a [Tx],
     seq: u64,
     old: &'a Tree,
+    base: &'a Tree,
     touched: &'a HashSet<Ino>,
 }
 
@@ -584,7 +623,7 @@ impl Reverter<'_> {
         };
         match oa.kind {
             FileKind::File => {
-                let content = content_at(self.vol, self.txs, oi, self.seq)?;
+                let content = content_at(self.vol, self.base, self.txs, oi, self.seq)?;
                 let same = self.vol.getattr(ino).is_ok_and(|a| a.size == content.len() as u64)
                     && self
                         .vol

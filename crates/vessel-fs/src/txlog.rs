@@ -201,7 +201,10 @@ impl TxLog {
                 }
                 return Err(corrupt(0, "bad segment header".into(), last_seq));
             }
-            if *first != last_seq + 1 {
+            if i == 0 {
+                // History before the first segment may have been compacted away.
+                last_seq = first.saturating_sub(1);
+            } else if *first != last_seq + 1 {
                 return Err(corrupt(
                     0,
                     format!("segment starts at seq {first}, the log is at {last_seq}"),
@@ -348,6 +351,52 @@ impl TxLog {
         self.seg.try_clone().map_err(self.io("duplicate"))
     }
 
+    /// Seq of the oldest transaction the log still holds (last_seq + 1 if none).
+    pub fn first_seq(&self) -> u64 {
+        segments(&self.dir)
+            .ok()
+            .and_then(|v| v.first().map(|(f, _)| *f))
+            .unwrap_or(self.last_seq + 1)
+    }
+
+    /// The highest seq such that every segment holding only transactions up to it could
+    /// be dropped (the segment being appended to never is), or None.
+    pub fn droppable_through(&self, limit: u64) -> Option<u64> {
+        let segs = segments(&self.dir).ok()?;
+        let mut best = None;
+        for w in segs.windows(2) {
+            let last_in = w[1].0 - 1;
+            if last_in <= limit {
+                best = Some(last_in);
+            }
+        }
+        best
+    }
+
+    /// Remove the segments whose transactions all have seq <= `seq` (not the current one).
+    pub fn drop_through(&mut self, seq: u64) -> Result<u64> {
+        let segs = segments(&self.dir).map_err(|source| TxLogError::Io {
+            volume: self.volume.clone(),
+            what: "list",
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut freed = 0;
+        for w in segs.windows(2) {
+            if w[1].0 - 1 <= seq && w[0].1 != self.seg_path {
+                freed += std::fs::metadata(&w[0].1).map(|m| m.len()).unwrap_or(0);
+                std::fs::remove_file(&w[0].1).map_err(|source| TxLogError::Io {
+                    volume: self.volume.clone(),
+                    what: "remove",
+                    path: w[0].1.clone(),
+                    source,
+                })?;
+            }
+        }
+        sync_dir(&self.dir);
+        Ok(freed)
+    }
+
     /// Bytes in all segments of the log.
     pub fn disk_bytes(&self) -> u64 {
         segments(&self.dir)
@@ -395,8 +444,38 @@ impl TxLog {
         Ok(())
     }
 
+    /// For each segment, its first seq and the time of its first transaction (reads one
+    /// record per segment).
+    pub fn segment_starts(&self) -> Vec<(u64, Option<i64>)> {
+        segments(&self.dir)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(first, path)| {
+                let mut head = vec![0u8; 64 << 10];
+                let n = File::open(&path).and_then(|mut f| f.read(&mut head)).unwrap_or(0);
+                head.truncate(n);
+                let t = record_at(&head, HEADER_LEN as usize, first)
+                    .ok()
+                    .map(|(tx, _)| tx.time_ns)
+                    .or_else(|| {
+                        // A first record larger than the probe: read the whole segment.
+                        let all = std::fs::read(&path).ok()?;
+                        record_at(&all, HEADER_LEN as usize, first)
+                            .ok()
+                            .map(|(tx, _)| tx.time_ns)
+                    });
+                (first, t)
+            })
+            .collect()
+    }
+
     /// Every transaction with seq >= `from`, in order.
     pub fn read_from(&self, from: u64) -> Result<Vec<Tx>> {
+        self.read_range(from, u64::MAX)
+    }
+
+    /// Every transaction with `from <= seq <= to`, in order.
+    pub fn read_range(&self, from: u64, to: u64) -> Result<Vec<Tx>> {
         let segs = segments(&self.dir).map_err(|source| TxLogError::Io {
             volume: self.volume.clone(),
             what: "list",
@@ -408,6 +487,9 @@ impl TxLog {
             let next_first = segs.get(i + 1).map(|(f, _)| *f).unwrap_or(u64::MAX);
             if next_first <= from {
                 continue;
+            }
+            if *first > to {
+                break;
             }
             let mut bytes = Vec::new();
             File::open(path)
@@ -430,7 +512,7 @@ impl TxLog {
                     last_good_seq: s.txs.last().map_or(first - 1, |t| t.seq),
                 });
             }
-            out.extend(s.txs.into_iter().filter(|t| t.seq >= from));
+            out.extend(s.txs.into_iter().filter(|t| t.seq >= from && t.seq <= to));
         }
         Ok(out)
     }

@@ -8,6 +8,10 @@
 //! <dir>/txlog/*.seg      the transaction log
 //! <dir>/checkpoint       the tree as of some seq (data files synced up to it)
 //! <dir>/data/<ino:x>     contents of private regular files
+//! <dir>/base/             the volume as of the oldest point history reaches (after
+//!                         compaction): checkpoint, meta.json, data/<ino:x> (a hard link
+//!                         to data/<ino:x> while that file is unchanged since; copied on
+//!                         its next change)
 //! ```
 
 use crate::lower::Lower;
@@ -27,6 +31,33 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub const VOLUME_VERSION: u32 = 1;
 /// Log bytes after which a checkpoint is taken (bounds replay after a crash).
 pub const CHECKPOINT_BYTES: u64 = 256 << 20;
+/// History kept by default (older transactions are compacted into the base).
+pub const DEFAULT_RETENTION_SECS: u64 = 24 * 3600;
+/// Version of `base/meta.json`.
+pub const BASE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BaseMeta {
+    pub version: u32,
+    /// History starts after this transaction.
+    pub seq: u64,
+    /// Time of that transaction.
+    pub time_ns: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeOptions {
+    /// Log segment size (compaction drops whole segments).
+    pub segment_bytes: u64,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions {
+            segment_bytes: crate::txlog::DEFAULT_SEGMENT_BYTES,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -123,6 +154,10 @@ struct State {
     since_ckpt: u64,
     usage: Usage,
     quota: Quota,
+    retention_ns: i64,
+    base: BaseMeta,
+    /// Files whose base copy is the live file itself (hard link): copied before a change.
+    shared: HashSet<Ino>,
 }
 
 impl Volume {
@@ -207,9 +242,14 @@ impl Volume {
     /// too), and drop what a crash left half done. `lower` must be the template named in
     /// the volume's description.
     pub fn open(dir: &Path, lower: Option<Arc<Lower>>) -> Result<Volume> {
+        Self::open_with(dir, lower, VolumeOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, lower: Option<Arc<Lower>>, opts: VolumeOptions) -> Result<Volume> {
         let meta = Self::read_meta(dir)?;
         let name = meta.name.clone();
-        let (log, _rec) = TxLog::open(&dir.join("txlog"), &name)?;
+        let (log, _rec) = TxLog::open_with(&dir.join("txlog"), &name, opts.segment_bytes)?;
+        let base = read_base_meta(dir, &name)?;
         let corrupt = |reason: String| VolumeError::Corrupt {
             volume: name.clone(),
             reason,
@@ -254,6 +294,9 @@ impl Volume {
                 since_ckpt: 0,
                 usage: Usage::default(),
                 quota: Quota::default(),
+                retention_ns: (DEFAULT_RETENTION_SECS * 1_000_000_000) as i64,
+                base,
+                shared: HashSet::new(),
             }),
             synced: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
@@ -261,12 +304,17 @@ impl Volume {
         };
         // Replay: metadata into the tree, contents into the data files.
         let txs = vol.lock().log.read_from(tree.applied + 1)?;
+        let mut shared = vol.find_shared();
         let mut touched = HashSet::new();
         for tx in &txs {
             let freed = freed_by(&tree, &tx.op);
             tree.apply(tx)
                 .map_err(|e| corrupt(format!("transaction {} does not apply: {e}", tx.seq)))?;
             let freed: Vec<Ino> = freed.iter().map(|(i, _)| *i).collect();
+            if let Some(i) = data_op_ino(&tx.op) {
+                vol.unshare(&mut shared, i)
+                    .map_err(|e| corrupt(format!("copying the base of file {i}: {e}")))?;
+            }
             vol.apply_data(&tree, &tx.op, &freed, true)
                 .map_err(|e| corrupt(format!("replaying transaction {}: {e}", tx.seq)))?;
             if let Some(i) = op_ino(&tx.op) {
@@ -309,6 +357,7 @@ impl Volume {
             st.usage = usage_of(&tree);
             st.since_ckpt = txs.len() as u64 * 64;
             st.tree = tree;
+            st.shared = shared;
         }
         vol.synced.store(0, Ordering::SeqCst);
         if !txs.is_empty() {
@@ -571,6 +620,12 @@ impl Volume {
     }
 
     fn apply_data_live(&self, st: &mut State, op: &Op, gone: &[Ino]) -> std::io::Result<()> {
+        if let Some(i) = data_op_ino(op) {
+            let mut shared = std::mem::take(&mut st.shared);
+            let r = self.unshare(&mut shared, i);
+            st.shared = shared;
+            r?;
+        }
         match op {
             Op::Write { ino, offset, data } => {
                 let f = self.data_file(st, *ino)?;
@@ -600,6 +655,57 @@ impl Volume {
     /// The effect of `op` on file contents (also used by replay, where files may already
     /// be ahead of the op: every effect is idempotent).
     fn apply_data(&self, tree: &Tree, op: &Op, freed: &[Ino], replay: bool) -> std::io::Result<()> {
+        apply_data_in(&self.dir.join("data"), self.lower(), tree, op, freed, replay)
+    }
+
+    fn base_dir(&self) -> PathBuf {
+        self.dir.join("base")
+    }
+
+    /// Files of the base that are the live file itself (same inode on disk).
+    fn find_shared(&self) -> HashSet<Ino> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = HashSet::new();
+        if let Ok(rd) = std::fs::read_dir(self.base_dir().join("data")) {
+            for e in rd.flatten() {
+                let Ok(ino) = u64::from_str_radix(&e.file_name().to_string_lossy(), 16) else {
+                    continue;
+                };
+                let (Ok(a), Ok(b)) = (e.metadata(), std::fs::metadata(self.data_path(ino))) else {
+                    continue;
+                };
+                if a.ino() == b.ino() && a.dev() == b.dev() {
+                    out.insert(ino);
+                }
+            }
+        }
+        out
+    }
+
+    /// Before the live file changes, give the base its own copy.
+    fn unshare(&self, shared: &mut HashSet<Ino>, ino: Ino) -> std::io::Result<()> {
+        if !shared.remove(&ino) {
+            return Ok(());
+        }
+        let b = self.base_dir().join("data").join(data_name(ino));
+        let tmp = b.with_extension("tmp");
+        std::fs::copy(self.data_path(ino), &tmp)?;
+        std::fs::rename(&tmp, &b)
+    }
+}
+
+/// Where a volume's contents go for `op` (also used for the base and by replay, where
+/// files may already be ahead of the op: every effect is idempotent).
+fn apply_data_in(
+    data_dir: &Path,
+    lower: Option<&Lower>,
+    tree: &Tree,
+    op: &Op,
+    freed: &[Ino],
+    replay: bool,
+) -> std::io::Result<()> {
+    let path = |ino: Ino| data_dir.join(data_name(ino));
+    {
         // In replay a file may be gone already (a later transaction freed it): recreate it;
         // the later transaction removes it again.
         let open_rw = |ino: Ino, truncate: bool| {
@@ -609,7 +715,7 @@ impl Volume {
                 .create(truncate || replay)
                 .truncate(truncate)
                 .custom_flags(libc::O_CLOEXEC)
-                .open(self.data_path(ino))
+                .open(path(ino))
         };
         match op {
             Op::Create {
@@ -621,14 +727,12 @@ impl Volume {
             }
             Op::CopyUp {
                 ino,
-                lower,
+                lower: idx,
                 kind: FileKind::File,
                 ..
             } => {
-                let low = self
-                    .lower()
-                    .ok_or_else(|| std::io::Error::other("copy-up without a template"))?;
-                let mut src = low.open(*lower)?;
+                let low = lower.ok_or_else(|| std::io::Error::other("copy-up without a template"))?;
+                let mut src = low.open(*idx)?;
                 let mut dst = open_rw(*ino, true)?;
                 std::io::copy(&mut src, &mut dst)?;
             }
@@ -644,14 +748,16 @@ impl Volume {
             _ => {}
         }
         for ino in freed {
-            match std::fs::remove_file(self.data_path(*ino)) {
+            match std::fs::remove_file(path(*ino)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}
             }
         }
         Ok(())
     }
+}
 
+impl Volume {
     /// Make `ino` (and the directories above it) private, copying it up from the template
     /// if needed; returns its inode number (unchanged).
     fn ensure_private(&self, st: &mut State, ino: Ino) -> FsResult<Ino> {
@@ -1115,6 +1221,178 @@ impl Volume {
         Ok(())
     }
 
+    /// How long history is kept (None: the default of 24 h).
+    pub fn set_retention(&self, secs: Option<u64>) {
+        let secs = secs.unwrap_or(DEFAULT_RETENTION_SECS);
+        self.lock().retention_ns = (secs.min(100 * 365 * 86400) * 1_000_000_000) as i64;
+    }
+
+    pub fn retention_secs(&self) -> u64 {
+        (self.lock().retention_ns / 1_000_000_000) as u64
+    }
+
+    /// Where history starts: the base's seq and time (seq 0: the pristine template).
+    pub fn base_meta(&self) -> BaseMeta {
+        self.lock().base
+    }
+
+    /// The oldest point one can return to (ns since the epoch), if there is history.
+    pub fn oldest_point(&self) -> Option<i64> {
+        let st = self.lock();
+        if st.base.seq > 0 {
+            return Some(st.base.time_ns);
+        }
+        let first = st.log.read_range(1, 1).ok()?;
+        first.first().map(|t| t.time_ns)
+    }
+
+    /// The tree as of the base (where history starts).
+    pub fn base_tree(&self) -> Result<Tree> {
+        let p = self.base_dir().join("checkpoint");
+        match std::fs::read(&p) {
+            Ok(b) => Tree::from_checkpoint(&b).map_err(|e| VolumeError::Corrupt {
+                volume: self.name.clone(),
+                reason: format!("base checkpoint {} is damaged: {e}", p.display()),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::initial_tree(self.lower.is_some())),
+            Err(source) => Err(VolumeError::Io {
+                volume: self.name.clone(),
+                what: "read",
+                path: p,
+                source,
+            }),
+        }
+    }
+
+    /// Contents of file `ino` as of the base.
+    pub fn base_content(&self, ino: Ino) -> std::io::Result<Vec<u8>> {
+        std::fs::read(self.base_dir().join("data").join(data_name(ino)))
+    }
+
+    /// Compact history older than the retention into the base, dropping whole log
+    /// segments; returns the bytes of log freed. The VE's file system waits meanwhile.
+    pub fn compact(&self, now_ns: i64) -> Result<u64> {
+        let horizon = {
+            let st = self.lock();
+            now_ns - st.retention_ns
+        };
+        // The newest segment start that is older than the horizon: everything before it goes.
+        let starts = self.lock().log.segment_starts();
+        let mut through = None;
+        for (first, t) in starts.iter().skip(1) {
+            if t.is_some_and(|t| t <= horizon) {
+                through = Some(first - 1);
+            }
+        }
+        let Some(through) = through else { return Ok(0) };
+        if through <= self.lock().base.seq {
+            return Ok(0);
+        }
+        // The live checkpoint must be past what the log drops.
+        self.checkpoint()?;
+        let mut st = self.lock();
+        let base_dir = self.base_dir();
+        let bdata = base_dir.join("data");
+        std::fs::create_dir_all(&bdata).map_err(self.io("create", &bdata))?;
+        let mut tree = self.base_tree()?;
+        let txs = st.log.read_range(st.base.seq + 1, through)?;
+        let mut touched: HashSet<Ino> = HashSet::new();
+        let corrupt = |reason: String| VolumeError::Corrupt {
+            volume: self.name.clone(),
+            reason,
+        };
+        let mut shared = std::mem::take(&mut st.shared);
+        let mut last_time = st.base.time_ns;
+        let res = (|| -> Result<()> {
+            for tx in &txs {
+                let freed: Vec<Ino> = freed_by(&tree, &tx.op).into_iter().map(|(i, _)| i).collect();
+                tree.apply(tx)
+                    .map_err(|e| corrupt(format!("compacting: transaction {} does not apply: {e}", tx.seq)))?;
+                if let Some(i) = data_op_ino(&tx.op) {
+                    // Never write through a link into the live file.
+                    self.unshare(&mut shared, i).map_err(self.io("copy base of", &bdata))?;
+                }
+                for f in &freed {
+                    shared.remove(f);
+                }
+                apply_data_in(&bdata, self.lower(), &tree, &tx.op, &freed, true)
+                    .map_err(|e| corrupt(format!("compacting transaction {}: {e}", tx.seq)))?;
+                if let Some(i) = op_ino(&tx.op) {
+                    touched.insert(i);
+                }
+                last_time = tx.time_ns;
+            }
+            for ino in &touched {
+                let p = bdata.join(data_name(*ino));
+                match tree.inodes.get(ino) {
+                    Some(i) if i.kind == FileKind::File => {
+                        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&p) {
+                            f.set_len(i.size)
+                                .and_then(|_| f.sync_all())
+                                .map_err(self.io("sync", &p))?;
+                        }
+                    }
+                    _ => {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
+            }
+            // Commit point: the base checkpoint and its description.
+            let meta = BaseMeta {
+                version: BASE_VERSION,
+                seq: through,
+                time_ns: last_time,
+            };
+            let ck = base_dir.join("checkpoint");
+            let tmp = base_dir.join("checkpoint.tmp");
+            std::fs::write(&tmp, tree.checkpoint())
+                .and_then(|_| File::open(&tmp)?.sync_all())
+                .and_then(|_| std::fs::rename(&tmp, &ck))
+                .map_err(self.io("write", &ck))?;
+            let mp = base_dir.join("meta.json");
+            let mtmp = base_dir.join("meta.json.tmp");
+            std::fs::write(&mtmp, serde_json::to_vec(&meta).expect("serializable"))
+                .and_then(|_| File::open(&mtmp)?.sync_all())
+                .and_then(|_| std::fs::rename(&mtmp, &mp))
+                .and_then(|_| File::open(&base_dir)?.sync_all())
+                .map_err(self.io("write", &mp))?;
+            Ok(())
+        })();
+        if let Err(e) = res {
+            st.shared = shared;
+            return Err(e);
+        }
+        st.base = BaseMeta {
+            version: BASE_VERSION,
+            seq: through,
+            time_ns: last_time,
+        };
+        // Files unchanged since the new base point share their contents with it again.
+        let changed_after: HashSet<Ino> = st
+            .log
+            .read_from(through + 1)?
+            .iter()
+            .filter_map(|t| data_op_ino(&t.op))
+            .collect();
+        for (ino, i) in &tree.inodes {
+            if i.kind != FileKind::File || changed_after.contains(ino) || shared.contains(ino) {
+                continue;
+            }
+            let (live, b) = (self.data_path(*ino), bdata.join(data_name(*ino)));
+            let tmp = b.with_extension("tmp");
+            let _ = std::fs::remove_file(&tmp);
+            if std::fs::hard_link(&live, &tmp)
+                .and_then(|_| std::fs::rename(&tmp, &b))
+                .is_ok()
+            {
+                shared.insert(*ino);
+            }
+        }
+        st.shared = shared;
+        let freed = st.log.drop_through(through)?;
+        Ok(freed)
+    }
+
     /// Checksum-verify the whole log and the checkpoint (scrub).
     pub fn verify(&self) -> Result<u64> {
         let txs = self.read_log(1)?;
@@ -1200,6 +1478,48 @@ fn lower_has(tree: &Tree, lower: Option<&Lower>, private_dir: Ino, name: &[u8]) 
     match (tree.inodes.get(&private_dir).and_then(|d| d.lower), lower) {
         (Some(l), Some(low)) => low.child(l, name).is_some(),
         _ => false,
+    }
+}
+
+/// The file whose contents `op` changes in place.
+fn data_op_ino(op: &Op) -> Option<Ino> {
+    match op {
+        Op::Write { ino, .. } | Op::Truncate { ino, .. } | Op::Fallocate { ino, .. } => Some(*ino),
+        _ => None,
+    }
+}
+
+fn read_base_meta(dir: &Path, volume: &str) -> Result<BaseMeta> {
+    let p = dir.join("base").join("meta.json");
+    match std::fs::read(&p) {
+        Ok(b) => {
+            let m: BaseMeta = serde_json::from_slice(&b).map_err(|e| VolumeError::Corrupt {
+                volume: volume.to_string(),
+                reason: format!("{} is damaged: {e}", p.display()),
+            })?;
+            if m.version != BASE_VERSION {
+                return Err(VolumeError::Corrupt {
+                    volume: volume.to_string(),
+                    reason: format!(
+                        "{} has format version {} (this build reads {BASE_VERSION})",
+                        p.display(),
+                        m.version
+                    ),
+                });
+            }
+            Ok(m)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BaseMeta {
+            version: BASE_VERSION,
+            seq: 0,
+            time_ns: 0,
+        }),
+        Err(source) => Err(VolumeError::Io {
+            volume: volume.to_string(),
+            what: "read",
+            path: p,
+            source,
+        }),
     }
 }
 

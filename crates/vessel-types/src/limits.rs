@@ -35,6 +35,10 @@ pub struct Limits {
     /// Quota of private inodes (files, directories, links).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inodes: Option<u64>,
+    /// How long the file history is kept, in seconds (default 24 h); older changes are
+    /// compacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -53,6 +57,8 @@ pub enum LimitsError {
     DiskTooSmall(u64),
     #[error("inode quota must be at least 16 (got {0})")]
     InodesTooSmall(u64),
+    #[error("history must be kept at least 1 second and at most 10 years (got {0} s)")]
+    BadHistory(u64),
 }
 
 impl Limits {
@@ -92,6 +98,11 @@ impl Limits {
                 return Err(LimitsError::InodesTooSmall(i));
             }
         }
+        if let Some(h) = self.history {
+            if !(1..=10 * 365 * 86400).contains(&h) {
+                return Err(LimitsError::BadHistory(h));
+            }
+        }
         Ok(())
     }
 
@@ -105,6 +116,7 @@ impl Limits {
             pids_max: change.pids_max.or(self.pids_max),
             disk: change.disk.or(self.disk),
             inodes: change.inodes.or(self.inodes),
+            history: change.history.or(self.history),
         }
     }
 

@@ -97,6 +97,37 @@ pub fn format_utc(ns: i64) -> String {
     )
 }
 
+/// A duration: `90s`, `30m`, `24h`, `7d` or plain seconds.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let bad = || format!("cannot read duration '{s}': use e.g. 90s, 30m, 24h or 7d");
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+/// `1d 2h`, `24h`, `90s`.
+pub fn format_duration_secs(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs % 86400 / 3600, secs % 3600 / 60, secs % 60);
+    let mut v = Vec::new();
+    for (n, u) in [(d, "d"), (h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            v.push(format!("{n}{u}"));
+        }
+    }
+    if v.is_empty() {
+        "0s".into()
+    } else {
+        v.join(" ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +152,10 @@ mod tests {
         ] {
             assert!(parse_point(bad, now).is_err(), "{bad}");
         }
+        assert_eq!(parse_duration_secs("24h"), Ok(86400));
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert!(parse_duration_secs("1w").is_err());
+        assert_eq!(format_duration_secs(86400 + 7200 + 5), "1d 2h 5s");
         for ns in [0, now, 951_782_400_000_000_000, 4_102_444_800_000_000_000] {
             assert_eq!(parse_point(&format_utc(ns), 0), Ok(ns));
         }

@@ -39,6 +39,8 @@ pub struct RootFsRequest<'a> {
     /// Private-file quotas (bytes, inodes).
     pub disk: Option<u64>,
     pub inodes: Option<u64>,
+    /// History retention in seconds (None: the default).
+    pub history: Option<u64>,
 }
 
 /// Provides a VE's root file tree at `ve.rootfs()`.
@@ -53,8 +55,8 @@ pub trait RootFs {
     fn destroy(&self, ve: &VeLayout) -> Result<()>;
     /// Whether the tree is mounted now.
     fn is_mounted(&self, ve: &VeLayout) -> bool;
-    /// Change the quotas of a mounted tree (no-op where unsupported).
-    fn set_quota(&self, _ve: &VeLayout, _disk: Option<u64>, _inodes: Option<u64>) {}
+    /// Change the quotas and history retention of a mounted tree (no-op where unsupported).
+    fn set_storage(&self, _ve: &VeLayout, _limits: &vessel_types::Limits) {}
 }
 
 pub struct OverlayRootFs;

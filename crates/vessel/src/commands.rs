@@ -306,6 +306,12 @@ fn limits(a: &SpecArgs) -> Result<Limits> {
         pids_max: a.pids,
         disk: a.disk.as_deref().map(parse_size).transpose()?,
         inodes: a.inodes,
+        history: a
+            .history
+            .as_deref()
+            .map(vessel_types::time::parse_duration_secs)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     })
 }
 
@@ -655,7 +661,8 @@ fn show_ve(v: &VeInfo) {
             f.used_inodes
         );
         println!(
-            "history:     {} of log, {} changes, back to {}",
+            "history:     kept {}; {} of log, {} changes, back to {}",
+            vessel_types::time::format_duration_secs(l.history.unwrap_or(86400)),
             format_size(f.log_bytes),
             f.last_seq,
             f.oldest_ns

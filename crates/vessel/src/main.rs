@@ -103,6 +103,12 @@ pub enum Cmd {
         /// Quota of private inodes
         #[arg(long)]
         inodes: Option<u64>,
+        /// History retention in seconds
+        #[arg(long)]
+        history_secs: Option<u64>,
+        /// Log segment size in bytes
+        #[arg(long)]
+        segment_bytes: Option<u64>,
     },
 }
 
@@ -147,6 +153,9 @@ pub struct SpecArgs {
     /// Quota of the VE's own files and directories (inodes)
     #[arg(long)]
     pub inodes: Option<u64>,
+    /// How long the file history is kept, e.g. 24h (default), 7d; older changes are compacted
+    #[arg(long)]
+    pub history: Option<String>,
     /// Hostname inside the VE (default: the VE name)
     #[arg(long)]
     pub hostname: Option<String>,
@@ -345,13 +354,23 @@ fn main() {
         uid_base,
         disk,
         inodes,
+        history_secs,
+        segment_bytes,
     } = &cli.cmd
     {
         let quota = vessel_fs::volume::Quota {
             bytes: *disk,
             inodes: *inodes,
         };
-        if let Err(e) = vessel_agent::fsroot::serve(volume, template.as_deref(), mountpoint, *uid_base, quota) {
+        if let Err(e) = vessel_agent::fsroot::serve(
+            volume,
+            template.as_deref(),
+            mountpoint,
+            *uid_base,
+            quota,
+            *history_secs,
+            *segment_bytes,
+        ) {
             eprintln!("vessel: {e:#}");
             std::process::exit(1);
         }

@@ -708,3 +708,75 @@ fn pjdfstest_passes_on_vessel_fs_wherever_it_passes_on_ext4() {
     );
     drop(ext4);
 }
+
+fn churn(m: &Path, tag: &str, kib: usize) {
+    for i in 0..kib / 4 {
+        fs::write(m.join(format!("churn-{tag}-{i}")), vec![i as u8; 4096]).unwrap();
+    }
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+#[test]
+fn history_past_the_retention_is_compacted_and_recent_history_still_reverts() {
+    if !need_root("history_past_the_retention_is_compacted_and_recent_history_still_reverts") {
+        return;
+    }
+    use vessel_fs::history::{self, Target};
+    let mut s = server("compact", true);
+    s.start(&["--history-secs", "3", "--segment-bytes", "65536"]).unwrap();
+    let m = s.mnt.clone();
+    fs::write(m.join("f"), "A").unwrap();
+    fs::write(m.join("etc/hosts"), "changed\n").unwrap();
+    churn(&m, "old", 256);
+    std::thread::sleep(Duration::from_millis(3500));
+    fs::write(m.join("f"), "B").unwrap();
+    let t_b = now_ns();
+    std::thread::sleep(Duration::from_millis(20));
+    churn(&m, "new", 256);
+    fs::write(m.join("f"), "C").unwrap();
+    let first_seg = || {
+        let mut v: Vec<u64> = fs::read_dir(s.vol.join("txlog"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_string_lossy().strip_suffix(".seg")?.parse().ok())
+            .collect();
+        v.sort();
+        v[0]
+    };
+    wait_until("old log segments to be compacted", Duration::from_secs(20), || {
+        first_seg() > 1
+    });
+    assert!(s.vol.join("base/meta.json").exists());
+    // The file's base copy is shared with the live file until it changes.
+    s.stop();
+
+    let lower = vessel_fs::lower::shared(s.template.as_ref().unwrap()).unwrap();
+    let vol = vessel_fs::Volume::open(&s.vol, Some(lower)).unwrap();
+    let base = vol.base_meta();
+    assert!(base.seq > 0 && base.time_ns < t_b, "{base:?}");
+    assert!(vol.oldest_point().unwrap() < t_b);
+    let txs = vol.read_log(base.seq + 1).unwrap();
+    // Back to B, whose file began before the compacted part.
+    let at_b = history::seq_at(&txs, t_b);
+    assert!(at_b >= base.seq);
+    history::revert(&vol, "/f", Target::Seq(at_b)).unwrap();
+    // Before the base: refused with a clear message.
+    let e = history::revert(&vol, "/f", Target::Seq(1)).unwrap_err().to_string();
+    assert!(e.contains("compacted"), "{e}");
+    // The template's version is always there.
+    history::revert(&vol, "/etc/hosts", Target::Seq(0)).unwrap();
+    vol.checkpoint().unwrap();
+    drop(vol);
+    s.start(&[]).unwrap();
+    assert_eq!(fs::read_to_string(s.mnt.join("f")).unwrap(), "B");
+    assert_eq!(
+        fs::read_to_string(s.mnt.join("etc/hosts")).unwrap(),
+        "127.0.0.1 localhost\n"
+    );
+    assert_eq!(fs::read(s.mnt.join("churn-old-5")).unwrap(), vec![5u8; 4096]);
+}
