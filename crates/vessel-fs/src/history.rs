@@ -313,6 +313,7 @@ fn corrupt(vol: &Volume, reason: String) -> VolumeError {
 /// The transactions that touched `path` (or anything under it), oldest first.
 pub fn history(vol: &Volume, path: &str) -> Result<Vec<HistoryEntry>, VolumeError> {
     let path = norm(path);
+    let _h = vol.history_guard();
     let base = vol.base_meta();
     let txs = vol.read_log(base.seq + 1)?;
     let lower = vol.lower();
@@ -417,7 +418,16 @@ fn content_at(vol: &Volume, base: &Tree, txs: &[Tx], ino: Ino, seq: u64) -> Resu
                 len,
             } if *i == ino => {
                 let end = (*offset + *len) as usize;
-                if *mode & 0x02 != 0 {
+                if *mode & 0x10 != 0 {
+                    // Zero range: zeros, growing the file unless KEEP_SIZE.
+                    if *mode & 0x01 == 0 && data.len() < end {
+                        data.resize(end, 0);
+                    }
+                    let e = end.min(data.len());
+                    if (*offset as usize) < e {
+                        data[*offset as usize..e].fill(0);
+                    }
+                } else if *mode & 0x02 != 0 {
                     // Punch hole: zeros within the current size.
                     let e = end.min(data.len());
                     if (*offset as usize) < e {
@@ -474,6 +484,7 @@ pub struct RevertReport {
 /// the live volume (the VE may be running).
 pub fn revert(vol: &Volume, path: &str, target: Target) -> Result<RevertReport, VolumeError> {
     let path = norm(path);
+    let _h = vol.history_guard();
     let base_meta = vol.base_meta();
     let txs = vol.read_log(base_meta.seq + 1)?;
     let Target::Seq(seq) = target;
@@ -625,10 +636,11 @@ impl Reverter<'_> {
             FileKind::File => {
                 let content = content_at(self.vol, self.base, self.txs, oi, self.seq)?;
                 let same = self.vol.getattr(ino).is_ok_and(|a| a.size == content.len() as u64)
-                    && self
-                        .vol
-                        .read(ino, 0, content.len() as u32 + 1)
-                        .is_ok_and(|d| d == content);
+                    && content.chunks(1 << 20).enumerate().all(|(k, c)| {
+                        self.vol
+                            .read(ino, (k << 20) as u64, c.len() as u32)
+                            .is_ok_and(|d| d == c)
+                    });
                 if !same {
                     self.vol
                         .open_file(ino, true, true)

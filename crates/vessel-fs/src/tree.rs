@@ -112,6 +112,8 @@ pub struct Tree {
     pub inodes: BTreeMap<Ino, Inode>,
     /// Seq of the last applied transaction.
     pub applied: u64,
+    /// Highest private inode number ever created (numbers are never reused).
+    pub max_ino: Ino,
 }
 
 fn valid_name(n: &[u8]) -> bool {
@@ -140,6 +142,7 @@ impl Tree {
         Tree {
             inodes: BTreeMap::from([(ROOT, root)]),
             applied: 0,
+            max_ino: ROOT,
         }
     }
 
@@ -367,6 +370,9 @@ impl Tree {
                     lower: None,
                 };
                 self.inodes.insert(ino, node);
+                if ino < 1 << 40 {
+                    self.max_ino = self.max_ino.max(ino);
+                }
                 let p = self.inodes.get_mut(&parent).expect("checked");
                 p.entries.insert(name, ino);
                 if is_dir {
@@ -599,6 +605,7 @@ impl Tree {
         e.0.extend_from_slice(CHECKPOINT_MAGIC);
         e.u32(CHECKPOINT_VERSION)
             .u64(self.applied)
+            .u64(self.max_ino)
             .u64(self.inodes.len() as u64);
         for (&ino, i) in &self.inodes {
             e.u64(ino)
@@ -652,6 +659,7 @@ impl Tree {
             });
         }
         let applied = d.u64()?;
+        let max_ino = d.u64()?;
         let n = d.u64()?;
         let mut inodes = BTreeMap::new();
         for _ in 0..n {
@@ -690,7 +698,11 @@ impl Tree {
             );
         }
         d.finish()?;
-        Ok(Tree { inodes, applied })
+        Ok(Tree {
+            inodes,
+            applied,
+            max_ino,
+        })
     }
 }
 

@@ -105,7 +105,7 @@ struct Scan {
 /// Check the record at `off`; `Ok((tx, next offset))` or `Err((reason, torn?))`.
 fn record_at(bytes: &[u8], off: usize, expected_seq: u64) -> std::result::Result<(Tx, usize), (String, bool)> {
     let len = bytes.len();
-    if len - off < FRAME_LEN as usize {
+    if off > len || len - off < FRAME_LEN as usize {
         return Err(("partial record frame".into(), true));
     }
     let rlen = u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes"));

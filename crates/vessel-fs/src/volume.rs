@@ -43,6 +43,9 @@ pub struct BaseMeta {
     pub seq: u64,
     /// Time of that transaction.
     pub time_ns: i64,
+    /// A compaction up to this seq started and did not finish: redo it at open.
+    #[serde(default)]
+    pub pending: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -138,6 +141,12 @@ pub struct Volume {
     synced: AtomicU64,
     sync_lock: Mutex<()>,
     broken: AtomicBool,
+    /// One checkpoint at a time.
+    ckpt_lock: Mutex<()>,
+    /// History readers share it; compaction (which rewrites the base) takes it alone.
+    history_lock: std::sync::RwLock<()>,
+    /// Exclusive `flock` on `<dir>/lock`: one process and one instance per volume.
+    _lock: nix::fcntl::Flock<File>,
 }
 
 struct State {
@@ -249,6 +258,27 @@ impl Volume {
         let meta = Self::read_meta(dir)?;
         let name = meta.name.clone();
         let (log, _rec) = TxLog::open_with(&dir.join("txlog"), &name, opts.segment_bytes)?;
+        let lock_path = dir.join("lock");
+        let lockf = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| VolumeError::Io {
+                volume: name.clone(),
+                what: "open",
+                path: lock_path.clone(),
+                source,
+            })?;
+        let lockf = match nix::fcntl::Flock::lock(lockf, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err(_) => {
+                return Err(VolumeError::Op(
+                    "the volume is in use (mounted by a daemon or being repaired): stop the VE or wait".into(),
+                    name,
+                ))
+            }
+        };
         let base = read_base_meta(dir, &name)?;
         let corrupt = |reason: String| VolumeError::Corrupt {
             volume: name.clone(),
@@ -301,6 +331,9 @@ impl Volume {
             synced: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
             broken: AtomicBool::new(false),
+            ckpt_lock: Mutex::new(()),
+            history_lock: std::sync::RwLock::new(()),
+            _lock: lockf,
         };
         // Replay: metadata into the tree, contents into the data files.
         let txs = vol.lock().log.read_from(tree.applied + 1)?;
@@ -321,6 +354,7 @@ impl Volume {
                 touched.insert(i);
             }
         }
+        let replayed: Vec<Ino> = touched.iter().copied().collect();
         // Contents past a file's size can only be from transactions that never made it
         // into the log: cut them. Data files without an inode are leftovers.
         for ino in touched {
@@ -346,22 +380,21 @@ impl Volume {
         {
             let mut st = vol.lock();
             st.epoch = st.log.last_epoch().max(1);
-            st.next_ino = tree
-                .inodes
-                .keys()
-                .filter(|i| **i < LOWER_BASE)
-                .max()
-                .copied()
-                .unwrap_or(ROOT)
-                + 1;
+            st.next_ino = tree.max_ino + 1;
             st.usage = usage_of(&tree);
             st.since_ckpt = txs.len() as u64 * 64;
             st.tree = tree;
             st.shared = shared;
+            // Replayed contents are on disk only once the checkpoint after replay syncs them.
+            st.dirty.extend(replayed);
         }
         vol.synced.store(0, Ordering::SeqCst);
         if !txs.is_empty() {
             vol.checkpoint()?;
+        }
+        let base = vol.lock().base;
+        if base.pending > base.seq {
+            vol.compact_through(base.pending)?;
         }
         Ok(vol)
     }
@@ -559,6 +592,14 @@ impl Volume {
         for (ino, mut inode) in freed {
             if st.open.get(&ino).copied().unwrap_or(0) > 0 {
                 inode.nlink = 0;
+                // Writes to the orphan must not reach the base through a hard link.
+                let mut shared = std::mem::take(&mut st.shared);
+                let r = self.unshare(&mut shared, ino);
+                st.shared = shared;
+                if r.is_err() {
+                    self.broken.store(true, Ordering::SeqCst);
+                    return Err(libc::EIO);
+                }
                 st.orphans.insert(ino, inode);
             } else {
                 gone.push(ino);
@@ -794,6 +835,12 @@ impl Volume {
             mtime_ns: e.mtime_ns,
         };
         self.commit(st, op)?;
+        // Extended attributes (file capabilities, ACLs) come along.
+        for name in low.xattr_names(idx).unwrap_or_default() {
+            if let Ok(Some(value)) = low.xattr(idx, &name) {
+                self.commit(st, Op::SetXattr { ino, name, value })?;
+            }
+        }
         Ok(ino)
     }
 
@@ -1152,6 +1199,9 @@ impl Volume {
     /// Make every transaction so far durable (group commit: callers that arrive while a
     /// sync runs share the next one).
     pub fn sync(&self) -> FsResult<()> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(libc::EIO);
+        }
         let target = self.lock().tree.applied;
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(());
@@ -1197,19 +1247,36 @@ impl Volume {
     /// Sync the log and the data files changed since the last checkpoint, then write the
     /// tree as a new checkpoint.
     pub fn checkpoint(&self) -> Result<()> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(VolumeError::Op(
+                "an earlier write failed; not checkpointing a tree the log does not hold".into(),
+                self.name.clone(),
+            ));
+        }
+        let _one = self.ckpt_lock.lock().unwrap_or_else(|p| p.into_inner());
         let (bytes, dirty, seg) = {
             let mut st = self.lock();
             let dirty: Vec<Ino> = st.dirty.drain().collect();
             st.since_ckpt = 0;
-            (st.tree.checkpoint(), dirty, st.log.segment_handle()?)
+            let seg = st.log.segment_handle();
+            (st.tree.checkpoint(), dirty, seg)
         };
-        seg.sync_data()
-            .map_err(self.io("fsync log of", &self.dir.join("txlog")))?;
-        for ino in dirty {
-            let p = self.data_path(ino);
-            if let Ok(f) = File::open(&p) {
-                f.sync_data().map_err(self.io("fsync", &p))?;
+        let synced = (|| -> Result<()> {
+            seg?.sync_data()
+                .map_err(self.io("fsync log of", &self.dir.join("txlog")))?;
+            for ino in &dirty {
+                let p = self.data_path(*ino);
+                if let Ok(f) = File::open(&p) {
+                    f.sync_data().map_err(self.io("fsync", &p))?;
+                }
             }
+            File::open(self.dir.join("data"))
+                .and_then(|d| d.sync_all())
+                .map_err(self.io("fsync", &self.dir.join("data")))
+        })();
+        if let Err(e) = synced {
+            self.lock().dirty.extend(dirty);
+            return Err(e);
         }
         let p = self.dir.join("checkpoint");
         let tmp = self.dir.join("checkpoint.tmp");
@@ -1229,6 +1296,11 @@ impl Volume {
 
     pub fn retention_secs(&self) -> u64 {
         (self.lock().retention_ns / 1_000_000_000) as u64
+    }
+
+    /// Held while reading history (compaction waits for readers).
+    pub fn history_guard(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.history_lock.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Where history starts: the base's seq and time (seq 0: the pristine template).
@@ -1272,6 +1344,9 @@ impl Volume {
     /// Compact history older than the retention into the base, dropping whole log
     /// segments; returns the bytes of log freed. The VE's file system waits meanwhile.
     pub fn compact(&self, now_ns: i64) -> Result<u64> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
         let horizon = {
             let st = self.lock();
             now_ns - st.retention_ns
@@ -1288,8 +1363,27 @@ impl Volume {
         if through <= self.lock().base.seq {
             return Ok(0);
         }
+        self.compact_through(through)
+    }
+
+    fn write_base_meta(&self, meta: &BaseMeta) -> Result<()> {
+        let base_dir = self.base_dir();
+        std::fs::create_dir_all(&base_dir).map_err(self.io("create", &base_dir))?;
+        let mp = base_dir.join("meta.json");
+        let mtmp = base_dir.join("meta.json.tmp");
+        std::fs::write(&mtmp, serde_json::to_vec(meta).expect("serializable"))
+            .and_then(|_| File::open(&mtmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&mtmp, &mp))
+            .and_then(|_| File::open(&base_dir)?.sync_all())
+            .map_err(self.io("write", &mp))
+    }
+
+    /// Move the base up to `through` (redone from the start if interrupted: every step is
+    /// idempotent, and the live files are linked in only after the commit).
+    fn compact_through(&self, through: u64) -> Result<u64> {
         // The live checkpoint must be past what the log drops.
         self.checkpoint()?;
+        let _history = self.history_lock.write().unwrap_or_else(|p| p.into_inner());
         let mut st = self.lock();
         let base_dir = self.base_dir();
         let bdata = base_dir.join("data");
@@ -1301,6 +1395,9 @@ impl Volume {
             volume: self.name.clone(),
             reason,
         };
+        let mut marked = st.base;
+        marked.pending = through;
+        self.write_base_meta(&marked)?;
         let mut shared = std::mem::take(&mut st.shared);
         let mut last_time = st.base.time_ns;
         let res = (|| -> Result<()> {
@@ -1337,26 +1434,22 @@ impl Volume {
                     }
                 }
             }
-            // Commit point: the base checkpoint and its description.
-            let meta = BaseMeta {
-                version: BASE_VERSION,
-                seq: through,
-                time_ns: last_time,
-            };
+            File::open(&bdata)
+                .and_then(|d| d.sync_all())
+                .map_err(self.io("fsync", &bdata))?;
+            // Commit point: the base checkpoint, then its description.
             let ck = base_dir.join("checkpoint");
             let tmp = base_dir.join("checkpoint.tmp");
             std::fs::write(&tmp, tree.checkpoint())
                 .and_then(|_| File::open(&tmp)?.sync_all())
                 .and_then(|_| std::fs::rename(&tmp, &ck))
                 .map_err(self.io("write", &ck))?;
-            let mp = base_dir.join("meta.json");
-            let mtmp = base_dir.join("meta.json.tmp");
-            std::fs::write(&mtmp, serde_json::to_vec(&meta).expect("serializable"))
-                .and_then(|_| File::open(&mtmp)?.sync_all())
-                .and_then(|_| std::fs::rename(&mtmp, &mp))
-                .and_then(|_| File::open(&base_dir)?.sync_all())
-                .map_err(self.io("write", &mp))?;
-            Ok(())
+            self.write_base_meta(&BaseMeta {
+                version: BASE_VERSION,
+                seq: through,
+                time_ns: last_time,
+                pending: 0,
+            })
         })();
         if let Err(e) = res {
             st.shared = shared;
@@ -1366,16 +1459,24 @@ impl Volume {
             version: BASE_VERSION,
             seq: through,
             time_ns: last_time,
+            pending: 0,
         };
         // Files unchanged since the new base point share their contents with it again.
-        let changed_after: HashSet<Ino> = st
-            .log
-            .read_from(through + 1)?
-            .iter()
-            .filter_map(|t| data_op_ino(&t.op))
-            .collect();
+        let later = match st.log.read_from(through + 1) {
+            Ok(t) => t,
+            Err(e) => {
+                st.shared = shared;
+                return Err(e.into());
+            }
+        };
+        let changed_after: HashSet<Ino> = later.iter().filter_map(|t| op_ino(&t.op)).collect();
         for (ino, i) in &tree.inodes {
-            if i.kind != FileKind::File || changed_after.contains(ino) || shared.contains(ino) {
+            if i.kind != FileKind::File
+                || changed_after.contains(ino)
+                || shared.contains(ino)
+                || st.orphans.contains_key(ino)
+                || !st.tree.inodes.contains_key(ino)
+            {
                 continue;
             }
             let (live, b) = (self.data_path(*ino), bdata.join(data_name(*ino)));
@@ -1513,6 +1614,7 @@ fn read_base_meta(dir: &Path, volume: &str) -> Result<BaseMeta> {
             version: BASE_VERSION,
             seq: 0,
             time_ns: 0,
+            pending: 0,
         }),
         Err(source) => Err(VolumeError::Io {
             volume: volume.to_string(),

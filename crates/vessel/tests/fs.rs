@@ -177,6 +177,9 @@ fn posix_semantics_over_a_template() {
     // File capabilities of template files survive (shown to the kernel in v3 form).
     let cap = getxattr(&m.join("usr/bin/ping"), "security.capability").unwrap();
     assert!(cap.len() == 20 || cap.len() == 24, "{cap:?}");
+    // ... and survive a copy-up (here by chmod).
+    fs::set_permissions(m.join("usr/bin/ping"), fs::Permissions::from_mode(0o750)).unwrap();
+    assert_eq!(getxattr(&m.join("usr/bin/ping"), "security.capability").unwrap(), cap);
 
     // Deletes of template entries leave whiteouts; a new dir over a deleted one is empty.
     fs::remove_file(m.join("etc/conf.d/a")).unwrap();
