@@ -19,6 +19,7 @@ pub enum DaemonError {
 
 pub fn run(opts: NodeOptions) -> Result<(), DaemonError> {
     let setup = |what: &str, e: &dyn std::fmt::Display| DaemonError::Setup(format!("{what}: {e}"));
+    vessel_fs::fuse::keep_big_buffers_unmapped();
     // Signals are taken by sigwait below; every thread spawned after this inherits the mask.
     let mut sigs = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {

@@ -189,6 +189,7 @@ pub fn serve(
     if let Some(b) = segment_bytes {
         opts.segment_bytes = b;
     }
+    vessel_fs::fuse::keep_big_buffers_unmapped();
     let vol = Arc::new(Volume::open_with(volume, lower, opts)?);
     vol.set_quota(quota);
     vol.set_retention(history_secs);

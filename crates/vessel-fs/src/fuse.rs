@@ -783,6 +783,17 @@ impl Filesystem for VolumeFs {
     }
 }
 
+/// Each FUSE worker thread has a 16 MiB request buffer. glibc raises its mmap threshold
+/// after large blocks are freed, and then serves such buffers from the heap, where calloc
+/// must zero (touch) all of it: tens of MiB per volume. A fixed threshold keeps them as
+/// fresh mappings whose untouched pages cost nothing. Call once, early, in the daemon.
+pub fn keep_big_buffers_unmapped() {
+    // SAFETY: mallopt only changes allocator tuning; M_MMAP_THRESHOLD with a valid size.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}
+
 /// Mount options every vessel-fs mount uses.
 pub fn mount_config(threads: usize) -> fuser::Config {
     let mut c = fuser::Config::default();

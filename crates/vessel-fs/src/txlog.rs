@@ -328,7 +328,8 @@ impl TxLog {
         frame.extend_from_slice(&body);
         let end = self.seg_len + frame.len() as u64;
         if end > self.zeroed_end {
-            let upto = end + ZERO_AHEAD;
+            // Grow the zeroed space with the segment (small logs stay small).
+            let upto = end + self.seg_len.clamp(64 << 10, ZERO_AHEAD);
             let zeros = vec![0u8; (upto - self.zeroed_end) as usize];
             self.seg
                 .write_all_at(&zeros, self.zeroed_end)
