@@ -259,6 +259,30 @@ impl VolumeFs {
         }
     }
 
+    /// Create a node owned by the caller (VE-relative ids).
+    #[allow(clippy::too_many_arguments)]
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        kind: FileKind,
+        mode: u32,
+        rdev: u64,
+        target: &[u8],
+    ) -> FsResult<Attr> {
+        self.vol.mknod(
+            parent.0,
+            name(n),
+            kind,
+            mode & 0o7777,
+            self.ids.from_host(req.uid()),
+            self.ids.from_host(req.gid()),
+            rdev,
+            target,
+        )
+    }
+
     fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, h);
@@ -347,30 +371,12 @@ impl Filesystem for VolumeFs {
         let Some(kind) = kind_of_mode(mode) else {
             return reply.error(Errno::EINVAL);
         };
-        let r = self.vol.mknod(
-            parent.0,
-            name(n),
-            kind,
-            mode & !umask & 0o7777,
-            self.ids.from_host(req.uid()),
-            self.ids.from_host(req.gid()),
-            rdev as u64,
-            b"",
-        );
+        let r = self.make(req, parent, n, kind, mode & !umask, rdev as u64, b"");
         self.entry(r, reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, n: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let r = self.vol.mknod(
-            parent.0,
-            name(n),
-            FileKind::Dir,
-            mode & !umask & 0o7777,
-            self.ids.from_host(req.uid()),
-            self.ids.from_host(req.gid()),
-            0,
-            b"",
-        );
+        let r = self.make(req, parent, n, FileKind::Dir, mode & !umask, 0, b"");
         self.entry(r, reply);
     }
 
@@ -389,13 +395,12 @@ impl Filesystem for VolumeFs {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, n: &OsStr, target: &Path, reply: ReplyEntry) {
-        let r = self.vol.mknod(
-            parent.0,
-            name(n),
+        let r = self.make(
+            req,
+            parent,
+            n,
             FileKind::Symlink,
             0o777,
-            self.ids.from_host(req.uid()),
-            self.ids.from_host(req.gid()),
             0,
             target.as_os_str().as_bytes(),
         );
@@ -738,16 +743,7 @@ impl Filesystem for VolumeFs {
         let Some(kind) = kind_of_mode(mode) else {
             return reply.error(Errno::EINVAL);
         };
-        let r = self.vol.mknod(
-            parent.0,
-            name(n),
-            kind,
-            mode & !umask & 0o7777,
-            self.ids.from_host(req.uid()),
-            self.ids.from_host(req.gid()),
-            0,
-            b"",
-        );
+        let r = self.make(req, parent, n, kind, mode & !umask, 0, b"");
         let a = match r {
             Ok(a) => a,
             Err(e) => return reply.error(err(e)),

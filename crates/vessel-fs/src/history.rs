@@ -519,23 +519,6 @@ pub fn revert(vol: &Volume, path: &str, target: Target) -> Result<RevertReport, 
     }
     let mut rep = RevertReport::default();
     let old_ino = view::resolve(&old, lower, path.as_bytes()).ok();
-    if path == "/" {
-        let r = Reverter {
-            vol,
-            txs: &txs,
-            seq,
-            old: &old,
-            base: &base,
-            touched: &touched,
-        };
-        r.dir_children(ROOT, ROOT, "/", &mut rep)?;
-        r.attrs(ROOT, ROOT, "/")?;
-        return Ok(rep);
-    }
-    let (parent_path, name) = path.rsplit_once('/').expect("normalized");
-    let parent_now = vol
-        .with_tree(|t, l| view::resolve(t, l, parent_path.as_bytes()))
-        .map_err(|e| op_err(vol, "find", parent_path, e))?;
     let r = Reverter {
         vol,
         txs: &txs,
@@ -544,6 +527,15 @@ pub fn revert(vol: &Volume, path: &str, target: Target) -> Result<RevertReport, 
         base: &base,
         touched: &touched,
     };
+    if path == "/" {
+        r.dir_children(ROOT, ROOT, "/", &mut rep)?;
+        r.attrs(ROOT, ROOT, "/")?;
+        return Ok(rep);
+    }
+    let (parent_path, name) = path.rsplit_once('/').expect("normalized");
+    let parent_now = vol
+        .with_tree(|t, l| view::resolve(t, l, parent_path.as_bytes()))
+        .map_err(|e| op_err(vol, "find", parent_path, e))?;
     r.entry(parent_now, name.as_bytes(), old_ino, &path, &mut rep)?;
     Ok(rep)
 }
