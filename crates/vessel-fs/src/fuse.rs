@@ -59,6 +59,9 @@ impl IdMap {
     }
 }
 
+/// A directory listing as handed to the kernel: (ino, type, name), "." and ".." first.
+type Listing = Arc<Vec<(Ino, FileType, Vec<u8>)>>;
+
 enum Handle {
     /// A private file: reads and writes go through the volume.
     Private { ino: Ino, sync: bool },
@@ -66,6 +69,9 @@ enum Handle {
     Passthrough { ino: Ino },
     /// A template file read through us (passthrough unavailable).
     Lower { file: std::fs::File },
+    /// An open directory: the listing as of opendir (or the last rewind), so that offsets
+    /// stay meaningful while the directory changes.
+    Dir { listing: Listing },
 }
 
 pub struct VolumeFs {
@@ -287,6 +293,16 @@ impl VolumeFs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, h);
         fh
+    }
+
+    /// A directory's entries with "." and "..".
+    fn listing(&self, dir: Ino) -> FsResult<Listing> {
+        let (parent, entries) = self.vol.readdir(dir)?;
+        let mut v = Vec::with_capacity(entries.len() + 2);
+        v.push((dir, FileType::Directory, b".".to_vec()));
+        v.push((parent, FileType::Directory, b"..".to_vec()));
+        v.extend(entries.into_iter().map(|(n, i, k)| (i, ftype(k), n)));
+        Ok(Arc::new(v))
     }
 
     fn after_change(&self) {
@@ -586,23 +602,48 @@ impl Filesystem for VolumeFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let (parent, entries) = match self.vol.readdir(ino.0) {
-            Ok(v) => v,
-            Err(e) => return reply.error(err(e)),
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.listing(ino.0) {
+            Ok(listing) => {
+                let fh = self.add_handle(Handle::Dir { listing });
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        // Offset 0 (a new pass or rewinddir) sees the directory as it is now.
+        let snapshot = {
+            let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            match h.get(&fh.0) {
+                Some(Handle::Dir { listing }) if offset > 0 => Some(listing.clone()),
+                _ => None,
+            }
         };
-        let dots = [
-            (ino.0, FileType::Directory, &b"."[..]),
-            (parent, FileType::Directory, &b".."[..]),
-        ];
-        let all = dots
-            .into_iter()
-            .chain(entries.iter().map(|(n, i, k)| (*i, ftype(*k), n.as_slice())));
-        for (i, (ino, kind, n)) in all.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), (i + 1) as u64, kind, OsStr::from_bytes(n)) {
+        let listing = match snapshot {
+            Some(l) => l,
+            None => match self.listing(ino.0) {
+                Ok(l) => {
+                    let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(Handle::Dir { listing }) = h.get_mut(&fh.0) {
+                        *listing = l.clone();
+                    }
+                    l
+                }
+                Err(e) => return reply.error(err(e)),
+            },
+        };
+        for (i, (ino, kind, n)) in listing.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, OsStr::from_bytes(n)) {
                 break;
             }
         }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
         reply.ok();
     }
 

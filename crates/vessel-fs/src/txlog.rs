@@ -134,6 +134,24 @@ fn record_at(bytes: &[u8], off: usize, expected_seq: u64) -> std::result::Result
     Ok((tx, body_at + rlen as usize))
 }
 
+/// Whether a whole record with `seq` starts at `off` (cheap test first: the seq field).
+fn whole_record_at(bytes: &[u8], off: usize, seq: u64) -> bool {
+    let body_at = off + FRAME_LEN as usize;
+    if body_at + 16 > bytes.len() {
+        return false;
+    }
+    let rlen = u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes")) as usize;
+    if rlen < 16 || rlen > bytes.len() - body_at {
+        return false;
+    }
+    if u64::from_le_bytes(bytes[body_at + 8..body_at + 16].try_into().expect("8 bytes")) != seq {
+        return false;
+    }
+    let crc = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().expect("4 bytes"));
+    let body = &bytes[body_at..body_at + rlen];
+    crc32fast::hash(body) == crc && Tx::decode(body).is_ok_and(|t| t.seq == seq)
+}
+
 fn scan(bytes: &[u8], first_seq: u64) -> Scan {
     let mut txs = Vec::new();
     let mut off = HEADER_LEN as usize;
@@ -144,11 +162,15 @@ fn scan(bytes: &[u8], first_seq: u64) -> Scan {
                 off = next;
             }
             Err((reason, torn)) => {
+                // A damaged record followed by the next whole one is corruption, never a
+                // torn tail (a torn write is the last thing in the log).
+                let next_seq = first_seq + txs.len() as u64 + 1;
+                let torn = torn && !(off + 1..bytes.len()).any(|o| whole_record_at(bytes, o, next_seq));
                 return Scan {
                     txs,
                     end: off as u64,
                     damage: Some((off as u64, reason, torn)),
-                }
+                };
             }
         }
     }
@@ -641,6 +663,26 @@ mod tests {
             // The log goes on from the last whole transaction.
             log.append(&tx(whole + 1, 9)).unwrap();
         }
+    }
+
+    #[test]
+    fn a_damaged_length_before_good_records_is_corruption_not_a_torn_tail() {
+        let d = tempfile::tempdir().unwrap();
+        fill(d.path(), 5, DEFAULT_SEGMENT_BYTES);
+        let seg = segments(d.path()).unwrap()[0].1.clone();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        // The length field of the third record claims far more than the file holds.
+        let mut off = HEADER_LEN as usize;
+        for _ in 0..2 {
+            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+            off += FRAME_LEN as usize + len;
+        }
+        bytes[off..off + 4].copy_from_slice(&(60u32 << 20).to_le_bytes());
+        std::fs::write(&seg, &bytes).unwrap();
+        assert!(matches!(
+            TxLog::open(d.path(), "v1"),
+            Err(TxLogError::Corrupt { last_good_seq: 2, .. })
+        ));
     }
 
     #[test]
