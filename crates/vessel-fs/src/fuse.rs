@@ -305,10 +305,6 @@ impl VolumeFs {
         Ok(Arc::new(v))
     }
 
-    fn after_change(&self) {
-        if let Err(e) = self.vol.maybe_checkpoint() {
-            eprintln!("vessel-fs: {e}");
-        }
     }
 }
 
@@ -373,7 +369,6 @@ impl Filesystem for VolumeFs {
             Ok(a) => reply.attr(&TTL, &self.fattr(&a)),
             Err(e) => reply.error(err(e)),
         }
-        self.after_change();
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -489,9 +484,6 @@ impl Filesystem for VolumeFs {
             }
             Err(e) => reply.error(err(e)),
         }
-        if write || trunc {
-            self.after_change();
-        }
     }
 
     fn read(
@@ -554,7 +546,6 @@ impl Filesystem for VolumeFs {
             }
             Err(e) => reply.error(err(e)),
         }
-        self.after_change();
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
@@ -894,6 +885,10 @@ pub fn mount(vol: Arc<Volume>, ids: IdMap, at: &Path, threads: usize) -> std::io
                 std::thread::sleep(FLUSH_INTERVAL);
                 let Some(v) = weak.upgrade() else { break };
                 let _ = v.try_sync();
+                // Checkpoints (which fsync the changed files) run here, never in a request.
+                if let Err(e) = v.maybe_checkpoint() {
+                    eprintln!("vessel-fs: {e}");
+                }
                 // History older than the retention is compacted now and then.
                 let every = Duration::from_secs((v.retention_secs() / 4).clamp(1, 60));
                 if last_compact.elapsed() >= every {

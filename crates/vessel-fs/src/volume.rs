@@ -558,7 +558,18 @@ impl Volume {
             Some(f) => f,
             None => Arc::new(File::open(self.data_path(ino)).map_err(|e| errno_of(&e))?),
         };
-        read_at(&f, off, size)
+        let data = read_at(&f, off, size)?;
+        // Large requests come from the kernel's readahead on a sequential reader: start
+        // reading the next stretch of the backing file now, so it is cached when asked.
+        if size >= 128 << 10 && data.len() == size as usize {
+            use std::os::fd::AsRawFd;
+            let next = off + size as u64;
+            // SAFETY: advice on our own fd; no memory is passed.
+            unsafe {
+                libc::posix_fadvise(f.as_raw_fd(), next as i64, 4 * size as i64, libc::POSIX_FADV_WILLNEED);
+            }
+        }
+        Ok(data)
     }
 
     // ---- writes ----
