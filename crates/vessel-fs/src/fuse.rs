@@ -304,8 +304,6 @@ impl VolumeFs {
         v.extend(entries.into_iter().map(|(n, i, k)| (i, ftype(k), n)));
         Ok(Arc::new(v))
     }
-
-    }
 }
 
 fn name(n: &OsStr) -> &[u8] {
