@@ -577,11 +577,9 @@ impl Filesystem for VolumeFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.vol.sync() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+    fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        // One log covers files and directories alike.
+        self.fsyncdir(req, ino, fh, datasync, reply)
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -891,10 +889,7 @@ pub fn mount(vol: Arc<Volume>, ids: IdMap, at: &Path, threads: usize) -> std::io
                 let every = Duration::from_secs((v.retention_secs() / 4).clamp(1, 60));
                 if last_compact.elapsed() >= every {
                     last_compact = std::time::Instant::now();
-                    let now = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_nanos() as i64);
-                    if let Err(e) = v.compact(now) {
+                    if let Err(e) = v.compact(crate::volume::now_ns()) {
                         eprintln!("vessel-fs: compacting history: {e}");
                     }
                 }

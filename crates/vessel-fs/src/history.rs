@@ -5,7 +5,7 @@
 use crate::lower::Lower;
 use crate::tree::{Tree, ROOT, WHITEOUT};
 use crate::tx::{FileKind, Ino, Op, Tx};
-use crate::view::{self, LOWER_BASE};
+use crate::view;
 use crate::volume::{op_ino, SetAttr, Volume, VolumeError};
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -698,14 +698,4 @@ impl Reverter<'_> {
         }
         Ok(())
     }
-}
-
-/// The oldest point the log can return to (time of its first transaction).
-pub fn oldest_point(txs: &[Tx]) -> Option<i64> {
-    txs.first().map(|t| t.time_ns)
-}
-
-/// True if `ino` is a template entry that was never copied up.
-pub fn is_lower(ino: Ino) -> bool {
-    ino >= LOWER_BASE
 }

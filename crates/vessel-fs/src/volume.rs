@@ -201,12 +201,7 @@ impl Volume {
             created_ns: now_ns(),
         };
         let p = dir.join("volume.json");
-        let tmp = dir.join("volume.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&meta).expect("serializable"))
-            .and_then(|_| File::open(&tmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &p))
-            .map_err(io("write", &p))?;
-        Ok(())
+        write_durably(&p, &serde_json::to_vec_pretty(&meta).expect("serializable")).map_err(io("write", &p))
     }
 
     pub fn read_meta(dir: &Path) -> Result<VolumeMeta> {
@@ -1290,13 +1285,7 @@ impl Volume {
             return Err(e);
         }
         let p = self.dir.join("checkpoint");
-        let tmp = self.dir.join("checkpoint.tmp");
-        std::fs::write(&tmp, &bytes)
-            .and_then(|_| File::open(&tmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &p))
-            .and_then(|_| File::open(&self.dir)?.sync_all())
-            .map_err(self.io("write", &p))?;
-        Ok(())
+        write_durably(&p, &bytes).map_err(self.io("write", &p))
     }
 
     /// How long history is kept (None: the default of 24 h).
@@ -1325,8 +1314,7 @@ impl Volume {
         if st.base.seq > 0 {
             return Some(st.base.time_ns);
         }
-        let first = st.log.read_range(1, 1).ok()?;
-        first.first().map(|t| t.time_ns)
+        st.log.segment_starts().first().and_then(|(_, t)| *t)
     }
 
     /// The tree as of the base (where history starts).
@@ -1381,12 +1369,7 @@ impl Volume {
         let base_dir = self.base_dir();
         std::fs::create_dir_all(&base_dir).map_err(self.io("create", &base_dir))?;
         let mp = base_dir.join("meta.json");
-        let mtmp = base_dir.join("meta.json.tmp");
-        std::fs::write(&mtmp, serde_json::to_vec(meta).expect("serializable"))
-            .and_then(|_| File::open(&mtmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&mtmp, &mp))
-            .and_then(|_| File::open(&base_dir)?.sync_all())
-            .map_err(self.io("write", &mp))
+        write_durably(&mp, &serde_json::to_vec(meta).expect("serializable")).map_err(self.io("write", &mp))
     }
 
     /// Move the base up to `through` (redone from the start if interrupted: every step is
@@ -1450,11 +1433,7 @@ impl Volume {
                 .map_err(self.io("fsync", &bdata))?;
             // Commit point: the base checkpoint, then its description.
             let ck = base_dir.join("checkpoint");
-            let tmp = base_dir.join("checkpoint.tmp");
-            std::fs::write(&tmp, tree.checkpoint())
-                .and_then(|_| File::open(&tmp)?.sync_all())
-                .and_then(|_| std::fs::rename(&tmp, &ck))
-                .map_err(self.io("write", &ck))?;
+            write_durably(&ck, &tree.checkpoint()).map_err(self.io("write", &ck))?;
             self.write_base_meta(&BaseMeta {
                 version: BASE_VERSION,
                 seq: through,
@@ -1504,18 +1483,18 @@ impl Volume {
         let freed = st.log.drop_through(through)?;
         Ok(freed)
     }
+}
 
-    /// Checksum-verify the whole log and the checkpoint (scrub).
-    pub fn verify(&self) -> Result<u64> {
-        let txs = self.read_log(1)?;
-        let ck = self.dir.join("checkpoint");
-        if let Ok(b) = std::fs::read(&ck) {
-            Tree::from_checkpoint(&b).map_err(|e| VolumeError::Corrupt {
-                volume: self.name.clone(),
-                reason: format!("checkpoint {} is damaged: {e}", ck.display()),
-            })?;
-        }
-        Ok(txs.len() as u64)
+/// Replace `path` with `bytes` so that a crash leaves the old or the new file, whole:
+/// write a temporary file, fsync it, rename it over, fsync the directory.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(d) => File::open(d)?.sync_all(),
+        None => Ok(()),
     }
 }
 
