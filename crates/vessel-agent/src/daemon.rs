@@ -28,6 +28,10 @@ pub fn run(opts: NodeOptions) -> Result<(), DaemonError> {
     sigs.thread_block().map_err(|e| setup("block signals", &e))?;
 
     std::fs::create_dir_all(&opts.root).map_err(|e| setup(&format!("create {}", opts.root.display()), &e))?;
+    // Node data is root-only: VE files, logs, templates with setuid binaries, state. VEs
+    // reach their own root through the runtime helper (vessel-ve `runtime::EXPOSE_DIR`).
+    std::fs::set_permissions(&opts.root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|e| setup(&format!("make {} root-only", opts.root.display()), &e))?;
     let layout = vessel_ve::Layout::new(&opts.root);
     let pid_path = layout.pid_file();
     let mut pid_file = std::fs::OpenOptions::new()

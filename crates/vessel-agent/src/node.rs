@@ -412,16 +412,22 @@ impl Node {
             binds.push((rootfs.clone(), "/mnt/ve".to_string()));
             rootfs = self.mount_rescue_root(&req)?;
         }
-        osconfig::apply(&rootfs, &rec.spec, uid_base).map_err(|e| internal("write VE settings", e))?;
+        // The VE owns these files: if it made one unwritable for us (a directory where
+        // /etc/hostname was), it still boots, with the files as it left them.
+        if let Err(e) = osconfig::apply(&rootfs, &rec.spec, uid_base) {
+            tracing::warn!("VE '{name}': settings not written at start: {e}");
+        }
         let cgroup_path = format!("/{}/{}", self.opts.config.cgroup_parent, name);
+        // The node root is root-only: the helper shows these trees to the VE elsewhere.
+        let (shown_root, shown_binds, expose) = expose_plan(name, &rootfs, &binds);
         let doc = oci::render(&oci::SpecInput {
             spec: &rec.spec,
-            rootfs: &rootfs,
+            rootfs: &shown_root,
             init: &meta.init,
             uid_base,
             uid_count: alloc::UID_COUNT,
             cgroup_path: &cgroup_path,
-            binds: &binds,
+            binds: &shown_binds,
         });
         let bundle = ve.bundle();
         std::fs::create_dir_all(&bundle).map_err(|e| internal("bundle dir", e))?;
@@ -445,6 +451,7 @@ impl Node {
             state_root: self.layout.run(),
             bundle,
             net,
+            expose,
         };
         let t_prep = t0.elapsed();
         let r = runtime::start_ve(&self.opts.exe, req)
@@ -594,7 +601,7 @@ impl Node {
             }
             let ve = self.layout.ve(name.as_str());
             osconfig::apply(&ve.rootfs(), &new, alloc::uid_base(rec.slot))
-                .map_err(|e| internal("write VE settings", e))?;
+                .map_err(|e| err(ErrorCode::Conflict, format!("write the settings of VE '{name}': {e}")))?;
             if new.hostname() != rec.spec.hostname() {
                 if let Some(pid) = rec.pid {
                     sys::set_hostname_of(pid, new.hostname()).map_err(|e| internal("set the VE's hostname", e))?;
@@ -761,6 +768,32 @@ pub(crate) fn not_found(name: &Name) -> ApiError {
         ErrorCode::NotFound,
         format!("VE '{name}' not found: see `vessel ve list`"),
     )
+}
+
+type Binds = Vec<(std::path::PathBuf, String)>;
+
+/// Where the runtime helper shows a VE's root and bind sources (see
+/// [`runtime::EXPOSE_DIR`]): the root with setuid honoured (the VE's own `su`, `sudo`,
+/// `ping`), bind sources without. Returns the root and binds as the VE's spec names them.
+fn expose_plan(name: &str, rootfs: &std::path::Path, binds: &Binds) -> (PathBuf, Binds, Vec<runtime::Expose>) {
+    let dir = std::path::Path::new(runtime::EXPOSE_DIR).join(name);
+    let root = dir.join("root");
+    let mut expose = vec![runtime::Expose {
+        src: rootfs.to_path_buf(),
+        at: root.clone(),
+        suid: true,
+    }];
+    let mut shown = Vec::new();
+    for (i, (src, dst)) in binds.iter().enumerate() {
+        let at = dir.join(format!("bind{i}"));
+        expose.push(runtime::Expose {
+            src: src.clone(),
+            at: at.clone(),
+            suid: false,
+        });
+        shown.push((at, dst.clone()));
+    }
+    (root, shown, expose)
 }
 
 #[cfg(test)]

@@ -818,14 +818,16 @@ pub fn keep_big_buffers_unmapped() {
     }
 }
 
-/// Mount options every vessel-fs mount uses.
+/// Mount options every vessel-fs mount uses. The host-side mount never honours setuid bits
+/// or device nodes (a VE's root plants whatever it likes in its tree); the VE's own view is
+/// a bind of it that honours setuid, made where only the VE sees it (vessel-ve `runtime`).
 pub fn mount_config(threads: usize) -> fuser::Config {
     let mut c = fuser::Config::default();
     c.mount_options = vec![
         MountOption::FSName("vessel-fs".into()),
         MountOption::Subtype("vessel".into()),
         MountOption::DefaultPermissions,
-        MountOption::Suid,
+        MountOption::NoSuid,
         MountOption::NoDev,
         MountOption::Exec,
         MountOption::RW,

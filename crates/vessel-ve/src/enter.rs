@@ -77,36 +77,15 @@ pub fn enter(plan: &EnterPlan) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
         .map(open_ns)
         .collect::<Result<_, _>>()?;
     let pid_ns = open_ns("pid")?;
-    let master = if plan.tty {
-        // The VE's /dev/ptmx, reached through its init's root: the pty lives in the VE's
-        // own devpts instance.
-        let path = cstr(&format!("/proc/{}/root/dev/ptmx", plan.init_pid))?;
-        // SAFETY: opening a valid C path with constant flags.
-        let m = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
-        if m < 0 {
-            return Err(os("open /dev/ptmx of the VE"));
-        }
-        // SAFETY: m is a fresh fd we own.
-        let m = unsafe { OwnedFd::from_raw_fd(m) };
-        // SAFETY: unlockpt on a pty master.
-        if unsafe { libc::unlockpt(m.as_raw_fd()) } != 0 {
-            return Err(os("unlockpt"));
-        }
-        Some(m)
+    // With a tty, the pty is opened by the child once it is the VE's root inside the VE's
+    // mount namespace, and its master comes back over this socket pair. Host root never
+    // resolves a path inside a VE: a VE that replaced /dev/ptmx with a symlink (or a FIFO,
+    // or a bind mount of something else) only fools itself.
+    let pty_chan = if plan.tty {
+        let (a, b) = std::os::unix::net::UnixStream::pair()?;
+        Some((OwnedFd::from(a), OwnedFd::from(b)))
     } else {
         None
-    };
-    let slave = match &master {
-        Some(m) => {
-            // SAFETY: TIOCGPTPEER on a pty master returns a new slave fd.
-            let s = unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY) };
-            if s < 0 {
-                return Err(os("open pty slave"));
-            }
-            // SAFETY: fresh fd we own.
-            Some(unsafe { OwnedFd::from_raw_fd(s) })
-        }
-        None => None,
     };
     // Children of this helper are born in the VE's pid namespace. The helper itself stays
     // on the host (and out of the VE's cgroup, where the OOM killer would find it).
@@ -145,7 +124,7 @@ pub fn enter(plan: &EnterPlan) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
             }
             if m.is_empty() {
                 child(
-                    slave.as_ref(),
+                    pty_chan.as_ref().map(|(_, theirs)| theirs),
                     &argv,
                     &envp,
                     cwd.as_deref(),
@@ -177,13 +156,99 @@ pub fn enter(plan: &EnterPlan) -> Result<(i32, Option<OwnedFd>), RuntimeError> {
     // SAFETY: closing our write end releases (or, without the byte, aborts) the child.
     unsafe { libc::close(sync[1]) };
     joined?;
-    drop(slave);
+    let master = match pty_chan {
+        Some((ours, theirs)) => {
+            drop(theirs);
+            Some(receive_pty_master(&ours)?)
+        }
+        None => None,
+    };
     Ok((pid, master))
+}
+
+/// The pty master the child opened inside the VE. The socket closes without an fd when the
+/// child failed first (it has written why to stderr). Whatever the VE handed over must be
+/// a pty master before it goes to the admin's terminal.
+fn receive_pty_master(sock: &OwnedFd) -> Result<OwnedFd, RuntimeError> {
+    let tv = libc::timeval { tv_sec: 10, tv_usec: 0 };
+    // SAFETY: setsockopt with a timeval that lives across the call and its size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+    let mut fds = Vec::new();
+    let mut b = [0u8; 512];
+    let n = vessel_api::fdpass::recv_with_fds(sock.as_raw_fd(), &mut b, &mut fds)
+        .map_err(|e| RuntimeError::Helper(format!("no terminal from the VE: {e}")))?;
+    let Some(m) = fds.pop() else {
+        let why = String::from_utf8_lossy(&b[..n]);
+        let why = if why.is_empty() {
+            "the process ended first".into()
+        } else {
+            why
+        };
+        return Err(RuntimeError::Helper(format!(
+            "no terminal in the VE ({why}): check /dev/ptmx -> pts/ptmx inside it"
+        )));
+    };
+    if !is_pty_master(&m) {
+        return Err(RuntimeError::Helper(
+            "the VE's /dev/ptmx is not a pty multiplexer: repair /dev/ptmx inside the VE (ve rescue)".into(),
+        ));
+    }
+    Ok(m)
+}
+
+/// The pty multiplexer is character device 5:2 (in every devpts instance). Only `fstat`
+/// is used: no ioctl goes to an fd of unknown kind from host root.
+fn is_pty_master(fd: &OwnedFd) -> bool {
+    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on an fd we own into a local buffer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(5, 2)
+}
+
+/// In the child, as the VE's root in the VE's namespaces: a new pty in the VE's own devpts.
+/// Returns (master, slave).
+fn open_pty_in_ve() -> Result<(OwnedFd, OwnedFd), String> {
+    let err = |w: &str| format!("{w}: {}", std::io::Error::last_os_error());
+    // SAFETY: opening a constant path with constant flags.
+    let m = unsafe { libc::open(c"/dev/ptmx".as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if m < 0 {
+        return Err(err("open /dev/ptmx"));
+    }
+    // SAFETY: m is a fresh fd we own.
+    let m = unsafe { OwnedFd::from_raw_fd(m) };
+    // SAFETY: unlockpt on the fd we just opened; it fails cleanly on a non-pty.
+    if unsafe { libc::unlockpt(m.as_raw_fd()) } != 0 {
+        return Err(err("unlockpt"));
+    }
+    // SAFETY: TIOCGPTPEER on a pty master returns a new slave fd.
+    let s = unsafe {
+        libc::ioctl(
+            m.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if s < 0 {
+        return Err(err("open pty slave"));
+    }
+    // SAFETY: fresh fd we own.
+    Ok((m, unsafe { OwnedFd::from_raw_fd(s) }))
 }
 
 /// In the forked child: become the VE's root and exec. Returns only on failure.
 fn child(
-    slave: Option<&OwnedFd>,
+    pty_chan: Option<&OwnedFd>,
     argv: &[CString],
     envp: &[CString],
     cwd: Option<&std::ffi::CStr>,
@@ -194,14 +259,6 @@ fn child(
     // SAFETY: plain syscalls on our own process and fds.
     unsafe {
         libc::setsid();
-        if let Some(s) = slave {
-            if libc::ioctl(s.as_raw_fd(), libc::TIOCSCTTY, 0) != 0 {
-                return err("set controlling terminal");
-            }
-            for fd in 0..3 {
-                libc::dup2(s.as_raw_fd(), fd);
-            }
-        }
         if libc::setgroups(0, std::ptr::null()) != 0 {
             return err("setgroups");
         }
@@ -210,6 +267,24 @@ fn child(
         }
         if libc::setresuid(0, 0, 0) != 0 {
             return err("setuid");
+        }
+        if let Some(chan) = pty_chan {
+            let (m, s) = match open_pty_in_ve() {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = vessel_api::fdpass::send_with_fds(chan.as_raw_fd(), e.as_bytes(), &[]);
+                    return e;
+                }
+            };
+            if libc::ioctl(s.as_raw_fd(), libc::TIOCSCTTY, 0) != 0 {
+                return err("set controlling terminal");
+            }
+            if let Err(e) = vessel_api::fdpass::send_with_fds(chan.as_raw_fd(), b"m", &[m.as_raw_fd()]) {
+                return format!("hand over the terminal: {e}");
+            }
+            for fd in 0..3 {
+                libc::dup2(s.as_raw_fd(), fd);
+            }
         }
         let dir = cwd.unwrap_or(c"/root");
         if libc::chdir(dir.as_ptr()) != 0 && (cwd.is_some() || libc::chdir(c"/".as_ptr()) != 0) {

@@ -1,11 +1,18 @@
 //! OS parameters of a VE written into its own tree: hostname, hosts, DNS, root password,
 //! SSH keys; and the system files of the built-in templates. Rendering is pure (tested
-//! without root); writing goes through [`crate::sys::open_in_root`] so a VE that replaced
-//! `/etc/hostname` with a symlink to `/../../etc/shadow` still only touches its own tree.
+//! without root); writing goes through [`crate::sys::open_in_root`], so every path is
+//! resolved inside the VE's tree as if it were `/`: a VE that replaced `/etc/hostname` with
+//! a symlink to `/../../etc/shadow` gets its own `/etc/shadow` written, never the host's.
+//!
+//! The VE owns these files and may have replaced them with anything. A symlink is followed
+//! inside the VE (as `echo > /etc/resolv.conf` would, so a resolvconf-style link keeps
+//! working); anything that is not a regular file (FIFO, socket, device node) is replaced by a
+//! fresh file with an atomic rename, never opened for writing, so the daemon cannot block on
+//! it; a directory in the way is a clear error. Reads are bounded ([`MAX_READ`]).
 
 use crate::sys::open_in_root;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use vessel_types::VeSpec;
 
@@ -149,47 +156,92 @@ pub fn set_root_hash(shadow: &str, hash: &str) -> String {
 /// the VE's root (host uid `uid_base`).
 pub fn apply(rootfs: &Path, spec: &VeSpec, uid_base: u32) -> std::io::Result<()> {
     let root: OwnedFd = std::fs::File::open(rootfs)?.into();
+    apply_at(&root, spec, uid_base)
+}
+
+/// [`apply`] on an open root directory.
+pub fn apply_at(root: &OwnedFd, spec: &VeSpec, uid_base: u32) -> std::io::Result<()> {
     let hostname = spec.hostname();
-    write_if_changed(&root, "etc/hostname", &format!("{hostname}\n"), 0o644, uid_base)?;
+    write_if_changed(root, "etc/hostname", &format!("{hostname}\n"), 0o644, uid_base)?;
     write_if_changed(
-        &root,
+        root,
         "etc/hosts",
         &render_hosts(hostname, spec.ip.map(|c| c.addr)),
         0o644,
         uid_base,
     )?;
     if !spec.dns.is_empty() {
-        write_if_changed(&root, "etc/resolv.conf", &render_resolv(&spec.dns), 0o644, uid_base)?;
+        write_if_changed(root, "etc/resolv.conf", &render_resolv(&spec.dns), 0o644, uid_base)?;
     }
     if let Some(h) = &spec.root_password_hash {
-        let cur = read_in_root(&root, "etc/shadow").unwrap_or_default();
-        write_if_changed(&root, "etc/shadow", &set_root_hash(&cur, h), 0o600, uid_base)?;
+        let cur = read_in_root(root, "etc/shadow")?.unwrap_or_default();
+        write_if_changed(root, "etc/shadow", &set_root_hash(&cur, h), 0o600, uid_base)?;
     }
     if !spec.ssh_keys.is_empty() {
-        mkdir_in_root(&root, "root/.ssh", 0o700, uid_base)?;
+        mkdir_in_root(root, "root/.ssh", 0o700, uid_base)?;
         let keys: String = spec.ssh_keys.iter().map(|k| format!("{k}\n")).collect();
-        write_if_changed(&root, "root/.ssh/authorized_keys", &keys, 0o600, uid_base)?;
+        write_if_changed(root, "root/.ssh/authorized_keys", &keys, 0o600, uid_base)?;
     }
     Ok(())
 }
 
-fn read_in_root(root: &OwnedFd, rel: &str) -> std::io::Result<String> {
-    let fd = open_in_root(root, Path::new(rel), libc::O_RDONLY, 0)?;
-    let mut s = String::new();
-    std::fs::File::from(fd).read_to_string(&mut s)?;
-    Ok(s)
+/// Largest VE file the daemon reads for its settings (`/etc/shadow` of a VE with many
+/// users fits easily; a VE that made it 100 GB does not make the daemon read 100 GB).
+pub const MAX_READ: u64 = 4 << 20;
+
+fn ctx(rel: &str, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("/{rel} in the VE: {e}"))
+}
+
+fn file_type(fd: &OwnedFd) -> std::io::Result<u32> {
+    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on an fd we own into a local buffer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.st_mode & libc::S_IFMT)
+}
+
+/// What the VE's file holds now; None if it is missing or not a regular file.
+fn read_in_root(root: &OwnedFd, rel: &str) -> std::io::Result<Option<String>> {
+    // O_NONBLOCK: a FIFO planted by the VE must not block the daemon's open.
+    let fd = match open_in_root(
+        root,
+        Path::new(rel),
+        libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+        0,
+    ) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(ctx(rel, e)),
+    };
+    if file_type(&fd).map_err(|e| ctx(rel, e))? != libc::S_IFREG {
+        return Ok(None);
+    }
+    let mut buf = Vec::new();
+    std::fs::File::from(fd)
+        .take(MAX_READ + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| ctx(rel, e))?;
+    if buf.len() as u64 > MAX_READ {
+        return Err(ctx(
+            rel,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than {MAX_READ} bytes")),
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
 }
 
 fn write_if_changed(root: &OwnedFd, rel: &str, content: &str, mode: u32, uid: u32) -> std::io::Result<()> {
-    if read_in_root(root, rel).ok().as_deref() == Some(content) {
-        return Ok(());
+    match read_in_root(root, rel) {
+        Ok(Some(cur)) if cur == content => return Ok(()),
+        _ => {}
     }
-    let fd = open_in_root(
-        root,
-        Path::new(rel),
-        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
-        mode,
-    )?;
+    write_in_root(root, rel, content, mode, uid).map_err(|e| ctx(rel, e))
+}
+
+fn own_and_fill(fd: OwnedFd, content: &str, mode: u32, uid: u32) -> std::io::Result<()> {
     // SAFETY: fd is a valid open file we own.
     if unsafe { libc::fchown(fd.as_raw_fd(), uid, uid) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -199,7 +251,54 @@ fn write_if_changed(root: &OwnedFd, rel: &str, content: &str, mode: u32, uid: u3
         return Err(std::io::Error::last_os_error());
     }
     let mut f = std::fs::File::from(fd);
+    f.set_len(0)?;
     f.write_all(content.as_bytes())
+}
+
+fn write_in_root(root: &OwnedFd, rel: &str, content: &str, mode: u32, uid: u32) -> std::io::Result<()> {
+    // A regular file (or a symlink to one, inside the VE) is rewritten in place.
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NONBLOCK | libc::O_NOCTTY;
+    match open_in_root(root, Path::new(rel), flags, mode) {
+        Ok(fd) if file_type(&fd)? == libc::S_IFREG => return own_and_fill(fd, content, mode, uid),
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+            return Err(std::io::Error::other("is a directory: remove it inside the VE"))
+        }
+        // ENXIO: a socket or a FIFO without reader; EACCES: a device node (nodev mount).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO | libc::EACCES | libc::ELOOP)) => {}
+        Err(e) => return Err(e),
+    }
+    // Anything else sits in the way: put a fresh file there with an atomic rename.
+    let p = Path::new(rel);
+    let (parent, name) = (p.parent().unwrap_or(Path::new("")), p.file_name().unwrap_or_default());
+    let dir = open_in_root(root, parent, libc::O_DIRECTORY | libc::O_RDONLY, 0)?;
+    let tmp = format!(".{}.vessel-tmp", name.to_string_lossy());
+    let ctmp = std::ffi::CString::new(tmp).map_err(|_| std::io::Error::other("NUL in name"))?;
+    let cname = std::ffi::CString::new(name.as_encoded_bytes()).map_err(|_| std::io::Error::other("NUL in name"))?;
+    // SAFETY: valid dir fd and C string; a leftover temp name is replaced.
+    unsafe { libc::unlinkat(dir.as_raw_fd(), ctmp.as_ptr(), 0) };
+    // SAFETY: valid dir fd and C string; O_EXCL|O_NOFOLLOW create a new regular file only.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            ctmp.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            mode,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new fd that nothing else owns.
+    own_and_fill(unsafe { OwnedFd::from_raw_fd(fd) }, content, mode, uid)?;
+    // SAFETY: valid dir fd and C strings, both names in that directory.
+    if unsafe { libc::renameat(dir.as_raw_fd(), ctmp.as_ptr(), dir.as_raw_fd(), cname.as_ptr()) } != 0 {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: as above.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), ctmp.as_ptr(), 0) };
+        return Err(e);
+    }
+    Ok(())
 }
 
 fn mkdir_in_root(root: &OwnedFd, rel: &str, mode: u32, uid: u32) -> std::io::Result<()> {

@@ -125,7 +125,8 @@ impl RootFs for OverlayRootFs {
             Some("vessel"),
             &target,
             Some("overlay"),
-            MsFlags::empty(),
+            // Host-side: no setuid, no devices; the VE's view is made by the runtime helper.
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             Some(opts.as_str()),
         )
         .map_err(|source| RootFsError::Mount {

@@ -34,6 +34,22 @@ pub struct NetPlan {
     pub gateway: std::net::Ipv4Addr,
 }
 
+/// Where the helper shows a VE's root (and bind sources) to libcontainer. The node root is
+/// root-only (0700), so the VE's mapped root could not walk to its own root tree there;
+/// the helper binds each tree here, in a mount namespace of its own (a private tmpfs on
+/// this directory), and the VE's mount namespace is born from that one. On the host this
+/// directory stays empty.
+pub const EXPOSE_DIR: &str = "/run/vessel-roots";
+
+/// A host tree the VE's spec refers to, bound at `at` (under [`EXPOSE_DIR`]) for the VE only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Expose {
+    pub src: PathBuf,
+    pub at: PathBuf,
+    /// Honour setuid bits in the VE's view (its own root); the host-side mounts never do.
+    pub suid: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum HelperRequest {
@@ -42,6 +58,8 @@ pub enum HelperRequest {
         state_root: PathBuf,
         bundle: PathBuf,
         net: Option<NetPlan>,
+        #[serde(default)]
+        expose: Vec<Expose>,
     },
     Exec {
         init_pid: i32,
@@ -125,7 +143,8 @@ pub fn helper_main(json: &str) -> i32 {
             state_root,
             bundle,
             net,
-        } => match start(&id, &state_root, &bundle, net.as_ref()) {
+            expose,
+        } => match expose_privately(&expose).and_then(|_| start(&id, &state_root, &bundle, net.as_ref())) {
             Ok((pid, master)) => {
                 send(&HelperReport::Started { pid }, &[master.as_raw_fd()]);
                 0
@@ -189,6 +208,44 @@ fn wait_child(pid: i32) -> i32 {
             return 128 + libc::WTERMSIG(st);
         }
     }
+}
+
+/// In a mount namespace of this helper's own (the VE's is copied from it), bind each tree
+/// at its place under [`EXPOSE_DIR`]. Nothing of it propagates to the host.
+fn expose_privately(list: &[Expose]) -> Result<(), RuntimeError> {
+    use nix::mount::{mount, MsFlags};
+    if list.is_empty() {
+        return Ok(());
+    }
+    let fail =
+        |what: &str, p: &Path, e: &dyn std::fmt::Display| RuntimeError::Helper(format!("{what} {}: {e}", p.display()));
+    let base = Path::new(EXPOSE_DIR);
+    std::fs::create_dir_all(base).map_err(|e| fail("create", base, &e))?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| fail("new mount namespace for", base, &e))?;
+    let none: Option<&str> = None;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_SLAVE, none)
+        .map_err(|e| fail("make the helper's mounts private at", Path::new("/"), &e))?;
+    mount(
+        Some("vessel-roots"),
+        base,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )
+    .map_err(|e| fail("mount tmpfs at", base, &e))?;
+    for x in list {
+        if !x.at.starts_with(base) {
+            return Err(fail("refusing to bind outside the helper's dir:", &x.at, &""));
+        }
+        std::fs::create_dir_all(&x.at).map_err(|e| fail("create", &x.at, &e))?;
+        mount(Some(&x.src), &x.at, none, MsFlags::MS_BIND, none).map_err(|e| fail("bind", &x.src, &e))?;
+        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NODEV;
+        if !x.suid {
+            flags |= MsFlags::MS_NOSUID;
+        }
+        mount(none, &x.at, none, flags, none).map_err(|e| fail("set the VE's mount flags on", &x.at, &e))?;
+    }
+    Ok(())
 }
 
 /// Listen on a console socket, returning the listener; libcontainer connects to it from
