@@ -59,8 +59,7 @@ fn mount_options(mountpoint: &Path) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let want = mountpoint.to_str().unwrap();
     info.lines()
-        .filter(|l| l.split(' ').nth(4) == Some(want))
-        .next_back()
+        .rfind(|l| l.split(' ').nth(4) == Some(want))
         .map(|l| l.split(' ').nth(5).unwrap_or("").to_string())
 }
 
