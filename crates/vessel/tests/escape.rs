@@ -303,3 +303,61 @@ fn escape_battery_from_root_inside_a_ve() {
     // other's processes or files even through the host.
     assert_ne!(host_uid_of(node.ve_pid("atk")), host_uid_of(other_pid));
 }
+
+#[test]
+fn admin_commands_never_follow_ve_symlinks_out_of_the_ve() {
+    if !need_root("admin_commands_never_follow_ve_symlinks_out_of_the_ve") {
+        return;
+    }
+    let node = start("links");
+    node.ensure_busybox();
+    node.ok(&["ve", "create", "lnk", "-t", "busybox", "--start"]);
+    let host_dir = node.root.join("host-only");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(host_dir.join("secret"), "host-secret\n").unwrap();
+    let hd = host_dir.display().to_string();
+    // Links aimed at the host's tree, absolute and relative, as files and as directories.
+    node.sh(
+        "lnk",
+        &format!(
+            "ln -s {hd} /evil-dir && ln -s ../../../../..{hd}/secret /evil-file && \
+             ln -s / /loop && echo mine > /mine && sync"
+        ),
+    );
+    // diff/history/revert/export answer about the links themselves, inside the VE.
+    let diff = node.ok(&["ve", "diff", "lnk", "/evil-dir"]);
+    assert!(!diff.contains("secret"), "diff followed a link to the host: {diff}");
+    let _ = node.vessel(&["ve", "history", "lnk", "/evil-dir/secret"]);
+    let _ = node.vessel(&["ve", "history", "lnk", "/loop/loop/loop/evil-file"]);
+    let _ = node.vessel(&["ve", "revert", "lnk", "/evil-dir/secret", "--template"]);
+    let _ = node.vessel(&["ve", "revert", "lnk", "/evil-file", "--template"]);
+    assert_eq!(
+        std::fs::read_to_string(host_dir.join("secret")).unwrap(),
+        "host-secret\n"
+    );
+    let export = node.root.join("lnk.tar");
+    let o = node
+        .command()
+        .args(["ve", "export", "lnk"])
+        .stdout(std::fs::File::create(&export).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "export: {}", err(&o));
+    let bytes = std::fs::read(&export).unwrap();
+    assert!(
+        !bytes.windows(11).any(|w| w == b"host-secret"),
+        "export carried a host file's contents"
+    );
+    // `ve logs` and `ve console` read the node's own files, not paths in the VE.
+    node.sh(
+        "lnk",
+        "rm -f /dev/console 2>/dev/null; ln -sf /etc/shadow /dev/console 2>/dev/null; true",
+    );
+    let _ = node.vessel(&["ve", "logs", "lnk"]);
+    node.ok(&["ve", "restart", "lnk"]);
+    assert_eq!(node.sh("lnk", "cat /mine").trim(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(host_dir.join("secret")).unwrap(),
+        "host-secret\n"
+    );
+}
