@@ -94,7 +94,7 @@ fn durable(dir: &Path) {
 
 /// The tarball: /usr/share/{doc,man,perl} when the host has ~30k files there, else a
 /// generated tree of 30,000 small files.
-fn tarball(base: &Path) -> (PathBuf, usize) {
+pub(crate) fn tarball(base: &Path) -> (PathBuf, usize) {
     let tar = base.join("src.tar");
     let parts: Vec<&str> = ["usr/share/doc", "usr/share/man", "usr/share/perl"]
         .into_iter()

@@ -13,6 +13,7 @@
 //! Last line: `ve-start: vessel/runc = X`.
 
 mod fsbench;
+mod fsve;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -111,8 +112,15 @@ fn runc_bundle(dir: &Path, rootfs: &Path) -> PathBuf {
 
 fn main() {
     let cmd = std::env::args().nth(1);
-    if !matches!(cmd.as_deref(), Some("ve-start") | Some("fs")) {
-        eprintln!("usage: vessel-bench ve-start [--runs N] [--density N] | fs [--runs N] [--seq-mib N] [--mounts N]");
+    if cmd.as_deref() == Some("fs-worker") {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        std::process::exit(fsve::worker(&args));
+    }
+    if !matches!(cmd.as_deref(), Some("ve-start") | Some("fs") | Some("fs-ve")) {
+        eprintln!(
+            "usage: vessel-bench ve-start [--runs N] [--density N] | fs [--runs N] [--seq-mib N] [--mounts N] \
+             | fs-ve [--runs N] [--seq-mib N] [--debian 0|1]"
+        );
         std::process::exit(2);
     }
     // SAFETY: geteuid has no preconditions.
@@ -122,6 +130,14 @@ fn main() {
     }
     if cmd.as_deref() == Some("fs") {
         fsbench::run(&vessel_bin());
+        return;
+    }
+    if cmd.as_deref() == Some("fs-ve") {
+        let base = PathBuf::from(format!("/var/tmp/vessel-fsve-tar-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let (tar, files) = fsbench::tarball(&base);
+        fsve::run(&vessel_bin(), &tar, files);
+        let _ = std::fs::remove_dir_all(&base);
         return;
     }
     let runs = arg("--runs", 15).max(10);

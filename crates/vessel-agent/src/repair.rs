@@ -49,6 +49,7 @@ impl Node {
             log_bytes,
             last_seq,
             oldest_ns,
+            profile: Some(v.stats().snapshot()),
         })
     }
 

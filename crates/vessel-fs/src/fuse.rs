@@ -9,6 +9,7 @@
 //!   the VE's mapped users in.
 //! - fsync/fdatasync/O_SYNC/O_DSYNC return once the covering transactions are durable.
 
+use crate::stats::FsOp;
 use crate::tx::{FileKind, Ino};
 use crate::view::{Attr, FsResult};
 use crate::volume::{SetAttr, Volume};
@@ -327,10 +328,12 @@ impl Filesystem for VolumeFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
+        let _t = self.vol.stats().time(FsOp::Lookup);
         self.entry(self.vol.lookup(parent.0, name(n)), reply);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _t = self.vol.stats().time(FsOp::Getattr);
         match self.vol.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &self.fattr(&a)),
             Err(e) => reply.error(err(e)),
@@ -355,6 +358,7 @@ impl Filesystem for VolumeFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _t = self.vol.stats().time(FsOp::Setattr);
         let a = SetAttr {
             mode,
             uid: uid.map(|u| self.ids.from_host(u)),
@@ -370,6 +374,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _t = self.vol.stats().time(FsOp::Readlink);
         match self.vol.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(err(e)),
@@ -377,6 +382,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, n: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let _t = self.vol.stats().time(FsOp::Mknod);
         let Some(kind) = kind_of_mode(mode) else {
             return reply.error(Errno::EINVAL);
         };
@@ -385,11 +391,13 @@ impl Filesystem for VolumeFs {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, n: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let _t = self.vol.stats().time(FsOp::Mkdir);
         let r = self.make(req, parent, n, FileKind::Dir, mode & !umask, 0, b"");
         self.entry(r, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        let _t = self.vol.stats().time(FsOp::Unlink);
         match self.vol.remove(parent.0, name(n), false) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -397,6 +405,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        let _t = self.vol.stats().time(FsOp::Rmdir);
         match self.vol.remove(parent.0, name(n), true) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -404,6 +413,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, n: &OsStr, target: &Path, reply: ReplyEntry) {
+        let _t = self.vol.stats().time(FsOp::Symlink);
         let r = self.make(
             req,
             parent,
@@ -426,6 +436,7 @@ impl Filesystem for VolumeFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = self.vol.stats().time(FsOp::Rename);
         match self
             .vol
             .rename(parent.0, name(n), newparent.0, name(newname), flags.bits())
@@ -436,10 +447,12 @@ impl Filesystem for VolumeFs {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let _t = self.vol.stats().time(FsOp::Link);
         self.entry(self.vol.link(ino.0, newparent.0, name(newname)), reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _t = self.vol.stats().time(FsOp::Open);
         let f = flags.0;
         let write = f & libc::O_ACCMODE != libc::O_RDONLY;
         let trunc = f & libc::O_TRUNC != 0;
@@ -495,6 +508,7 @@ impl Filesystem for VolumeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _t = self.vol.stats().time(FsOp::Read);
         let lower = {
             let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
             match h.get(&fh.0) {
@@ -525,6 +539,7 @@ impl Filesystem for VolumeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _t = self.vol.stats().time(FsOp::Write);
         let sync = {
             let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
             match h.get(&fh.0) {
@@ -547,6 +562,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let _t = self.vol.stats().time(FsOp::Flush);
         reply.ok();
     }
 
@@ -560,6 +576,7 @@ impl Filesystem for VolumeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = self.vol.stats().time(FsOp::Release);
         let h = self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
         match h {
             Some(Handle::Private { ino, .. }) => self.vol.release(ino),
@@ -578,11 +595,13 @@ impl Filesystem for VolumeFs {
     }
 
     fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let _t = self.vol.stats().time(FsOp::Fsync);
         // One log covers files and directories alike.
         self.fsyncdir(req, ino, fh, datasync, reply)
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let _t = self.vol.stats().time(FsOp::Fsyncdir);
         match self.vol.sync() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -590,6 +609,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _t = self.vol.stats().time(FsOp::Opendir);
         match self.listing(ino.0) {
             Ok(listing) => {
                 let fh = self.add_handle(Handle::Dir { listing });
@@ -600,6 +620,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let _t = self.vol.stats().time(FsOp::Readdir);
         // Offset 0 (a new pass or rewinddir) sees the directory as it is now.
         let snapshot = {
             let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
@@ -630,11 +651,13 @@ impl Filesystem for VolumeFs {
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        let _t = self.vol.stats().time(FsOp::Releasedir);
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _t = self.vol.stats().time(FsOp::Statfs);
         let (u, q) = self.vol.usage();
         // Without a quota, report the host file system holding the volume.
         let host = nix::sys::statvfs::statvfs(self.vol.dir()).ok();
@@ -666,6 +689,7 @@ impl Filesystem for VolumeFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _t = self.vol.stats().time(FsOp::Setxattr);
         if name(n) == XATTR_ACL_ACCESS {
             // An access ACL sets the permission bits (as on a disk file system); one that
             // says no more than the bits is not kept as an attribute.
@@ -719,6 +743,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
+        let _t = self.vol.stats().time(FsOp::Getxattr);
         match self.vol.getxattr(ino.0, name(n)) {
             Ok(v) => {
                 let v = if name(n) == XATTR_CAPS {
@@ -741,6 +766,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _t = self.vol.stats().time(FsOp::Listxattr);
         match self.vol.listxattr(ino.0) {
             Ok(names) => {
                 let mut buf = Vec::new();
@@ -761,6 +787,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        let _t = self.vol.stats().time(FsOp::Removexattr);
         match self.vol.removexattr(ino.0, name(n)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -768,6 +795,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn create(&self, req: &Request, parent: INodeNo, n: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let _t = self.vol.stats().time(FsOp::Create);
         let Some(kind) = kind_of_mode(mode) else {
             return reply.error(Errno::EINVAL);
         };
@@ -800,6 +828,7 @@ impl Filesystem for VolumeFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _t = self.vol.stats().time(FsOp::Fallocate);
         match self.vol.fallocate(ino.0, offset, length, mode as u32) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),

@@ -13,6 +13,7 @@ pub mod codec;
 pub mod fuse;
 pub mod history;
 pub mod lower;
+pub mod stats;
 pub mod tree;
 pub mod tx;
 pub mod txlog;

@@ -147,6 +147,35 @@ pub struct Volume {
     history_lock: std::sync::RwLock<()>,
     /// Exclusive `flock` on `<dir>/lock`: one process and one instance per volume.
     _lock: nix::fcntl::Flock<File>,
+    stats: crate::stats::Stats,
+}
+
+/// The volume lock, held: counts its wait and hold times.
+struct Locked<'a> {
+    g: MutexGuard<'a, State>,
+    since: std::time::Instant,
+    waited_ns: u64,
+    stats: &'a crate::stats::Stats,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.g
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.stats
+            .lock_times(self.waited_ns, self.since.elapsed().as_nanos() as u64);
+    }
 }
 
 struct State {
@@ -329,6 +358,7 @@ impl Volume {
             ckpt_lock: Mutex::new(()),
             history_lock: std::sync::RwLock::new(()),
             _lock: lockf,
+            stats: Default::default(),
         };
         // Replay: metadata into the tree, contents into the data files.
         let txs = vol.lock().log.read_from(tree.applied + 1)?;
@@ -406,8 +436,21 @@ impl Volume {
         self.lower.as_deref()
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> Locked<'_> {
+        let t0 = std::time::Instant::now();
+        let g = self.st.lock().unwrap_or_else(|p| p.into_inner());
+        let since = std::time::Instant::now();
+        Locked {
+            g,
+            since,
+            waited_ns: since.duration_since(t0).as_nanos() as u64,
+            stats: &self.stats,
+        }
+    }
+
+    /// Where this volume's time goes (see [`crate::stats`]).
+    pub fn stats(&self) -> &crate::stats::Stats {
+        &self.stats
     }
 
     fn data_path(&self, ino: Ino) -> PathBuf {
@@ -591,6 +634,7 @@ impl Volume {
             eprintln!("vessel-fs: {e}; volume '{}' is read-only until remounted", self.name);
             return Err(libc::EIO);
         }
+        self.stats.tx();
         st.since_ckpt += 64 + op_data_len(&tx.op);
         account(st, &tx.op, before, &freed);
         // Inodes freed while open live on as orphans until their last close.
@@ -1237,7 +1281,9 @@ impl Volume {
             (st.tree.applied, st.log.segment_handle())
         };
         let h = h.map_err(|_| libc::EIO)?;
+        let t0 = std::time::Instant::now();
         h.sync_data().map_err(|e| errno_of(&e))?;
+        self.stats.sync_done(t0.elapsed().as_nanos() as u64);
         self.synced.fetch_max(upto, Ordering::AcqRel);
         Ok(())
     }

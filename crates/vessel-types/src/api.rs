@@ -249,6 +249,57 @@ pub struct FsInfo {
     /// The oldest point `revert`/`rollback` can return to (ns since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_ns: Option<i64>,
+    /// Where the volume's time went since it was mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<FsProfile>,
+}
+
+/// One FUSE opcode's figures: requests and time in the handler.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsOpStat {
+    pub op: String,
+    pub count: u64,
+    pub ns: u64,
+}
+
+/// A volume's counters since it was mounted: requests by opcode, transactions, time waiting
+/// for and holding the volume lock, log syncs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsProfile {
+    /// Opcodes that were seen, in a fixed order.
+    pub ops: Vec<FsOpStat>,
+    pub txs: u64,
+    pub lock_wait_ns: u64,
+    pub lock_hold_ns: u64,
+    pub syncs: u64,
+    pub sync_ns: u64,
+}
+
+impl FsProfile {
+    /// `self - earlier`, field by field: the profile of what ran in between.
+    pub fn since(&self, earlier: &FsProfile) -> FsProfile {
+        let before = |op: &str| earlier.ops.iter().find(|o| o.op == op).cloned().unwrap_or_default();
+        FsProfile {
+            ops: self
+                .ops
+                .iter()
+                .map(|o| {
+                    let b = before(&o.op);
+                    FsOpStat {
+                        op: o.op.clone(),
+                        count: o.count.saturating_sub(b.count),
+                        ns: o.ns.saturating_sub(b.ns),
+                    }
+                })
+                .filter(|o| o.count > 0)
+                .collect(),
+            txs: self.txs.saturating_sub(earlier.txs),
+            lock_wait_ns: self.lock_wait_ns.saturating_sub(earlier.lock_wait_ns),
+            lock_hold_ns: self.lock_hold_ns.saturating_sub(earlier.lock_hold_ns),
+            syncs: self.syncs.saturating_sub(earlier.syncs),
+            sync_ns: self.sync_ns.saturating_sub(earlier.sync_ns),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
