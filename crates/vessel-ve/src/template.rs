@@ -2,7 +2,13 @@
 //! content-addressed: its id is the sha256 of its manifest, which lists every entry with
 //! type, mode, owner, size and (for files) the sha256 of the content. Building the same
 //! tree twice gives the same id, and a tree that no longer matches its manifest is caught.
+//!
+//! The store (`ROOT/templates`) holds only complete templates under their ids: a build
+//! fills a staging dir of its own (`.build-<pid>-<nonce>`), syncs it and renames it into
+//! place; a removal renames the template to `.trash-<id>-<pid>-<nonce>` before deleting it.
+//! Scratch dirs a killed daemon left are removed by the next build.
 
+use crate::buildcache::{unique_suffix, CacheEntry, CacheError, CacheKey, CacheState};
 use crate::Progress;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -10,6 +16,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 use vessel_types::api::TemplateKind;
 
 /// Version of the manifest and template metadata format.
@@ -39,6 +46,8 @@ pub enum TemplateError {
     },
     #[error("template manifest {path} is corrupt: {reason}")]
     BadManifest { path: PathBuf, reason: String },
+    #[error("build cache: {0}")]
+    Cache(#[from] CacheError),
 }
 
 type Result<T> = std::result::Result<T, TemplateError>;
@@ -319,11 +328,55 @@ fn set_mode(p: &Path, mode: u32) -> Result<()> {
 pub const DEBIAN_INCLUDE: &str = "sysvinit-core,procps,iproute2,iputils-ping,netbase";
 pub const DEBIAN_SUITE: &str = "bookworm";
 
+/// How long a build waits for another build of the same tree before it gives up.
+pub const BUILD_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// What the cached debootstrap tree of the Debian template is made of.
+pub fn debian_cache_key() -> CacheKey {
+    CacheKey {
+        suite: DEBIAN_SUITE.into(),
+        variant: "minbase".into(),
+        include: DEBIAN_INCLUDE.into(),
+    }
+}
+
 /// Fill `rootfs` with Debian 12. The debootstrap result is kept as a tarball in
-/// `cache_dir` so later builds on this machine take seconds instead of minutes.
+/// `cache_dir` so later builds on this machine take seconds instead of minutes; builds in
+/// any number of daemons sharing `cache_dir` take turns on the entry (see `buildcache`).
 pub fn build_debian(rootfs: &Path, mirror: &str, cache_dir: &Path, progress: &mut Progress) -> Result<TemplateMeta> {
-    let tarball = cache_dir.join(format!("debian-{DEBIAN_SUITE}-minbase.tar"));
-    if tarball.exists() {
+    let entry = CacheEntry::debootstrap(cache_dir, debian_cache_key());
+    let lock_file = entry.lock_file();
+    let lock = entry.lock(BUILD_WAIT, &mut |holder| {
+        let who = holder.map(|p| format!(", held by pid {p}")).unwrap_or_default();
+        let msg = format!(
+            "waiting for another build of debian to finish (lock {}{who}; at most {} min)",
+            lock_file.display(),
+            BUILD_WAIT.as_secs() / 60
+        );
+        tracing::info!("{msg}");
+        progress(&msg, 0, 0);
+    })?;
+    for t in entry.remove_stale_temps()? {
+        tracing::info!("removed {} (left by a build that did not finish)", t.display());
+    }
+    let tarball = entry.tarball();
+    let cached = match entry.state()? {
+        CacheState::Missing => false,
+        CacheState::Complete(rec) => {
+            progress(&format!("checking cached debootstrap tree {}", tarball.display()), 1, 3);
+            if entry.verify(&rec)? {
+                true
+            } else {
+                discard(&entry, "its contents do not match its completion record", progress)?;
+                false
+            }
+        }
+        CacheState::Stale(why) => {
+            discard(&entry, &why, progress)?;
+            false
+        }
+    };
+    if cached {
         progress(
             &format!("unpacking cached debootstrap tree {}", tarball.display()),
             1,
@@ -340,41 +393,14 @@ pub fn build_debian(rootfs: &Path, mirror: &str, cache_dir: &Path, progress: &mu
             progress,
         )?;
     } else {
-        if which("debootstrap").is_none() {
-            return Err(TemplateError::NoDebootstrap);
+        debootstrap(rootfs, mirror, progress)?;
+        // The cache only saves time: a tree that cannot be kept is still a good template.
+        if let Err(e) = store(&entry, rootfs, progress) {
+            tracing::warn!("could not keep the debootstrap tree in the cache: {e}");
+            progress(&format!("not cached: {e}"), 0, 0);
         }
-        progress(&format!("debootstrap {DEBIAN_SUITE} from {mirror}"), 0, 0);
-        run_tool(
-            "debootstrap",
-            Command::new("debootstrap")
-                .arg("--variant=minbase")
-                .arg(format!("--include={DEBIAN_INCLUDE}"))
-                .arg(DEBIAN_SUITE)
-                .arg(rootfs)
-                .arg(mirror),
-            progress,
-        )?;
-        // Drop downloaded .debs: they are not part of the OS tree.
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg("rm -f \"$0\"/var/cache/apt/archives/*.deb")
-            .arg(rootfs)
-            .status();
-        std::fs::create_dir_all(cache_dir).map_err(io("create", cache_dir))?;
-        let tmp = tarball.with_extension("tar.tmp");
-        run_tool(
-            "tar",
-            Command::new("tar")
-                .arg("-cpf")
-                .arg(&tmp)
-                .arg("--numeric-owner")
-                .arg("-C")
-                .arg(rootfs)
-                .arg("."),
-            progress,
-        )?;
-        std::fs::rename(&tmp, &tarball).map_err(io("rename", &tmp))?;
     }
+    drop(lock);
     progress("configuring Debian for a VE", 2, 3);
     for (path, content, mode) in crate::osconfig::debian_files() {
         let p = rootfs.join(path);
@@ -404,6 +430,67 @@ pub fn build_debian(rootfs: &Path, mirror: &str, cache_dir: &Path, progress: &mu
     })
 }
 
+fn discard(entry: &CacheEntry, why: &str, progress: &mut Progress) -> Result<()> {
+    let msg = format!(
+        "not using cache {}: {why}; building it again",
+        entry.tarball().display()
+    );
+    tracing::warn!("{msg}");
+    progress(&msg, 0, 0);
+    Ok(entry.discard()?)
+}
+
+/// Run debootstrap into `rootfs`. It runs in a mount and pid namespace of its own that die
+/// with the daemon: a killed build leaves no processes and no mounts (proc, sys) behind.
+fn debootstrap(rootfs: &Path, mirror: &str, progress: &mut Progress) -> Result<()> {
+    if which("debootstrap").is_none() {
+        return Err(TemplateError::NoDebootstrap);
+    }
+    progress(&format!("debootstrap {DEBIAN_SUITE} from {mirror}"), 0, 0);
+    run_tool(
+        "debootstrap",
+        Command::new("unshare")
+            .args(["--mount", "--pid", "--kill-child", "--", "debootstrap"])
+            .arg("--variant=minbase")
+            .arg(format!("--include={DEBIAN_INCLUDE}"))
+            .arg(DEBIAN_SUITE)
+            .arg(rootfs)
+            .arg(mirror),
+        progress,
+    )?;
+    // Drop downloaded .debs: they are not part of the OS tree.
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg("rm -f \"$0\"/var/cache/apt/archives/*.deb")
+        .arg(rootfs)
+        .status();
+    Ok(())
+}
+
+/// Keep a fresh debootstrap tree as the cache entry: tar into a temp file of this build's
+/// own, then commit it (fsync, rename, completion record). Call it holding the entry's lock.
+fn store(entry: &CacheEntry, rootfs: &Path, progress: &mut Progress) -> Result<()> {
+    let suffix = unique_suffix();
+    let tmp = entry.temp_for(&entry.tarball(), &suffix);
+    progress(&format!("caching the tree as {}", entry.tarball().display()), 0, 0);
+    let r = run_tool(
+        "tar",
+        Command::new("tar")
+            .arg("-cpf")
+            .arg(&tmp)
+            .arg("--numeric-owner")
+            .arg("-C")
+            .arg(rootfs)
+            .arg("."),
+        progress,
+    )
+    .and_then(|()| Ok(entry.commit(&tmp, &suffix)?));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.map(|_| ())
+}
+
 fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join(tool)).find(|p| p.exists()))
@@ -421,9 +508,14 @@ fn run_tool(tool: &'static str, cmd: &mut Command, progress: &mut Progress) -> R
     if std::env::var_os("PATH").is_none() {
         cmd.env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     }
-    // SAFETY: runs in the forked child before exec; only sigprocmask.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: runs in the forked child before exec; only async-signal-safe calls
+    // (sigprocmask, prctl, getppid) and no allocation.
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(cmd, crate::sys::unblock_all_signals);
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            crate::sys::unblock_all_signals()?;
+            die_with_parent(parent)
+        });
     }
     let mut child = cmd
         .stdin(Stdio::null())
@@ -480,8 +572,117 @@ fn run_tool(tool: &'static str, cmd: &mut Command, progress: &mut Progress) -> R
     Ok(())
 }
 
+/// In a forked child: be killed when the thread that forked it ends, so a build tool never
+/// outlives a daemon that was killed. Async-signal-safe.
+fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != parent {
+        // The parent died before the death signal was armed.
+        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(())
+}
+
+const STAGING_PREFIX: &str = ".build-";
+const TRASH_PREFIX: &str = ".trash-";
+
+/// A staging dir for one build in the template store, named for this build alone.
+pub fn staging_dir(templates_dir: &Path) -> PathBuf {
+    templates_dir.join(format!("{STAGING_PREFIX}{}", unique_suffix()))
+}
+
+/// Whether a name in the template store is a build's staging dir or a removal's trash
+/// (never a template: ids are hex).
+pub fn is_scratch(name: &str) -> bool {
+    [STAGING_PREFIX, TRASH_PREFIX]
+        .iter()
+        .any(|p| name.starts_with(p) && name.len() > p.len())
+}
+
+/// Whether `dir` is a complete template: a rename of a synced staging dir puts all three
+/// in place at once, so a dir missing one was cut off while being removed.
+pub fn is_installed(dir: &Path) -> bool {
+    read_meta(dir).is_ok() && dir.join("manifest.json").is_file() && dir.join("rootfs").is_dir()
+}
+
+/// Remove the scratch dirs of builds and removals that did not finish (a killed daemon).
+/// Call it when no build or removal runs on the node.
+pub fn remove_scratch(templates_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let rd = match std::fs::read_dir(templates_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(io("read directory", templates_dir)(e)),
+    };
+    for e in rd {
+        let e = e.map_err(io("read directory", templates_dir))?;
+        if is_scratch(&e.file_name().to_string_lossy()) {
+            let p = e.path();
+            detach_mounts_under(&p);
+            std::fs::remove_dir_all(&p).map_err(io("remove", &p))?;
+            removed.push(p);
+        }
+    }
+    Ok(removed)
+}
+
+/// Remove template `id` from the store: renamed out of the way first (one atomic step),
+/// then deleted, so a removal cut off halfway never leaves a partial tree under the id.
+pub fn remove_template(templates_dir: &Path, id: &str) -> Result<()> {
+    let dir = templates_dir.join(id);
+    let trash = templates_dir.join(format!("{TRASH_PREFIX}{id}-{}", unique_suffix()));
+    match std::fs::rename(&dir, &trash) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("rename", &dir)(e)),
+    }
+    sync_dir(templates_dir)?;
+    std::fs::remove_dir_all(&trash).map_err(io("remove", &trash))
+}
+
+/// Mount points at or below `dir`, deepest first, from /proc/self/mountinfo's text.
+fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+    v
+}
+
+/// Detach what an older build left mounted in a staging dir (debootstrap's proc and sys
+/// when it was killed), so removing the dir never reaches into them.
+fn detach_mounts_under(dir: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for m in mounts_under(&info, dir) {
+        if let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a NUL-terminated path; a lazy unmount of a mount below our own store.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync", dir))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).map_err(io("create", path))?;
+    std::io::Write::write_all(&mut f, bytes).map_err(io("write", path))?;
+    f.sync_all().map_err(io("fsync", path))
+}
+
 /// Hash a freshly built tree and move it into the template store under its content
 /// address. Returns the id; if an identical template exists, the new copy is dropped.
+/// Call it with the node's build lock held (one install at a time per store).
 pub fn install(
     templates_dir: &Path,
     staging: &Path,
@@ -496,17 +697,25 @@ pub fn install(
     meta.bytes = manifest.bytes();
     meta.created_unix = crate::now_unix();
     let dest = templates_dir.join(&id);
-    if dest.join("template.json").exists() {
+    if is_installed(&dest) {
         let _ = std::fs::remove_dir_all(staging);
         let existing = read_meta(&dest)?;
         return Ok((id, existing));
     }
     let mpath = staging.join("manifest.json");
-    std::fs::write(&mpath, serde_json::to_vec(&manifest).expect("serializes")).map_err(io("write", &mpath))?;
+    write_synced(&mpath, &serde_json::to_vec(&manifest).expect("serializes"))?;
     let tpath = staging.join("template.json");
-    std::fs::write(&tpath, serde_json::to_vec_pretty(&meta).expect("serializes")).map_err(io("write", &tpath))?;
-    let _ = std::fs::remove_dir_all(&dest);
+    write_synced(&tpath, &serde_json::to_vec_pretty(&meta).expect("serializes"))?;
+    progress("writing the template to disk", 0, 0);
+    let sdir = std::fs::File::open(staging).map_err(io("open", staging))?;
+    // SAFETY: syncfs on an fd we own.
+    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&sdir)) } != 0 {
+        return Err(io("sync", staging)(std::io::Error::last_os_error()));
+    }
+    // Whatever is under the id is not a template (a removal cut off): out of the way.
+    remove_template(templates_dir, &id)?;
     std::fs::rename(staging, &dest).map_err(io("rename", staging))?;
+    sync_dir(templates_dir)?;
     Ok((id, meta))
 }
 
@@ -554,6 +763,97 @@ mod tests {
         std::fs::write(d.path().join("etc/a"), b"changed").unwrap();
         assert_ne!(m1.id(), scan(d.path()).unwrap().id());
         assert_eq!(verify(d.path(), &m1).unwrap(), vec!["etc/a".to_string()]);
+    }
+
+    #[test]
+    fn scratch_names_never_collide_with_templates() {
+        let store = Path::new("/store");
+        let a = staging_dir(store);
+        let b = staging_dir(store);
+        assert_ne!(a, b, "two builds get two staging dirs");
+        assert!(a.starts_with(store));
+        assert!(is_scratch(&a.file_name().unwrap().to_string_lossy()));
+        assert!(is_scratch(".trash-0123abcd-17-00ff"));
+        let id = Manifest {
+            version: MANIFEST_VERSION,
+            entries: vec![],
+        }
+        .id();
+        for kept in [id.as_str(), ".build-", ".trash-", "build-1", "x.build-1"] {
+            assert!(!is_scratch(kept), "{kept}");
+        }
+    }
+
+    #[test]
+    fn mounts_below_a_dir_deepest_first() {
+        let info = "22 1 0:21 / /proc rw - proc proc rw\n\
+                    90 22 0:50 / /s/.build-1/rootfs/proc rw - proc proc rw\n\
+                    91 22 0:51 / /s/.build-1/rootfs/proc/sys/fs/binfmt_misc rw - x x rw\n\
+                    92 22 0:52 / /s/.build-10/rootfs/sys rw - sysfs sysfs rw\n\
+                    93 22 0:53 / /s/.build-1/my\\040dir rw - tmpfs t rw\n";
+        assert_eq!(
+            mounts_under(info, Path::new("/s/.build-1")),
+            vec![
+                PathBuf::from("/s/.build-1/rootfs/proc/sys/fs/binfmt_misc"),
+                PathBuf::from("/s/.build-1/rootfs/proc"),
+                PathBuf::from("/s/.build-1/my dir"),
+            ]
+        );
+    }
+
+    fn staged(store: &Path, file: &[u8]) -> PathBuf {
+        let st = staging_dir(store);
+        std::fs::create_dir_all(st.join("rootfs/etc")).unwrap();
+        std::fs::write(st.join("rootfs/etc/f"), file).unwrap();
+        st
+    }
+
+    fn meta() -> TemplateMeta {
+        TemplateMeta {
+            version: MANIFEST_VERSION,
+            kind: TemplateKind::Busybox,
+            init: vec!["/sbin/init".into()],
+            stop_signal: libc::SIGUSR2,
+            created_unix: 0,
+            files: 0,
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn install_keeps_one_complete_template_per_id() {
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path();
+        let (id, m1) = install(store, &staged(store, b"x"), meta(), &mut |_, _, _| {}).unwrap();
+        assert!(is_installed(&store.join(&id)));
+        // The same tree again: the existing template stays, the new copy goes.
+        let again = staged(store, b"x");
+        let (id2, m2) = install(store, &again, meta(), &mut |_, _, _| {}).unwrap();
+        assert_eq!((id2.as_str(), &m2), (id.as_str(), &m1));
+        assert!(!again.exists());
+        // A removal cut off halfway left part of the tree: not a template, replaced.
+        std::fs::remove_file(store.join(&id).join("template.json")).unwrap();
+        assert!(!is_installed(&store.join(&id)));
+        let (id3, _) = install(store, &staged(store, b"x"), meta(), &mut |_, _, _| {}).unwrap();
+        assert_eq!(id3, id);
+        assert!(is_installed(&store.join(&id)));
+        // Leftovers of killed builds and removals go; templates stay.
+        let left = staged(store, b"y");
+        let trash = store.join(".trash-abc-1-2");
+        std::fs::create_dir_all(trash.join("rootfs")).unwrap();
+        let mut removed = remove_scratch(store).unwrap();
+        removed.sort();
+        let mut want = vec![left, trash];
+        want.sort();
+        assert_eq!(removed, want);
+        let names: Vec<_> = std::fs::read_dir(store)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(&id)]);
+        remove_template(store, &id).unwrap();
+        remove_template(store, &id).unwrap();
+        assert_eq!(std::fs::read_dir(store).unwrap().count(), 0);
     }
 
     #[test]
