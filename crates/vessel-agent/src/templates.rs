@@ -127,9 +127,9 @@ impl Node {
         self.template_lock
             .acquire(what, template::BUILD_WAIT, &mut |holder, for_| {
                 let msg = format!(
-                    "waiting for {holder} to finish (running for {} s; at most {} min)",
-                    for_.as_secs(),
-                    template::BUILD_WAIT.as_secs() / 60
+                    "waiting for {holder} to finish (at most {} min; it has run for {} s)",
+                    template::BUILD_WAIT.as_secs() / 60,
+                    for_.as_secs()
                 );
                 tracing::info!("{what}: {msg}");
                 progress(&msg, 0, 0);

@@ -349,9 +349,9 @@ pub fn build_debian(rootfs: &Path, mirror: &str, cache_dir: &Path, progress: &mu
     let lock = entry.lock(BUILD_WAIT, &mut |holder| {
         let who = holder.map(|p| format!(", held by pid {p}")).unwrap_or_default();
         let msg = format!(
-            "waiting for another build of debian to finish (lock {}{who}; at most {} min)",
-            lock_file.display(),
-            BUILD_WAIT.as_secs() / 60
+            "waiting for another build of debian to finish (at most {} min; lock {}{who})",
+            BUILD_WAIT.as_secs() / 60,
+            lock_file.display()
         );
         tracing::info!("{msg}");
         progress(&msg, 0, 0);
