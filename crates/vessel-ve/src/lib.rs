@@ -12,6 +12,7 @@ pub mod osconfig;
 pub mod rootfs;
 pub mod rtnl;
 pub mod runtime;
+pub mod store;
 pub mod sys;
 pub mod template;
 
