@@ -92,7 +92,7 @@ pub struct Node {
     quick_failures: Mutex<HashMap<Name, u32>>,
     pub(crate) monitor: Arc<Monitor>,
     pub(crate) rootfs: VesselFsRoot,
-    pub(crate) template_lock: Mutex<()>,
+    pub(crate) template_lock: crate::templates::BuildLock,
     pub(crate) keeper: KeeperClient,
     started: Instant,
 }
@@ -149,7 +149,7 @@ impl Node {
             quick_failures: Mutex::new(HashMap::new()),
             monitor,
             rootfs: VesselFsRoot::new(),
-            template_lock: Mutex::new(()),
+            template_lock: Default::default(),
             keeper,
             started: Instant::now(),
         }))

@@ -30,12 +30,19 @@ pub struct TestNode {
     pub bridge: String,
     pub subnet: String,
     pub cgroup_parent: String,
+    /// More environment for the daemon (e.g. `VESSEL_CACHE_DIR`).
+    daemon_env: Vec<(String, std::ffi::OsString)>,
     daemon: Option<Child>,
 }
 
 impl TestNode {
     /// Start a daemon for this test. `tag` shows in names to tell tests apart.
     pub fn start(bin: &Path, tag: &str) -> TestNode {
+        Self::start_with_env(bin, tag, &[])
+    }
+
+    /// Start a daemon with more environment (kept for its restarts too).
+    pub fn start_with_env(bin: &Path, tag: &str, env: &[(&str, &std::ffi::OsStr)]) -> TestNode {
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let id = format!("vt{}{}", pid % 100_000, n);
@@ -50,6 +57,7 @@ impl TestNode {
             bridge: id.clone(),
             subnet: format!("10.254.{octet}.0/24"),
             cgroup_parent: format!("vessel-test-{id}"),
+            daemon_env: env.iter().map(|(k, v)| (k.to_string(), v.to_os_string())).collect(),
             daemon: None,
         };
         node.spawn_daemon();
@@ -78,6 +86,7 @@ impl TestNode {
             .unwrap();
         let mut cmd = Command::new(&self.bin);
         self.envs(&mut cmd);
+        cmd.envs(self.daemon_env.iter().map(|(k, v)| (k, v)));
         cmd.arg("daemon")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

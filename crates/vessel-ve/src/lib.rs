@@ -2,6 +2,7 @@
 //! OS parameters, and starting/entering VEs with youki's libcontainer.
 
 pub mod apt_sources;
+pub mod buildcache;
 pub mod cgroup;
 pub mod enter;
 pub mod layout;
@@ -11,6 +12,7 @@ pub mod osconfig;
 pub mod rootfs;
 pub mod rtnl;
 pub mod runtime;
+pub mod store;
 pub mod sys;
 pub mod template;
 

@@ -2,7 +2,10 @@
 //! content-addressed: its id is the sha256 of its manifest, which lists every entry with
 //! type, mode, owner, size and (for files) the sha256 of the content. Building the same
 //! tree twice gives the same id, and a tree that no longer matches its manifest is caught.
+//! Installing into the node's store is in `store`.
 
+use crate::buildcache::{unique_suffix, CacheEntry, CacheError, CacheKey, CacheState};
+pub use crate::store::{install, is_installed, is_scratch, remove_scratch, remove_template, staging_dir};
 use crate::Progress;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -10,6 +13,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 use vessel_types::api::TemplateKind;
 
 /// Version of the manifest and template metadata format.
@@ -39,6 +43,8 @@ pub enum TemplateError {
     },
     #[error("template manifest {path} is corrupt: {reason}")]
     BadManifest { path: PathBuf, reason: String },
+    #[error("build cache: {0}")]
+    Cache(#[from] CacheError),
 }
 
 type Result<T> = std::result::Result<T, TemplateError>;
@@ -319,11 +325,55 @@ fn set_mode(p: &Path, mode: u32) -> Result<()> {
 pub const DEBIAN_INCLUDE: &str = "sysvinit-core,procps,iproute2,iputils-ping,netbase";
 pub const DEBIAN_SUITE: &str = "bookworm";
 
+/// How long a build waits for another build of the same tree before it gives up.
+pub const BUILD_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// What the cached debootstrap tree of the Debian template is made of.
+pub fn debian_cache_key() -> CacheKey {
+    CacheKey {
+        suite: DEBIAN_SUITE.into(),
+        variant: "minbase".into(),
+        include: DEBIAN_INCLUDE.into(),
+    }
+}
+
 /// Fill `rootfs` with Debian 12. The debootstrap result is kept as a tarball in
-/// `cache_dir` so later builds on this machine take seconds instead of minutes.
+/// `cache_dir` so later builds on this machine take seconds instead of minutes; builds in
+/// any number of daemons sharing `cache_dir` take turns on the entry (see `buildcache`).
 pub fn build_debian(rootfs: &Path, mirror: &str, cache_dir: &Path, progress: &mut Progress) -> Result<TemplateMeta> {
-    let tarball = cache_dir.join(format!("debian-{DEBIAN_SUITE}-minbase.tar"));
-    if tarball.exists() {
+    let entry = CacheEntry::debootstrap(cache_dir, debian_cache_key());
+    let lock_file = entry.lock_file();
+    let lock = entry.lock(BUILD_WAIT, &mut |holder| {
+        let who = holder.map(|p| format!(", held by pid {p}")).unwrap_or_default();
+        let msg = format!(
+            "waiting for another build of debian to finish (at most {} min; lock {}{who})",
+            BUILD_WAIT.as_secs() / 60,
+            lock_file.display()
+        );
+        tracing::info!("{msg}");
+        progress(&msg, 0, 0);
+    })?;
+    for t in entry.remove_stale_temps()? {
+        tracing::info!("removed {} (left by a build that did not finish)", t.display());
+    }
+    let tarball = entry.tarball();
+    let cached = match entry.state()? {
+        CacheState::Missing => false,
+        CacheState::Complete(rec) => {
+            progress(&format!("checking cached debootstrap tree {}", tarball.display()), 1, 3);
+            if entry.verify(&rec)? {
+                true
+            } else {
+                discard(&entry, "its contents do not match its completion record", progress)?;
+                false
+            }
+        }
+        CacheState::Stale(why) => {
+            discard(&entry, &why, progress)?;
+            false
+        }
+    };
+    if cached {
         progress(
             &format!("unpacking cached debootstrap tree {}", tarball.display()),
             1,
@@ -340,41 +390,14 @@ pub fn build_debian(rootfs: &Path, mirror: &str, cache_dir: &Path, progress: &mu
             progress,
         )?;
     } else {
-        if which("debootstrap").is_none() {
-            return Err(TemplateError::NoDebootstrap);
+        debootstrap(rootfs, mirror, progress)?;
+        // The cache only saves time: a tree that cannot be kept is still a good template.
+        if let Err(e) = store(&entry, rootfs, progress) {
+            tracing::warn!("could not keep the debootstrap tree in the cache: {e}");
+            progress(&format!("not cached: {e}"), 0, 0);
         }
-        progress(&format!("debootstrap {DEBIAN_SUITE} from {mirror}"), 0, 0);
-        run_tool(
-            "debootstrap",
-            Command::new("debootstrap")
-                .arg("--variant=minbase")
-                .arg(format!("--include={DEBIAN_INCLUDE}"))
-                .arg(DEBIAN_SUITE)
-                .arg(rootfs)
-                .arg(mirror),
-            progress,
-        )?;
-        // Drop downloaded .debs: they are not part of the OS tree.
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg("rm -f \"$0\"/var/cache/apt/archives/*.deb")
-            .arg(rootfs)
-            .status();
-        std::fs::create_dir_all(cache_dir).map_err(io("create", cache_dir))?;
-        let tmp = tarball.with_extension("tar.tmp");
-        run_tool(
-            "tar",
-            Command::new("tar")
-                .arg("-cpf")
-                .arg(&tmp)
-                .arg("--numeric-owner")
-                .arg("-C")
-                .arg(rootfs)
-                .arg("."),
-            progress,
-        )?;
-        std::fs::rename(&tmp, &tarball).map_err(io("rename", &tmp))?;
     }
+    drop(lock);
     progress("configuring Debian for a VE", 2, 3);
     for (path, content, mode) in crate::osconfig::debian_files() {
         let p = rootfs.join(path);
@@ -404,6 +427,67 @@ pub fn build_debian(rootfs: &Path, mirror: &str, cache_dir: &Path, progress: &mu
     })
 }
 
+fn discard(entry: &CacheEntry, why: &str, progress: &mut Progress) -> Result<()> {
+    let msg = format!(
+        "not using cache {}: {why}; building it again",
+        entry.tarball().display()
+    );
+    tracing::warn!("{msg}");
+    progress(&msg, 0, 0);
+    Ok(entry.discard()?)
+}
+
+/// Run debootstrap into `rootfs`. It runs in a mount and pid namespace of its own that die
+/// with the daemon: a killed build leaves no processes and no mounts (proc, sys) behind.
+fn debootstrap(rootfs: &Path, mirror: &str, progress: &mut Progress) -> Result<()> {
+    if which("debootstrap").is_none() {
+        return Err(TemplateError::NoDebootstrap);
+    }
+    progress(&format!("debootstrap {DEBIAN_SUITE} from {mirror}"), 0, 0);
+    run_tool(
+        "debootstrap",
+        Command::new("unshare")
+            .args(["--mount", "--pid", "--kill-child", "--", "debootstrap"])
+            .arg("--variant=minbase")
+            .arg(format!("--include={DEBIAN_INCLUDE}"))
+            .arg(DEBIAN_SUITE)
+            .arg(rootfs)
+            .arg(mirror),
+        progress,
+    )?;
+    // Drop downloaded .debs: they are not part of the OS tree.
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg("rm -f \"$0\"/var/cache/apt/archives/*.deb")
+        .arg(rootfs)
+        .status();
+    Ok(())
+}
+
+/// Keep a fresh debootstrap tree as the cache entry: tar into a temp file of this build's
+/// own, then commit it (fsync, rename, completion record). Call it holding the entry's lock.
+fn store(entry: &CacheEntry, rootfs: &Path, progress: &mut Progress) -> Result<()> {
+    let suffix = unique_suffix();
+    let tmp = entry.temp_for(&entry.tarball(), &suffix);
+    progress(&format!("caching the tree as {}", entry.tarball().display()), 0, 0);
+    let r = run_tool(
+        "tar",
+        Command::new("tar")
+            .arg("-cpf")
+            .arg(&tmp)
+            .arg("--numeric-owner")
+            .arg("-C")
+            .arg(rootfs)
+            .arg("."),
+        progress,
+    )
+    .and_then(|()| Ok(entry.commit(&tmp, &suffix)?));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.map(|_| ())
+}
+
 fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join(tool)).find(|p| p.exists()))
@@ -421,9 +505,14 @@ fn run_tool(tool: &'static str, cmd: &mut Command, progress: &mut Progress) -> R
     if std::env::var_os("PATH").is_none() {
         cmd.env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     }
-    // SAFETY: runs in the forked child before exec; only sigprocmask.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: runs in the forked child before exec; only async-signal-safe calls
+    // (sigprocmask, prctl, getppid) and no allocation.
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(cmd, crate::sys::unblock_all_signals);
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            crate::sys::unblock_all_signals()?;
+            die_with_parent(parent)
+        });
     }
     let mut child = cmd
         .stdin(Stdio::null())
@@ -480,34 +569,19 @@ fn run_tool(tool: &'static str, cmd: &mut Command, progress: &mut Progress) -> R
     Ok(())
 }
 
-/// Hash a freshly built tree and move it into the template store under its content
-/// address. Returns the id; if an identical template exists, the new copy is dropped.
-pub fn install(
-    templates_dir: &Path,
-    staging: &Path,
-    mut meta: TemplateMeta,
-    progress: &mut Progress,
-) -> Result<(String, TemplateMeta)> {
-    progress("hashing template files", 0, 0);
-    let rootfs = staging.join("rootfs");
-    let manifest = scan(&rootfs)?;
-    let id = manifest.id();
-    meta.files = manifest.entries.len() as u64;
-    meta.bytes = manifest.bytes();
-    meta.created_unix = crate::now_unix();
-    let dest = templates_dir.join(&id);
-    if dest.join("template.json").exists() {
-        let _ = std::fs::remove_dir_all(staging);
-        let existing = read_meta(&dest)?;
-        return Ok((id, existing));
+/// In a forked child: be killed when the thread that forked it ends, so a build tool never
+/// outlives a daemon that was killed. Async-signal-safe.
+fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    let mpath = staging.join("manifest.json");
-    std::fs::write(&mpath, serde_json::to_vec(&manifest).expect("serializes")).map_err(io("write", &mpath))?;
-    let tpath = staging.join("template.json");
-    std::fs::write(&tpath, serde_json::to_vec_pretty(&meta).expect("serializes")).map_err(io("write", &tpath))?;
-    let _ = std::fs::remove_dir_all(&dest);
-    std::fs::rename(staging, &dest).map_err(io("rename", staging))?;
-    Ok((id, meta))
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != parent {
+        // The parent died before the death signal was armed.
+        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(())
 }
 
 pub fn read_meta(dir: &Path) -> Result<TemplateMeta> {
