@@ -1,7 +1,8 @@
 //! `vessel daemon`: one process per node. Takes the node lock, becomes a child subreaper
 //! (VE inits are re-parented to it), restarts the VEs the previous daemon ran, serves the API, and on
 //! SIGTERM/SIGINT stops the VEs (their files are served by this process) and marks them
-//! to be started again by the next daemon.
+//! to be started again by the next daemon. It owns the node bridge's filter table
+//! ([`crate::bridge_filter`]) while it runs.
 
 use crate::node::{Node, NodeOptions};
 use nix::sys::signal::{SigSet, Signal};
@@ -63,6 +64,11 @@ pub fn run(opts: NodeOptions) -> Result<(), DaemonError> {
     };
     let gw = subnet.with_addr(crate::alloc::gateway(&subnet));
     vessel_ve::net::ensure_bridge(&bridge, gw).map_err(|e| setup("node bridge", &e))?;
+    // Before any VE starts: their ports admit only their own MAC and address. The guard
+    // removes the table on every way out of this function (after a clean shutdown: once
+    // the VEs are stopped). A crashed daemon leaves it, so lingering VEs stay filtered.
+    node.sync_bridge_filter().map_err(|e| DaemonError::Setup(e.message))?;
+    let filter = crate::bridge_filter::FilterGuard { bridge: bridge.clone() };
 
     let n = node.clone();
     node.monitor
@@ -89,6 +95,8 @@ pub fn run(opts: NodeOptions) -> Result<(), DaemonError> {
     );
     node.shutdown(Duration::from_secs(10));
     let _ = std::fs::remove_file(&opts.socket);
+    // While we hold the node lock: a next daemon may write the table as soon as it is free.
+    drop(filter);
     drop(pid_file);
     Ok(())
 }

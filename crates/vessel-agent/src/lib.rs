@@ -2,6 +2,7 @@
 //! and the local API server.
 
 pub mod alloc;
+pub mod bridge_filter;
 pub mod daemon;
 pub mod fsroot;
 mod interactive;

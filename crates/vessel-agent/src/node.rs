@@ -183,11 +183,7 @@ impl Node {
 
     /// Host end of a VE's veth: unique per node bridge and VE slot, at most 15 bytes.
     fn host_if(&self, rec: &VeRecord) -> String {
-        let bridge = &self.opts.config.bridge;
-        let h = bridge
-            .bytes()
-            .fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
-        format!("v{:06x}_{}", h & 0xff_ffff, rec.slot)
+        vessel_ve::net::host_if(&self.opts.config.bridge, rec.slot)
     }
 
     // ------------------------------------------------------------------ queries
@@ -215,6 +211,11 @@ impl Node {
     pub fn info(&self, rec: &VeRecord) -> VeInfo {
         let mut i = rec.info();
         i.host_interface = self.host_if(rec);
+        i.mac = rec
+            .spec
+            .ip
+            .map(|ip| vessel_ve::net::ve_mac(ip.addr).to_string())
+            .unwrap_or_default();
         if rec.status == VeStatus::Running {
             i.memory_used = self.cgroup(&rec.spec.name).memory_used();
             i.console_lost = lock(&self.live).get(&rec.spec.name).is_none_or(|l| !l.console);
@@ -300,10 +301,13 @@ impl Node {
             .and_then(|_| {
                 let st = lock(&self.state);
                 self.save(&st)
-            });
+            })
+            .and_then(|_| self.sync_bridge_filter());
         if let Err(e) = created {
             let _ = self.rootfs.destroy(&ve);
-            lock(&self.state).ves.remove(&name);
+            let mut st = lock(&self.state);
+            st.ves.remove(&name);
+            let _ = self.save(&st);
             return Err(e);
         }
         Ok(self.info(&rec))
@@ -444,6 +448,7 @@ impl Node {
             host_if: self.host_if(rec),
             bridge,
             ip,
+            mac: vessel_ve::net::ve_mac(ip.addr).0,
             gateway: alloc::gateway(&subnet),
         });
         let req = HelperRequest::Start {
@@ -579,6 +584,10 @@ impl Node {
         self.save(&st)?;
         drop(st);
         lock(&self.ve_locks).remove(name);
+        if let Err(e) = self.sync_bridge_filter() {
+            // Harmless: the rules of a VE without a port match nothing until its slot is reused.
+            tracing::warn!(ve = %name, "{e}");
+        }
         Ok(())
     }
 

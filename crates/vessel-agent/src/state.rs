@@ -169,6 +169,7 @@ impl VeRecord {
             restart_pending: self.restart_pending,
             console_lost: false,
             host_interface: String::new(),
+            mac: String::new(),
             rescue: self.rescue,
             fs: None,
         }

@@ -245,6 +245,11 @@ impl TestNode {
             .collect()
     }
 
+    /// The nftables table filtering this node's bridge (see `vessel_ve::netfilter`).
+    pub fn filter_table(&self) -> String {
+        format!("vessel_{}", self.bridge)
+    }
+
     pub fn link_exists(&self, name: &str) -> bool {
         std::fs::read_to_string("/proc/self/net/dev")
             .unwrap_or_default()
@@ -356,6 +361,11 @@ impl Drop for TestNode {
         }
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+        // The daemon removes its bridge filter when it exits; this covers a killed one.
+        let _ = Command::new("nft")
+            .args(["delete", "table", "bridge", &self.filter_table()])
             .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.root);

@@ -399,6 +399,9 @@ pub struct VeInfo {
     /// Host end of the VE's veth on the node bridge.
     #[serde(default)]
     pub host_interface: String,
+    /// MAC of the VE's `eth0`, the only one its bridge port admits (empty without an address).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
     /// Booted in rescue mode (pristine template root, the VE's tree at /mnt/ve).
     #[serde(default)]
     pub rescue: bool,

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod enter;
 pub mod layout;
 pub mod net;
+pub mod netfilter;
 pub mod oci;
 pub mod osconfig;
 pub mod rootfs;

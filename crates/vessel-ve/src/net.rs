@@ -1,9 +1,53 @@
 //! VE networking on one node: a Linux bridge holding the gateway address, and per VE a
 //! veth pair whose inside end is `eth0` in the VE's own network namespace. Configured over
 //! rtnetlink ([`crate::rtnl`]), so a VE start runs no extra processes.
+//!
+//! A VE's `eth0` gets a MAC derived from its address ([`ve_mac`]), so the host knows it
+//! without asking the VE: the bridge filter ([`crate::netfilter`]) admits on the VE's port
+//! only frames from that MAC and that address.
 
 use crate::rtnl::Rtnl;
+use std::fmt;
+use std::net::Ipv4Addr;
 use vessel_types::Ipv4Cidr;
+
+/// An Ethernet address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+/// The MAC of the VE with address `ip`: `02:56` (locally administered, unicast; 0x56 is
+/// 'V') followed by the four bytes of the address. Unique wherever addresses are, fixed
+/// across restarts, and readable: 10.254.20.5 has 02:56:0a:fe:14:05.
+pub fn ve_mac(ip: Ipv4Addr) -> Mac {
+    let [a, b, c, d] = ip.octets();
+    Mac([0x02, 0x56, a, b, c, d])
+}
+
+/// Host end of VE slot `slot`'s veth on `bridge`: [`host_if_prefix`] + slot, unique per
+/// node bridge and slot, at most 15 bytes.
+pub fn host_if(bridge: &str, slot: u32) -> String {
+    format!("{}{slot}", host_if_prefix(bridge))
+}
+
+/// What every host-side VE interface of `bridge` starts with: `v`, 24 bits of the bridge
+/// name's FNV-1a hash in hex, `_`.
+pub fn host_if_prefix(bridge: &str) -> String {
+    let h = bridge
+        .bytes()
+        .fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+    format!("v{:06x}_", h & 0xff_ffff)
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("network: {context}: {source}")]
@@ -54,12 +98,15 @@ pub fn delete_link(name: &str) -> Result<()> {
     ctx(format!("delete {name}"), nl.delete_link(name))
 }
 
-/// Give the VE whose init is `pid` its `eth0` on `bridge` with address `ip`, loopback up
-/// and a default route through `gateway`.
-pub fn attach_ve(host_if: &str, bridge: &str, pid: i32, ip: Ipv4Cidr, gateway: std::net::Ipv4Addr) -> Result<()> {
+/// Give the VE whose init is `pid` its `eth0` on `bridge` with address `ip` and MAC `mac`,
+/// loopback up and a default route through `gateway`.
+pub fn attach_ve(host_if: &str, bridge: &str, pid: i32, ip: Ipv4Cidr, mac: Mac, gateway: Ipv4Addr) -> Result<()> {
     let mut host = ctx("netlink socket", Rtnl::new())?;
     let _ = host.delete_link(host_if); // a stale end from a crashed start
-    ctx(format!("create veth {host_if}"), host.create_veth(host_if, "eth0", pid))?;
+    ctx(
+        format!("create veth {host_if}"),
+        host.create_veth(host_if, "eth0", mac.0, pid),
+    )?;
     let inside = (|| {
         let bridge_index =
             ctx(format!("look up bridge {bridge}"), host.link_index(bridge))?.ok_or_else(|| NetError {
@@ -80,4 +127,29 @@ pub fn attach_ve(host_if: &str, bridge: &str, pid: i32, ip: Ipv4Cidr, gateway: s
         let _ = host.delete_link(host_if);
     }
     inside
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_follows_the_address() {
+        let m = ve_mac(Ipv4Addr::new(10, 254, 20, 5));
+        assert_eq!(m.to_string(), "02:56:0a:fe:14:05");
+        assert_eq!(m.0[0] & 0x01, 0, "unicast");
+        assert_eq!(m.0[0] & 0x02, 0x02, "locally administered");
+        assert_ne!(m, ve_mac(Ipv4Addr::new(10, 254, 20, 6)));
+    }
+
+    #[test]
+    fn host_if_names_are_stable_and_short() {
+        // Names of running VEs' interfaces must not change across upgrades.
+        assert_eq!(host_if_prefix("vessel0"), "vad3851_");
+        assert_ne!(host_if_prefix("vessel0"), host_if_prefix("vessel1"));
+        let n = host_if("vessel0", 4_000_000);
+        assert!(n.len() <= 15, "{n}");
+        assert!(n.starts_with(&host_if_prefix("vessel0")));
+        assert_eq!(host_if("vessel0", 3), format!("{}3", host_if_prefix("vessel0")));
+    }
 }

@@ -113,10 +113,12 @@ impl Rtnl {
             .map(|_| ())
     }
 
-    /// A veth pair: `host` here, `peer` created directly in the netns of process `pid`.
-    pub fn create_veth(&mut self, host: &str, peer: &str, pid: i32) -> io::Result<()> {
+    /// A veth pair: `host` here, `peer` with address `peer_mac` created directly in the
+    /// netns of process `pid`.
+    pub fn create_veth(&mut self, host: &str, peer: &str, peer_mac: [u8; 6], pid: i32) -> io::Result<()> {
         let mut p = LinkMessage::default();
         p.attributes.push(LinkAttribute::IfName(peer.to_string()));
+        p.attributes.push(LinkAttribute::Address(peer_mac.to_vec()));
         p.attributes.push(LinkAttribute::NetNsPid(pid as u32));
         let mut m = LinkMessage::default();
         m.attributes.push(LinkAttribute::IfName(host.to_string()));

@@ -31,6 +31,8 @@ pub struct NetPlan {
     pub host_if: String,
     pub bridge: String,
     pub ip: Ipv4Cidr,
+    /// MAC of the VE's `eth0` ([`net::ve_mac`]): the only one its bridge port admits.
+    pub mac: [u8; 6],
     pub gateway: std::net::Ipv4Addr,
 }
 
@@ -321,7 +323,7 @@ fn start(id: &str, root: &Path, bundle: &Path, net: Option<&NetPlan>) -> Result<
             .ok_or_else(|| RuntimeError::Helper("VE has no init pid".into()))?
             .as_raw();
         if let Some(n) = net {
-            net::attach_ve(&n.host_if, &n.bridge, pid, n.ip, n.gateway)
+            net::attach_ve(&n.host_if, &n.bridge, pid, n.ip, net::Mac(n.mac), n.gateway)
                 .map_err(|e| RuntimeError::Helper(e.to_string()))?;
         }
         let t_net = t0.elapsed();

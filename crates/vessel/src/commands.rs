@@ -628,6 +628,9 @@ fn show_ve(v: &VeInfo) {
         v.spec.ip.map(|i| i.to_string()).unwrap_or_default(),
         v.host_interface
     );
+    if !v.mac.is_empty() {
+        println!("mac:         {}", v.mac);
+    }
     println!(
         "uids:        VE 0..{} = host {}..{}",
         v.uid_count - 1,
