@@ -2,6 +2,7 @@
 //! and the local API server.
 
 pub mod alloc;
+pub mod config;
 pub mod daemon;
 pub mod fsroot;
 mod interactive;

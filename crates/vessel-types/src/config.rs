@@ -179,10 +179,14 @@ impl Parser<'_> {
     fn table<'t>(&self, root: &'t dyn TableLike, key: &str) -> Result<Option<&'t dyn TableLike>, ConfigError> {
         match root.get(key) {
             None => Ok(None),
-            Some(item) => item
-                .as_table_like()
-                .map(Some)
-                .ok_or_else(|| self.err(root, key, key, format!("must be a table ([{key}]), not {}", item.type_name()))),
+            Some(item) => item.as_table_like().map(Some).ok_or_else(|| {
+                self.err(
+                    root,
+                    key,
+                    key,
+                    format!("must be a table ([{key}]), not {}", item.type_name()),
+                )
+            }),
         }
     }
 
@@ -214,7 +218,12 @@ impl Parser<'_> {
                         .and_then(|n| u64::try_from(n).ok())
                         .filter(|n| (1..=MAX_MAX_CONNECTIONS).contains(n))
                         .ok_or_else(|| {
-                            self.err(t, key, &path, format!("must be a whole number from 1 to {MAX_MAX_CONNECTIONS}"))
+                            self.err(
+                                t,
+                                key,
+                                &path,
+                                format!("must be a whole number from 1 to {MAX_MAX_CONNECTIONS}"),
+                            )
                         })?;
                     a.max_connections = n as usize;
                 }
@@ -255,7 +264,10 @@ fn duration(item: &Item) -> Result<Option<u64>, String> {
     match item.as_str() {
         Some("unlimited") => Ok(None),
         Some(s) => parse_duration_secs(s).map(Some),
-        None => Err(format!("must be a duration like \"24h\" or whole seconds, not {}", item.type_name())),
+        None => Err(format!(
+            "must be a duration like \"24h\" or whole seconds, not {}",
+            item.type_name()
+        )),
     }
 }
 
@@ -283,7 +295,12 @@ fn limit_value(f: Field, item: &Item) -> Result<Option<LimitValue>, String> {
             let c = match (item.as_float(), item.as_integer()) {
                 (Some(c), _) => c,
                 (None, Some(n)) => n as f64,
-                _ => return Err(format!("must be a number of CPUs like 2 or 0.5, not {}", item.type_name())),
+                _ => {
+                    return Err(format!(
+                        "must be a number of CPUs like 2 or 0.5, not {}",
+                        item.type_name()
+                    ))
+                }
             };
             return Ok(Some(LimitValue::Cpus(c)));
         }
@@ -319,14 +336,7 @@ pub fn parse(text: &str) -> Result<NodeSettings, ConfigError> {
                 format!("format version {v} is newer than this vessel reads ({CONFIG_VERSION}): upgrade vessel"),
             ))
         }
-        Some(_) => {
-            return Err(p.err(
-                root,
-                "version",
-                "version",
-                format!("must be {CONFIG_VERSION}"),
-            ))
-        }
+        Some(_) => return Err(p.err(root, "version", "version", format!("must be {CONFIG_VERSION}"))),
     }
     for (key, _) in root.iter() {
         if !matches!(key, "version" | "defaults" | "max" | "api") {
@@ -368,12 +378,7 @@ pub fn parse(text: &str) -> Result<NodeSettings, ConfigError> {
             if one.check_max(&s.limits.max).is_err() {
                 return Err(at_default(
                     f,
-                    format!(
-                        "default {} is above max.{} {}",
-                        d.show(f),
-                        f.key(),
-                        m.show(f)
-                    ),
+                    format!("default {} is above max.{} {}", d.show(f), f.key(), m.show(f)),
                 ));
             }
         }
@@ -445,19 +450,49 @@ request_timeout = "5s"
     #[test]
     fn errors_name_line_and_key() {
         let cases = [
-            ("version = 1\n[defaults]\nmemory = \"2X\"\n", 3, Some("defaults.memory"), "bad size"),
-            ("version = 1\n\n[defaults]\npids = 3\n", 4, Some("defaults.pids"), "8..="),
+            (
+                "version = 1\n[defaults]\nmemory = \"2X\"\n",
+                3,
+                Some("defaults.memory"),
+                "bad size",
+            ),
+            (
+                "version = 1\n\n[defaults]\npids = 3\n",
+                4,
+                Some("defaults.pids"),
+                "8..=",
+            ),
             ("version = 1\n[max]\ncpus = nan\n", 3, Some("max.cpus"), "cpus must"),
             ("version = 1\n[max]\ncpus = inf\n", 3, Some("max.cpus"), "cpus must"),
             ("version = 1\n[max]\npids = -1\n", 3, Some("max.pids"), "negative"),
-            ("version = 1\n[max]\nmemroy = \"1G\"\n", 3, Some("max.memroy"), "unknown limit"),
+            (
+                "version = 1\n[max]\nmemroy = \"1G\"\n",
+                3,
+                Some("max.memroy"),
+                "unknown limit",
+            ),
             ("version = 1\n[defalts]\n", 2, Some("defalts"), "unknown setting"),
             ("version = 1\ndefaults = 3\n", 2, Some("defaults"), "must be a table"),
             ("version = 2\n", 1, Some("version"), "upgrade vessel"),
             ("version = \"1\"\n", 1, Some("version"), "must be 1"),
-            ("version = 1\n[api]\nmax_connections = 0\n", 3, Some("api.max_connections"), "from 1"),
-            ("version = 1\n[api]\nrequest_timeout = \"2w\"\n", 3, Some("api.request_timeout"), "duration"),
-            ("version = 1\n[defaults]\nmemory = [1]\n", 3, Some("defaults.memory"), "array"),
+            (
+                "version = 1\n[api]\nmax_connections = 0\n",
+                3,
+                Some("api.max_connections"),
+                "from 1",
+            ),
+            (
+                "version = 1\n[api]\nrequest_timeout = \"2w\"\n",
+                3,
+                Some("api.request_timeout"),
+                "duration",
+            ),
+            (
+                "version = 1\n[defaults]\nmemory = [1]\n",
+                3,
+                Some("defaults.memory"),
+                "array",
+            ),
             ("version = 1\n[defaults\n", 2, None, "not valid TOML"),
             (
                 "version = 1\n[defaults]\nmemory = \"64M\"\nmemory_low = \"128M\"\n",

@@ -450,7 +450,10 @@ mod tests {
             cpus: Some(f64::NAN),
             ..Default::default()
         };
-        assert!(serde_json::to_string(&l).is_err(), "NaN must not become null (= unlimited)");
+        assert!(
+            serde_json::to_string(&l).is_err(),
+            "NaN must not become null (= unlimited)"
+        );
         let l = Limits {
             cpus: Some(0.5),
             ..Default::default()
@@ -473,7 +476,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(ok.check_max(&max), Ok(()));
-        let e = one(Field::Memory, LimitValue::Int(8 << 30)).check_max(&max).unwrap_err();
+        let e = one(Field::Memory, LimitValue::Int(8 << 30))
+            .check_max(&max)
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "memory limit 8G is above this node's maximum of 4G (`max.memory` in the node config): ask the node operator, or ask for less"
