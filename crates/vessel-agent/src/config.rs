@@ -31,10 +31,11 @@ impl ConfigFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("node config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("node config {path}: {source}")]
-    Invalid { path: PathBuf, source: ConfigError },
+    // (Fields not named `source`: the message includes them, a chain must not repeat them.)
+    #[error("node config {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("node config {path}: {error}")]
+    Invalid { path: PathBuf, error: ConfigError },
 }
 
 /// The settings in `file`, or the built-in defaults if it is absent and not required.
@@ -44,16 +45,16 @@ pub fn load(file: &ConfigFile) -> Result<NodeSettings, LoadError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !file.required => {
             return Ok(NodeSettings::default());
         }
-        Err(source) => {
+        Err(error) => {
             return Err(LoadError::Read {
                 path: file.path.clone(),
-                source,
+                error,
             })
         }
     };
-    let invalid = |source| LoadError::Invalid {
+    let invalid = |error| LoadError::Invalid {
         path: file.path.clone(),
-        source,
+        error,
     };
     let text = String::from_utf8(text).map_err(|e| {
         let at = e.utf8_error().valid_up_to();

@@ -144,37 +144,6 @@ fn handle(node: &Arc<Node>, conn: UnixStream, api: &ApiSettings) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_are_bounded_and_freed_on_drop() {
-        let active = Arc::new(AtomicUsize::new(0));
-        let a = Slot::take(&active, 2).unwrap();
-        let b = Slot::take(&active, 2).unwrap();
-        assert!(Slot::take(&active, 2).is_none(), "a third connection is over the bound");
-        drop(a);
-        let c = Slot::take(&active, 2).expect("a freed slot is reused");
-        drop((b, c));
-        assert_eq!(active.load(Ordering::Acquire), 0);
-    }
-
-    #[test]
-    fn busy_reply_is_an_error_the_client_reads() {
-        let (a, b) = UnixStream::pair().unwrap();
-        refuse_busy(a, &ApiSettings::default());
-        let (r, _) = vessel_api::frame::read_frame::<Response>(b.as_raw_fd()).unwrap();
-        match r {
-            Response::Error(e) => {
-                assert_eq!(e.code, ErrorCode::Busy);
-                assert!(e.message.contains("busy"), "{}", e.message);
-            }
-            r => panic!("{r:?}"),
-        }
-    }
-}
-
 fn dispatch(
     node: &Arc<Node>,
     conn: &UnixStream,
@@ -295,4 +264,35 @@ fn dispatch(
             Response::Ve(Box::new(node.show(&name)?))
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_bounded_and_freed_on_drop() {
+        let active = Arc::new(AtomicUsize::new(0));
+        let a = Slot::take(&active, 2).unwrap();
+        let b = Slot::take(&active, 2).unwrap();
+        assert!(Slot::take(&active, 2).is_none(), "a third connection is over the bound");
+        drop(a);
+        let c = Slot::take(&active, 2).expect("a freed slot is reused");
+        drop((b, c));
+        assert_eq!(active.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn busy_reply_is_an_error_the_client_reads() {
+        let (a, b) = UnixStream::pair().unwrap();
+        refuse_busy(a, &ApiSettings::default());
+        let (r, _) = vessel_api::frame::read_frame::<Response>(b.as_raw_fd()).unwrap();
+        match r {
+            Response::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Busy);
+                assert!(e.message.contains("busy"), "{}", e.message);
+            }
+            r => panic!("{r:?}"),
+        }
+    }
 }

@@ -15,8 +15,9 @@ use vessel_types::api::{request_frame_limit, Envelope, Request, API_VERSION, MAX
 pub enum FrameError {
     #[error("connection closed")]
     Closed,
+    /// (Not a `source`: the message already says it, and error chains would repeat it.)
     #[error("socket: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("{what} of {len} bytes is over the {limit} byte limit")]
     TooLarge {
         what: &'static str,
@@ -31,6 +32,12 @@ pub enum FrameError {
     Decode(String),
     #[error("peer speaks API version {0}, this side speaks {API_VERSION}: run the same vessel version for daemon and CLI (restart the daemon with `vessel down && vessel up`)")]
     Version(u32),
+}
+
+impl From<std::io::Error> for FrameError {
+    fn from(e: std::io::Error) -> Self {
+        FrameError::Io(e)
+    }
 }
 
 pub fn write_frame<T: Serialize>(sock: RawFd, body: &T, fds: &[RawFd]) -> Result<(), FrameError> {

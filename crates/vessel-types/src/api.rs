@@ -24,6 +24,7 @@ pub const MAX_EXEC_FRAME: usize = 256 << 10;
 /// Largest request frame of any kind: the daemon refuses a longer declared length before
 /// reading any of it.
 pub const MAX_ANY_REQUEST_FRAME: usize = MAX_EXEC_FRAME;
+const _: () = assert!(MAX_ANY_REQUEST_FRAME >= MAX_EXEC_FRAME && MAX_EXEC_FRAME > MAX_REQUEST_FRAME);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope<T> {
@@ -446,7 +447,6 @@ mod tests {
         assert_eq!(request_frame_limit("ve-exec"), MAX_EXEC_FRAME);
         assert_eq!(request_frame_limit("ve-create"), MAX_REQUEST_FRAME);
         assert_eq!(request_frame_limit("no-such-op"), MAX_REQUEST_FRAME);
-        assert!(MAX_ANY_REQUEST_FRAME >= MAX_EXEC_FRAME && MAX_EXEC_FRAME > MAX_REQUEST_FRAME);
         // The names above are the wire names of the ops.
         let exec = Request::VeExec {
             name: Name::parse("a").unwrap(),

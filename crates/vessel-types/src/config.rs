@@ -359,29 +359,43 @@ pub fn parse(text: &str) -> Result<NodeSettings, ConfigError> {
     if let Some(t) = p.table(root, "api")? {
         s.api = p.api(t)?;
     }
-    // The defaults must fit together and under the maxima; blame the default's line.
-    let at_default = |f: Field, message: String| match defaults_t {
-        Some(t) if t.contains_key(f.key()) => p.err(t, f.key(), &format!("defaults.{}", f.key()), message),
-        _ => ConfigError {
-            line: 1,
-            key: Some(format!("defaults.{}", f.key())),
-            message: format!("{message} (a built-in default: set defaults.{} too)", f.key()),
-        },
-    };
-    if let Err(e) = s.limits.defaults.validate() {
-        return Err(at_default(Field::MemoryLow, e.to_string()));
-    }
+    // A built-in default above the operator's maximum gives way to the maximum; a default
+    // the operator wrote must fit under it (blame the default's line).
+    let written = |f: Field| defaults_t.is_some_and(|t| t.contains_key(f.key()));
     for f in Field::ALL {
         if let (Some(d), Some(m)) = (s.limits.defaults.get(f), s.limits.max.get(f)) {
             let mut one = Limits::default();
             one.set(f, Some(d));
             if one.check_max(&s.limits.max).is_err() {
-                return Err(at_default(
-                    f,
+                let Some(t) = defaults_t.filter(|t| t.contains_key(f.key())) else {
+                    s.limits.defaults.set(f, Some(m));
+                    continue;
+                };
+                let path = format!("defaults.{}", f.key());
+                return Err(p.err(
+                    t,
+                    f.key(),
+                    &path,
                     format!("default {} is above max.{} {}", d.show(f), f.key(), m.show(f)),
                 ));
             }
         }
+    }
+    if let Err(e) = s.limits.defaults.validate() {
+        // Only memory_low against memory can fail here (each value was checked alone).
+        let f = if written(Field::MemoryLow) {
+            Field::MemoryLow
+        } else {
+            Field::Memory
+        };
+        return Err(match defaults_t {
+            Some(t) if written(f) => p.err(t, f.key(), &format!("defaults.{}", f.key()), e.to_string()),
+            _ => ConfigError {
+                line: 1,
+                key: Some(format!("defaults.{}", f.key())),
+                message: e.to_string(),
+            },
+        });
     }
     Ok(s)
 }
@@ -506,12 +520,6 @@ request_timeout = "5s"
                 Some("defaults.memory"),
                 "default 4G is above max.memory 2G",
             ),
-            (
-                "version = 1\n[max]\npids = 100\n",
-                1,
-                Some("defaults.pids"),
-                "built-in default",
-            ),
         ];
         for (text, line, key, msg) in cases {
             let e = parse(text).expect_err(text);
@@ -550,6 +558,12 @@ request_timeout = "5s"
         };
         assert!(matches!(p.admit(&bad), Err(LimitsError::BadPids(_))));
         assert!(matches!(p.check_change(&bad), Err(LimitsError::BadPids(_))));
+        // A built-in default above an operator's maximum gives way to it.
+        let p = parse("version = 1\n[max]\npids = 100\nmemory = \"1G\"\n")
+            .unwrap()
+            .limits;
+        assert_eq!((p.defaults.pids_max, p.defaults.memory_max), (Some(100), Some(1 << 30)));
+        assert_eq!(p.admit(&Limits::default()).unwrap().pids_max, Some(100));
         // Without a config: the built-ins, no maxima.
         let l = NodeSettings::default().limits.admit(&Limits::default()).unwrap();
         assert_eq!(l, builtin_defaults());
