@@ -14,12 +14,23 @@ use std::time::Duration;
 pub enum DaemonError {
     #[error("another vessel daemon runs for {root} (pid {pid}): use `vessel status`, or `vessel down` to stop it")]
     AlreadyRunning { root: String, pid: String },
+    #[error(transparent)]
+    Config(#[from] crate::config::LoadError),
     #[error("{0}")]
     Setup(String),
 }
 
-pub fn run(opts: NodeOptions) -> Result<(), DaemonError> {
+pub fn run(mut opts: NodeOptions) -> Result<(), DaemonError> {
     let setup = |what: &str, e: &dyn std::fmt::Display| DaemonError::Setup(format!("{what}: {e}"));
+    // A bad config stops the daemon before it touches anything.
+    opts.settings = crate::config::load(&opts.config_file)?;
+    tracing::info!(
+        file = %opts.config_file.path.display(),
+        defaults = ?opts.settings.limits.defaults,
+        max = ?opts.settings.limits.max,
+        api = ?opts.settings.api,
+        "node config"
+    );
     vessel_fs::fuse::keep_big_buffers_unmapped();
     // Signals are taken by sigwait below; every thread spawned after this inherits the mask.
     let mut sigs = SigSet::empty();

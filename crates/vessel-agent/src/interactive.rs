@@ -123,14 +123,16 @@ impl Node {
         Ok(())
     }
 
-    /// The VE's console log (both rotation files), at most `tail` bytes from the end.
-    pub fn logs(&self, name: &Name, tail: Option<u64>) -> NResult<String> {
+    /// The VE's console log (both rotation files), at most `tail` bytes from the end, as
+    /// the VE wrote them.
+    pub fn logs(&self, name: &Name, tail: Option<u64>) -> NResult<Vec<u8>> {
         self.record(name)?;
         let log = self.layout.ve(name.as_str()).console_log();
         let mut data = std::fs::read(log.with_extension("log.1")).unwrap_or_default();
         data.extend(std::fs::read(&log).unwrap_or_default());
         let tail = tail.unwrap_or(64 << 10) as usize;
         let start = data.len().saturating_sub(tail);
-        Ok(String::from_utf8_lossy(&data[start..]).into_owned())
+        data.drain(..start);
+        Ok(data)
     }
 }

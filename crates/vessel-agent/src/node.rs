@@ -41,6 +41,10 @@ pub struct NodeOptions {
     pub exe: PathBuf,
     pub cgroup_root: PathBuf,
     pub busybox: PathBuf,
+    /// The node config file (`node.toml`); `daemon::run` reads it into `settings`.
+    pub config_file: crate::config::ConfigFile,
+    /// Default limits, maxima and API bounds (built-in defaults until the file is read).
+    pub settings: vessel_types::config::NodeSettings,
 }
 
 /// What the node does after a VE's init ended on its own.
@@ -237,6 +241,13 @@ impl Node {
 
     pub fn create(&self, mut spec: VeSpec) -> NResult<VeInfo> {
         spec.validate()
+            .map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+        // The node's defaults for what the creator left out; recorded in the spec.
+        spec.limits = self
+            .opts
+            .settings
+            .limits
+            .admit(&spec.limits)
             .map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
         let name = spec.name.clone();
         let vl = self.ve_lock(&name);
@@ -597,6 +608,11 @@ impl Node {
         let vl = self.ve_lock(name);
         let _g = lock(&vl);
         let rec = self.record(name)?;
+        self.opts
+            .settings
+            .limits
+            .check_change(&change.limits)
+            .map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
         let new = change.apply_to(&rec.spec);
         new.validate()
             .map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;

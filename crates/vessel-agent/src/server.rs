@@ -1,15 +1,24 @@
 //! The local API server: a Unix socket only root may open, one thread per connection,
 //! requests dispatched to the [`Node`]. Malformed frames get an error reply, never a panic.
+//!
+//! Bounded against a misbehaving client: at most `api.max_connections` connections are
+//! served at once (more get a `busy` error from the accept thread, which spawns nothing for
+//! them); a request frame must arrive whole within `api.request_timeout` (requests are
+//! small: see `vessel_api::frame::read_request`), and replies that nobody reads time out
+//! too. Long operations (`exec`, a template build) hold their connection while they run;
+//! a console attachment runs over its own connection to the console keeper.
 
 use crate::node::Node;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-use vessel_api::frame::{read_frame, write_frame, FrameError};
+use std::time::{Duration, Instant};
+use vessel_api::frame::{read_request, write_frame, FrameError};
 use vessel_types::api::{ApiError, ErrorCode, Request, Response};
+use vessel_types::config::ApiSettings;
 
 /// Bind the socket, refusing if a live daemon already answers on it.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -30,30 +39,86 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
+/// One of the bounded connection slots; freed when dropped (also when the connection's
+/// thread could not be spawned).
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(active.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub fn serve(node: Arc<Node>, listener: UnixListener) {
+    let api = node.opts.settings.api;
+    let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         match conn {
             Ok(c) => {
+                let Some(slot) = Slot::take(&active, api.max_connections) else {
+                    refuse_busy(c, &api);
+                    continue;
+                };
                 let node = node.clone();
-                let _ = std::thread::Builder::new()
-                    .name("vessel-conn".into())
-                    .spawn(move || handle(&node, c));
+                let spawned = std::thread::Builder::new().name("vessel-conn".into()).spawn(move || {
+                    let _slot = slot;
+                    handle(&node, c, &api)
+                });
+                if let Err(e) = spawned {
+                    tracing::warn!("no thread for an API connection: {e}");
+                }
             }
-            Err(e) => tracing::warn!("accept: {e}"),
+            Err(e) => {
+                // Out of fds or memory: do not spin on accept.
+                tracing::warn!("accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
+}
+
+/// Tell a client over the connection bound why it is turned away, without blocking the
+/// accept thread.
+fn refuse_busy(conn: UnixStream, api: &ApiSettings) {
+    let _ = conn.set_nonblocking(true);
+    let e = ApiError::new(
+        ErrorCode::Busy,
+        format!(
+            "the vessel daemon is busy: it serves {} API connections at once (`api.max_connections` in the node config); try again",
+            api.max_connections
+        ),
+    );
+    let _ = write_frame(conn.as_raw_fd(), &Response::Error(e), &[]);
 }
 
 fn reply(conn: &UnixStream, r: &Response) -> bool {
     write_frame(conn.as_raw_fd(), r, &[]).is_ok()
 }
 
-fn handle(node: &Arc<Node>, conn: UnixStream) {
+fn handle(node: &Arc<Node>, conn: UnixStream, api: &ApiSettings) {
+    let timeout = Duration::from_secs(api.request_timeout_secs);
+    // A reply the client does not read must not hold this thread forever either.
+    let _ = conn.set_write_timeout(Some(timeout));
     loop {
-        let (req, fds) = match read_frame::<Request>(conn.as_raw_fd()) {
+        let (req, fds) = match read_request(conn.as_raw_fd(), Some(Instant::now() + timeout)) {
             Ok(x) => x,
-            Err(FrameError::Closed) => return,
-            Err(e @ (FrameError::Decode(_) | FrameError::Version(_) | FrameError::TooLarge(_))) => {
+            Err(FrameError::Closed | FrameError::TimedOut { got: 0 }) => return,
+            Err(
+                e @ (FrameError::Decode(_)
+                | FrameError::Version(_)
+                | FrameError::TooLarge { .. }
+                | FrameError::TooManyFds
+                | FrameError::TimedOut { .. }),
+            ) => {
                 let code = if matches!(e, FrameError::Version(_)) {
                     ErrorCode::VersionMismatch
                 } else {
@@ -153,8 +218,19 @@ fn dispatch(
             node.console(conn, &name)?;
             return Ok(None);
         }
-        Request::VeLogs { name, tail_bytes } => Response::Logs {
-            text: node.logs(&name, tail_bytes)?,
+        Request::VeLogs {
+            name,
+            tail_bytes,
+            raw: false,
+        } => Response::Logs {
+            text: String::from_utf8_lossy(&node.logs(&name, tail_bytes)?).into_owned(),
+        },
+        Request::VeLogs {
+            name,
+            tail_bytes,
+            raw: true,
+        } => Response::LogBytes {
+            data: node.logs(&name, tail_bytes)?,
         },
         Request::VeDiff { name, path } => Response::Diff {
             entries: node.diff(&name, path.as_deref())?,
@@ -188,4 +264,35 @@ fn dispatch(
             Response::Ve(Box::new(node.show(&name)?))
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_bounded_and_freed_on_drop() {
+        let active = Arc::new(AtomicUsize::new(0));
+        let a = Slot::take(&active, 2).unwrap();
+        let b = Slot::take(&active, 2).unwrap();
+        assert!(Slot::take(&active, 2).is_none(), "a third connection is over the bound");
+        drop(a);
+        let c = Slot::take(&active, 2).expect("a freed slot is reused");
+        drop((b, c));
+        assert_eq!(active.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn busy_reply_is_an_error_the_client_reads() {
+        let (a, b) = UnixStream::pair().unwrap();
+        refuse_busy(a, &ApiSettings::default());
+        let (r, _) = vessel_api::frame::read_frame::<Response>(b.as_raw_fd()).unwrap();
+        match r {
+            Response::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Busy);
+                assert!(e.message.contains("busy"), "{}", e.message);
+            }
+            r => panic!("{r:?}"),
+        }
+    }
 }

@@ -12,12 +12,19 @@ pub enum ClientError {
     NotRunning(String),
     #[error("cannot reach the vessel daemon at {path}: {source}")]
     Connect { path: String, source: std::io::Error },
+    /// (Not a `source`: the message already says it.)
     #[error("talking to the daemon: {0}")]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error("unexpected reply from the daemon: {0}")]
     Unexpected(String),
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> Self {
+        ClientError::Frame(e)
+    }
 }
 
 pub struct Client {
@@ -44,8 +51,24 @@ impl Client {
     }
 
     pub fn send(&self, req: &Request, fds: &[RawFd]) -> Result<(), ClientError> {
-        write_frame(self.sock.as_raw_fd(), req, fds)?;
-        Ok(())
+        match write_frame(self.sock.as_raw_fd(), req, fds) {
+            Ok(()) => Ok(()),
+            // The daemon may have turned the connection away with a reason (e.g. `busy`)
+            // and closed it before reading: that reason is the error to show. The peer is
+            // gone, so this read ends at once.
+            Err(FrameError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                match read_frame::<Response>(self.sock.as_raw_fd()) {
+                    Ok((Response::Error(api), _)) => Err(ClientError::Api(api)),
+                    _ => Err(FrameError::Io(e).into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Next reply frame with its fds. An `Error` reply becomes `Err(ClientError::Api)`.
@@ -78,5 +101,24 @@ impl Client {
 
     pub fn stream(&self) -> &UnixStream {
         &self.sock
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vessel_types::api::ErrorCode;
+
+    #[test]
+    fn a_refusal_sent_before_closing_is_the_error_not_the_broken_pipe() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let busy = Response::Error(ApiError::new(ErrorCode::Busy, "the vessel daemon is busy"));
+        write_frame(b.as_raw_fd(), &busy, &[]).unwrap();
+        drop(b);
+        let c = Client { sock: a };
+        match c.call(&Request::Status) {
+            Err(ClientError::Api(e)) => assert_eq!(e.code, ErrorCode::Busy),
+            r => panic!("{r:?}"),
+        }
     }
 }

@@ -74,7 +74,8 @@ impl TestNode {
             .env("VESSEL_BRIDGE", &self.bridge)
             .env("VESSEL_SUBNET", &self.subnet)
             .env("VESSEL_CGROUP_PARENT", &self.cgroup_parent)
-            .env_remove("VESSEL_LOG");
+            .env_remove("VESSEL_LOG")
+            .env_remove("VESSEL_CONFIG");
     }
 
     /// Start `vessel daemon` in the foreground as our child, wait for its socket.

@@ -12,8 +12,19 @@ use serde::{Deserialize, Serialize};
 /// Version of the wire format. Bumped on any incompatible change; a peer speaking another
 /// version gets `ErrorCode::VersionMismatch` and a message saying which side to upgrade.
 pub const API_VERSION: u32 = 1;
-/// Largest frame either side accepts (bad input must not make us allocate without bound).
+/// Largest reply frame (the daemon writes replies; a VE list or a diff can be long). Bad
+/// input must not make either side allocate without bound.
 pub const MAX_FRAME: usize = 16 << 20;
+/// Largest request frame of every kind but `ve-exec`: specs, names and paths are small.
+/// Large payloads (imports, exports) travel through passed fds, never in frames.
+pub const MAX_REQUEST_FRAME: usize = 64 << 10;
+/// Largest `ve-exec` request: its argv may carry a script (`sh -c ...`); Linux caps one
+/// argument at 128 KiB (`MAX_ARG_STRLEN`), so this fits one such argument plus the rest.
+pub const MAX_EXEC_FRAME: usize = 256 << 10;
+/// Largest request frame of any kind: the daemon refuses a longer declared length before
+/// reading any of it.
+pub const MAX_ANY_REQUEST_FRAME: usize = MAX_EXEC_FRAME;
+const _: () = assert!(MAX_ANY_REQUEST_FRAME >= MAX_EXEC_FRAME && MAX_EXEC_FRAME > MAX_REQUEST_FRAME);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope<T> {
@@ -90,6 +101,14 @@ impl VeChange {
     }
 }
 
+/// Largest frame a request with this `op` may have ([`MAX_REQUEST_FRAME`] but for exec).
+pub fn request_frame_limit(op: &str) -> usize {
+    match op {
+        "ve-exec" => MAX_EXEC_FRAME,
+        _ => MAX_REQUEST_FRAME,
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
@@ -156,11 +175,15 @@ pub enum Request {
     VeConsole {
         name: Name,
     },
+    /// The console log: `Logs` (UTF-8, invalid sequences replaced), or with `raw` the exact
+    /// bytes as `LogBytes`.
     VeLogs {
         name: Name,
         /// Only the last N bytes.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tail_bytes: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        raw: bool,
     },
     /// What the VE changed relative to its template (under `path`, default everything).
     VeDiff {
@@ -313,6 +336,8 @@ pub enum ErrorCode {
     /// No room: addresses, uid ranges, disk.
     Exhausted,
     VersionMismatch,
+    /// The daemon serves as many connections as it is configured for: try again.
+    Busy,
     Internal,
 }
 
@@ -437,6 +462,10 @@ pub enum Response {
     Logs {
         text: String,
     },
+    /// The console log's exact bytes (at most two rotation files of 1 MiB).
+    LogBytes {
+        data: Vec<u8>,
+    },
     Diff {
         entries: Vec<DiffItem>,
     },
@@ -465,6 +494,24 @@ mod tests {
         assert_eq!(s, r#"{"v":1,"body":{"op":"ve-start","name":"web"}}"#);
         let back: Envelope<Request> = serde_json::from_str(&s).unwrap();
         assert!(matches!(back.body, Request::VeStart { .. }));
+    }
+
+    #[test]
+    fn exec_alone_may_use_a_larger_frame() {
+        assert_eq!(request_frame_limit("ve-exec"), MAX_EXEC_FRAME);
+        assert_eq!(request_frame_limit("ve-create"), MAX_REQUEST_FRAME);
+        assert_eq!(request_frame_limit("no-such-op"), MAX_REQUEST_FRAME);
+        // The names above are the wire names of the ops.
+        let exec = Request::VeExec {
+            name: Name::parse("a").unwrap(),
+            argv: vec!["x".into()],
+            tty: false,
+            env: vec![],
+            cwd: None,
+        };
+        assert!(serde_json::to_string(&exec).unwrap().contains(r#""op":"ve-exec""#));
+        let busy = serde_json::to_string(&ErrorCode::Busy).unwrap();
+        assert_eq!(busy, r#""busy""#);
     }
 
     #[test]

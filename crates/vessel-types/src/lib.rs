@@ -3,6 +3,7 @@
 //! CLI both depend on this crate, so one definition serves both ends of every call.
 
 pub mod api;
+pub mod config;
 pub mod limits;
 pub mod name;
 pub mod net;

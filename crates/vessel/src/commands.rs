@@ -3,6 +3,7 @@
 use crate::output::{self, Progress};
 use crate::{Cli, Cmd, DaemonArgs, Global, SpecArgs, TemplateCmd, VeCmd};
 use anyhow::{bail, Context, Result};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
@@ -37,6 +38,7 @@ fn node_options(g: &Global, a: &DaemonArgs) -> Result<vessel_agent::NodeOptions>
         std::env::current_dir()?.join(&g.root)
     };
     Ok(vessel_agent::NodeOptions {
+        config_file: config_file(&root, a)?,
         root,
         socket: g.socket(),
         config: vessel_agent::state::NodeConfig {
@@ -48,7 +50,17 @@ fn node_options(g: &Global, a: &DaemonArgs) -> Result<vessel_agent::NodeOptions>
         exe: std::env::current_exe().context("locate the vessel binary")?,
         cgroup_root: "/sys/fs/cgroup".into(),
         busybox: a.busybox.clone(),
+        settings: Default::default(),
     })
+}
+
+/// The node config file: `--config` (made absolute) or ROOT/node.toml.
+fn config_file(root: &std::path::Path, a: &DaemonArgs) -> Result<vessel_agent::config::ConfigFile> {
+    let explicit = match &a.config {
+        Some(p) if p.is_relative() => Some(std::env::current_dir()?.join(p)),
+        p => p.clone(),
+    };
+    Ok(vessel_agent::config::ConfigFile::resolve(root, explicit.as_deref()))
 }
 
 fn require_root() -> Result<()> {
@@ -116,6 +128,9 @@ fn up(g: &Global, a: &DaemonArgs) -> Result<i32> {
             s.socket
         );
     }
+    // A bad node config is reported here, not only in the daemon's log.
+    let opts = node_options(g, a)?;
+    vessel_agent::config::load(&opts.config_file)?;
     std::fs::create_dir_all(&g.root).with_context(|| format!("create {}", g.root.display()))?;
     let log_path = vessel_ve::Layout::new(&g.root).daemon_log();
     let log = std::fs::OpenOptions::new()
@@ -140,6 +155,9 @@ fn up(g: &Global, a: &DaemonArgs) -> Result<i32> {
         .arg(&a.cache_dir)
         .arg("--busybox")
         .arg(&a.busybox);
+    if opts.config_file.required {
+        cmd.arg("--config").arg(&opts.config_file.path);
+    }
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: setsid in the forked child detaches the daemon from our terminal and session.
     unsafe {
@@ -222,9 +240,9 @@ fn status(g: &Global) -> Result<i32> {
                     "vessel daemon: running (pid {}, up {}s, version {})",
                     s.pid, s.uptime_secs, s.version
                 );
-                println!("root:      {}", s.root);
-                println!("socket:    {}", s.socket);
-                println!("network:   bridge {} subnet {}", s.bridge, s.subnet);
+                println!("root:      {}", output::escape(&s.root));
+                println!("socket:    {}", output::escape(&s.socket));
+                println!("network:   bridge {} subnet {}", output::escape(&s.bridge), s.subnet);
                 println!("cgroups:   {}", s.cgroup);
                 println!("VEs:       {} running of {}", s.ves_running, s.ves_total);
                 println!("templates: {}", s.templates);
@@ -485,11 +503,26 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
             drop(_raw);
             eprintln!("\r\ndetached from VE {name}");
         }
-        VeCmd::Logs { name, tail } => match c.call(&Request::VeLogs { name, tail_bytes: tail })? {
-            Response::Logs { text } if g.json => output::json(&serde_json::json!({"text": text})),
-            Response::Logs { text } => print!("{text}"),
-            r => bail!("unexpected reply {r:?}"),
-        },
+        VeCmd::Logs { name, tail, raw } => {
+            let req = Request::VeLogs {
+                name,
+                tail_bytes: tail,
+                raw: !g.json,
+            };
+            match c.call(&req)? {
+                Response::Logs { text } => output::json(&serde_json::json!({"text": text})),
+                Response::LogBytes { data } => {
+                    let mut out = std::io::stdout().lock();
+                    if raw {
+                        out.write_all(&data)?;
+                    } else {
+                        out.write_all(output::escape_log(&data).as_bytes())?;
+                    }
+                    out.flush()?;
+                }
+                r => bail!("unexpected reply {r:?}"),
+            }
+        }
         VeCmd::Diff { name, path } => match c.call(&Request::VeDiff { name, path })? {
             Response::Diff { entries } if g.json => output::json(&entries),
             Response::Diff { entries } => {
@@ -594,12 +627,13 @@ fn repair_point(to: Option<&str>, template: bool) -> Result<vessel_types::api::R
 }
 
 fn print_reverted(g: &Global, r: &Response, what: &str) -> Result<()> {
+    let what = output::escape(what);
     match r {
         Response::Reverted { changed } if g.json => output::json(&serde_json::json!({ "changed": changed })),
         Response::Reverted { changed } if changed.is_empty() => println!("{what}: nothing to change"),
         Response::Reverted { changed } => {
             for p in changed {
-                println!("restored {p}");
+                println!("restored {}", output::escape(p));
             }
             println!("{what}: {} paths restored", changed.len());
         }
@@ -620,13 +654,13 @@ fn show_ve(v: &VeInfo) {
     println!(
         "template:    {} ({})",
         v.spec.template,
-        &v.template_id[..12.min(v.template_id.len())]
+        output::escape(&v.template_id.chars().take(12).collect::<String>())
     );
-    println!("hostname:    {}", v.spec.hostname());
+    println!("hostname:    {}", output::escape(v.spec.hostname()));
     println!(
         "ip:          {} (host side {})",
         v.spec.ip.map(|i| i.to_string()).unwrap_or_default(),
-        v.host_interface
+        output::escape(&v.host_interface)
     );
     if !v.mac.is_empty() {
         println!("mac:         {}", v.mac);
@@ -685,7 +719,7 @@ fn show_ve(v: &VeInfo) {
         println!("last exit:   {c}");
     }
     if let Some(e) = &v.last_error {
-        println!("last error:  {e}");
+        println!("last error:  {}", output::escape(e));
     }
     if v.restart_pending {
         println!("note:        settings changed; they apply at the next restart");

@@ -65,6 +65,9 @@ pub struct DaemonArgs {
     /// Static busybox used for the busybox template
     #[arg(long, env = "VESSEL_BUSYBOX", default_value = "/bin/busybox")]
     pub busybox: PathBuf,
+    /// Node config: default VE limits, maxima, API bounds (default: ROOT/node.toml if present)
+    #[arg(long, env = "VESSEL_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -139,7 +142,7 @@ pub struct SpecArgs {
     #[arg(long)]
     pub memory_low: Option<String>,
     /// CPU quota in CPUs, e.g. 0.5
-    #[arg(long)]
+    #[arg(long, value_parser = parse_cpus)]
     pub cpus: Option<f64>,
     /// Relative CPU weight, 1..10000 (default 100)
     #[arg(long)]
@@ -242,12 +245,15 @@ pub enum VeCmd {
     Console {
         name: vessel_types::Name,
     },
-    /// Show what the VE's init wrote to its console
+    /// Show what the VE's init wrote to its console (terminal control characters escaped)
     Logs {
         name: vessel_types::Name,
         /// Only the last N bytes
         #[arg(long)]
         tail: Option<u64>,
+        /// The exact bytes, terminal escape sequences included
+        #[arg(long)]
+        raw: bool,
     },
     /// What the VE changed relative to its template (added, modified, deleted)
     Diff {
@@ -299,6 +305,20 @@ pub enum VeCmd {
         #[arg(long)]
         end: bool,
     },
+}
+
+/// `--cpus`: a finite number in range (NaN would otherwise travel as JSON `null`, i.e. no cap).
+fn parse_cpus(s: &str) -> Result<f64, String> {
+    let c: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of CPUs, e.g. 0.5 or 2"))?;
+    let l = vessel_types::Limits {
+        cpus: Some(c),
+        ..Default::default()
+    };
+    l.validate().map_err(|e| e.to_string())?;
+    Ok(c)
 }
 
 /// Parse arguments; usage errors become one line (`vessel: ...`) with exit code 2.
@@ -379,7 +399,14 @@ fn main() {
     match commands::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("vessel: {e:#}");
+            // What the daemon says can carry names from inside a VE: no raw control bytes.
+            let from_daemon = e.chain().any(|c| c.is::<vessel_api::client::ClientError>());
+            let text = format!("{e:#}");
+            if from_daemon {
+                eprintln!("vessel: {}", output::escape(&text));
+            } else {
+                eprintln!("vessel: {text}");
+            }
             std::process::exit(1);
         }
     }
