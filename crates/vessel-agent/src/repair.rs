@@ -262,7 +262,8 @@ impl Node {
     pub fn import(&self, name: Option<Name>, start: bool, input: OwnedFd) -> NResult<VeInfo> {
         let bad = |m: String| err(ErrorCode::InvalidArgument, m);
         let r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::from(input));
-        let mut ar = tar::Archive::new(r);
+        // Untrusted: no extended header may make us allocate without bound.
+        let mut ar = tar::Archive::new(vessel_fs::archive::Guard::new(r));
         let (meta, entries) = vessel_fs::archive::read_meta(&mut ar).map_err(|e| bad(e.to_string()))?;
         let meta: ExportMeta =
             serde_json::from_slice(&meta).map_err(|e| bad(format!("the export's description is unreadable: {e}")))?;

@@ -8,15 +8,17 @@
 //! An archive is untrusted input: import applies the rules a process inside the VE is
 //! held to (owners in the VE's range, capabilities rooted in the VE, no devices, no path
 //! leaving the tree), through the same code as the FUSE path where there is one
-//! ([`crate::xattr`]).
+//! ([`crate::xattr`]). Read an untrusted stream through a [`Guard`].
 
 mod export;
+mod guard;
 mod import;
 mod pax_sparse;
 #[cfg(test)]
 pub(crate) mod tests;
 
 pub use export::{export, Snapshot};
+pub use guard::Guard;
 pub use import::import;
 
 use std::io::Read;

@@ -107,7 +107,7 @@ mod tests {
         // Ending in data: no empty run. Many runs: more than one block.
         let many: Vec<Extent> = (0..200u64).map(|i| (i * 1_000_000_000, 7)).collect();
         let m = encode_map(&many, 199_000_000_007);
-        assert!(m.len() > 512 && m.len() % 512 == 0);
+        assert!(m.len() > 512 && m.len().is_multiple_of(512));
         let (runs, used) = read_map(&mut &m[..], 199_000_000_007).unwrap();
         assert_eq!((runs, used), (many, m.len() as u64));
     }

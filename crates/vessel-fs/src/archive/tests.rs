@@ -82,7 +82,7 @@ fn sparse_files_export_small_and_import_with_their_holes() {
     );
 
     let b = volume(d.path(), "b", &tpl);
-    let mut ar = tar::Archive::new(&out[..]);
+    let mut ar = tar::Archive::new(Guard::new(&out[..]));
     let (meta, entries) = read_meta(&mut ar).unwrap();
     assert_eq!(meta, b"{}");
     import(&b, entries).unwrap();
@@ -409,7 +409,7 @@ fn a_deep_tree_exports_and_imports() {
     let mut out = Vec::new();
     export(&a, b"{}", &mut out).unwrap();
     let b = volume(d.path(), "b", &tpl);
-    let mut ar = tar::Archive::new(&out[..]);
+    let mut ar = tar::Archive::new(Guard::new(&out[..]));
     let (_, entries) = read_meta(&mut ar).unwrap();
     assert_eq!(import(&b, entries).unwrap(), 3002);
     let top = ino(&b, "top");
