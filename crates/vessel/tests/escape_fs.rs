@@ -30,6 +30,36 @@ fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> std::proces
     }
 }
 
+/// Run a CLI command with files for stdin and stdout, bounded in time.
+fn run_files(mut cmd: std::process::Command, stdin: Stdio, stdout: Stdio) -> std::process::Output {
+    cmd.stdin(stdin).stdout(stdout).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut e = child.stderr.take().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = e.read_to_end(&mut s);
+        s
+    });
+    let status = wait_bounded(&mut child, Duration::from_secs(300));
+    std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr: t.join().unwrap_or_default(),
+    }
+}
+
+fn export_to(node: &TestNode, ve: &str, to: &Path) -> std::process::Output {
+    let mut cmd = node.command();
+    cmd.args(["ve", "export", ve]);
+    run_files(cmd, Stdio::null(), std::fs::File::create(to).unwrap().into())
+}
+
+fn import_from(node: &TestNode, from: &Path, name: &str) -> std::process::Output {
+    let mut cmd = node.command();
+    cmd.args(["ve", "import", "--name", name, "--start"]);
+    run_files(cmd, std::fs::File::open(from).unwrap().into(), Stdio::null())
+}
+
 #[test]
 fn deep_tree_of_30000_dirs_does_not_overflow_the_daemon_stack() {
     if !need_root("deep_tree_of_30000_dirs_does_not_overflow_the_daemon_stack") {
@@ -62,13 +92,7 @@ fn deep_tree_of_30000_dirs_does_not_overflow_the_daemon_stack() {
     );
     let h = node.ok(&["ve", "history", "deep", "/d"]);
     assert!(h.contains("rename /w/d -> /d"), "{}", &h[..h.len().min(2000)]);
-    let o = node
-        .command()
-        .args(["ve", "export", "deep"])
-        .stdout(std::fs::File::create("/dev/null").unwrap())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let o = export_to(&node, "deep", Path::new("/dev/null"));
     assert!(o.status.success(), "export: {}", err(&o));
     node.ok(&["ve", "revert", "deep", "/d", "--template"]);
     // ... and the daemon is still there, serving the VE.
@@ -104,22 +128,11 @@ fn sparse_100g_file_exports_as_sparse_and_imports_with_its_holes() {
         ),
     );
     let backup = node.root.join("sp.tar");
-    let o = node
-        .command()
-        .args(["ve", "export", "sp"])
-        .stdout(std::fs::File::create(&backup).unwrap())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let o = export_to(&node, "sp", &backup);
     assert!(o.status.success(), "export: {}", err(&o));
     let len = std::fs::metadata(&backup).unwrap().len();
     assert!(len < 1 << 20, "a 100 GB sparse file exports small ({len} bytes)");
-    let o = node
-        .command()
-        .args(["ve", "import", "--name", "sp2", "--start"])
-        .stdin(std::fs::File::open(&backup).unwrap())
-        .output()
-        .unwrap();
+    let o = import_from(&node, &backup, "sp2");
     assert!(o.status.success(), "import: {}", err(&o));
     let got = node.sh(
         "sp2",
@@ -182,15 +195,11 @@ fn export_neither_holds_the_ve_lock_nor_outlives_its_reader() {
 
 /// The description of a real export (to put crafted entries behind).
 fn export_meta(node: &TestNode, ve: &str) -> Vec<u8> {
-    let o = node
-        .command()
-        .args(["ve", "export", ve])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let p = node.root.join(format!("{ve}-meta.tar"));
+    let o = export_to(node, ve, &p);
     assert!(o.status.success(), "export: {}", err(&o));
-    let mut ar = tar::Archive::new(&o.stdout[..]);
+    let bytes = std::fs::read(&p).unwrap();
+    let mut ar = tar::Archive::new(&bytes[..]);
     let mut e = ar.entries().unwrap().next().unwrap().unwrap();
     let mut meta = Vec::new();
     e.read_to_end(&mut meta).unwrap();
@@ -265,16 +274,6 @@ fn net_caps_v3(root: u32) -> Vec<u8> {
     v.extend_from_slice(&[0; 12]);
     v.extend_from_slice(&root.to_le_bytes());
     v
-}
-
-fn import(node: &TestNode, tar_path: &Path, name: &str) -> std::process::Output {
-    node.command()
-        .args(["ve", "import", "--name", name, "--start"])
-        .stdin(std::fs::File::open(tar_path).unwrap())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap()
 }
 
 fn getxattr(p: &Path, name: &str) -> std::io::Result<Vec<u8>> {
@@ -360,7 +359,7 @@ fn crafted_tar_cannot_give_host_capabilities_owners_or_devices() {
     ];
     for (i, (what, entry, want)) in refused.into_iter().enumerate() {
         let p = write(&format!("bad{i}.tar"), crafted_tar(&meta, &[entry]));
-        let o = import(&node, &p, &format!("bad{i}"));
+        let o = import_from(&node, &p, &format!("bad{i}"));
         assert!(!o.status.success(), "{what} was accepted");
         assert!(err(&o).contains(want), "{what}: {}", err(&o));
         assert!(
@@ -390,7 +389,7 @@ fn crafted_tar_cannot_give_host_capabilities_owners_or_devices() {
             }],
         ),
     );
-    let o = import(&node, &p, "capped");
+    let o = import_from(&node, &p, "capped");
     assert!(o.status.success(), "import: {}", err(&o));
     let uid_base = node.json(&["ve", "show", "capped"])["uid_base"].as_u64().unwrap() as u32;
     let file = node.root.join("ves/capped/rootfs/busybox-capped");
@@ -412,12 +411,11 @@ fn crafted_tar_cannot_give_host_capabilities_owners_or_devices() {
         }
         dir.pop();
     }
-    let o = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
         .arg(&file)
-        .args(["grep", "^CapEff", "/proc/self/status"])
-        .output()
-        .unwrap();
+        .args(["grep", "^CapEff", "/proc/self/status"]);
+    let o = run_bounded(cmd, Duration::from_secs(60));
     assert!(o.status.success(), "{}", err(&o));
     assert_eq!(out(&o).trim(), "CapEff:\t0000000000000000", "{}", out(&o));
 }

@@ -185,6 +185,8 @@ fn walk_diff(
                 });
                 Some(out.entries.len() - 1)
             } else {
+                // Full: everything after this is left out too (the answer stays a prefix).
+                used = max_bytes;
                 if check.is_none() {
                     out.omitted += 1;
                 }
