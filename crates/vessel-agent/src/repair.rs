@@ -12,6 +12,42 @@ use vessel_fs::volume::Volume;
 use vessel_types::api::{DiffItem, ErrorCode, FsInfo, HistoryItem, RepairPoint, VeInfo};
 use vessel_types::{Name, VeSpec, VeStatus};
 
+/// Serialized bytes an answer's items may take (a reply frame is at most `MAX_FRAME`).
+const ANSWER_FRAME_BYTES: usize = vessel_types::api::MAX_FRAME / 2;
+
+/// Keep the items while they fit in one reply; the rest is counted.
+fn fit<T: serde::Serialize>(items: impl Iterator<Item = T>, mut omitted: u64) -> (Vec<T>, u64) {
+    let (mut out, mut used, mut full) = (Vec::new(), 0, false);
+    for it in items {
+        let n = serde_json::to_vec(&it).map_or(usize::MAX, |v| v.len() + 1);
+        if full || used + n > ANSWER_FRAME_BYTES {
+            full = true;
+            omitted += 1;
+            continue;
+        }
+        used += n;
+        out.push(it);
+    }
+    (out, omitted)
+}
+
+fn cut_note(path: &str) -> String {
+    format!(
+        "the answer is limited to {} MiB; ask about a path below {}",
+        history::ANSWER_BYTES >> 20,
+        history::norm(path)
+    )
+}
+
+/// The changed paths of a revert, with a last line for those left out of the answer.
+fn reverted(r: history::RevertReport) -> Vec<String> {
+    let (mut changed, omitted) = fit(r.changed.into_iter(), r.omitted);
+    if omitted > 0 {
+        changed.push(format!("... and {omitted} more paths"));
+    }
+    changed
+}
+
 /// Version of the description at the start of an export stream.
 const EXPORT_VERSION: u32 = 1;
 
@@ -53,34 +89,54 @@ impl Node {
         })
     }
 
+    /// What the VE changed; an answer too large for one reply ends with a `truncated` item
+    /// that says how many were left out.
     pub fn diff(&self, name: &Name, path: Option<&str>) -> NResult<Vec<DiffItem>> {
         let vl = self.ve_lock(name);
         let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
         let v = self.volume_of(name)?;
-        Ok(history::diff(&v, path.unwrap_or("/"))
-            .into_iter()
-            .map(|e| DiffItem {
-                path: e.path,
-                change: e.change.as_str().into(),
-                kind: history::kind_name(e.kind).into(),
-                size: e.size,
-            })
-            .collect())
+        let l = history::diff(&v, path.unwrap_or("/"), history::ANSWER_BYTES);
+        let items = l.entries.into_iter().map(|e| DiffItem {
+            path: e.path,
+            change: e.change.as_str().into(),
+            kind: history::kind_name(e.kind).into(),
+            size: e.size,
+        });
+        let (mut items, omitted) = fit(items, l.omitted);
+        if omitted > 0 {
+            items.push(DiffItem {
+                path: format!("({omitted} more changes not listed: {})", cut_note(path.unwrap_or("/"))),
+                change: "truncated".into(),
+                kind: String::new(),
+                size: 0,
+            });
+        }
+        Ok(items)
     }
 
+    /// The transactions that touched `path`; bounded like [`Node::diff`].
     pub fn history(&self, name: &Name, path: &str) -> NResult<Vec<HistoryItem>> {
         let vl = self.ve_lock(name);
         let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
         let v = self.volume_of(name)?;
-        let h = history::history(&v, path).map_err(|e| internal("read history", e))?;
-        Ok(h.into_iter()
-            .map(|e| HistoryItem {
-                seq: e.seq,
-                time_ns: e.time_ns,
-                path: e.path,
-                what: e.what,
-            })
-            .collect())
+        let h = history::history(&v, path, history::ANSWER_BYTES).map_err(|e| internal("read history", e))?;
+        let items = h.entries.into_iter().map(|e| HistoryItem {
+            seq: e.seq,
+            time_ns: e.time_ns,
+            path: e.path,
+            what: e.what,
+        });
+        let (mut items, omitted) = fit(items, h.omitted);
+        if omitted > 0 {
+            let time_ns = items.last().map_or(0, |i| i.time_ns);
+            items.push(HistoryItem {
+                seq: 0,
+                time_ns,
+                path: "...".into(),
+                what: format!("{omitted} more changes not listed: {}", cut_note(path)),
+            });
+        }
+        Ok(items)
     }
 
     fn target(v: &Volume, to: RepairPoint) -> NResult<Target> {
@@ -104,8 +160,8 @@ impl Node {
                         ));
                     }
                 }
-                let txs = v.read_log(base.seq + 1).map_err(|e| internal("read history", e))?;
-                Target::Seq(history::seq_at(&txs, ns).max(base.seq))
+                let at = history::seq_at(v, ns).map_err(|e| internal("read history", e))?;
+                Target::Seq(at.max(base.seq))
             }
         })
     }
@@ -124,7 +180,7 @@ impl Node {
         let r = history::revert(&v, path, t).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
         v.sync()
             .map_err(|e| internal("sync", std::io::Error::from_raw_os_error(e)))?;
-        Ok(r.changed)
+        Ok(reverted(r))
     }
 
     pub fn rollback(&self, name: &Name, to: RepairPoint) -> NResult<Vec<String>> {
@@ -140,7 +196,7 @@ impl Node {
             let t = Self::target(&v, to)?;
             let r = history::revert(&v, "/", t).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
             v.checkpoint().map_err(|e| internal("checkpoint", e))?;
-            Ok(r.changed)
+            Ok(reverted(r))
         })();
         if was_running {
             let rec = self.record(name)?;
@@ -174,18 +230,32 @@ impl Node {
     /// Write the VE's export stream to `out`. A running VE is exported as it is while the
     /// stream is written (stop it first for one consistent point).
     pub fn export(&self, name: &Name, out: OwnedFd) -> NResult<()> {
-        let vl = self.ve_lock(name);
-        let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
-        let rec = self.record(name)?;
-        let v = self.volume_of(name)?;
-        let meta = ExportMeta {
-            version: EXPORT_VERSION,
-            spec: rec.spec.clone(),
-            template_id: rec.template_id.clone(),
+        self.export_until(name, out, &|| false)
+    }
+
+    /// [`Node::export`] that also ends when `gone` says the client went away (checked
+    /// between chunks). The VE's lock is held only while the list of entries is taken, so
+    /// `diff`, `history` or `stop` do not wait for the stream; a write error (the reader
+    /// closed its end) ends the export at once.
+    pub fn export_until(&self, name: &Name, out: OwnedFd, gone: &dyn Fn() -> bool) -> NResult<()> {
+        let (v, meta, snap) = {
+            let vl = self.ve_lock(name);
+            let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
+            let rec = self.record(name)?;
+            let v = self.volume_of(name)?;
+            let meta = ExportMeta {
+                version: EXPORT_VERSION,
+                spec: rec.spec.clone(),
+                template_id: rec.template_id.clone(),
+            };
+            let meta = serde_json::to_vec_pretty(&meta).map_err(|e| internal("describe export", e))?;
+            let snap = vessel_fs::archive::Snapshot::take(&v);
+            (v, meta, snap)
         };
-        let meta = serde_json::to_vec_pretty(&meta).map_err(|e| internal("describe export", e))?;
         let w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(out));
-        let mut w = vessel_fs::archive::export(&v, &meta, w).map_err(|e| internal("write export", e))?;
+        let mut w = snap
+            .write(&v, &meta, w, gone)
+            .map_err(|e| internal("write export", e))?;
         w.flush().map_err(|e| internal("write export", e))
     }
 
@@ -193,7 +263,8 @@ impl Node {
     pub fn import(&self, name: Option<Name>, start: bool, input: OwnedFd) -> NResult<VeInfo> {
         let bad = |m: String| err(ErrorCode::InvalidArgument, m);
         let r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::from(input));
-        let mut ar = tar::Archive::new(r);
+        // Untrusted: no extended header may make us allocate without bound.
+        let mut ar = tar::Archive::new(vessel_fs::archive::Guard::new(r));
         let (meta, entries) = vessel_fs::archive::read_meta(&mut ar).map_err(|e| bad(e.to_string()))?;
         let meta: ExportMeta =
             serde_json::from_slice(&meta).map_err(|e| bad(format!("the export's description is unreadable: {e}")))?;
@@ -243,5 +314,24 @@ impl Node {
             self.start(&name)?;
         }
         self.show(&name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_cut_to_one_reply_and_count_the_rest() {
+        let big = "x".repeat(ANSWER_FRAME_BYTES / 3);
+        let (kept, omitted) = fit(vec![big.clone(); 5].into_iter(), 2);
+        assert_eq!((kept.len(), omitted), (2, 5));
+        let (kept, omitted) = fit(vec!["a".to_string(); 3].into_iter(), 0);
+        assert_eq!((kept.len(), omitted), (3, 0));
+        let r = reverted(history::RevertReport {
+            changed: vec!["/a".into()],
+            omitted: 7,
+        });
+        assert_eq!(r, vec!["/a".to_string(), "... and 7 more paths".into()]);
     }
 }

@@ -13,6 +13,8 @@ use crate::stats::FsOp;
 use crate::tx::{FileKind, Ino};
 use crate::view::{Attr, FsResult};
 use crate::volume::{SetAttr, Volume};
+pub use crate::xattr::IdMap;
+use crate::xattr::{self, Source};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
@@ -29,36 +31,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const TTL: Duration = Duration::from_secs(1);
 /// Longest time a change stays only in the page cache (without an fsync).
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
-const XATTR_CAPS: &[u8] = b"security.capability";
-const VFS_CAP_REVISION_2: u32 = 0x0200_0000;
-const VFS_CAP_REVISION_3: u32 = 0x0300_0000;
-
-/// How a VE's ids map to host ids.
-#[derive(Debug, Clone, Copy)]
-pub struct IdMap {
-    pub base: u32,
-    pub count: u32,
-}
-
-impl IdMap {
-    pub fn to_host(&self, id: u32) -> u32 {
-        if id < self.count {
-            self.base + id
-        } else {
-            self.base + self.count.saturating_sub(2).min(65534)
-        }
-    }
-    /// Host ids outside the VE's range (the host's administrator) act as the VE's root.
-    pub fn from_host(&self, id: u32) -> u32 {
-        if id >= self.base && id - self.base < self.count {
-            id - self.base
-        } else if id == 0 {
-            0
-        } else {
-            65534
-        }
-    }
-}
 
 /// A directory listing as handed to the kernel: (ino, type, name), "." and ".." first.
 type Listing = Arc<Vec<(Ino, FileType, Vec<u8>)>>;
@@ -131,100 +103,6 @@ fn kind_of_mode(mode: u32) -> Option<FileKind> {
 
 fn err(e: i32) -> Errno {
     Errno::from_i32(e)
-}
-
-/// security.capability as stored (v2, relative to the VE's root) -> as the kernel must
-/// see it on this node (v3, rooted at the VE's root's host uid), and back.
-fn caps_out(v: Vec<u8>, root_uid: u32) -> Vec<u8> {
-    if v.len() == 20 && u32::from_le_bytes(v[0..4].try_into().expect("4")) & 0xff00_0000 == VFS_CAP_REVISION_2 {
-        let magic = (u32::from_le_bytes(v[0..4].try_into().expect("4")) & !0xff00_0000) | VFS_CAP_REVISION_3;
-        let mut out = magic.to_le_bytes().to_vec();
-        out.extend_from_slice(&v[4..20]);
-        out.extend_from_slice(&root_uid.to_le_bytes());
-        return out;
-    }
-    v
-}
-
-fn caps_in(v: &[u8], root_uid: u32) -> Vec<u8> {
-    if v.len() == 24
-        && u32::from_le_bytes(v[0..4].try_into().expect("4")) & 0xff00_0000 == VFS_CAP_REVISION_3
-        && u32::from_le_bytes(v[20..24].try_into().expect("4")) == root_uid
-    {
-        let magic = (u32::from_le_bytes(v[0..4].try_into().expect("4")) & !0xff00_0000) | VFS_CAP_REVISION_2;
-        let mut out = magic.to_le_bytes().to_vec();
-        out.extend_from_slice(&v[4..20]);
-        return out;
-    }
-    v.to_vec()
-}
-
-const XATTR_ACL_ACCESS: &[u8] = b"system.posix_acl_access";
-const XATTR_ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
-const ACL_USER_OBJ: u16 = 0x01;
-const ACL_USER: u16 = 0x02;
-const ACL_GROUP_OBJ: u16 = 0x04;
-const ACL_GROUP: u16 = 0x08;
-const ACL_MASK: u16 = 0x10;
-const ACL_OTHER: u16 = 0x20;
-
-/// A POSIX ACL in its xattr form: (tag, perm, id) entries after a version header.
-fn acl_entries(v: &[u8]) -> Option<Vec<(u16, u16, u32)>> {
-    if v.len() < 4 || !(v.len() - 4).is_multiple_of(8) || u32::from_le_bytes(v[0..4].try_into().ok()?) != 2 {
-        return None;
-    }
-    Some(
-        v[4..]
-            .chunks(8)
-            .map(|e| {
-                (
-                    u16::from_le_bytes([e[0], e[1]]),
-                    u16::from_le_bytes([e[2], e[3]]),
-                    u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
-                )
-            })
-            .collect(),
-    )
-}
-
-fn acl_bytes(e: &[(u16, u16, u32)]) -> Vec<u8> {
-    let mut v = 2u32.to_le_bytes().to_vec();
-    for (t, p, i) in e {
-        v.extend_from_slice(&t.to_le_bytes());
-        v.extend_from_slice(&p.to_le_bytes());
-        v.extend_from_slice(&i.to_le_bytes());
-    }
-    v
-}
-
-/// Map the ids of named ACL entries.
-fn acl_map(v: &[u8], f: impl Fn(u32) -> u32) -> Vec<u8> {
-    match acl_entries(v) {
-        Some(e) => acl_bytes(
-            &e.into_iter()
-                .map(|(t, p, i)| {
-                    if t == ACL_USER || t == ACL_GROUP {
-                        (t, p, f(i))
-                    } else {
-                        (t, p, i)
-                    }
-                })
-                .collect::<Vec<_>>(),
-        ),
-        None => v.to_vec(),
-    }
-}
-
-/// The permission bits an access ACL implies, and whether the ACL says no more than them.
-fn acl_mode(e: &[(u16, u16, u32)]) -> (u32, bool) {
-    let get = |tag: u16| e.iter().find(|x| x.0 == tag).map(|x| (x.1 & 7) as u32);
-    let user = get(ACL_USER_OBJ).unwrap_or(0);
-    let group = get(ACL_MASK).or(get(ACL_GROUP_OBJ)).unwrap_or(0);
-    let other = get(ACL_OTHER).unwrap_or(0);
-    let minimal = e
-        .iter()
-        .all(|x| matches!(x.0, ACL_USER_OBJ | ACL_GROUP_OBJ | ACL_OTHER));
-    (user << 6 | group << 3 | other, minimal)
 }
 
 impl VolumeFs {
@@ -690,49 +568,15 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         let _t = self.vol.stats().time(FsOp::Setxattr);
-        if name(n) == XATTR_ACL_ACCESS {
-            // An access ACL sets the permission bits (as on a disk file system); one that
-            // says no more than the bits is not kept as an attribute.
-            let Some(e) = acl_entries(value) else {
-                return reply.error(Errno::EINVAL);
-            };
-            let (bits, minimal) = acl_mode(&e);
-            let cur = match self.vol.getattr(ino.0) {
-                Ok(a) => a.perm,
-                Err(er) => return reply.error(err(er)),
-            };
-            let mode = (cur & 0o7000) | bits;
-            if let Err(er) = self.vol.setattr(
-                ino.0,
-                &SetAttr {
-                    mode: Some(mode),
-                    ..Default::default()
-                },
-            ) {
-                return reply.error(err(er));
-            }
-            if minimal {
-                let r = match self.vol.removexattr(ino.0, XATTR_ACL_ACCESS) {
-                    Err(libc::ENODATA) => Ok(()),
-                    r => r,
-                };
-                return match r {
-                    Ok(()) => reply.ok(),
-                    Err(er) => reply.error(err(er)),
-                };
-            }
-        }
-        let value = if name(n) == XATTR_CAPS {
-            caps_in(value, self.ids.base)
-        } else if name(n) == XATTR_ACL_ACCESS || name(n) == XATTR_ACL_DEFAULT {
-            acl_map(value, |i| self.ids.from_host(i))
-        } else {
-            value.to_vec()
+        // The same rules as for an imported archive (crate::xattr), with host ids.
+        let inc = match xattr::incoming(name(n), value, Source::Mount(self.ids)) {
+            Ok(i) => i,
+            Err(e) => return reply.error(err(e.errno())),
         };
-        let r = self.vol.setxattr(
+        let r = self.vol.apply_xattr(
             ino.0,
             name(n),
-            &value,
+            inc,
             flags & libc::XATTR_CREATE != 0,
             flags & libc::XATTR_REPLACE != 0,
         );
@@ -746,10 +590,14 @@ impl Filesystem for VolumeFs {
         let _t = self.vol.stats().time(FsOp::Getxattr);
         match self.vol.getxattr(ino.0, name(n)) {
             Ok(v) => {
-                let v = if name(n) == XATTR_CAPS {
-                    caps_out(v, self.ids.base)
-                } else if name(n) == XATTR_ACL_ACCESS || name(n) == XATTR_ACL_DEFAULT {
-                    acl_map(&v, |i| self.ids.to_host(i))
+                let v = if name(n) == xattr::CAPS {
+                    // Never capabilities rooted outside the VE's ids.
+                    match xattr::caps_out(&v, &self.ids) {
+                        Some(v) => v,
+                        None => return reply.error(Errno::ENODATA),
+                    }
+                } else if name(n) == xattr::ACL_ACCESS || name(n) == xattr::ACL_DEFAULT {
+                    xattr::acl_out(&v, &self.ids)
                 } else {
                     v
                 };

@@ -7,18 +7,22 @@
 //! - [`volume`]: one volume on disk (log, checkpoint, file contents, crash recovery,
 //!   group commit); [`fuse`]: the FUSE frontend that serves it.
 //! - [`history`]: diff against the template, history of a path, state as of a time.
+//! - [`archive`]: export and import; [`xattr`]: the rules for what a VE's files may carry
+//!   (shared by the FUSE path and import); [`sparse`]: files with holes.
 
 pub mod archive;
 pub mod codec;
 pub mod fuse;
 pub mod history;
 pub mod lower;
+pub mod sparse;
 pub mod stats;
 pub mod tree;
 pub mod tx;
 pub mod txlog;
 pub mod view;
 pub mod volume;
+pub mod xattr;
 
 pub use tree::{Tree, TreeError};
 pub use tx::{FileKind, Ino, Op, Tx};

@@ -95,13 +95,23 @@ impl Lower {
         (self.entries.len() - 1) as u32
     }
 
+    /// Number the tree depth first, names sorted (a directory's entries right after it),
+    /// with a work list instead of recursion.
     fn walk(&mut self, dir: u32, path: &Path) -> std::io::Result<()> {
-        let mut names: Vec<_> = std::fs::read_dir(path)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()?;
-        names.sort();
-        for n in names {
-            let p = path.join(&n);
+        fn sorted(path: &Path) -> std::io::Result<std::vec::IntoIter<std::ffi::OsString>> {
+            let mut names: Vec<_> = std::fs::read_dir(path)?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<_, _>>()?;
+            names.sort();
+            Ok(names.into_iter())
+        }
+        let mut stack = vec![(dir, path.to_path_buf(), sorted(path)?)];
+        while let Some((dir, path, names)) = stack.last_mut() {
+            let Some(n) = names.next() else {
+                stack.pop();
+                continue;
+            };
+            let (dir, p) = (*dir, path.join(&n));
             let md = std::fs::symlink_metadata(&p)?;
             let target = if md.file_type().is_symlink() {
                 std::fs::read_link(&p)?.into_os_string().as_bytes().to_vec()
@@ -113,7 +123,8 @@ impl Lower {
                 c.insert(n.as_bytes().into(), idx);
             }
             if md.is_dir() {
-                self.walk(idx, &p)?;
+                let kids = sorted(&p)?;
+                stack.push((idx, p, kids));
             }
         }
         Ok(())
@@ -158,6 +169,21 @@ impl Lower {
             p.push(std::ffi::OsStr::from_bytes(n));
         }
         p
+    }
+
+    /// The names from the root down to entry `idx` (empty for the root).
+    pub fn names_to(&self, idx: u64) -> Vec<&[u8]> {
+        let mut parts = Vec::new();
+        let mut i = idx as usize;
+        for _ in 0..self.entries.len() {
+            if i == LOWER_ROOT as usize || i >= self.entries.len() {
+                break;
+            }
+            parts.push(&*self.entries[i].name);
+            i = self.entries[i].parent as usize;
+        }
+        parts.reverse();
+        parts
     }
 
     /// The path of entry `idx` relative to the tree's root (for people).
@@ -234,4 +260,42 @@ pub fn shared(root: &Path) -> std::io::Result<Arc<Lower>> {
     c.retain(|_, w| w.strong_count() > 0);
     c.insert(root.to_path_buf(), Arc::downgrade(&l));
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_numbered_depth_first_with_sorted_names() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for p in ["b/y/deep", "a", "c"] {
+            std::fs::create_dir_all(r.join(p)).unwrap();
+        }
+        std::fs::write(r.join("b/x"), "x").unwrap();
+        std::fs::write(r.join("b/y/deep/f"), "f").unwrap();
+        std::fs::write(r.join("a0"), "").unwrap();
+        let l = Lower::scan(r).unwrap();
+        let order: Vec<String> = (1..l.len() as u64)
+            .map(|i| l.rel_path(i).to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(order, ["a", "a0", "b", "b/x", "b/y", "b/y/deep", "b/y/deep/f", "c"]);
+        assert_eq!(l.child(3, b"y"), Some(5));
+        assert_eq!(l.get(7).unwrap().parent, 6);
+    }
+
+    #[test]
+    fn a_deep_chain_is_numbered_along_the_chain() {
+        let d = tempfile::tempdir().unwrap();
+        // As deep as a host path allows (templates are indexed by host paths).
+        let mut p = d.path().to_path_buf();
+        for _ in 0..1500 {
+            p.push("d");
+            std::fs::create_dir(&p).unwrap();
+        }
+        let l = Lower::scan(d.path()).unwrap();
+        assert_eq!(l.len(), 1501);
+        assert!((1..1501u64).all(|i| l.get(i).unwrap().parent as u64 == i - 1));
+    }
 }

@@ -19,6 +19,7 @@ use crate::tree::{Inode, Tree, TreeError, ROOT, WHITEOUT};
 use crate::tx::{FileKind, Ino, Op, Tx};
 use crate::txlog::{TxLog, TxLogError};
 use crate::view::{self, Attr, FsResult, Node, LOWER_BASE};
+use crate::xattr::Incoming;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -360,13 +361,15 @@ impl Volume {
             _lock: lockf,
             stats: Default::default(),
         };
-        // Replay: metadata into the tree, contents into the data files.
-        let txs = vol.lock().log.read_from(tree.applied + 1)?;
+        // Replay: metadata into the tree, contents into the data files (one transaction
+        // in memory at a time).
+        let reader = vol.lock().log.reader()?;
         let mut shared = vol.find_shared();
         let mut touched = HashSet::new();
-        for tx in &txs {
+        let mut replayed_txs = 0u64;
+        reader.for_each::<VolumeError>(tree.applied + 1, u64::MAX, |tx, _| {
             let freed = freed_by(&tree, &tx.op);
-            tree.apply(tx)
+            tree.apply(&tx)
                 .map_err(|e| corrupt(format!("transaction {} does not apply: {e}", tx.seq)))?;
             let freed: Vec<Ino> = freed.iter().map(|(i, _)| *i).collect();
             if let Some(i) = data_op_ino(&tx.op) {
@@ -378,7 +381,9 @@ impl Volume {
             if let Some(i) = op_ino(&tx.op) {
                 touched.insert(i);
             }
-        }
+            replayed_txs += 1;
+            Ok(true)
+        })?;
         let replayed: Vec<Ino> = touched.iter().copied().collect();
         // Contents past a file's size can only be from transactions that never made it
         // into the log: cut them. Data files without an inode are leftovers.
@@ -407,14 +412,14 @@ impl Volume {
             st.epoch = st.log.last_epoch().max(1);
             st.next_ino = tree.max_ino + 1;
             st.usage = usage_of(&tree);
-            st.since_ckpt = txs.len() as u64 * 64;
+            st.since_ckpt = replayed_txs * 64;
             st.tree = tree;
             st.shared = shared;
             // Replayed contents are on disk only once the checkpoint after replay syncs them.
             st.dirty.extend(replayed);
         }
         vol.synced.store(0, Ordering::SeqCst);
-        if !txs.is_empty() {
+        if replayed_txs > 0 {
             vol.checkpoint()?;
         }
         let base = vol.lock().base;
@@ -472,9 +477,10 @@ impl Volume {
         (st.log.last_seq(), st.log.disk_bytes())
     }
 
-    /// Every transaction with seq >= `from`.
-    pub fn read_log(&self, from: u64) -> Result<Vec<Tx>> {
-        Ok(self.lock().log.read_from(from)?)
+    /// A reader over the log as it is now (read without the volume's lock; hold
+    /// [`Volume::history_guard`] meanwhile so that compaction does not drop segments).
+    pub fn log_reader(&self) -> Result<crate::txlog::LogReader> {
+        Ok(self.lock().log.reader()?)
     }
 
     /// Run `f` over the live tree.
@@ -576,6 +582,19 @@ impl Volume {
     pub fn open_lower(&self, ino: Ino) -> FsResult<File> {
         let idx = view::lower_idx(ino).ok_or(libc::EINVAL)?;
         self.lower().ok_or(libc::ENOENT)?.open(idx).map_err(|e| errno_of(&e))
+    }
+
+    /// The contents of a private file, for reading them without the volume's lock (export,
+    /// revert, diff). The handle keeps the contents as they change; a file removed later
+    /// keeps what it had.
+    pub fn open_data(&self, ino: Ino) -> FsResult<File> {
+        let st = self.lock();
+        let kind = st.tree.inodes.get(&ino).or(st.orphans.get(&ino)).map(|i| i.kind);
+        match kind {
+            Some(FileKind::File) => File::open(self.data_path(ino)).map_err(|e| errno_of(&e)),
+            Some(_) => Err(libc::EINVAL),
+            None => Err(libc::ENOENT),
+        }
     }
 
     /// Read from a private file (or, for a template file, from the template).
@@ -855,19 +874,47 @@ impl Volume {
         if st.tree.inodes.contains_key(&ino) {
             return Ok(ino);
         }
-        let idx = view::lower_idx(ino).ok_or(libc::ENOENT)?;
         let low = self.lower.clone().ok_or(libc::ENOENT)?;
-        let e = low.get(idx).ok_or(libc::ENOENT)?;
-        if idx == 0 {
+        // The template entries from `ino` up to the first private directory, copied up
+        // from the top down.
+        let mut chain = Vec::new();
+        let mut cur = ino;
+        while !st.tree.inodes.contains_key(&cur) {
+            let idx = view::lower_idx(cur).ok_or(libc::ENOENT)?;
+            let e = low.get(idx).ok_or(libc::ENOENT)?;
+            if idx == 0 {
+                break;
+            }
+            if chain.len() > low.len() {
+                return Err(libc::ELOOP);
+            }
+            chain.push(idx);
+            cur = if e.parent == 0 {
+                ROOT
+            } else {
+                LOWER_BASE + e.parent as u64
+            };
+        }
+        if chain.is_empty() {
             return Ok(ROOT);
         }
+        for idx in chain.into_iter().rev() {
+            self.copy_up_one(st, &low, idx)?;
+        }
+        Ok(ino)
+    }
+
+    /// Copy up template entry `idx`, whose parent is private already.
+    fn copy_up_one(&self, st: &mut State, low: &Lower, idx: u64) -> FsResult<()> {
+        let ino = LOWER_BASE + idx;
+        let e = low.get(idx).ok_or(libc::ENOENT)?;
         let parent = if e.parent == 0 {
             ROOT
         } else {
-            self.ensure_private(st, LOWER_BASE + e.parent as u64)?
+            LOWER_BASE + e.parent as u64
         };
         // Still visible there (not deleted or replaced meanwhile)?
-        if view::lookup(&st.tree, Some(&low), parent, &e.name) != Ok(ino) {
+        if view::lookup(&st.tree, Some(low), parent, &e.name) != Ok(ino) {
             return Err(libc::ENOENT);
         }
         let op = Op::CopyUp {
@@ -891,7 +938,7 @@ impl Volume {
                 self.commit(st, Op::SetXattr { ino, name, value })?;
             }
         }
-        Ok(ino)
+        Ok(())
     }
 
     fn attr_locked(&self, st: &State, ino: Ino) -> FsResult<Attr> {
@@ -1005,20 +1052,34 @@ impl Volume {
         Ok(())
     }
 
-    /// Remove `name` in `parent` and everything under it (absent is fine).
+    /// Remove `name` in `parent` and everything under it (absent is fine). Depth-first
+    /// with a work list: a tree of any depth costs no stack.
     pub fn remove_tree(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
         let a = match self.lookup(parent, name) {
             Ok(a) => a,
             Err(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
         };
-        if a.kind == FileKind::Dir {
-            let (_, kids) = self.readdir(a.ino)?;
-            for (n, _, _) in kids {
-                self.remove_tree(a.ino, &n)?;
+        // (parent, name, ino, is a directory, its entries were queued)
+        let mut work = vec![(parent, name.to_vec(), a.ino, a.kind == FileKind::Dir, false)];
+        while let Some(top) = work.last_mut() {
+            if top.3 && !top.4 {
+                top.4 = true;
+                let dir = top.2;
+                let (_, kids) = self.readdir(dir)?;
+                work.extend(
+                    kids.into_iter()
+                        .map(|(n, ino, k)| (dir, n, ino, k == FileKind::Dir, false)),
+                );
+                continue;
+            }
+            let (p, n, _, is_dir, _) = work.pop().expect("non-empty");
+            match self.remove(p, &n, is_dir) {
+                Ok(()) | Err(libc::ENOENT) => {}
+                Err(e) => return Err(e),
             }
         }
-        self.remove(parent, name, a.kind == FileKind::Dir)
+        Ok(())
     }
 
     pub fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32) -> FsResult<()> {
@@ -1159,6 +1220,35 @@ impl Volume {
             },
         )
         .map(|_| ())
+    }
+
+    /// Apply an attribute that came from outside (through the mount or from an archive),
+    /// as [`crate::xattr::incoming`] decided: an access ACL also sets the permission bits.
+    pub fn apply_xattr(&self, ino: Ino, name: &[u8], inc: Incoming, create: bool, replace: bool) -> FsResult<()> {
+        let (value, bits) = match inc {
+            Incoming::Drop => return Ok(()),
+            Incoming::Store(v) => (Some(v), None),
+            Incoming::ModeOnly(b) => (None, Some(b)),
+            Incoming::AclWithMode(v, b) => (Some(v), Some(b)),
+        };
+        if let Some(bits) = bits {
+            let cur = self.getattr(ino)?.perm;
+            self.setattr(
+                ino,
+                &SetAttr {
+                    mode: Some((cur & 0o7000) | bits),
+                    ..Default::default()
+                },
+            )?;
+        }
+        match value {
+            Some(v) => self.setxattr(ino, name, &v, create, replace),
+            // It says no more than the bits: not kept as an attribute.
+            None => match self.removexattr(ino, name) {
+                Err(libc::ENODATA) => Ok(()),
+                r => r,
+            },
+        }
     }
 
     /// Open a file for writing (copying it up first) or count a private read handle.
@@ -1382,8 +1472,13 @@ impl Volume {
     }
 
     /// Contents of file `ino` as of the base.
-    pub fn base_content(&self, ino: Ino) -> std::io::Result<Vec<u8>> {
-        std::fs::read(self.base_dir().join("data").join(data_name(ino)))
+    pub fn open_base_data(&self, ino: Ino) -> std::io::Result<File> {
+        File::open(self.base_dir().join("data").join(data_name(ino)))
+    }
+
+    /// An unnamed scratch file on the volume's file system (gone when closed).
+    pub fn scratch_file(&self) -> std::io::Result<File> {
+        crate::sparse::temp_file(&self.dir)
     }
 
     /// Compact history older than the retention into the base, dropping whole log
@@ -1429,7 +1524,7 @@ impl Volume {
         let bdata = base_dir.join("data");
         std::fs::create_dir_all(&bdata).map_err(self.io("create", &bdata))?;
         let mut tree = self.base_tree()?;
-        let txs = st.log.read_range(st.base.seq + 1, through)?;
+        let reader = st.log.reader()?;
         let mut touched: HashSet<Ino> = HashSet::new();
         let corrupt = |reason: String| VolumeError::Corrupt {
             volume: self.name.clone(),
@@ -1441,9 +1536,9 @@ impl Volume {
         let mut shared = std::mem::take(&mut st.shared);
         let mut last_time = st.base.time_ns;
         let res = (|| -> Result<()> {
-            for tx in &txs {
+            reader.for_each::<VolumeError>(st.base.seq + 1, through, |tx, _| {
                 let freed: Vec<Ino> = freed_by(&tree, &tx.op).into_iter().map(|(i, _)| i).collect();
-                tree.apply(tx)
+                tree.apply(&tx)
                     .map_err(|e| corrupt(format!("compacting: transaction {} does not apply: {e}", tx.seq)))?;
                 if let Some(i) = data_op_ino(&tx.op) {
                     // Never write through a link into the live file.
@@ -1458,7 +1553,8 @@ impl Volume {
                     touched.insert(i);
                 }
                 last_time = tx.time_ns;
-            }
+                Ok(true)
+            })?;
             for ino in &touched {
                 let p = bdata.join(data_name(*ino));
                 match tree.inodes.get(ino) {
@@ -1498,14 +1594,14 @@ impl Volume {
             pending: 0,
         };
         // Files unchanged since the new base point share their contents with it again.
-        let later = match st.log.read_from(through + 1) {
-            Ok(t) => t,
-            Err(e) => {
-                st.shared = shared;
-                return Err(e.into());
-            }
-        };
-        let changed_after: HashSet<Ino> = later.iter().filter_map(|t| op_ino(&t.op)).collect();
+        let mut changed_after: HashSet<Ino> = HashSet::new();
+        if let Err(e) = reader.for_each::<TxLogError>(through + 1, u64::MAX, |t, _| {
+            changed_after.extend(op_ino(&t.op));
+            Ok(true)
+        }) {
+            st.shared = shared;
+            return Err(e.into());
+        }
         for (ino, i) in &tree.inodes {
             if i.kind != FileKind::File
                 || changed_after.contains(ino)

@@ -243,7 +243,8 @@ pub enum RepairPoint {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiffItem {
     pub path: String,
-    /// added, modified or deleted
+    /// added, modified or deleted; `truncated` for a last item that says how many changes
+    /// an answer too large for one reply left out (its path holds the note)
     pub change: String,
     /// file, dir, symlink, fifo, socket, chardev, blockdev
     pub kind: String,

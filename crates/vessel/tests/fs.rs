@@ -763,9 +763,8 @@ fn history_past_the_retention_is_compacted_and_recent_history_still_reverts() {
     let base = vol.base_meta();
     assert!(base.seq > 0 && base.time_ns < t_b, "{base:?}");
     assert!(vol.oldest_point().unwrap() < t_b);
-    let txs = vol.read_log(base.seq + 1).unwrap();
     // Back to B, whose file began before the compacted part.
-    let at_b = history::seq_at(&txs, t_b);
+    let at_b = history::seq_at(&vol, t_b).unwrap();
     assert!(at_b >= base.seq);
     history::revert(&vol, "/f", Target::Seq(at_b)).unwrap();
     // Before the base: refused with a clear message.
