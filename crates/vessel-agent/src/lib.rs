@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod bridge_filter;
+pub mod clientout;
 pub mod config;
 pub mod daemon;
 pub mod fsroot;

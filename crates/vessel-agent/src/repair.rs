@@ -230,14 +230,14 @@ impl Node {
     /// Write the VE's export stream to `out`. A running VE is exported as it is while the
     /// stream is written (stop it first for one consistent point).
     pub fn export(&self, name: &Name, out: OwnedFd) -> NResult<()> {
-        self.export_until(name, out, &|| false)
+        self.export_until(name, std::fs::File::from(out), &|| false)
     }
 
     /// [`Node::export`] that also ends when `gone` says the client went away (checked
     /// between chunks). The VE's lock is held only while the list of entries is taken, so
     /// `diff`, `history` or `stop` do not wait for the stream; a write error (the reader
     /// closed its end) ends the export at once.
-    pub fn export_until(&self, name: &Name, out: OwnedFd, gone: &dyn Fn() -> bool) -> NResult<()> {
+    pub fn export_until<W: std::io::Write>(&self, name: &Name, out: W, gone: &dyn Fn() -> bool) -> NResult<()> {
         let (v, meta, snap) = {
             let vl = self.ve_lock(name);
             let _g = vl.lock().unwrap_or_else(|p| p.into_inner());
@@ -252,7 +252,7 @@ impl Node {
             let snap = vessel_fs::archive::Snapshot::take(&v);
             (v, meta, snap)
         };
-        let w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(out));
+        let w = std::io::BufWriter::with_capacity(1 << 20, out);
         let mut w = snap
             .write(&v, &meta, w, gone)
             .map_err(|e| internal("write export", e))?;

@@ -249,7 +249,10 @@ fn dispatch(
                 .into_iter()
                 .next()
                 .ok_or_else(|| crate::node::err(ErrorCode::InvalidArgument, "export needs the output as an fd"))?;
-            node.export(&name, fd)?;
+            // Ends when the client hangs up, even if its output is never drained.
+            let c = conn.as_raw_fd();
+            let out = crate::clientout::ClientOut::new(fd, c);
+            node.export_until(&name, out, &|| crate::clientout::peer_gone(c))?;
             Response::Ok
         }
         Request::VeImport { name, start } => {

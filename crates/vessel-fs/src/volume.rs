@@ -224,6 +224,9 @@ impl Volume {
         for d in [dir.to_path_buf(), dir.join("data"), dir.join("txlog")] {
             std::fs::create_dir_all(&d).map_err(io("create", &d))?;
         }
+        // A VE's files, log and history are root-only on the host, whatever holds the volume.
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io("make root-only", dir))?;
         let meta = VolumeMeta {
             version: VOLUME_VERSION,
             name: name.to_string(),
@@ -282,6 +285,15 @@ impl Volume {
     pub fn open_with(dir: &Path, lower: Option<Arc<Lower>>, opts: VolumeOptions) -> Result<Volume> {
         let meta = Self::read_meta(dir)?;
         let name = meta.name.clone();
+        // Volumes made before 0.3 were 0755: root-only from their next open on.
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(|source| {
+            VolumeError::Io {
+                volume: name.clone(),
+                what: "make root-only",
+                path: dir.to_path_buf(),
+                source,
+            }
+        })?;
         let (log, _rec) = TxLog::open_with(&dir.join("txlog"), &name, opts.segment_bytes)?;
         let lock_path = dir.join("lock");
         let lockf = std::fs::OpenOptions::new()

@@ -205,6 +205,13 @@ fn node_data_is_root_only_and_host_mounts_ignore_setuid() {
     );
     let mode = std::fs::metadata(&node.root).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "node root is {mode:o}");
+    // And again below it: the volume (log, data files, history) is root-only by itself.
+    let vmode = std::fs::metadata(node.root.join("ves/own/volume"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(vmode, 0o700, "volume dir is {vmode:o}");
     // Host user nobody reaches nothing: not the VE's files through the mount, not its
     // log or data files, not the templates.
     for p in [
