@@ -73,7 +73,7 @@ impl Drop for Dir {
     }
 }
 
-fn drop_cache(p: &Path) {
+pub(crate) fn drop_cache(p: &Path) {
     if let Ok(f) = fs::File::open(p) {
         // SAFETY: plain syscalls on our fd.
         unsafe {
@@ -155,11 +155,18 @@ fn untar(root: &Path, tar: &Path, run: usize) -> f64 {
 
 fn fsync_iops(root: &Path, n: usize) -> f64 {
     let p = root.join("fsync-test");
+    let iops = fsync_file(&p, n);
+    let _ = fs::remove_file(&p);
+    iops
+}
+
+/// 4 KiB write + fdatasync, `n` times, into `p`: IOPS.
+pub(crate) fn fsync_file(p: &Path, n: usize) -> f64 {
     let f = fs::OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
-        .open(&p)
+        .open(p)
         .unwrap();
     let buf = vec![0x5au8; 4096];
     let t = Instant::now();
@@ -167,32 +174,26 @@ fn fsync_iops(root: &Path, n: usize) -> f64 {
         f.write_all_at(&buf, (i * 4096) as u64).unwrap();
         f.sync_data().unwrap();
     }
-    let iops = n as f64 / t.elapsed().as_secs_f64();
-    drop(f);
-    let _ = fs::remove_file(&p);
-    iops
+    n as f64 / t.elapsed().as_secs_f64()
 }
 
-/// (write MB/s, cold read MB/s) of a `mib` MiB file; `backing` finds the file that holds
-/// the contents on the host (to drop its cache too).
-fn seq(root: &Path, mib: usize, backing: &dyn Fn(&Path) -> Option<PathBuf>) -> (f64, f64) {
-    let p = root.join("seq-test");
+/// `mib` MiB of 1 MiB writes into `p`, then fsync: MB/s.
+pub(crate) fn seq_write(p: &Path, mib: usize) -> f64 {
     let chunk = vec![0xa5u8; 1 << 20];
     let t = Instant::now();
-    let mut f = fs::File::create(&p).unwrap();
+    let mut f = fs::File::create(p).unwrap();
     for _ in 0..mib {
         f.write_all(&chunk).unwrap();
     }
     f.sync_all().unwrap();
-    let w = mib as f64 / t.elapsed().as_secs_f64();
-    drop(f);
-    drop_cache(&p);
-    if let Some(b) = backing(&p) {
-        drop_cache(&b);
-    }
+    mib as f64 / t.elapsed().as_secs_f64()
+}
+
+/// All of `p` in 1 MiB reads: MB/s (drop its cache first for a cold read).
+pub(crate) fn seq_read(p: &Path) -> f64 {
     let mut buf = vec![0u8; 1 << 20];
     let t = Instant::now();
-    let mut f = fs::File::open(&p).unwrap();
+    let mut f = fs::File::open(p).unwrap();
     let mut total = 0usize;
     loop {
         let n = f.read(&mut buf).unwrap();
@@ -201,8 +202,19 @@ fn seq(root: &Path, mib: usize, backing: &dyn Fn(&Path) -> Option<PathBuf>) -> (
         }
         total += n;
     }
-    let r = (total >> 20) as f64 / t.elapsed().as_secs_f64();
-    drop(f);
+    (total >> 20) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// (write MB/s, cold read MB/s) of a `mib` MiB file; `backing` finds the file that holds
+/// the contents on the host (to drop its cache too).
+fn seq(root: &Path, mib: usize, backing: &dyn Fn(&Path) -> Option<PathBuf>) -> (f64, f64) {
+    let p = root.join("seq-test");
+    let w = seq_write(&p, mib);
+    drop_cache(&p);
+    if let Some(b) = backing(&p) {
+        drop_cache(&b);
+    }
+    let r = seq_read(&p);
     let _ = fs::remove_file(&p);
     (w, r)
 }

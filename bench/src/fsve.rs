@@ -11,25 +11,13 @@
 //! seqread x{r} ext4`.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vessel_testkit::{run_bounded, TestNode};
 
-use crate::{arg, median};
-
-fn drop_cache(p: &Path) {
-    if let Ok(f) = fs::File::open(p) {
-        // SAFETY: plain syscalls on our fd.
-        unsafe {
-            libc::fdatasync(f.as_raw_fd());
-            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-        }
-    }
-}
+use crate::{arg, fsbench, median};
 
 /// `vessel-bench fs-worker fsync PATH N | seqw PATH MIB | seqr PATH`: one measurement,
 /// printed as a number (IOPS or MB/s). Runs inside a VE or on the host.
@@ -43,45 +31,11 @@ pub fn worker(args: &[String]) -> i32 {
     };
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1000);
     let v = match op {
-        "fsync" => {
-            let f = fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(&path)
-                .unwrap();
-            let buf = vec![0x5au8; 4096];
-            let t = Instant::now();
-            for i in 0..n {
-                f.write_all_at(&buf, (i * 4096) as u64).unwrap();
-                f.sync_data().unwrap();
-            }
-            n as f64 / t.elapsed().as_secs_f64()
-        }
-        "seqw" => {
-            let chunk = vec![0xa5u8; 1 << 20];
-            let t = Instant::now();
-            let mut f = fs::File::create(&path).unwrap();
-            for _ in 0..n {
-                f.write_all(&chunk).unwrap();
-            }
-            f.sync_all().unwrap();
-            n as f64 / t.elapsed().as_secs_f64()
-        }
+        "fsync" => fsbench::fsync_file(&path, n),
+        "seqw" => fsbench::seq_write(&path, n),
         "seqr" => {
-            drop_cache(&path);
-            let mut buf = vec![0u8; 1 << 20];
-            let t = Instant::now();
-            let mut f = fs::File::open(&path).unwrap();
-            let mut total = 0usize;
-            loop {
-                let k = f.read(&mut buf).unwrap();
-                if k == 0 {
-                    break;
-                }
-                total += k;
-            }
-            (total >> 20) as f64 / t.elapsed().as_secs_f64()
+            fsbench::drop_cache(&path);
+            fsbench::seq_read(&path)
         }
         _ => {
             eprintln!("vessel-bench fs-worker: unknown op {op}");
@@ -296,9 +250,9 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
             let inside = || {
                 let w = worker_in_ve(&node, "deb", &format!("seqw /root/seq-test {seq_mib}"));
                 // Cold read: drop the file's pages and those of its backing data file.
-                drop_cache(&in_host_view);
+                fsbench::drop_cache(&in_host_view);
                 if let Ok(m) = fs::metadata(&in_host_view) {
-                    drop_cache(&vol_data.join(format!("{:016x}", m.ino())));
+                    fsbench::drop_cache(&vol_data.join(format!("{:016x}", m.ino())));
                 }
                 (w, worker_in_ve(&node, "deb", "seqr /root/seq-test"))
             };

@@ -207,6 +207,47 @@ impl TestNode {
         self.ok(&["template", "build", "busybox"]);
     }
 
+    /// `vessel ve exec -t VE -- sh` through the API: feeds `input` to the terminal and reads
+    /// until the shell is gone (at most 20 s). Ok((what the terminal showed, exit code)), or
+    /// Err(the daemon's refusal).
+    pub fn exec_tty(&self, ve: &str, env: &[&str], cwd: Option<&str>, input: &[u8]) -> Result<(String, i32), String> {
+        use std::io::{Read, Write};
+        use vessel_types::api::{Request, Response};
+        let client = vessel_api::Client::connect(&self.socket()).map_err(|e| e.to_string())?;
+        let req = Request::VeExec {
+            name: vessel_types::Name::parse(ve).map_err(|e| e.to_string())?,
+            argv: vec!["sh".into()],
+            tty: true,
+            env: env.iter().map(|e| e.to_string()).collect(),
+            cwd: cwd.map(str::to_string),
+        };
+        client.send(&req, &[]).map_err(|e| e.to_string())?;
+        let (r, fds) = client.recv().map_err(|e| e.to_string())?;
+        match r {
+            Response::ExecStarted => {}
+            Response::Error(e) => return Err(e.message),
+            r => return Err(format!("unexpected answer {r:?}")),
+        }
+        let master = fds.into_iter().next().ok_or("no pty master")?;
+        let mut m = std::fs::File::from(master);
+        m.write_all(input).map_err(|e| e.to_string())?;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Until the shell exits (EIO on the master once the slave side is gone).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            match m.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let code = match client.recv() {
+            Ok((Response::Exit { code }, _)) => code,
+            other => return Err(format!("no exit code: {other:?}")),
+        };
+        Ok((String::from_utf8_lossy(&seen).into_owned(), code))
+    }
+
     /// Mount points below this node's data dir.
     pub fn mounts(&self) -> Vec<String> {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

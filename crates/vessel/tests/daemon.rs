@@ -191,35 +191,15 @@ fn exec_with_a_terminal() {
     let node = start("tty");
     node.ensure_busybox();
     node.ok(&["ve", "create", "tty", "-t", "busybox", "--start"]);
-    let client = vessel_api::Client::connect(&node.socket()).unwrap();
-    let req = vessel_types::api::Request::VeExec {
-        name: vessel_types::Name::parse("tty").unwrap(),
-        argv: vec!["sh".into()],
-        tty: true,
-        env: vec!["GREETING=hi-from-env".into()],
-        cwd: Some("/tmp".into()),
-    };
-    client.send(&req, &[]).unwrap();
-    let (r, fds) = client.recv().unwrap();
-    assert!(matches!(r, vessel_types::api::Response::ExecStarted));
-    let master = fds.into_iter().next().expect("pty master");
-    let mut m = std::fs::File::from(master);
-    m.write_all(b"tty; pwd; echo $GREETING; exit 3\n").unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    // Read until the shell exits (EIO on the master once the slave side is gone).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        match m.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&seen);
+    let (text, code) = node
+        .exec_tty(
+            "tty",
+            &["GREETING=hi-from-env"],
+            Some("/tmp"),
+            b"tty; pwd; echo $GREETING; exit 3\n",
+        )
+        .unwrap();
     assert!(text.contains("/dev/pts/"), "not a terminal: {text:?}");
     assert!(text.contains("/tmp") && text.contains("hi-from-env"), "{text:?}");
-    match client.recv().unwrap().0 {
-        vessel_types::api::Response::Exit { code } => assert_eq!(code, 3),
-        r => panic!("unexpected {r:?}"),
-    }
+    assert_eq!(code, 3);
 }

@@ -6,42 +6,12 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// `vessel ve exec -t VE -- sh` through the API, feeding `input` to the terminal.
-/// Ok(what the terminal showed) or Err(the daemon's error message).
 fn exec_tty(node: &TestNode, ve: &str, input: &[u8]) -> Result<String, String> {
-    let client = vessel_api::Client::connect(&node.socket()).unwrap();
-    let req = vessel_types::api::Request::VeExec {
-        name: vessel_types::Name::parse(ve).unwrap(),
-        argv: vec!["sh".into()],
-        tty: true,
-        env: vec![],
-        cwd: None,
-    };
-    client.send(&req, &[]).unwrap();
-    let (r, fds) = client.recv().map_err(|e| e.to_string())?;
-    match r {
-        vessel_types::api::Response::ExecStarted => {}
-        vessel_types::api::Response::Error(e) => return Err(e.message),
-        r => panic!("unexpected {r:?}"),
-    }
-    let mut m = std::fs::File::from(fds.into_iter().next().expect("pty master"));
-    m.write_all(input).unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        match m.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
-    let _ = client.recv();
-    Ok(String::from_utf8_lossy(&seen).into_owned())
+    node.exec_tty(ve, &[], None, input).map(|(out, _)| out)
 }
 
 fn history(node: &TestNode, ve: &str, path: &str) -> String {
