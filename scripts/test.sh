@@ -10,7 +10,7 @@ echo "==> tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --release -- --test-threads=2 2>&1 | tee "$log"
+cargo test --workspace --release --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole suite (cargo's last line is a crate's doc tests).

@@ -116,7 +116,8 @@ fn sparse_100g_file_exports_as_sparse_and_imports_with_its_holes() {
     }
     let node = start("sparse");
     node.ensure_busybox();
-    node.ok(&["ve", "create", "sp", "-t", "busybox", "--start"]);
+    // Quotas count a file's size (not its blocks): room for the 100 GB sparse file.
+    node.ok(&["ve", "create", "sp", "-t", "busybox", "--disk", "1T", "--start"]);
     node.sh(
         "sp",
         &format!(
