@@ -156,11 +156,7 @@ pub fn set_root_hash(shadow: &str, hash: &str) -> String {
 /// the VE's root (host uid `uid_base`).
 pub fn apply(rootfs: &Path, spec: &VeSpec, uid_base: u32) -> std::io::Result<()> {
     let root: OwnedFd = std::fs::File::open(rootfs)?.into();
-    apply_at(&root, spec, uid_base)
-}
-
-/// [`apply`] on an open root directory.
-pub fn apply_at(root: &OwnedFd, spec: &VeSpec, uid_base: u32) -> std::io::Result<()> {
+    let root = &root;
     let hostname = spec.hostname();
     write_if_changed(root, "etc/hostname", &format!("{hostname}\n"), 0o644, uid_base)?;
     write_if_changed(
