@@ -398,12 +398,7 @@ impl TxLog {
 
     /// Remove the segments whose transactions all have seq <= `seq` (not the current one).
     pub fn drop_through(&mut self, seq: u64) -> Result<u64> {
-        let segs = segments(&self.dir).map_err(|source| TxLogError::Io {
-            volume: self.volume.clone(),
-            what: "list",
-            path: self.dir.clone(),
-            source,
-        })?;
+        let segs = self.list_segments()?;
         let mut freed = 0;
         for w in segs.windows(2) {
             if w[1].0 - 1 <= seq && w[0].1 != self.seg_path {
@@ -499,12 +494,7 @@ impl TxLog {
 
     /// Every transaction with `from <= seq <= to`, in order.
     pub fn read_range(&self, from: u64, to: u64) -> Result<Vec<Tx>> {
-        let segs = segments(&self.dir).map_err(|source| TxLogError::Io {
-            volume: self.volume.clone(),
-            what: "list",
-            path: self.dir.clone(),
-            source,
-        })?;
+        let segs = self.list_segments()?;
         let mut out = Vec::new();
         for (i, (first, path)) in segs.iter().enumerate() {
             let next_first = segs.get(i + 1).map(|(f, _)| *f).unwrap_or(u64::MAX);
@@ -559,14 +549,19 @@ pub struct LogReader {
 }
 
 impl TxLog {
-    /// A reader over every transaction appended so far.
-    pub fn reader(&self) -> Result<LogReader> {
-        let segs = segments(&self.dir).map_err(|source| TxLogError::Io {
+    /// The log's segment files, in order.
+    fn list_segments(&self) -> Result<Vec<(u64, PathBuf)>> {
+        segments(&self.dir).map_err(|source| TxLogError::Io {
             volume: self.volume.clone(),
             what: "list",
             path: self.dir.clone(),
             source,
-        })?;
+        })
+    }
+
+    /// A reader over every transaction appended so far.
+    pub fn reader(&self) -> Result<LogReader> {
+        let segs = self.list_segments()?;
         Ok(LogReader {
             volume: self.volume.clone(),
             segs,

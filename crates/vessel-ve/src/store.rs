@@ -11,13 +11,7 @@ use std::path::{Path, PathBuf};
 
 type Result<T> = std::result::Result<T, TemplateError>;
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TemplateError + 'a {
-    move |source| TemplateError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
-}
+use crate::template::io;
 
 const STAGING_PREFIX: &str = ".build-";
 const TRASH_PREFIX: &str = ".trash-";

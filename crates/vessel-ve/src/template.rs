@@ -49,7 +49,7 @@ pub enum TemplateError {
 
 type Result<T> = std::result::Result<T, TemplateError>;
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TemplateError + 'a {
+pub(crate) fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TemplateError + 'a {
     move |source| TemplateError::Io {
         what,
         path: path.to_path_buf(),
