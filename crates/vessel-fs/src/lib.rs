@@ -22,6 +22,7 @@ pub mod tx;
 pub mod txlog;
 pub mod view;
 pub mod volume;
+pub mod apply;
 pub mod xattr;
 
 pub use tree::{Tree, TreeError};
