@@ -29,8 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const TTL: Duration = Duration::from_secs(1);
-/// Longest time a change stays only in the page cache (without an fsync).
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+pub use crate::volume::FLUSH_INTERVAL;
 
 /// A directory listing as handed to the kernel: (ino, type, name), "." and ".." first.
 type Listing = Arc<Vec<(Ino, FileType, Vec<u8>)>>;
@@ -750,7 +749,7 @@ pub fn mount_config(threads: usize) -> fuser::Config {
 pub struct Mounted {
     pub volume: Arc<Volume>,
     session: Option<fuser::BackgroundSession>,
-    flusher: Arc<std::sync::atomic::AtomicBool>,
+    upkeep: Option<crate::volume::Maintainer>,
 }
 
 impl Mounted {
@@ -759,7 +758,7 @@ impl Mounted {
     }
 
     fn stop(&mut self) {
-        self.flusher.store(true, Ordering::Relaxed);
+        drop(self.upkeep.take());
         if let Some(s) = self.session.take() {
             let _ = s.umount_and_join();
         }
@@ -775,39 +774,15 @@ impl Drop for Mounted {
     }
 }
 
-/// Serve `vol` at `at` from threads of this process.
+/// Serve `vol` at `at` from threads of this process, with its upkeep running (see
+/// [`crate::volume::Maintainer`]).
 pub fn mount(vol: Arc<Volume>, ids: IdMap, at: &Path, threads: usize) -> std::io::Result<Mounted> {
     let fs = VolumeFs::new(vol.clone(), ids);
     let session = fuser::Session::new(fs, at, &mount_config(threads))?.spawn()?;
-    // The kernel does not pass sync(2)/syncfs(2) on to FUSE servers (only virtiofs gets
-    // them), so changes nobody fsyncs are made durable within FLUSH_INTERVAL.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (weak, flag) = (Arc::downgrade(&vol), stop.clone());
-    std::thread::Builder::new()
-        .name("vessel-fs-flush".into())
-        .spawn(move || {
-            let mut last_compact = std::time::Instant::now();
-            while !flag.load(Ordering::Relaxed) {
-                std::thread::sleep(FLUSH_INTERVAL);
-                let Some(v) = weak.upgrade() else { break };
-                let _ = v.try_sync();
-                // Checkpoints (which fsync the changed files) run here, never in a request.
-                if let Err(e) = v.maybe_checkpoint() {
-                    eprintln!("vessel-fs: {e}");
-                }
-                // History older than the retention is compacted now and then.
-                let every = Duration::from_secs((v.retention_secs() / 4).clamp(1, 60));
-                if last_compact.elapsed() >= every {
-                    last_compact = std::time::Instant::now();
-                    if let Err(e) = v.compact(crate::volume::now_ns()) {
-                        eprintln!("vessel-fs: compacting history: {e}");
-                    }
-                }
-            }
-        })?;
+    let upkeep = crate::volume::Maintainer::start(&vol)?;
     Ok(Mounted {
         volume: vol,
         session: Some(session),
-        flusher: stop,
+        upkeep: Some(upkeep),
     })
 }

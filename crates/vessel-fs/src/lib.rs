@@ -5,11 +5,16 @@
 //! - [`tx`]: the transaction format; [`txlog`]: the log; [`tree`]: metadata = apply(log).
 //! - [`lower`]: a template's tree, indexed once per node; [`view`]: the merged view.
 //! - [`volume`]: one volume on disk (log, checkpoint, file contents, crash recovery,
-//!   group commit); [`fuse`]: the FUSE frontend that serves it.
+//!   group commit, the epoch it promised, upkeep); [`apply`]: the one apply of a
+//!   transaction to a tree and its data files (open, compaction, a replica); [`ack`]:
+//!   where committed transactions go and what a sync waits for; [`fuse`]: the FUSE
+//!   frontend that serves a volume.
 //! - [`history`]: diff against the template, history of a path, state as of a time.
 //! - [`archive`]: export and import; [`xattr`]: the rules for what a VE's files may carry
 //!   (shared by the FUSE path and import); [`sparse`]: files with holes.
 
+pub mod ack;
+pub mod apply;
 pub mod archive;
 pub mod codec;
 pub mod fuse;
@@ -22,7 +27,6 @@ pub mod tx;
 pub mod txlog;
 pub mod view;
 pub mod volume;
-pub mod apply;
 pub mod xattr;
 
 pub use tree::{Tree, TreeError};

@@ -6,6 +6,12 @@
 //! header  (24)  magic "VSLTXSEG" | version u32 | first_seq u64 | crc32 of the previous 20 bytes
 //! record        len u32 | crc32(body) u32 | body (see `tx`, at most MAX_RECORD bytes)
 //! ```
+//! The log's operations, as a replicated log needs them: [`TxLog::append`] (dense seqs,
+//! epochs never going back), [`LogSync`] and [`TxLog::durable_through`] (what an fdatasync
+//! made durable; many callers share one), [`TxLog::truncate_after`] (cut a divergent tail),
+//! [`TxLog::drop_through`] (purge what compaction folded into the base) and [`LogReader`]
+//! (streams a range without holding the log).
+//!
 //! Recovery after a crash: a damaged record at the very end of the last segment (a write
 //! cut short: the record runs past the end of the file, or only zeros follow it) is a torn
 //! tail and is cut off; the log ends at the last whole transaction. Damage anywhere else is
@@ -17,6 +23,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"VSLTXSEG";
 const HEADER_LEN: u64 = 24;
@@ -53,6 +61,8 @@ pub enum TxLogError {
     StaleEpoch { volume: String, current: u64, got: u64 },
     #[error("txlog of volume '{volume}': transaction of {0} bytes is over the limit", volume = .1)]
     TooLarge(usize, String),
+    #[error("txlog of volume '{volume}': cannot cut the log after seq {seq}: it starts at seq {first} (older transactions are compacted into the base); seed this copy from a snapshot instead")]
+    Compacted { volume: String, seq: u64, first: u64 },
 }
 
 type Result<T> = std::result::Result<T, TxLogError>;
@@ -78,6 +88,24 @@ pub struct TxLog {
     last_seq: u64,
     last_epoch: u64,
     max_segment: u64,
+    /// Every transaction up to this seq is on disk.
+    durable: Arc<AtomicU64>,
+}
+
+/// An fdatasync of the log as it is now, made without holding the log (group commit: the
+/// callers of one sync share it). Older segments were synced when the log moved past them.
+pub struct LogSync {
+    seg: File,
+    upto: u64,
+    durable: Arc<AtomicU64>,
+}
+
+impl LogSync {
+    /// Sync; returns the seq the log is now durable through.
+    pub fn sync(self) -> std::io::Result<u64> {
+        self.seg.sync_data()?;
+        Ok(self.durable.fetch_max(self.upto, Ordering::AcqRel).max(self.upto))
+    }
 }
 
 fn seg_name(first_seq: u64) -> String {
@@ -282,6 +310,8 @@ impl TxLog {
         } else {
             last_end.min(zeroed_end)
         };
+        // What was read back may still be only in the page cache (a process crash).
+        seg.sync_data().map_err(io("fsync", &seg_path))?;
         let log = TxLog {
             volume: volume.to_string(),
             dir: dir.to_path_buf(),
@@ -292,6 +322,7 @@ impl TxLog {
             last_seq,
             last_epoch,
             max_segment,
+            durable: Arc::new(AtomicU64::new(last_seq)),
         };
         Ok((
             log,
@@ -367,11 +398,82 @@ impl TxLog {
         Ok(())
     }
 
-    /// A second handle on the segment being appended to: `sync_data` on it makes every
-    /// transaction appended so far durable, without holding the log (group commit). Older
-    /// segments were synced when the log moved on from them.
-    pub fn segment_handle(&self) -> Result<File> {
-        self.seg.try_clone().map_err(self.io("duplicate"))
+    /// A sync of everything appended so far, to run without holding the log.
+    pub fn syncer(&self) -> Result<LogSync> {
+        Ok(LogSync {
+            seg: self.seg.try_clone().map_err(self.io("duplicate"))?,
+            upto: self.last_seq,
+            durable: self.durable.clone(),
+        })
+    }
+
+    /// Every transaction up to this seq is on disk.
+    pub fn durable_through(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// The durable point, to read without the log (it only grows, except when a tail is
+    /// cut).
+    pub fn durable_handle(&self) -> Arc<AtomicU64> {
+        self.durable.clone()
+    }
+
+    /// Cut every transaction after `seq` (a divergent tail: a new writer's log wins), and
+    /// make the cut durable; returns how many were cut. The log must still hold `seq + 1`
+    /// or `seq` itself (a cut inside compacted history is refused).
+    pub fn truncate_after(&mut self, seq: u64) -> Result<u64> {
+        if seq >= self.last_seq {
+            return Ok(0);
+        }
+        let segs = self.list_segments()?;
+        let first = segs.first().map_or(self.last_seq + 1, |(f, _)| *f);
+        if seq + 1 < first {
+            return Err(TxLogError::Compacted {
+                volume: self.volume.clone(),
+                seq,
+                first,
+            });
+        }
+        let io = |what: &'static str, path: &Path| {
+            let (volume, path) = (self.volume.clone(), path.to_path_buf());
+            move |source| TxLogError::Io {
+                volume,
+                what,
+                path,
+                source,
+            }
+        };
+        for (f, path) in segs.iter().rev() {
+            if *f > seq + 1 || (*f == seq + 1 && *f != first) {
+                std::fs::remove_file(path).map_err(io("remove", path))?;
+                continue;
+            }
+            // The segment that holds `seq + 1`: cut it where that record starts.
+            let bytes = std::fs::read(path).map_err(io("read", path))?;
+            let mut off = HEADER_LEN as usize;
+            for s in *f..=seq {
+                let (_, next) = record_at(&bytes, off, s).map_err(|(reason, _)| TxLogError::Corrupt {
+                    volume: self.volume.clone(),
+                    segment: path.clone(),
+                    offset: off as u64,
+                    reason,
+                    last_good_seq: s.saturating_sub(1),
+                })?;
+                off = next;
+            }
+            let f = OpenOptions::new().write(true).open(path).map_err(io("open", path))?;
+            f.set_len(off as u64).map_err(io("truncate", path))?;
+            f.sync_all().map_err(io("fsync", path))?;
+            break;
+        }
+        sync_dir(&self.dir);
+        let cut = self.last_seq - seq;
+        let (reopened, _) = TxLog::open_with(&self.dir, &self.volume, self.max_segment)?;
+        // Handles on the durable point see the cut too.
+        self.durable.store(reopened.last_seq, Ordering::Release);
+        let durable = self.durable.clone();
+        *self = TxLog { durable, ..reopened };
+        Ok(cut)
     }
 
     /// Seq of the oldest transaction the log still holds (last_seq + 1 if none).
@@ -427,7 +529,9 @@ impl TxLog {
 
     /// Make every appended transaction durable.
     pub fn sync(&mut self) -> Result<()> {
-        self.seg.sync_data().map_err(self.io("fsync"))
+        self.seg.sync_data().map_err(self.io("fsync"))?;
+        self.durable.fetch_max(self.last_seq, Ordering::AcqRel);
+        Ok(())
     }
 
     fn rotate(&mut self, first_seq: u64) -> Result<()> {
@@ -949,5 +1053,85 @@ mod tests {
             prop_assert_eq!(got.len() as u64, rec.last_seq);
             prop_assert_eq!(&got[..], &txs[..got.len()]);
         }
+    }
+
+    fn seqs(dir: &Path) -> Vec<(u64, u64)> {
+        let (log, _) = TxLog::open_with(dir, "v1", 1 << 30).unwrap();
+        let mut out = Vec::new();
+        log.reader()
+            .unwrap()
+            .for_each::<TxLogError>(0, u64::MAX, |t, _| {
+                out.push((t.seq, t.epoch));
+                Ok(true)
+            })
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn truncate_after_cuts_a_divergent_tail_anywhere_and_appends_go_on() {
+        // Segments of about 600 bytes: the cut lands inside segments, at their first
+        // record, and at the very start.
+        for cut in [0u64, 1, 9, 10, 11, 25, 39, 40] {
+            let d = tempfile::tempdir().unwrap();
+            fill(d.path(), 40, 600);
+            let (mut log, _) = TxLog::open_with(d.path(), "v1", 600).unwrap();
+            assert!(log.list_segments().unwrap().len() > 3);
+            assert_eq!(log.truncate_after(cut).unwrap(), 40 - cut, "cut after {cut}");
+            assert_eq!(log.last_seq(), cut);
+            assert_eq!(log.durable_through(), cut);
+            // The new writer's transactions follow, in a newer epoch.
+            for s in cut + 1..=cut + 3 {
+                log.append(&tx(s, 9)).unwrap();
+            }
+            log.syncer().unwrap().sync().unwrap();
+            assert_eq!(log.durable_through(), cut + 3);
+            drop(log);
+            let got = seqs(d.path());
+            let want: Vec<(u64, u64)> = (1..=cut)
+                .map(|s| (s, 1 + s / 10))
+                .chain((cut + 1..=cut + 3).map(|s| (s, 9)))
+                .collect();
+            assert_eq!(got, want, "cut after {cut}");
+        }
+    }
+
+    #[test]
+    fn truncate_after_refuses_to_cut_into_compacted_history() {
+        let d = tempfile::tempdir().unwrap();
+        fill(d.path(), 40, 600);
+        let (mut log, _) = TxLog::open_with(d.path(), "v1", 600).unwrap();
+        let through = log.droppable_through(20).unwrap();
+        log.drop_through(through).unwrap();
+        let first = log.first_seq();
+        assert!(first > 2);
+        let e = log.truncate_after(first - 2).unwrap_err();
+        assert!(matches!(e, TxLogError::Compacted { .. }), "{e}");
+        assert!(e.to_string().contains("snapshot"), "{e}");
+        // Right at the start of what is left: everything goes.
+        assert_eq!(log.truncate_after(first - 1).unwrap(), 40 - (first - 1));
+        assert_eq!(log.last_seq(), first - 1);
+        log.append(&tx(first, 9)).unwrap();
+    }
+
+    #[test]
+    fn the_durable_point_follows_syncs_and_rotations() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _) = TxLog::open_with(d.path(), "v1", 600).unwrap();
+        assert_eq!(log.durable_through(), 0);
+        log.append(&tx(1, 1)).unwrap();
+        log.append(&tx(2, 1)).unwrap();
+        let s = log.syncer().unwrap();
+        log.append(&tx(3, 1)).unwrap();
+        // A sync covers what was appended when it was made.
+        assert_eq!(s.sync().unwrap(), 2);
+        assert_eq!(log.durable_through(), 2);
+        // Moving to a new segment syncs the old one.
+        let mut n = 3;
+        while log.list_segments().unwrap().len() < 2 {
+            n += 1;
+            log.append(&tx(n, 1)).unwrap();
+        }
+        assert_eq!(log.durable_through(), n - 1);
     }
 }

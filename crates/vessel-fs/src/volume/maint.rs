@@ -6,24 +6,33 @@ use crate::txlog::LogReader;
 
 impl Volume {
 
-    /// Make every transaction so far durable (group commit: callers that arrive while a
-    /// sync runs share the next one).
+    /// Make every transaction so far durable: the local log (group commit: callers that
+    /// arrive while a sync runs share the next one), then whatever the volume's
+    /// [`crate::ack::Acks`] waits for (nothing on one node; the in-sync replicas when
+    /// replicated). Fails with EIO when the acknowledgements do not come in time.
     pub fn sync(&self) -> FsResult<()> {
         if self.broken.load(Ordering::SeqCst) {
             return Err(libc::EIO);
         }
-        let target = self.lock().tree.applied;
-        if self.synced.load(Ordering::Acquire) >= target {
-            return Ok(());
+        let (target, acks, timeout) = {
+            let st = self.lock();
+            (st.tree.applied, st.acks.clone(), st.ack_timeout)
+        };
+        if self.durable.load(Ordering::Acquire) < target {
+            let _g = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.sync_locked(target)?;
         }
-        let _g = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.sync_locked(target)
+        acks.wait(target, timeout).map_err(|e| {
+            eprintln!("vessel-fs: volume '{}': sync: {e}", self.name);
+            libc::EIO
+        })
     }
 
-    /// A sync only if none runs now (the background flusher: never queue behind a caller).
+    /// A sync of the local log only if none runs now (the background flusher: never queue
+    /// behind a caller).
     pub fn try_sync(&self) -> FsResult<()> {
         let target = self.lock().tree.applied;
-        if self.synced.load(Ordering::Acquire) >= target {
+        if self.durable.load(Ordering::Acquire) >= target {
             return Ok(());
         }
         match self.sync_lock.try_lock() {
@@ -33,18 +42,40 @@ impl Volume {
     }
 
     pub(super) fn sync_locked(&self, target: u64) -> FsResult<()> {
-        if self.synced.load(Ordering::Acquire) >= target {
+        if self.durable.load(Ordering::Acquire) >= target {
             return Ok(());
         }
-        let (upto, h) = {
-            let st = self.lock();
-            (st.tree.applied, st.log.segment_handle())
-        };
-        let h = h.map_err(|_| libc::EIO)?;
+        let syncer = self.lock().log.syncer().map_err(|_| libc::EIO)?;
         let t0 = std::time::Instant::now();
-        h.sync_data().map_err(|e| errno_of(&e))?;
+        syncer.sync().map_err(|e| errno_of(&e))?;
         self.stats.sync_done(t0.elapsed().as_nanos() as u64);
-        self.synced.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Every transaction up to this seq is in the local log on disk.
+    pub fn durable_through(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// One round of upkeep, run every [`FLUSH_INTERVAL`] by a [`Maintainer`]: changes
+    /// nobody synced become durable (the kernel does not pass sync(2) on to FUSE servers),
+    /// a checkpoint is taken when enough log has grown, and history older than the
+    /// retention is compacted now and then.
+    pub fn maintain(&self) -> Result<()> {
+        let _ = self.try_sync();
+        self.maybe_checkpoint()?;
+        let due = {
+            let mut st = self.lock();
+            let every = std::time::Duration::from_secs((st.retention_ns / 4_000_000_000).clamp(1, 60) as u64);
+            let due = st.last_compact.elapsed() >= every;
+            if due {
+                st.last_compact = std::time::Instant::now();
+            }
+            due
+        };
+        if due {
+            self.compact(now_ns())?;
+        }
         Ok(())
     }
 
@@ -66,15 +97,16 @@ impl Volume {
             ));
         }
         let _one = self.ckpt_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (bytes, dirty, seg) = {
+        let (bytes, dirty, syncer) = {
             let mut st = self.lock();
             let dirty: Vec<Ino> = st.dirty.drain().collect();
             st.since_ckpt = 0;
-            let seg = st.log.segment_handle();
-            (st.tree.checkpoint(), dirty, seg)
+            let syncer = st.log.syncer();
+            (st.tree.checkpoint(), dirty, syncer)
         };
         let synced = (|| -> Result<()> {
-            seg?.sync_data()
+            syncer?
+                .sync()
                 .map_err(self.io("fsync log of", &self.dir.join("txlog")))?;
             for ino in &dirty {
                 let p = self.data_path(*ino);
@@ -315,6 +347,48 @@ impl Volume {
         VolumeError::Corrupt {
             volume: self.name.clone(),
             reason,
+        }
+    }
+}
+
+/// How often a [`Maintainer`] runs [`Volume::maintain`]: changes nobody syncs are durable
+/// within this time.
+pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Runs a volume's upkeep on a thread of its own, whether or not the volume is mounted;
+/// stops (and waits for the thread) when dropped.
+pub struct Maintainer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Maintainer {
+    pub fn start(vol: &Arc<Volume>) -> std::io::Result<Maintainer> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let weak = Arc::downgrade(vol);
+        let thread = std::thread::Builder::new()
+            .name("vessel-fs-upkeep".into())
+            .spawn(move || {
+                // Wakes every FLUSH_INTERVAL; ends when the Maintainer is dropped.
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(FLUSH_INTERVAL) {
+                    let Some(v) = weak.upgrade() else { break };
+                    if let Err(e) = v.maintain() {
+                        eprintln!("vessel-fs: {e}");
+                    }
+                }
+            })?;
+        Ok(Maintainer {
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Maintainer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

@@ -5,6 +5,8 @@
 //!
 //! ```text
 //! <dir>/volume.json      VolumeMeta (format version, name, template)
+//! <dir>/epoch.json       the highest epoch this copy has promised (appends below it are
+//!                         refused: a fenced writer)
 //! <dir>/txlog/*.seg      the transaction log
 //! <dir>/checkpoint       the tree as of some seq (data files synced up to it)
 //! <dir>/data/<ino:x>     contents of private regular files
@@ -31,7 +33,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 mod maint;
 mod read;
+mod repl;
 mod write;
+
+pub use maint::{Maintainer, FLUSH_INTERVAL};
 
 pub(crate) use crate::apply::op_ino;
 pub(crate) use read::read_at;
@@ -55,6 +60,15 @@ pub struct BaseMeta {
     /// A compaction up to this seq started and did not finish: redo it at open.
     #[serde(default)]
     pub pending: u64,
+}
+
+/// Version of `epoch.json`.
+pub const EPOCH_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+struct EpochFile {
+    version: u32,
+    epoch: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +100,8 @@ pub enum VolumeError {
     Corrupt { volume: String, reason: String },
     #[error("volume '{volume}': {0}", volume = .1)]
     Op(String, String),
+    #[error("volume '{volume}': epoch {got} is older than the epoch {current} this copy promised (a fenced writer); refused")]
+    StaleEpoch { volume: String, current: u64, got: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, VolumeError>;
@@ -147,7 +163,8 @@ pub struct Volume {
     dir: PathBuf,
     lower: Option<Arc<Lower>>,
     st: Mutex<State>,
-    synced: AtomicU64,
+    /// The log is on disk through this seq (shared with the log).
+    durable: Arc<AtomicU64>,
     sync_lock: Mutex<()>,
     broken: AtomicBool,
     /// One checkpoint at a time.
@@ -207,6 +224,11 @@ struct State {
     shared: HashSet<Ino>,
     /// While a compaction runs: the files changed since it started.
     compacting: Option<HashSet<Ino>>,
+    /// Who else gets committed transactions, and what a sync waits for.
+    acks: Arc<dyn crate::ack::Acks>,
+    /// How long a sync waits for acknowledgements.
+    ack_timeout: std::time::Duration,
+    last_compact: std::time::Instant,
 }
 
 impl Volume {
@@ -355,6 +377,8 @@ impl Volume {
                 log.last_seq()
             )));
         }
+        let promised = read_epoch(dir, &name)?;
+        let durable = log.durable_handle();
         let vol = Volume {
             name: name.clone(),
             dir: dir.to_path_buf(),
@@ -362,7 +386,7 @@ impl Volume {
             st: Mutex::new(State {
                 tree: Tree::new(0, 0, 0),
                 log,
-                epoch: 1,
+                epoch: promised,
                 next_ino: 2,
                 files: HashMap::new(),
                 open: HashMap::new(),
@@ -375,8 +399,11 @@ impl Volume {
                 base,
                 shared: HashSet::new(),
                 compacting: None,
+                acks: Arc::new(crate::ack::LocalOnly),
+                ack_timeout: crate::ack::DEFAULT_ACK_TIMEOUT,
+                last_compact: std::time::Instant::now(),
             }),
-            synced: AtomicU64::new(0),
+            durable,
             sync_lock: Mutex::new(()),
             broken: AtomicBool::new(false),
             ckpt_lock: Mutex::new(()),
@@ -413,7 +440,7 @@ impl Volume {
         }
         {
             let mut st = vol.lock();
-            st.epoch = st.log.last_epoch().max(1);
+            st.epoch = st.log.last_epoch().max(promised).max(1);
             st.next_ino = tree.max_ino + 1;
             st.usage = usage_of(&tree);
             st.since_ckpt = replayed_txs * 64;
@@ -422,7 +449,6 @@ impl Volume {
             // Replayed contents are on disk only once the checkpoint after replay syncs them.
             st.dirty.extend(replayed);
         }
-        vol.synced.store(0, Ordering::SeqCst);
         if replayed_txs > 0 {
             vol.checkpoint()?;
         }
@@ -505,6 +531,36 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     match path.parent() {
         Some(d) => File::open(d)?.sync_all(),
         None => Ok(()),
+    }
+}
+
+/// The epoch promised in `epoch.json` (0 if none was promised yet).
+fn read_epoch(dir: &Path, volume: &str) -> Result<u64> {
+    let p = dir.join("epoch.json");
+    let corrupt = |reason: String| VolumeError::Corrupt {
+        volume: volume.to_string(),
+        reason,
+    };
+    match std::fs::read(&p) {
+        Ok(b) => {
+            let e: EpochFile =
+                serde_json::from_slice(&b).map_err(|e| corrupt(format!("{} is damaged: {e}", p.display())))?;
+            if e.version != EPOCH_VERSION {
+                return Err(corrupt(format!(
+                    "{} has format version {} (this build reads {EPOCH_VERSION})",
+                    p.display(),
+                    e.version
+                )));
+            }
+            Ok(e.epoch)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(source) => Err(VolumeError::Io {
+            volume: volume.to_string(),
+            what: "read",
+            path: p,
+            source,
+        }),
     }
 }
 

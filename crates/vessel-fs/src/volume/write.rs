@@ -19,21 +19,8 @@ impl Volume {
             time_ns: now_ns(),
             op,
         };
-        let freed = freed_by(&st.tree, &tx.op);
-        let before = usage_delta_base(&st.tree, &tx.op);
-        st.tree.apply(&tx).map_err(tree_err)?;
-        if let Err(e) = st.log.append(&tx) {
-            // The tree is ahead of the log now: refuse further changes until reopened.
-            self.broken.store(true, Ordering::SeqCst);
-            eprintln!("vessel-fs: {e}; volume '{}' is read-only until remounted", self.name);
-            return Err(libc::EIO);
-        }
-        self.stats.tx();
-        st.since_ckpt += 64 + op_data_len(&tx.op);
-        account(st, &tx.op, before, &freed);
-        if let Some(c) = st.compacting.as_mut() {
-            c.extend(op_ino(&tx.op));
-        }
+        let freed = self.record(st, &tx)?;
+        st.acks.committed(&tx);
         // Inodes freed while open live on as orphans until their last close.
         let mut gone = Vec::new();
         for (ino, mut inode) in freed {
@@ -61,6 +48,27 @@ impl Volume {
             return Err(libc::EIO);
         }
         Ok(tx.seq)
+    }
+
+    /// What a commit and a replica's append share: the tree, the log (before any file
+    /// changes), accounting. Returns the inodes the transaction frees.
+    pub(super) fn record(&self, st: &mut State, tx: &Tx) -> FsResult<Vec<(Ino, Inode)>> {
+        let freed = freed_by(&st.tree, &tx.op);
+        let before = usage_delta_base(&st.tree, &tx.op);
+        st.tree.apply(tx).map_err(tree_err)?;
+        if let Err(e) = st.log.append(tx) {
+            // The tree is ahead of the log now: refuse further changes until reopened.
+            self.broken.store(true, Ordering::SeqCst);
+            eprintln!("vessel-fs: {e}; volume '{}' is read-only until remounted", self.name);
+            return Err(libc::EIO);
+        }
+        self.stats.tx();
+        st.since_ckpt += 64 + op_data_len(&tx.op);
+        account(st, &tx.op, before, &freed);
+        if let Some(c) = st.compacting.as_mut() {
+            c.extend(op_ino(&tx.op));
+        }
+        Ok(freed)
     }
 
     pub(super) fn quota_check(&self, st: &State, op: &Op) -> FsResult<()> {

@@ -1,0 +1,95 @@
+//! What replication needs from a volume: the epoch it promised (durable, only raised),
+//! the acknowledgement seam, and appending a transaction another node committed.
+
+use super::*;
+use crate::ack::Acks;
+
+impl Volume {
+    /// The epoch this copy promised: its own commits carry it, and a transaction from an
+    /// older epoch is refused.
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// Promise `epoch` (durably, before anything is appended with it). Raising to the
+    /// current epoch does nothing; lowering is refused.
+    pub fn raise_epoch(&self, epoch: u64) -> Result<()> {
+        let mut st = self.lock();
+        if epoch < st.epoch {
+            return Err(VolumeError::StaleEpoch {
+                volume: self.name.clone(),
+                current: st.epoch,
+                got: epoch,
+            });
+        }
+        if epoch == st.epoch {
+            return Ok(());
+        }
+        let p = self.dir.join("epoch.json");
+        let f = EpochFile {
+            version: EPOCH_VERSION,
+            epoch,
+        };
+        write_durably(&p, &serde_json::to_vec(&f).expect("serializable")).map_err(self.io("write", &p))?;
+        st.epoch = epoch;
+        Ok(())
+    }
+
+    /// Who else gets committed transactions and what a sync waits for (see [`crate::ack`]).
+    pub fn set_acks(&self, acks: Arc<dyn Acks>) {
+        self.lock().acks = acks;
+    }
+
+    /// How long a sync waits for acknowledgements before it fails with EIO.
+    pub fn set_ack_timeout(&self, t: std::time::Duration) {
+        self.lock().ack_timeout = t;
+    }
+
+    /// Append a transaction the writer committed (this copy is a replica) and apply it to
+    /// the tree and the data files, in that order: the log holds it before any file
+    /// changes. Its seq must be the next one; an older epoch than the promised one is
+    /// refused, a newer one is promised first.
+    pub fn append_replicated(&self, tx: &Tx) -> Result<()> {
+        if tx.epoch > self.epoch() {
+            self.raise_epoch(tx.epoch)?;
+        }
+        let mut st = self.lock();
+        let op_err = |m: String| VolumeError::Op(m, self.name.clone());
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(op_err("an earlier write failed; reopen the volume".into()));
+        }
+        if tx.epoch < st.epoch {
+            return Err(VolumeError::StaleEpoch {
+                volume: self.name.clone(),
+                current: st.epoch,
+                got: tx.epoch,
+            });
+        }
+        if tx.seq != st.tree.applied + 1 {
+            return Err(op_err(format!(
+                "transaction {} does not follow {}: catch up from the writer's log first",
+                tx.seq, st.tree.applied
+            )));
+        }
+        let freed = self
+            .record(&mut st, tx)
+            .map_err(|e| op_err(format!("transaction {} does not apply (errno {e})", tx.seq)))?;
+        let freed: Vec<Ino> = freed.into_iter().map(|(i, _)| i).collect();
+        let applied = (|| -> std::io::Result<()> {
+            if let Some(i) = crate::apply::data_op_ino(&tx.op) {
+                let mut shared = std::mem::take(&mut st.shared);
+                let r = self.unshare(&mut shared, i);
+                st.shared = shared;
+                r?;
+            }
+            crate::apply::apply_data_in(&self.dir.join("data"), self.lower(), &st.tree, &tx.op, &freed, true)
+        })();
+        if let Err(e) = applied {
+            self.broken.store(true, Ordering::SeqCst);
+            return Err(self.io("apply a replicated transaction to", &self.dir.join("data"))(e));
+        }
+        st.dirty.extend(crate::apply::op_ino(&tx.op));
+        st.next_ino = st.next_ino.max(st.tree.max_ino + 1);
+        Ok(())
+    }
+}
