@@ -49,7 +49,8 @@ impl<'a> Applier<'a> {
         before_change: &mut dyn FnMut(Ino) -> std::io::Result<()>,
     ) -> Result<Vec<Ino>, ApplyError> {
         let freed: Vec<Ino> = freed_by(tree, &tx.op).into_iter().map(|(i, _)| i).collect();
-        tree.apply(tx).map_err(|source| ApplyError::Tree { seq: tx.seq, source })?;
+        tree.apply(tx)
+            .map_err(|source| ApplyError::Tree { seq: tx.seq, source })?;
         let data = |source| ApplyError::Data { seq: tx.seq, source };
         if let Some(i) = data_op_ino(&tx.op) {
             before_change(i).map_err(data)?;
@@ -219,5 +220,90 @@ pub(crate) fn freed_by(tree: &Tree, op: &Op) -> Vec<(Ino, Inode)> {
     {
         Some((v, i)) if i.kind == FileKind::Dir || i.nlink <= 1 => vec![(v, i.clone())],
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::ROOT;
+
+    fn tx(seq: u64, op: Op) -> Tx {
+        Tx {
+            epoch: 1,
+            seq,
+            time_ns: seq as i64,
+            op,
+        }
+    }
+
+    fn create(ino: Ino, name: &[u8]) -> Op {
+        Op::Create {
+            parent: ROOT,
+            name: name.to_vec(),
+            ino,
+            kind: FileKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            target: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn apply_makes_the_files_and_finish_settles_them() {
+        let d = tempfile::tempdir().unwrap();
+        let mut tree = Tree::new(0o755, 0, 0);
+        let mut a = Applier::new(d.path(), None);
+        let mut changed = Vec::new();
+        let ops = vec![
+            create(2, b"a"),
+            Op::Write {
+                ino: 2,
+                offset: 0,
+                data: b"hello world".to_vec(),
+            },
+            Op::Truncate { ino: 2, size: 5 },
+            create(3, b"b"),
+            Op::Write {
+                ino: 3,
+                offset: 0,
+                data: b"bee".to_vec(),
+            },
+            Op::Unlink {
+                parent: ROOT,
+                name: b"b".to_vec(),
+                whiteout: false,
+            },
+        ];
+        let mut freed = Vec::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            freed.extend(
+                a.apply(&mut tree, &tx(i as u64 + 1, op), &mut |ino| {
+                    changed.push(ino);
+                    Ok(())
+                })
+                .unwrap(),
+            );
+        }
+        assert_eq!(freed, vec![3]);
+        assert_eq!(changed, vec![2, 2, 3], "before_change runs before in-place changes");
+        // Contents past the size (a write the log never got) are cut at finish.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.path().join(data_name(2)))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"junk"))
+            .unwrap();
+        assert_eq!(a.finish(&tree).unwrap(), vec![2]);
+        assert_eq!(std::fs::read(d.path().join(data_name(2))).unwrap(), b"hello");
+        assert!(!d.path().join(data_name(3)).exists());
+        // A transaction that does not apply is an error naming it; nothing is written.
+        let mut a = Applier::new(d.path(), None);
+        let e = a
+            .apply(&mut tree, &tx(9, create(4, b"c")), &mut |_| Ok(()))
+            .unwrap_err();
+        assert!(matches!(e, ApplyError::Tree { seq: 9, .. }), "{e}");
+        assert!(!d.path().join(data_name(4)).exists());
     }
 }

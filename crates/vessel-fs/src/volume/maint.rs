@@ -5,7 +5,6 @@ use crate::apply::{op_ino, Applier};
 use crate::txlog::LogReader;
 
 impl Volume {
-
     /// Make every transaction so far durable: the local log (group commit: callers that
     /// arrive while a sync runs share the next one), then whatever the volume's
     /// [`crate::ack::Acks`] waits for (nothing on one node; the in-sync replicas when
@@ -229,13 +228,11 @@ impl Volume {
             st.compacting = Some(HashSet::new());
             (st.log.reader(), st.base)
         };
-        let res = reader
-            .map_err(VolumeError::from)
-            .and_then(|reader| {
-                let (tree, time_ns) = self.build_base(&reader, base, through)?;
-                self.link_base(&reader, &tree, through)?;
-                Ok(time_ns)
-            });
+        let res = reader.map_err(VolumeError::from).and_then(|reader| {
+            let (tree, time_ns) = self.build_base(&reader, base, through)?;
+            self.link_base(&reader, &tree, through)?;
+            Ok(time_ns)
+        });
         let mut st = self.lock();
         st.compacting = None;
         let time_ns = res?;
@@ -326,7 +323,11 @@ impl Volume {
             let mut st = self.lock();
             for ino in batch {
                 let changed = st.compacting.as_ref().is_some_and(|c| c.contains(ino));
-                if changed || st.shared.contains(ino) || st.orphans.contains_key(ino) || !st.tree.inodes.contains_key(ino) {
+                if changed
+                    || st.shared.contains(ino)
+                    || st.orphans.contains_key(ino)
+                    || !st.tree.inodes.contains_key(ino)
+                {
                     continue;
                 }
                 let (live, b) = (self.data_path(*ino), bdata.join(data_name(*ino)));

@@ -36,6 +36,9 @@ mod read;
 mod repl;
 mod write;
 
+#[cfg(test)]
+mod tests;
+
 pub use maint::{Maintainer, FLUSH_INTERVAL};
 
 pub(crate) use crate::apply::op_ino;
@@ -425,7 +428,9 @@ impl Volume {
             replayed_txs += 1;
             Ok(true)
         })?;
-        let replayed = applier.finish(&tree).map_err(vol.io("settle the data files in", &data))?;
+        let replayed = applier
+            .finish(&tree)
+            .map_err(vol.io("settle the data files in", &data))?;
         // Data files without an inode are leftovers.
         if let Ok(rd) = std::fs::read_dir(&data) {
             for e in rd.flatten() {
@@ -518,7 +523,6 @@ impl Volume {
         let st = self.lock();
         f(&st.tree, self.lower.as_deref())
     }
-
 }
 
 /// Replace `path` with `bytes` so that a crash leaves the old or the new file, whole:

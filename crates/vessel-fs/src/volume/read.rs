@@ -1,7 +1,7 @@
 //! Reads: attributes, lookups, directories, links, xattrs and file contents.
 
-use super::*;
 use super::write::long_name;
+use super::*;
 
 impl Volume {
     // ---- reads ----
@@ -143,7 +143,6 @@ impl Volume {
         }
         Ok(data)
     }
-
 }
 
 pub(crate) fn read_at(f: &File, off: u64, size: u32) -> FsResult<Vec<u8>> {

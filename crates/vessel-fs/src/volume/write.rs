@@ -656,7 +656,6 @@ impl Volume {
         )
         .map(|_| ())
     }
-
 }
 
 /// Names are at most 255 bytes (NAME_MAX), as on Linux disk file systems.
