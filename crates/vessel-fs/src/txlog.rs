@@ -591,11 +591,13 @@ impl TxLog {
             .collect()
     }
 
+    #[cfg(test)]
     /// Every transaction with seq >= `from`, in order.
     pub fn read_from(&self, from: u64) -> Result<Vec<Tx>> {
         self.read_range(from, u64::MAX)
     }
 
+    #[cfg(test)]
     /// Every transaction with `from <= seq <= to`, in order.
     pub fn read_range(&self, from: u64, to: u64) -> Result<Vec<Tx>> {
         let segs = self.list_segments()?;
