@@ -1,0 +1,193 @@
+//! One node's reconcile step: from the VEs the control center assigned to this node and
+//! the VEs the node has, the steps that make them match. The agent runs it on every change
+//! it sees (and now and then), carries the steps out in order, and reports what it observed.
+//!
+//! - Assigned, not here: create it (then start it if it should run).
+//! - Assigned and here: apply a newer spec generation; start or stop it as it should be.
+//! - Here, not assigned: stop it; then hand it over if it is assigned elsewhere (a move),
+//!   or destroy it if its spec is gone.
+//!
+//! VEs are taken in name order, so the same inputs always give the same steps.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A VE the control center wants on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assigned {
+    pub name: String,
+    pub generation: u64,
+    /// It should be running (else stopped).
+    pub run: bool,
+}
+
+/// A VE this node has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    pub name: String,
+    /// The spec generation it was made or last updated with.
+    pub generation: u64,
+    pub running: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Create {
+        ve: String,
+        generation: u64,
+    },
+    /// Apply the spec of this generation (limits, settings) to the VE here.
+    Update {
+        ve: String,
+        generation: u64,
+    },
+    Start {
+        ve: String,
+    },
+    Stop {
+        ve: String,
+    },
+    /// It now belongs to another node: hand its volume over (it is stopped first).
+    Release {
+        ve: String,
+    },
+    /// Its spec is gone: remove it and its files.
+    Destroy {
+        ve: String,
+    },
+}
+
+/// `elsewhere`: VEs whose spec exists and that are assigned to another node.
+pub fn reconcile(assigned: &[Assigned], local: &[Local], elsewhere: &BTreeSet<String>) -> Vec<Step> {
+    let want: BTreeMap<&str, &Assigned> = assigned.iter().map(|a| (a.name.as_str(), a)).collect();
+    let have: BTreeMap<&str, &Local> = local.iter().map(|l| (l.name.as_str(), l)).collect();
+    let names: BTreeSet<&str> = want.keys().chain(have.keys()).copied().collect();
+    let mut steps = Vec::new();
+    for name in names {
+        let ve = name.to_string();
+        match (want.get(name), have.get(name)) {
+            (Some(a), None) => {
+                steps.push(Step::Create {
+                    ve: ve.clone(),
+                    generation: a.generation,
+                });
+                if a.run {
+                    steps.push(Step::Start { ve });
+                }
+            }
+            (Some(a), Some(l)) => {
+                if l.generation < a.generation {
+                    steps.push(Step::Update {
+                        ve: ve.clone(),
+                        generation: a.generation,
+                    });
+                }
+                match (a.run, l.running) {
+                    (true, false) => steps.push(Step::Start { ve }),
+                    (false, true) => steps.push(Step::Stop { ve }),
+                    _ => {}
+                }
+            }
+            (None, Some(l)) => {
+                if l.running {
+                    steps.push(Step::Stop { ve: ve.clone() });
+                }
+                steps.push(if elsewhere.contains(name) {
+                    Step::Release { ve }
+                } else {
+                    Step::Destroy { ve }
+                });
+            }
+            (None, None) => {}
+        }
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(name: &str, generation: u64, run: bool) -> Assigned {
+        Assigned {
+            name: name.into(),
+            generation,
+            run,
+        }
+    }
+
+    fn l(name: &str, generation: u64, running: bool) -> Local {
+        Local {
+            name: name.into(),
+            generation,
+            running,
+        }
+    }
+
+    fn s(x: &str) -> String {
+        x.to_string()
+    }
+
+    #[test]
+    fn new_assignments_are_created_and_started_as_asked() {
+        assert_eq!(
+            reconcile(&[a("web", 1, true), a("db", 3, false)], &[], &BTreeSet::new()),
+            vec![
+                Step::Create {
+                    ve: s("db"),
+                    generation: 3
+                },
+                Step::Create {
+                    ve: s("web"),
+                    generation: 1
+                },
+                Step::Start { ve: s("web") },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_matching_node_does_nothing_and_changes_are_applied() {
+        let assigned = [a("a", 2, true), a("b", 5, false), a("c", 1, true)];
+        assert_eq!(
+            reconcile(
+                &assigned,
+                &[l("a", 2, true), l("b", 5, false), l("c", 1, true)],
+                &BTreeSet::new()
+            ),
+            vec![]
+        );
+        assert_eq!(
+            reconcile(
+                &assigned,
+                &[l("a", 1, true), l("b", 5, true), l("c", 1, false)],
+                &BTreeSet::new()
+            ),
+            vec![
+                Step::Update {
+                    ve: s("a"),
+                    generation: 2
+                },
+                Step::Stop { ve: s("b") },
+                Step::Start { ve: s("c") },
+            ]
+        );
+        // A local generation ahead of the assignment (a stale read) changes nothing.
+        assert_eq!(
+            reconcile(&[a("a", 1, true)], &[l("a", 2, true)], &BTreeSet::new()),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn ves_no_longer_assigned_here_are_handed_over_or_destroyed() {
+        let elsewhere: BTreeSet<String> = [s("moved")].into();
+        assert_eq!(
+            reconcile(&[], &[l("moved", 1, true), l("deleted", 1, false)], &elsewhere),
+            vec![
+                Step::Destroy { ve: s("deleted") },
+                Step::Stop { ve: s("moved") },
+                Step::Release { ve: s("moved") },
+            ]
+        );
+    }
+}
