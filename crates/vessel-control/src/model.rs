@@ -13,11 +13,11 @@ pub struct Resources {
 }
 
 impl Resources {
-    pub fn add(self, o: Resources) -> Resources {
+    pub fn plus(self, o: Resources) -> Resources {
         Resources {
-            cpu_milli: self.cpu_milli + o.cpu_milli,
-            memory: self.memory + o.memory,
-            disk: self.disk + o.disk,
+            cpu_milli: self.cpu_milli.saturating_add(o.cpu_milli),
+            memory: self.memory.saturating_add(o.memory),
+            disk: self.disk.saturating_add(o.disk),
         }
     }
 }

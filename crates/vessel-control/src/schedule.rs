@@ -46,7 +46,7 @@ pub fn schedule(s: &Snapshot, p: &Policy) -> Vec<Action> {
             None => actions.push(Action::Forget { ve: ve.clone() }),
             Some(v) => {
                 if let Some(l) = load.get_mut(node.as_str()) {
-                    l.used = l.used.add(v.requests);
+                    l.used = l.used.plus(v.requests);
                     l.ves += 1;
                 }
             }
@@ -106,7 +106,7 @@ fn sub(a: Resources, b: Resources) -> Resources {
 
 fn take(load: &mut BTreeMap<&str, Load>, node: &str, v: &Ve) {
     if let Some(l) = load.get_mut(node) {
-        l.used = l.used.add(v.requests);
+        l.used = l.used.plus(v.requests);
         l.ves += 1;
     }
 }
@@ -412,7 +412,7 @@ mod tests {
                 if let Action::Place { ve, node } = a {
                     let v = ves.iter().find(|v| &v.name == ve).unwrap();
                     let u = used.entry(node.clone()).or_default();
-                    *u = u.add(v.requests);
+                    *u = u.plus(v.requests);
                 }
             }
             for n in &nodes {
