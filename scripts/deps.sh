@@ -6,7 +6,7 @@ if [ "$(id -u)" != 0 ]; then
   echo "vessel: run this as root (it installs packages and manages namespaces, mounts and cgroups)" >&2
   exit 1
 fi
-PKGS=(pkg-config gcc libseccomp-dev busybox-static debootstrap iproute2 util-linux tar runc fuse3 fuse-overlayfs e2fsprogs nftables)
+PKGS=(pkg-config gcc libseccomp-dev busybox-static debootstrap iproute2 util-linux tar runc fuse3 fuse-overlayfs e2fsprogs nftables etcd-server protobuf-compiler)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

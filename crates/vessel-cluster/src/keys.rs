@@ -1,0 +1,135 @@
+//! The key layout in etcd and the versioned values stored under it.
+//!
+//! ```text
+//! /vessel/v1/nodes/<node>        NodeRecord, under the node's lease (gone when it expires)
+//! /vessel/v1/ves/<ve>/spec       VeRecord: the VE's spec and its generation
+//! /vessel/v1/ves/<ve>/place      Placement: the node it is assigned to (leader writes)
+//! /vessel/v1/ves/<ve>/status     what its node observed
+//! /vessel/v1/election            the control center's election (etcd's election API)
+//! ```
+//! Every value is JSON `{"v": 1, "value": ...}`; a reader refuses another version with an
+//! error that names the key.
+
+use crate::ClusterError;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+pub const PREFIX: &str = "/vessel/v1/";
+/// Format version of every value.
+pub const VALUE_VERSION: u32 = 1;
+
+pub fn node(name: &str) -> String {
+    format!("{PREFIX}nodes/{name}")
+}
+
+pub fn nodes() -> String {
+    format!("{PREFIX}nodes/")
+}
+
+pub fn ve(name: &str, part: &str) -> String {
+    format!("{PREFIX}ves/{name}/{part}")
+}
+
+pub fn ves() -> String {
+    format!("{PREFIX}ves/")
+}
+
+pub fn election() -> String {
+    format!("{PREFIX}election")
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    v: u32,
+    value: T,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    v: Option<u32>,
+}
+
+pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    serde_json::to_vec(&Envelope {
+        v: VALUE_VERSION,
+        value: body,
+    })
+    .expect("plain data serializes")
+}
+
+pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, ClusterError> {
+    let err = |reason: String| ClusterError::Value {
+        key: key.to_string(),
+        reason,
+    };
+    let v: VersionOnly = serde_json::from_slice(bytes).map_err(|e| err(format!("not a Vessel value: {e}")))?;
+    match v.v {
+        Some(VALUE_VERSION) => {}
+        Some(other) => {
+            return Err(err(format!(
+                "format version {other} (this build reads {VALUE_VERSION}): upgrade this node"
+            )))
+        }
+        None => return Err(err("no format version".into())),
+    }
+    let e: Envelope<T> = serde_json::from_slice(bytes).map_err(|e| err(format!("damaged: {e}")))?;
+    Ok(e.value)
+}
+
+/// Where the leader put a VE.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub node: String,
+    /// The spec generation it was placed for.
+    pub generation: u64,
+}
+
+/// What a node tells the cluster about itself (under its lease).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    /// Where other nodes reach its API (host:port).
+    pub address: String,
+    pub cpus: u32,
+    pub memory: u64,
+    pub disk: u64,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Vessel version the node runs.
+    pub version: String,
+    /// Draining: it takes no new VEs and its VEs move elsewhere.
+    #[serde(default)]
+    pub draining: bool,
+    /// When it registered (ns since the epoch).
+    pub since_ns: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_carry_their_version_and_other_versions_are_refused() {
+        let r = NodeRecord {
+            name: "n1".into(),
+            address: "10.0.0.1:7070".into(),
+            cpus: 4,
+            memory: 8 << 30,
+            disk: 100 << 30,
+            labels: [("zone".to_string(), "a".to_string())].into(),
+            version: "0.3.0".into(),
+            draining: false,
+            since_ns: 1,
+        };
+        let b = encode(&r);
+        assert!(b.starts_with(b"{\"v\":1,"), "{}", String::from_utf8_lossy(&b));
+        assert_eq!(decode::<NodeRecord>("k", &b).unwrap(), r);
+        let newer = String::from_utf8(b).unwrap().replacen("\"v\":1", "\"v\":2", 1);
+        let e = decode::<NodeRecord>("/vessel/v1/nodes/n1", newer.as_bytes()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/vessel/v1/nodes/n1 in etcd: format version 2 (this build reads 1): upgrade this node"
+        );
+        assert!(decode::<NodeRecord>("k", b"{\"name\":\"x\"}").is_err());
+        assert!(decode::<NodeRecord>("k", b"\xff").is_err());
+    }
+}
