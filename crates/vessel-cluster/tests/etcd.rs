@@ -143,7 +143,7 @@ fn an_unreachable_etcd_is_a_clear_error() {
         let s = Store::connect(&[format!("http://127.0.0.1:{port}")]).await?;
         s.nodes().await
     });
-    let e = r.err().expect("nothing listens there");
+    let e = r.expect_err("nothing listens there");
     let msg = e.to_string();
     assert!(
         msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("check that etcd runs"),
