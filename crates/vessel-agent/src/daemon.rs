@@ -90,6 +90,14 @@ pub fn run(mut opts: NodeOptions) -> Result<(), DaemonError> {
         .spawn(move || mon.run())
         .map_err(|e| setup("monitor thread", &e))?;
 
+    // The control store: a private etcd (the one-machine default) or the operator's.
+    let member = std::sync::Arc::new(
+        crate::cluster::Member::start(&opts.root, &opts.settings.cluster)
+            .map_err(|e| DaemonError::Setup(format!("joining the cluster: {e}")))?,
+    );
+    tracing::info!(node = %member.name, etcd = ?member.endpoints, "in the cluster");
+    let _ = node.cluster.set(member.clone());
+
     let listener =
         crate::server::bind(&opts.socket).map_err(|e| setup(&format!("socket {}", opts.socket.display()), &e))?;
     node.recover();
@@ -105,6 +113,7 @@ pub fn run(mut opts: NodeOptions) -> Result<(), DaemonError> {
         "{sig:?}: stopping VEs (their files are served by this daemon); they start again with the next daemon"
     );
     node.shutdown(Duration::from_secs(10));
+    member.shutdown();
     let _ = std::fs::remove_file(&opts.socket);
     // While we hold the node lock: a next daemon may write the table as soon as it is free.
     drop(filter);

@@ -4,6 +4,7 @@
 pub mod alloc;
 pub mod bridge_filter;
 pub mod clientout;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod fsroot;

@@ -99,6 +99,8 @@ pub struct Node {
     pub(crate) template_lock: crate::templates::BuildLock,
     pub(crate) keeper: KeeperClient,
     started: Instant,
+    /// Membership in the cluster (set by the daemon once it has joined).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Member>>,
 }
 
 /// What the root tree provider needs to know about a VE.
@@ -156,6 +158,7 @@ impl Node {
             template_lock: Default::default(),
             keeper,
             started: Instant::now(),
+            cluster: std::sync::OnceLock::new(),
         }))
     }
 
@@ -210,6 +213,16 @@ impl Node {
             templates: st.templates.len(),
             uptime_secs: self.started.elapsed().as_secs(),
         }
+    }
+
+    /// The cluster as the control store shows it.
+    pub fn cluster_view(&self) -> NResult<vessel_types::api::ClusterView> {
+        let unavailable = |m: String| ApiError::new(vessel_types::api::ErrorCode::Unavailable, m);
+        let m = self
+            .cluster
+            .get()
+            .ok_or_else(|| unavailable("this node has not joined a cluster yet: see the daemon log".into()))?;
+        m.view().map_err(unavailable)
     }
 
     pub fn info(&self, rec: &VeRecord) -> VeInfo {

@@ -162,6 +162,7 @@ fn dispatch(
     };
     Ok(Some(match req {
         Request::Status => Response::Status(node.status()),
+        Request::NodeList => Response::Cluster(node.cluster_view()?),
         Request::TemplateBuild { kind, name } => Response::Template(node.template_build(kind, name, &mut progress)?),
         Request::TemplateList => Response::Templates {
             templates: node.template_list(),

@@ -1,7 +1,8 @@
 //! A private single-member etcd: what `vessel up` runs on one machine, so that one node is
 //! a cluster of one with the same control path as many. It listens on 127.0.0.1 only,
-//! keeps its data under the node root, logs to a file beside it, and is restarted by
-//! [`PrivateEtcd::ensure_running`] if it dies.
+//! keeps its data under the node root, logs to a file beside it, is restarted by
+//! [`PrivateEtcd::ensure_running`] if it dies, and dies with the thread that started it
+//! (`PR_SET_PDEATHSIG`: start it from a thread that lives as long as the daemon).
 
 use crate::ClusterError;
 use std::io::{Read, Write};
@@ -101,7 +102,19 @@ impl PrivateEtcd {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let child = Command::new(&self.cfg.binary)
+        let mut cmd = Command::new(&self.cfg.binary);
+        // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                // If the node daemon dies (even by SIGKILL), its private etcd goes too:
+                // the next daemon starts its own on the same data.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(self.cfg.args())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -113,6 +113,8 @@ pub fn request_frame_limit(op: &str) -> usize {
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// The cluster's nodes and leader.
+    NodeList,
     TemplateBuild {
         kind: TemplateKind,
         /// Name to register the template under; defaults to the kind.
@@ -339,6 +341,8 @@ pub enum ErrorCode {
     VersionMismatch,
     /// The daemon serves as many connections as it is configured for: try again.
     Busy,
+    /// Something the node depends on (the control store) does not answer now.
+    Unavailable,
     Internal,
 }
 
@@ -379,6 +383,38 @@ pub struct NodeStatus {
     pub ves_running: usize,
     pub templates: usize,
     pub uptime_secs: u64,
+}
+
+/// The cluster as this node sees it (`vessel node list`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub this_node: String,
+    /// The control store's client URLs.
+    pub etcd: Vec<String>,
+    /// The store is this node's private one-member etcd.
+    pub private_etcd: bool,
+    pub leader: Option<String>,
+    /// Why this node is not registered right now, if it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    pub nodes: Vec<ClusterNode>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterNode {
+    pub name: String,
+    /// ready, draining or lost (its lease expired).
+    pub state: String,
+    pub leader: bool,
+    pub address: String,
+    pub cpus: u32,
+    pub memory: u64,
+    pub disk: u64,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub version: String,
+    /// When it registered (ns since the epoch).
+    pub since_ns: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -447,6 +483,7 @@ pub enum Response {
         total: u64,
     },
     Status(NodeStatus),
+    Cluster(ClusterView),
     Templates {
         templates: Vec<TemplateInfo>,
     },

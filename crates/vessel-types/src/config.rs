@@ -20,6 +20,14 @@
 //! [api]
 //! max_connections = 64      # more concurrent clients get a `busy` error
 //! request_timeout = "30s"   # a request frame must arrive whole within this
+//!
+//! [cluster]
+//! name = "node1"            # this node's name in the cluster (default: the host name)
+//! etcd = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"]
+//!                           # an existing etcd cluster; none: a private one-member etcd
+//! client_port = 12379       # the private etcd's ports on 127.0.0.1 (0 or absent: free
+//! peer_port = 12380         #   ports, kept from one start to the next while free)
+//! lease_ttl = "2s"          # a node that does not renew its lease this long is lost
 //! ```
 //!
 //! Keys in `[defaults]` and `[max]`: memory, memory_low, cpus, cpu_weight, pids, disk,
@@ -66,11 +74,40 @@ pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
 const MAX_MAX_CONNECTIONS: u64 = 4096;
 const MAX_REQUEST_TIMEOUT_SECS: u64 = 3600;
 
+/// How the node takes part in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// This node's name (None: the host name).
+    pub name: Option<String>,
+    /// Client URLs of an existing etcd cluster; empty: run a private one-member etcd.
+    pub etcd: Vec<String>,
+    /// Ports of the private etcd on 127.0.0.1 (0: pick free ones).
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub lease_ttl_secs: u64,
+}
+
+/// Default node lease: lost after 2 s without a renewal.
+pub const DEFAULT_LEASE_TTL_SECS: u64 = 2;
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            name: None,
+            etcd: Vec::new(),
+            client_port: 0,
+            peer_port: 0,
+            lease_ttl_secs: DEFAULT_LEASE_TTL_SECS,
+        }
+    }
+}
+
 /// Everything `node.toml` sets.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeSettings {
     pub limits: LimitPolicy,
     pub api: ApiSettings,
+    pub cluster: ClusterSettings,
 }
 
 impl Default for NodeSettings {
@@ -81,6 +118,7 @@ impl Default for NodeSettings {
                 max: Limits::default(),
             },
             api: ApiSettings::default(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -254,6 +292,64 @@ impl Parser<'_> {
         }
         Ok(a)
     }
+
+    fn cluster(&self, t: &dyn TableLike) -> Result<ClusterSettings, ConfigError> {
+        let mut c = ClusterSettings::default();
+        for (key, item) in t.iter() {
+            let path = format!("cluster.{key}");
+            let bad = |m: &str| self.err(t, key, &path, m.to_string());
+            match key {
+                "name" => {
+                    let n = item
+                        .as_str()
+                        .filter(|n| crate::Name::parse(n).is_ok())
+                        .ok_or_else(|| bad("must be a name: letters, digits and '-', like \"node1\""))?;
+                    c.name = Some(n.to_string());
+                }
+                "etcd" => {
+                    let urls = item
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|v| v.as_str().map(str::to_string))
+                                .collect::<Option<Vec<_>>>()
+                        })
+                        .or_else(|| item.as_str().map(|s| Some(vec![s.to_string()])))
+                        .flatten()
+                        .filter(|u| u.iter().all(|u| u.starts_with("http://") || u.starts_with("https://")))
+                        .ok_or_else(|| bad("must be etcd client URLs, like [\"http://10.0.0.1:2379\"]"))?;
+                    c.etcd = urls;
+                }
+                "client_port" | "peer_port" => {
+                    let p = item
+                        .as_integer()
+                        .and_then(|n| u16::try_from(n).ok())
+                        .ok_or_else(|| bad("must be a port from 0 (any free port) to 65535"))?;
+                    if key == "client_port" {
+                        c.client_port = p;
+                    } else {
+                        c.peer_port = p;
+                    }
+                }
+                "lease_ttl" => {
+                    c.lease_ttl_secs = duration(item)
+                        .ok()
+                        .flatten()
+                        .filter(|s| (1..=60).contains(s))
+                        .ok_or_else(|| bad("must be a duration from 1s to 60s, e.g. \"2s\""))?;
+                }
+                _ => {
+                    return Err(bad(
+                        "unknown setting: [cluster] has name, etcd, client_port, peer_port and lease_ttl",
+                    ))
+                }
+            }
+        }
+        if c.client_port != 0 && c.client_port == c.peer_port {
+            return Err(self.err(t, "peer_port", "cluster.peer_port", "must differ from client_port"));
+        }
+        Ok(c)
+    }
 }
 
 /// A duration: whole seconds or a string like "30s"; `None` for "unlimited".
@@ -339,12 +435,12 @@ pub fn parse(text: &str) -> Result<NodeSettings, ConfigError> {
         Some(_) => return Err(p.err(root, "version", "version", format!("must be {CONFIG_VERSION}"))),
     }
     for (key, _) in root.iter() {
-        if !matches!(key, "version" | "defaults" | "max" | "api") {
+        if !matches!(key, "version" | "defaults" | "max" | "api" | "cluster") {
             return Err(p.err(
                 root,
                 key,
                 key,
-                "unknown setting: the node config has version, [defaults], [max] and [api]",
+                "unknown setting: the node config has version, [defaults], [max], [api] and [cluster]",
             ));
         }
     }
@@ -358,6 +454,9 @@ pub fn parse(text: &str) -> Result<NodeSettings, ConfigError> {
     }
     if let Some(t) = p.table(root, "api")? {
         s.api = p.api(t)?;
+    }
+    if let Some(t) = p.table(root, "cluster")? {
+        s.cluster = p.cluster(t)?;
     }
     // A built-in default above the operator's maximum gives way to the maximum; a default
     // the operator wrote must fit under it (blame the default's line).
@@ -438,9 +537,25 @@ inodes = 1000000
 [api]
 max_connections = 8
 request_timeout = "5s"
+[cluster]
+name = "node-2"
+etcd = ["http://10.0.0.1:2379", "https://10.0.0.2:2379"]
+client_port = 22379
+peer_port = 22380
+lease_ttl = "3s"
 "#,
         )
         .unwrap();
+        assert_eq!(
+            s.cluster,
+            ClusterSettings {
+                name: Some("node-2".into()),
+                etcd: vec!["http://10.0.0.1:2379".into(), "https://10.0.0.2:2379".into()],
+                client_port: 22379,
+                peer_port: 22380,
+                lease_ttl_secs: 3,
+            }
+        );
         let d = s.limits.defaults;
         assert_eq!(d.memory_max, Some(1 << 30));
         assert_eq!(d.memory_low, Some(128 << 20));
@@ -500,6 +615,36 @@ request_timeout = "5s"
                 3,
                 Some("api.request_timeout"),
                 "duration",
+            ),
+            (
+                "version = 1\n[cluster]\netcd = [\"10.0.0.1:2379\"]\n",
+                3,
+                Some("cluster.etcd"),
+                "client URLs",
+            ),
+            (
+                "version = 1\n[cluster]\nlease_ttl = \"0s\"\n",
+                3,
+                Some("cluster.lease_ttl"),
+                "1s to 60s",
+            ),
+            (
+                "version = 1\n[cluster]\nclient_port = 70000\n",
+                3,
+                Some("cluster.client_port"),
+                "65535",
+            ),
+            (
+                "version = 1\n[cluster]\nclient_port = 5\npeer_port = 5\n",
+                4,
+                Some("cluster.peer_port"),
+                "differ",
+            ),
+            (
+                "version = 1\n[cluster]\nname = \"a b\"\n",
+                3,
+                Some("cluster.name"),
+                "must be a name",
             ),
             (
                 "version = 1\n[defaults]\nmemory = [1]\n",

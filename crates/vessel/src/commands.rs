@@ -1,7 +1,7 @@
 //! What each command does: build a request, send it, print the reply.
 
 use crate::output::{self, Progress};
-use crate::{Cli, Cmd, DaemonArgs, Global, SpecArgs, TemplateCmd, VeCmd};
+use crate::{Cli, Cmd, DaemonArgs, Global, NodeCmd, SpecArgs, TemplateCmd, VeCmd};
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd};
@@ -21,6 +21,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Down => down(&g),
         Cmd::Status => status(&g),
         Cmd::Daemon(a) => daemon(&g, &a),
+        Cmd::Node(n) => node(&g, n),
         Cmd::Template(t) => template(&g, t),
         Cmd::Ve(v) => ve(&g, v),
         Cmd::Runtime { .. } | Cmd::ConsoleKeeper { .. } | Cmd::FsServe { .. } => unreachable!("handled in main"),
@@ -250,6 +251,74 @@ fn status(g: &Global) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn node(g: &Global, n: NodeCmd) -> Result<i32> {
+    let view = match connect(g)?.call(&Request::NodeList)? {
+        Response::Cluster(v) => v,
+        r => bail!("unexpected reply {r:?}"),
+    };
+    let since = |ns: i64| output::ago((ns.max(0) / 1_000_000_000) as u64);
+    match n {
+        NodeCmd::List if g.json => output::json(&view),
+        NodeCmd::List => {
+            let rows: Vec<Vec<String>> = view
+                .nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.name.clone(),
+                        n.state.clone(),
+                        if n.leader { "*".into() } else { String::new() },
+                        n.cpus.to_string(),
+                        format_size(n.memory),
+                        format_size(n.disk),
+                        n.version.clone(),
+                        since(n.since_ns),
+                    ]
+                })
+                .collect();
+            output::table(
+                &["NAME", "STATE", "LEADER", "CPUS", "MEMORY", "DISK", "VERSION", "SINCE"],
+                &rows,
+            );
+            if let Some(p) = &view.problem {
+                eprintln!("this node ({}): {p}", view.this_node);
+            }
+        }
+        NodeCmd::Show { name } => {
+            let Some(n) = view.nodes.iter().find(|n| n.name == name) else {
+                bail!(
+                    "no node {} in the cluster: `vessel node list` shows them",
+                    output::escape(&name)
+                );
+            };
+            if g.json {
+                output::json(n);
+            } else {
+                println!("name:     {}", n.name);
+                println!("state:    {}", n.state);
+                println!("leader:   {}", if n.leader { "yes" } else { "no" });
+                println!("cpus:     {}", n.cpus);
+                println!("memory:   {}", format_size(n.memory));
+                println!("disk:     {}", format_size(n.disk));
+                println!("version:  {}", n.version);
+                println!("since:    {}", since(n.since_ns));
+                let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!("labels:   {}", labels.join(" "));
+                println!(
+                    "etcd:     {}{}",
+                    view.etcd.join(","),
+                    if view.private_etcd {
+                        " (private, this node's)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn template(g: &Global, t: TemplateCmd) -> Result<i32> {

@@ -81,6 +81,9 @@ pub enum Cmd {
     Status,
     /// Run the node daemon in the foreground
     Daemon(DaemonArgs),
+    /// The cluster's nodes: list, show
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Manage templates
     #[command(subcommand)]
     Template(TemplateCmd),
@@ -113,6 +116,14 @@ pub enum Cmd {
         #[arg(long)]
         segment_bytes: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum NodeCmd {
+    /// Every node of the cluster: state (ready, draining, lost), resources, leader
+    List,
+    /// One node
+    Show { name: String },
 }
 
 #[derive(Subcommand)]

@@ -1,0 +1,317 @@
+//! The node as a member of the cluster: the control store (a private one-member etcd it
+//! supervises, or the operator's etcd cluster), its registration under a lease kept alive,
+//! and its candidacy for the control center's leadership.
+//!
+//! ```text
+//! /vessel/v1/members/<node>   MemberRecord, permanent: the cluster knows the node
+//! /vessel/v1/nodes/<node>     NodeRecord under the node's lease: the node is alive
+//! ```
+//! A member without a live record is lost. The store's work runs on a small tokio runtime
+//! of its own; the daemon's threads call in with [`Member::block_on`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vessel_cluster::etcd::{free_port, EtcdConfig, PrivateEtcd};
+use vessel_cluster::keys::{self, NodeRecord};
+use vessel_cluster::store::{Registration, Store};
+use vessel_types::api::{ClusterNode, ClusterView};
+use vessel_types::config::ClusterSettings;
+
+pub struct Member {
+    pub name: String,
+    pub endpoints: Vec<String>,
+    rt: tokio::runtime::Runtime,
+    store: Store,
+    etcd: Option<Arc<Mutex<PrivateEtcd>>>,
+    record: NodeRecord,
+    state: Arc<Mutex<Live>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Default)]
+struct Live {
+    lease: Option<i64>,
+    leader: bool,
+    /// Why the node is not registered now (etcd unreachable, ...).
+    problem: Option<String>,
+}
+
+/// The private etcd's ports, kept from one start to the next while they are free.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Ports {
+    client: u16,
+    peer: u16,
+}
+
+fn free(port: u16) -> bool {
+    port != 0 && std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).is_ok()
+}
+
+fn ports(root: &Path, s: &ClusterSettings) -> std::io::Result<(u16, u16)> {
+    let file = root.join("etcd.ports");
+    let last: Option<Ports> = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let pick = |configured: u16, last: Option<u16>| -> std::io::Result<u16> {
+        if configured != 0 {
+            return Ok(configured);
+        }
+        match last {
+            Some(p) if free(p) => Ok(p),
+            _ => free_port(),
+        }
+    };
+    let client = pick(s.client_port, last.as_ref().map(|p| p.client))?;
+    let mut peer = pick(s.peer_port, last.as_ref().map(|p| p.peer))?;
+    while peer == client {
+        peer = free_port()?;
+    }
+    std::fs::write(&file, serde_json::to_vec(&Ports { client, peer }).expect("plain data"))?;
+    Ok((client, peer))
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| vessel_types::Name::parse(h).is_ok())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// What this node has to offer.
+fn resources(root: &Path) -> (u32, u64, u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<u64>().ok()))
+        })
+        .map_or(0, |kib| kib * 1024);
+    let disk = nix::sys::statvfs::statvfs(root).map_or(0, |s| s.blocks() * s.fragment_size());
+    (cpus, memory, disk)
+}
+
+impl Member {
+    /// Join the cluster: start the private etcd if no etcd is configured, register, and
+    /// run for leader in the background. A private etcd that does not start is an error;
+    /// an external etcd that does not answer is an error at start too (the operator
+    /// checks the URLs), and is retried while the node runs.
+    pub fn start(root: &Path, s: &ClusterSettings) -> Result<Member, String> {
+        let name = s.name.clone().unwrap_or_else(hostname);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("vessel-cluster")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cluster runtime: {e}"))?;
+        let (etcd, endpoints) = if s.etcd.is_empty() {
+            let (client, peer) = ports(root, s).map_err(|e| format!("private etcd ports: {e}"))?;
+            let cfg = EtcdConfig::new(&name, root.join("etcd"), client, peer);
+            let e = PrivateEtcd::start(cfg).map_err(|e| e.to_string())?;
+            let ep = e.endpoint();
+            (Some(Arc::new(Mutex::new(e))), vec![ep])
+        } else {
+            (None, s.etcd.clone())
+        };
+        let store = rt
+            .block_on(async {
+                let st = Store::connect(&endpoints).await?;
+                // One read proves the store answers (connect alone may not).
+                st.nodes().await?;
+                Ok::<_, vessel_cluster::ClusterError>(st)
+            })
+            .map_err(|e| e.to_string())?;
+        let (cpus, memory, disk) = resources(root);
+        let record = NodeRecord {
+            name: name.clone(),
+            address: String::new(),
+            cpus,
+            memory,
+            disk,
+            labels: Default::default(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            draining: false,
+            since_ns: now_ns(),
+        };
+        let m = Member {
+            name,
+            endpoints,
+            rt,
+            store,
+            etcd,
+            record,
+            state: Arc::default(),
+            stop: Arc::default(),
+        };
+        let first =
+            m.rt.block_on(m.store.register(&m.record, Duration::from_secs(s.lease_ttl_secs)));
+        let reg = first.map_err(|e| e.to_string())?;
+        m.rt.block_on(m.store.put(&member_key(&m.name), &m.record))
+            .map_err(|e| e.to_string())?;
+        m.run(reg, Duration::from_secs(s.lease_ttl_secs));
+        m.supervise_etcd();
+        Ok(m)
+    }
+
+    /// Keep the registration alive (re-register if the lease is lost) and stand for
+    /// leader under it.
+    fn run(&self, first: Registration, ttl: Duration) {
+        let (store, record, state, stop) = (
+            self.store.clone(),
+            self.record.clone(),
+            self.state.clone(),
+            self.stop.clone(),
+        );
+        self.rt.spawn(async move {
+            let mut reg = Some(first);
+            let mut backoff = Duration::from_millis(200);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = match reg.take() {
+                    Some(r) => r,
+                    None => match store.register(&record, ttl).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            set(&state, |l| l.problem = Some(e.to_string()));
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
+                    },
+                };
+                backoff = Duration::from_millis(200);
+                set(&state, |l| {
+                    l.lease = Some(r.lease);
+                    l.problem = None;
+                });
+                tokio::select! {
+                    won = store.campaign(&record.name, r.lease) => {
+                        if won.is_ok() {
+                            set(&state, |l| l.leader = true);
+                            tracing::info!(node = %record.name, "this node leads the control center");
+                        }
+                        // Leader (or the election failed): hold until the lease ends.
+                        lease_ends(r.alive.clone()).await;
+                    }
+                    _ = lease_ends(r.alive.clone()) => {}
+                }
+                set(&state, |l| {
+                    l.leader = false;
+                    l.lease = None;
+                    l.problem = Some("the node's lease ended; registering again".into());
+                });
+                tracing::warn!(node = %record.name, "cluster lease lost; registering again");
+                drop(r);
+            }
+        });
+    }
+
+    fn supervise_etcd(&self) {
+        let Some(etcd) = self.etcd.clone() else { return };
+        let stop = self.stop.clone();
+        let _ = std::thread::Builder::new().name("vessel-etcd".into()).spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                let mut e = etcd.lock().unwrap_or_else(|p| p.into_inner());
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match e.ensure_running() {
+                    Ok(true) => tracing::warn!(restarts = e.restarts, "the private etcd had stopped: restarted"),
+                    Ok(false) => {}
+                    Err(err) => tracing::error!("the private etcd: {err}"),
+                }
+            }
+        });
+    }
+
+    /// The cluster as the store shows it now.
+    pub fn view(&self) -> Result<ClusterView, String> {
+        let (members, alive, leader) = self
+            .rt
+            .block_on(async {
+                let members: Vec<NodeRecord> = self.store.list(&members_prefix()).await?;
+                let alive = self.store.nodes().await?;
+                let leader = self.store.leader().await?;
+                Ok::<_, vessel_cluster::ClusterError>((members, alive, leader))
+            })
+            .map_err(|e| e.to_string())?;
+        let mut nodes: Vec<ClusterNode> = members
+            .into_iter()
+            .map(|m| {
+                let live = alive.iter().find(|a| a.name == m.name);
+                let rec = live.unwrap_or(&m);
+                ClusterNode {
+                    name: rec.name.clone(),
+                    state: match (live, rec.draining) {
+                        (None, _) => "lost",
+                        (Some(_), true) => "draining",
+                        (Some(_), false) => "ready",
+                    }
+                    .to_string(),
+                    leader: leader.as_deref() == Some(rec.name.as_str()),
+                    address: rec.address.clone(),
+                    cpus: rec.cpus,
+                    memory: rec.memory,
+                    disk: rec.disk,
+                    labels: rec.labels.clone(),
+                    version: rec.version.clone(),
+                    since_ns: rec.since_ns,
+                }
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let live = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(ClusterView {
+            this_node: self.name.clone(),
+            etcd: self.endpoints.clone(),
+            private_etcd: self.etcd.is_some(),
+            leader,
+            problem: live.problem.clone(),
+            nodes,
+        })
+    }
+
+    /// Leave: end the lease (the record and any leadership go at once) and stop the
+    /// private etcd.
+    pub fn shutdown(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let lease = self.state.lock().unwrap_or_else(|p| p.into_inner()).lease;
+        if let Some(l) = lease {
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(2), self.store.revoke(l)).await });
+        }
+        if let Some(e) = &self.etcd {
+            e.lock().unwrap_or_else(|p| p.into_inner()).stop();
+        }
+    }
+
+    pub fn etcd_data(root: &Path) -> PathBuf {
+        root.join("etcd")
+    }
+}
+
+/// Returns when the registration's keep-alive stops.
+async fn lease_ends(mut alive: tokio::sync::watch::Receiver<bool>) {
+    let _ = alive.wait_for(|a| !*a).await.is_ok();
+}
+
+fn set(state: &Mutex<Live>, f: impl FnOnce(&mut Live)) {
+    f(&mut state.lock().unwrap_or_else(|p| p.into_inner()));
+}
+
+fn member_key(name: &str) -> String {
+    format!("{}members/{name}", keys::PREFIX)
+}
+
+fn members_prefix() -> String {
+    format!("{}members/", keys::PREFIX)
+}
