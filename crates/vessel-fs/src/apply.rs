@@ -107,13 +107,21 @@ pub(crate) fn apply_data_in(
         // In replay a file may be gone already (a later transaction freed it): recreate it;
         // the later transaction removes it again.
         let open_rw = |ino: Ino, truncate: bool| {
-            std::fs::OpenOptions::new()
-                .read(true)
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true)
                 .write(true)
                 .create(truncate || replay)
                 .truncate(truncate)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(path(ino))
+                .custom_flags(libc::O_CLOEXEC);
+            let p = path(ino);
+            match o.open(&p) {
+                // A directory without its shards yet (a new base, a test's bare directory).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && (truncate || replay) => {
+                    std::fs::create_dir_all(p.parent().unwrap_or(data_dir))?;
+                    o.open(&p)
+                }
+                r => r,
+            }
         };
         match op {
             Op::Create {

@@ -113,6 +113,14 @@ impl Volume {
                     f.sync_data().map_err(self.io("fsync", &p))?;
                 }
             }
+            // The directories that gained or lost a file.
+            let shards: std::collections::BTreeSet<u64> = dirty.iter().map(|i| i % DATA_SHARDS).collect();
+            for s in shards {
+                let d = self.dir.join("data").join(format!("{s:02x}"));
+                File::open(&d)
+                    .and_then(|d| d.sync_all())
+                    .map_err(self.io("fsync", &d))?;
+            }
             File::open(self.dir.join("data"))
                 .and_then(|d| d.sync_all())
                 .map_err(self.io("fsync", &self.dir.join("data")))

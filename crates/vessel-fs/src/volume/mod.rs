@@ -157,8 +157,55 @@ fn tree_err(e: TreeError) -> i32 {
     e.errno()
 }
 
+/// Data files are spread over this many subdirectories of `data/`, by the inode number's
+/// low byte. In one flat directory every new file's inode is allocated in the directory's
+/// ext4 block group; once that fills (and with recently deleted inodes in it) creating a
+/// file cost 5-15x more on this machine (20,000 creates: 3.3-11 s flat, 0.7 s sharded).
+pub const DATA_SHARDS: u64 = 256;
+
+/// Where file `ino`'s contents live, relative to a `data/` directory.
 pub fn data_name(ino: Ino) -> String {
-    format!("{ino:016x}")
+    format!("{:02x}/{ino:016x}", ino % DATA_SHARDS)
+}
+
+/// Every data file in a `data/` directory, with its inode number (files of the flat
+/// layout of volumes made before 0.3 included).
+pub(crate) fn data_files(data: &Path) -> Vec<(Ino, PathBuf)> {
+    let ino = |e: &std::fs::DirEntry| u64::from_str_radix(&e.file_name().to_string_lossy(), 16).ok();
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(data) else { return out };
+    for e in rd.flatten() {
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && e.file_name().len() == 2 {
+            if let Ok(sub) = std::fs::read_dir(e.path()) {
+                out.extend(sub.flatten().filter_map(|f| Some((ino(&f)?, f.path()))));
+            }
+        } else if !is_dir && e.file_name().len() == 16 {
+            if let Some(i) = ino(&e) {
+                out.push((i, e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Make the shard directories of a `data/` directory and move files of the flat layout
+/// into their shard (idempotent: an interrupted move is finished at the next open).
+pub(crate) fn layout_data(data: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(data)?;
+    for i in 0..DATA_SHARDS {
+        match std::fs::create_dir(data.join(format!("{i:02x}"))) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
+    for (ino, p) in data_files(data) {
+        let want = data.join(data_name(ino));
+        if p != want {
+            std::fs::rename(&p, &want)?;
+        }
+    }
+    Ok(())
 }
 
 pub struct Volume {
@@ -256,9 +303,11 @@ impl Volume {
                 source,
             }
         };
-        for d in [dir.to_path_buf(), dir.join("data"), dir.join("txlog")] {
+        for d in [dir.to_path_buf(), dir.join("txlog")] {
             std::fs::create_dir_all(&d).map_err(io("create", &d))?;
         }
+        let data = dir.join("data");
+        layout_data(&data).map_err(io("create", &data))?;
         // A VE's files, log and history are root-only on the host, whatever holds the volume.
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(io("make root-only", dir))?;
@@ -414,6 +463,12 @@ impl Volume {
             _lock: lockf,
             stats: Default::default(),
         };
+        // Data files of the flat layout (before 0.3) move into their shards.
+        for d in [dir.join("data"), dir.join("base").join("data")] {
+            if d.exists() || d.starts_with(dir.join("data")) {
+                layout_data(&d).map_err(vol.io("lay out", &d))?;
+            }
+        }
         // Replay: metadata into the tree, contents into the data files (one transaction
         // in memory at a time).
         let reader = vol.lock().log.reader()?;
@@ -432,15 +487,9 @@ impl Volume {
             .finish(&tree)
             .map_err(vol.io("settle the data files in", &data))?;
         // Data files without an inode are leftovers.
-        if let Ok(rd) = std::fs::read_dir(&data) {
-            for e in rd.flatten() {
-                let keep = u64::from_str_radix(&e.file_name().to_string_lossy(), 16)
-                    .ok()
-                    .and_then(|i| tree.inodes.get(&i))
-                    .is_some_and(|i| i.kind == FileKind::File);
-                if !keep {
-                    let _ = std::fs::remove_file(e.path());
-                }
+        for (ino, p) in data_files(&data) {
+            if !tree.inodes.get(&ino).is_some_and(|i| i.kind == FileKind::File) {
+                let _ = std::fs::remove_file(p);
             }
         }
         {

@@ -235,10 +235,12 @@ fn a_sync_waits_for_the_acknowledgements_and_fails_without_them() {
 /// The on-disk files of a volume, to put back as a crash left them.
 fn files_of(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
-    for sub in ["txlog", "data"] {
-        for e in std::fs::read_dir(dir.join(sub)).unwrap().flatten() {
-            out.push((e.path(), std::fs::read(e.path()).unwrap()));
-        }
+    for e in std::fs::read_dir(dir.join("txlog")).unwrap().flatten() {
+        out.push((e.path(), std::fs::read(e.path()).unwrap()));
+    }
+    for (_, p) in data_files(&dir.join("data")) {
+        let b = std::fs::read(&p).unwrap();
+        out.push((p, b));
     }
     for f in ["checkpoint", "epoch.json"] {
         if let Ok(b) = std::fs::read(dir.join(f)) {
@@ -248,11 +250,16 @@ fn files_of(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+fn in_data(p: &Path) -> bool {
+    p.ancestors().any(|a| a.ends_with("data"))
+}
+
 fn put_back(dir: &Path, files: &[(PathBuf, Vec<u8>)]) {
     for sub in ["txlog", "data"] {
         std::fs::remove_dir_all(dir.join(sub)).unwrap();
         std::fs::create_dir_all(dir.join(sub)).unwrap();
     }
+    layout_data(&dir.join("data")).unwrap();
     let _ = std::fs::remove_file(dir.join("checkpoint"));
     for (p, b) in files {
         std::fs::write(p, b).unwrap();
@@ -303,15 +310,8 @@ fn recovery_after_a_crash_at_every_step_of_a_write() {
     assert!(seg_old_len < end(&seg_full));
     let data_variants: Vec<Vec<(PathBuf, Vec<u8>)>> = vec![
         // The data files as before the write, and as after it.
-        seg_before
-            .iter()
-            .filter(|(p, _)| p.parent().unwrap().ends_with("data"))
-            .cloned()
-            .collect(),
-        full.iter()
-            .filter(|(p, _)| p.parent().unwrap().ends_with("data"))
-            .cloned()
-            .collect(),
+        seg_before.iter().filter(|(p, _)| in_data(p)).cloned().collect(),
+        full.iter().filter(|(p, _)| in_data(p)).cloned().collect(),
     ];
     let ckpt: Vec<(PathBuf, Vec<u8>)> = seg_before
         .iter()
@@ -421,4 +421,26 @@ fn compaction_runs_beside_writes_and_keeps_history_and_contents() {
     drop(v);
     let v = Volume::open(&dir, None).unwrap();
     assert_eq!(snapshot(&v), live);
+}
+
+#[test]
+fn a_flat_data_directory_of_an_older_volume_moves_into_shards() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("v");
+    let v = empty(d.path(), "v");
+    let f = file(&v, "f");
+    v.write(f, 0, b"old layout").unwrap();
+    v.checkpoint().unwrap();
+    drop(v);
+    // As 0.2 left it: data/<ino:016x>, no shard directories.
+    let flat = dir.join("data").join(format!("{f:016x}"));
+    std::fs::rename(dir.join("data").join(data_name(f)), &flat).unwrap();
+    for i in 0..DATA_SHARDS {
+        std::fs::remove_dir(dir.join("data").join(format!("{i:02x}"))).unwrap();
+    }
+    let v = Volume::open(&dir, None).unwrap();
+    assert_eq!(v.read(f, 0, 100).unwrap(), b"old layout");
+    assert!(!flat.exists());
+    assert!(dir.join("data").join(data_name(f)).exists());
+    assert_eq!(data_files(&dir.join("data")).len(), 1);
 }

@@ -162,17 +162,12 @@ impl Volume {
     pub(super) fn find_shared(&self) -> HashSet<Ino> {
         use std::os::unix::fs::MetadataExt;
         let mut out = HashSet::new();
-        if let Ok(rd) = std::fs::read_dir(self.base_dir().join("data")) {
-            for e in rd.flatten() {
-                let Ok(ino) = u64::from_str_radix(&e.file_name().to_string_lossy(), 16) else {
-                    continue;
-                };
-                let (Ok(a), Ok(b)) = (e.metadata(), std::fs::metadata(self.data_path(ino))) else {
-                    continue;
-                };
-                if a.ino() == b.ino() && a.dev() == b.dev() {
-                    out.insert(ino);
-                }
+        for (ino, p) in data_files(&self.base_dir().join("data")) {
+            let (Ok(a), Ok(b)) = (std::fs::metadata(&p), std::fs::metadata(self.data_path(ino))) else {
+                continue;
+            };
+            if a.ino() == b.ino() && a.dev() == b.dev() {
+                out.insert(ino);
             }
         }
         out
