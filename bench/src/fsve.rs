@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vessel_testkit::{run_bounded, TestNode};
 
-use crate::{arg, fsbench, median};
+use crate::{arg, arg_str, fsbench, median};
 
 /// `vessel-bench fs-worker fsync PATH N | seqw PATH MIB | seqr PATH`: one measurement,
 /// printed as a number (IOPS or MB/s). Runs inside a VE or on the host.
@@ -99,7 +99,7 @@ fn profile(node: &TestNode, ve: &str) -> vessel_types::api::FsProfile {
 
 /// Per file (or per operation, with `per` = 1) figures of one workload in the VE.
 fn print_profile(what: &str, p: &vessel_types::api::FsProfile, per: f64) {
-    println!("profile of {what} (per file: FUSE requests by opcode, time in handler):");
+    println!("profile of {what}: FUSE requests by opcode, time in handler:");
     let total: u64 = p.ops.iter().map(|o| o.count).sum();
     let mut ops = p.ops.clone();
     ops.sort_by_key(|o| std::cmp::Reverse(o.count));
@@ -144,6 +144,9 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
     let runs = arg("--runs", 5).max(1);
     let seq_mib = arg("--seq-mib", 1024);
     let debian = arg("--debian", 1) == 1;
+    // `--only untar|fsync|seq`: one part alone (while working on it).
+    let only = arg_str("--only");
+    let part = |p: &str| only.as_deref().is_none_or(|o| o == p);
     let base = Dir(PathBuf::from(format!("/var/tmp/vessel-fsve-{}", std::process::id())));
     fs::create_dir_all(&base.0).unwrap();
     let ext4 = base.0.join("ext4");
@@ -176,7 +179,7 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
     let mut rows = Vec::new();
     let mut profiles = Vec::new();
     let mut ratio_untar = f64::NAN;
-    for (tool, ve, host_script, ve_script) in &vs {
+    for (tool, ve, host_script, ve_script) in vs.iter().filter(|_| part("untar")) {
         let (mut h, mut v) = (Vec::new(), Vec::new());
         for run in 0..=runs {
             let host_dir = ext4.join(format!("u{run}"));
@@ -200,8 +203,9 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
             in_ve(&node, ve, "rm -rf /root/u && sync", None);
             if run == runs {
                 profiles.push((
-                    format!("untar, {tool} in a VE"),
+                    format!("untar, {tool} in a VE (per file)"),
                     last_profile.clone().unwrap_or_default(),
+                    files as f64,
                 ));
             }
             // Run 0 warms the page cache of the tarball; not counted.
@@ -221,7 +225,7 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
     if debian {
         let (mut h, mut v) = (Vec::new(), Vec::new());
         let hf = ext4.join("fsync-test");
-        for run in 0..runs {
+        for run in (0..runs).filter(|_| part("fsync")) {
             let hs = hf.display().to_string();
             let (a, b) = if run % 2 == 0 {
                 let a = worker_on_host(&["fsync", &hs, "1000"]);
@@ -242,13 +246,16 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
         let vol_data = node.root.join("ves/deb/volume/data");
         let in_host_view = node.root.join("ves/deb/rootfs/root/seq-test");
         let mib = seq_mib.to_string();
-        for run in 0..runs.min(5) {
+        let mut seq_profile = None;
+        for run in (0..runs.min(5)).filter(|_| part("seq")) {
             let host = || {
                 let w = worker_on_host(&["seqw", &hs, &mib]);
                 (w, worker_on_host(&["seqr", &hs]))
             };
-            let inside = || {
+            let mut inside = || {
+                let p0 = profile(&node, "deb");
                 let w = worker_in_ve(&node, "deb", &format!("seqw /root/seq-test {seq_mib}"));
+                seq_profile = Some(profile(&node, "deb").since(&p0));
                 // Cold read: drop the file's pages and those of its backing data file.
                 fsbench::drop_cache(&in_host_view);
                 if let Ok(m) = fs::metadata(&in_host_view) {
@@ -274,6 +281,13 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
         }
         let _ = fs::remove_file(&hs);
         in_ve(&node, "deb", "rm -f /root/seq-test /root/fsync-test", None);
+        if let Some(p) = seq_profile {
+            profiles.push((
+                format!("{seq_mib} MiB seq write + fsync in a VE (per MiB)"),
+                p,
+                seq_mib as f64,
+            ));
+        }
         let (a, b) = (median(&mut hw), median(&mut vw));
         sw = b / a;
         rows.push((format!("{seq_mib} MiB seq write+fsync (MB/s)"), a, b));
@@ -289,8 +303,8 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
     for (name, a, b) in &rows {
         println!("{name:<44} {a:>12.2} {b:>12.2} {:>8.2}", b / a);
     }
-    for (what, p) in &profiles {
-        print_profile(what, p, files as f64);
+    for (what, p, per) in &profiles {
+        print_profile(what, p, *per);
     }
     println!("vessel-fs in a VE: untar x{ratio_untar:.2} ext4, fsync x{fi:.2} ext4, seqwrite x{sw:.2} ext4, seqread x{sr:.2} ext4");
 }

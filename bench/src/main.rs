@@ -90,6 +90,12 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The value after `name` on the command line, if any.
+fn arg_str(name: &str) -> Option<String> {
+    let a: Vec<String> = std::env::args().collect();
+    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).cloned()
+}
+
 /// An OCI bundle for runc over the template's own tree (read-only, like Vessel's lower layer).
 fn runc_bundle(dir: &Path, rootfs: &Path) -> PathBuf {
     let b = dir.join("runc-bundle");
