@@ -104,13 +104,17 @@ pub struct TxLog {
 pub struct LogSync {
     seg: File,
     upto: u64,
+    /// Bytes of the segment when the sync was made.
+    len: u64,
     durable: Arc<AtomicU64>,
 }
 
 impl LogSync {
-    /// Sync; returns the seq the log is now durable through.
+    /// Sync, then drop the segment's synced pages from the page cache (see
+    /// [`crate::pagecache`]); returns the seq the log is now durable through.
     pub fn sync(self) -> std::io::Result<u64> {
         self.seg.sync_data()?;
+        crate::pagecache::drop_synced_log(&self.seg, self.len);
         Ok(self.durable.fetch_max(self.upto, Ordering::AcqRel).max(self.upto))
     }
 }
@@ -437,6 +441,7 @@ impl TxLog {
         Ok(LogSync {
             seg: self.seg.try_clone().map_err(self.io("duplicate"))?,
             upto: self.last_seq,
+            len: self.seg_len,
             durable: self.durable.clone(),
         })
     }
@@ -567,6 +572,7 @@ impl TxLog {
     pub fn sync(&mut self) -> Result<()> {
         self.seg.sync_data().map_err(self.io("fsync"))?;
         self.durable.fetch_max(self.last_seq, Ordering::AcqRel);
+        crate::pagecache::drop_synced_log(&self.seg, self.seg_len);
         Ok(())
     }
 
