@@ -26,8 +26,11 @@ pub const STREAM_BEHIND: u64 = 8 << 20;
 
 const PAGE: u64 = 4096;
 
+/// A byte range of a file: (offset, length).
+pub type Range = (u64, u64);
+
 /// The range (offset, length) of a segment with `len` bytes synced whose pages can go.
-pub fn log_droppable(len: u64) -> Option<(u64, u64)> {
+pub fn log_droppable(len: u64) -> Option<Range> {
     let end = len.saturating_sub(LOG_KEEP) & !(PAGE - 1);
     (end > 0).then_some((0, end))
 }
@@ -36,7 +39,7 @@ pub fn log_droppable(len: u64) -> Option<(u64, u64)> {
 /// pages it filled) and the range to drop (the same, `STREAM_BEHIND` bytes earlier). None
 /// for a small write, which may be followed by more writes to the same pages (they would
 /// be read back from disk first).
-pub fn stream_ranges(offset: u64, len: u64) -> Option<((u64, u64), Option<(u64, u64)>)> {
+pub fn stream_ranges(offset: u64, len: u64) -> Option<(Range, Option<Range>)> {
     if len < STREAM_WRITE {
         return None;
     }
@@ -51,7 +54,7 @@ pub fn stream_ranges(offset: u64, len: u64) -> Option<((u64, u64), Option<(u64, 
     Some(((from, to - from), drop))
 }
 
-fn fadvise_dontneed(f: &File, (off, len): (u64, u64)) {
+fn fadvise_dontneed(f: &File, (off, len): Range) {
     // SAFETY: advice on our own fd over a byte range; no memory is passed.
     unsafe {
         libc::posix_fadvise(f.as_raw_fd(), off as i64, len as i64, libc::POSIX_FADV_DONTNEED);
