@@ -4,8 +4,8 @@
 //! - the log is written once and read back only for replay and history, so its pages can go
 //!   as soon as they are synced;
 //! - a file the VE writes in large pieces is cached by the VE's kernel already (FUSE keeps
-//!   the pages it writes through), so the data file's pages are a second copy: their
-//!   writeback starts right away and they leave the cache a little behind the writer.
+//!   the pages it writes through), so the data file's pages are a second copy: writeback
+//!   starts as each 8 MiB chunk is complete, and the chunk before it leaves the cache.
 //!
 //! Without this, a 1 GiB file written in a VE takes 3 GiB of page cache (the VE's copy, the
 //! log's, the data file's), most of it dirty at once. All of it is advice: errors are
@@ -18,11 +18,13 @@ use std::os::fd::AsRawFd;
 /// appended to must stay, or the next small append reads it back from disk first.
 pub const LOG_KEEP: u64 = 1 << 20;
 
-/// Writes at least this large stream: written back at once and dropped behind.
+/// Writes at least this large stream: written back and dropped behind, in chunks.
 pub const STREAM_WRITE: u64 = 256 << 10;
 
-/// How far behind a streaming write its pages leave the cache (written back meanwhile).
-pub const STREAM_BEHIND: u64 = 8 << 20;
+/// A stream is handled per chunk of this many bytes (two syscalls per chunk, not per
+/// write): when a write completes a chunk, that chunk's writeback starts and the chunk
+/// before it (written back meanwhile) leaves the cache.
+pub const STREAM_CHUNK: u64 = 8 << 20;
 
 const PAGE: u64 = 4096;
 
@@ -35,23 +37,19 @@ pub fn log_droppable(len: u64) -> Option<Range> {
     (end > 0).then_some((0, end))
 }
 
-/// For a write of `len` bytes at `offset`: the range to start writing back now (the whole
-/// pages it filled) and the range to drop (the same, `STREAM_BEHIND` bytes earlier). None
-/// for a small write, which may be followed by more writes to the same pages (they would
-/// be read back from disk first).
+/// For a write of `len` bytes at `offset`: the range to start writing back now and the
+/// range to drop, when the write completes a chunk (see [`STREAM_CHUNK`]). None for a small
+/// write, which may be followed by more writes to the same pages (they would be read back
+/// from disk first), or one that stays inside a chunk.
 pub fn stream_ranges(offset: u64, len: u64) -> Option<(Range, Option<Range>)> {
-    if len < STREAM_WRITE {
+    let end = offset.checked_add(len)?;
+    if len < STREAM_WRITE || end / STREAM_CHUNK == offset / STREAM_CHUNK {
         return None;
     }
-    let from = offset.div_ceil(PAGE) * PAGE;
-    let to = (offset + len) & !(PAGE - 1);
-    if to <= from {
-        return None;
-    }
-    let drop = (to > STREAM_BEHIND)
-        .then(|| (from.saturating_sub(STREAM_BEHIND), to - STREAM_BEHIND))
-        .map(|(a, b)| (a, b - a));
-    Some(((from, to - from), drop))
+    let done = end / STREAM_CHUNK * STREAM_CHUNK;
+    let write = (done - STREAM_CHUNK, STREAM_CHUNK);
+    let drop = (done >= 2 * STREAM_CHUNK).then(|| (done - 2 * STREAM_CHUNK, STREAM_CHUNK));
+    Some((write, drop))
 }
 
 fn fadvise_dontneed(f: &File, (off, len): Range) {
@@ -95,22 +93,21 @@ mod tests {
     }
 
     #[test]
-    fn small_writes_are_left_alone_large_ones_stream_behind() {
-        assert_eq!(stream_ranges(0, STREAM_WRITE - 1), None);
-        // The first large writes: written back, nothing far enough behind to drop.
-        assert_eq!(stream_ranges(0, 1 << 20), Some(((0, 1 << 20), None)));
-        // Further in: the same range STREAM_BEHIND earlier is dropped.
-        let m = 1u64 << 20;
-        assert_eq!(
-            stream_ranges(STREAM_BEHIND, m),
-            Some(((STREAM_BEHIND, m), Some((0, m))))
-        );
-        assert_eq!(
-            stream_ranges(100 * m, m),
-            Some(((100 * m, m), Some((100 * m - STREAM_BEHIND, m))))
-        );
-        // Unaligned: only the whole pages it filled, partial pages at either end stay.
-        let r = stream_ranges(100, 300 << 10).unwrap();
-        assert_eq!(r.0, (PAGE, ((100 + (300 << 10)) & !(PAGE - 1)) - PAGE));
+    fn small_writes_are_left_alone_large_ones_stream_behind_per_chunk() {
+        let (m, c) = (1u64 << 20, STREAM_CHUNK);
+        assert_eq!(stream_ranges(c - m, STREAM_WRITE - 1), None, "small");
+        assert_eq!(stream_ranges(0, m), None, "inside the first chunk");
+        // The write that completes the first chunk: its writeback starts, nothing to drop.
+        assert_eq!(stream_ranges(c - m, m), Some(((0, c), None)));
+        // Completing the second: written back, the first leaves the cache.
+        assert_eq!(stream_ranges(2 * c - m, m), Some(((c, c), Some((0, c)))));
+        // An unaligned write across a boundary counts too.
+        assert_eq!(stream_ranges(3 * c - 100, 300 << 10), Some(((2 * c, c), Some((c, c)))));
+        // Sequential 1 MiB writes: one chunk each time one completes, never twice.
+        let hits: Vec<u64> = (0..64)
+            .filter_map(|i| stream_ranges(i * m, m).map(|((off, _), _)| off))
+            .collect();
+        assert_eq!(hits, (0..8).map(|k| k * c).collect::<Vec<_>>());
+        assert_eq!(stream_ranges(u64::MAX - 10, m), None);
     }
 }
