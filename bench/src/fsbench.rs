@@ -10,6 +10,10 @@
 //!    its backing file dropped with fadvise);
 //! 4. page cache used when 50 volumes of one template each read the same 50 MB of
 //!    template files.
+//!
+//! Then (unless `--in-ve 0`) the in-VE part of `fsve.rs` with the same tarball, and a
+//! summary: vessel-fs against ext4 in a VE, and from the host as a second row. Last line:
+//! `vessel-fs in a VE: untar x{r} ext4, fsync x{r} ext4, seqwrite x{r} ext4, seqread x{r} ext4`.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -404,4 +408,32 @@ pub fn run(bin: &Path) {
         i[1] / i[0],
         r[1] / r[0]
     );
+    if arg("--in-ve", 1) == 0 {
+        return;
+    }
+    // The same workloads inside real VEs, as a customer feels them (the rows above go
+    // through the mount from the host).
+    println!();
+    let ve = crate::fsve::run(bin, &tar, files);
+    let host = crate::fsve::Ratios {
+        untar: u[1] / u[0],
+        fsync: i[1] / i[0],
+        seqwrite: w[1] / w[0],
+        seqread: r[1] / r[0],
+    };
+    println!();
+    println!(
+        "{:<34} {:>8} {:>8} {:>9} {:>8}",
+        "vessel-fs / ext4", "untar", "fsync", "seqwrite", "seqread"
+    );
+    for (name, x) in [("in a VE", ve), ("from the host, through the mount", host)] {
+        println!(
+            "{name:<34} {:>8} {:>8} {:>9} {:>8}",
+            format!("x{:.2}", x.untar),
+            format!("x{:.2}", x.fsync),
+            format!("x{:.2}", x.seqwrite),
+            format!("x{:.2}", x.seqread)
+        );
+    }
+    println!("{}", ve.line());
 }

@@ -5,10 +5,14 @@
 //!   (with `--debian`, the default when the Debian template can be built) GNU tar inside a
 //!   Debian VE vs GNU tar on ext4; each `tar -xf - && sync`, the tarball fed on stdin;
 //! - 4 KiB write + fdatasync IOPS, 1 GiB sequential write + fsync and cold read: this
-//!   benchmark binary itself runs inside the Debian VE as the worker (same glibc as the host).
+//!   benchmark binary itself runs inside the Debian VE as the worker (same glibc as the host);
+//! - history: in a fresh busybox VE that keeps 24 h of history, the same untar five times
+//!   into fresh directories (`rm -rf` of the previous one between, as a user would): does
+//!   the history the VE accumulates slow it down? `history: untar #5 x{r} #1`.
 //!
-//! Last line: `vessel-fs in a VE: untar x{r} ext4, fsync x{r} ext4, seqwrite x{r} ext4,
-//! seqread x{r} ext4`.
+//! `--only untar|fsync|seq|history` runs one part. `vessel-bench fs` runs all of this after
+//! its own rows (unless `--in-ve 0`). Last line: `vessel-fs in a VE: untar x{r} ext4, fsync
+//! x{r} ext4, seqwrite x{r} ext4, seqread x{r} ext4`.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -17,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vessel_testkit::{run_bounded, TestNode};
 
-use crate::{arg, fsbench, median};
+use crate::{arg, arg_str, fsbench, median};
 
 /// `vessel-bench fs-worker fsync PATH N | seqw PATH MIB | seqr PATH`: one measurement,
 /// printed as a number (IOPS or MB/s). Runs inside a VE or on the host.
@@ -99,7 +103,7 @@ fn profile(node: &TestNode, ve: &str) -> vessel_types::api::FsProfile {
 
 /// Per file (or per operation, with `per` = 1) figures of one workload in the VE.
 fn print_profile(what: &str, p: &vessel_types::api::FsProfile, per: f64) {
-    println!("profile of {what} (per file: FUSE requests by opcode, time in handler):");
+    println!("profile of {what}: FUSE requests by opcode, time in handler:");
     let total: u64 = p.ops.iter().map(|o| o.count).sum();
     let mut ops = p.ops.clone();
     ops.sort_by_key(|o| std::cmp::Reverse(o.count));
@@ -140,10 +144,63 @@ fn worker_on_host(args: &[&str]) -> f64 {
     num(&o, &args.join(" "))
 }
 
-pub fn run(bin: &Path, tar: &Path, files: usize) {
+/// The in-VE figures against ext4 on the host (NaN where not measured).
+#[derive(Debug, Clone, Copy)]
+pub struct Ratios {
+    pub untar: f64,
+    pub fsync: f64,
+    pub seqwrite: f64,
+    pub seqread: f64,
+}
+
+impl Ratios {
+    /// The benchmark's last line.
+    pub fn line(&self) -> String {
+        format!(
+            "vessel-fs in a VE: untar x{:.2} ext4, fsync x{:.2} ext4, seqwrite x{:.2} ext4, seqread x{:.2} ext4",
+            self.untar, self.fsync, self.seqwrite, self.seqread
+        )
+    }
+}
+
+/// Seconds of each of `n` untars of `tar` into fresh directories of one busybox VE that
+/// keeps 24 h of history, the previous directory removed before each; and the profile of
+/// each untar.
+fn history_untars(node: &TestNode, tar: &Path, n: usize) -> Vec<(f64, vessel_types::api::FsProfile)> {
+    node.ok(&["ve", "create", "hist", "-t", "busybox", "--history", "24h", "--start"]);
+    let mut out = Vec::new();
+    for i in 1..=n {
+        if i > 1 {
+            in_ve(node, "hist", &format!("rm -rf /root/h{} && sync", i - 1), None);
+        }
+        let p0 = profile(node, "hist");
+        let t = in_ve(
+            node,
+            "hist",
+            &format!("mkdir -p /root/h{i} && tar -C /root/h{i} -xf - && sync"),
+            Some(tar),
+        );
+        eprintln!("history: untar #{i} {t:.2} s");
+        out.push((t, profile(node, "hist").since(&p0)));
+    }
+    node.ok(&["ve", "destroy", "--force", "hist"]);
+    out
+}
+
+pub fn run(bin: &Path, tar: &Path, files: usize) -> Ratios {
     let runs = arg("--runs", 5).max(1);
     let seq_mib = arg("--seq-mib", 1024);
     let debian = arg("--debian", 1) == 1;
+    // `--only untar|fsync|seq`: one part alone (while working on it).
+    let only = arg_str("--only");
+    let part = |p: &str| only.as_deref().is_none_or(|o| o == p);
+    if let Some(o) = only
+        .as_deref()
+        .filter(|o| !["untar", "fsync", "seq", "history"].contains(o))
+    {
+        eprintln!("vessel-bench: --only {o}: expected untar, fsync, seq or history");
+        std::process::exit(2);
+    }
     let base = Dir(PathBuf::from(format!("/var/tmp/vessel-fsve-{}", std::process::id())));
     fs::create_dir_all(&base.0).unwrap();
     let ext4 = base.0.join("ext4");
@@ -176,7 +233,7 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
     let mut rows = Vec::new();
     let mut profiles = Vec::new();
     let mut ratio_untar = f64::NAN;
-    for (tool, ve, host_script, ve_script) in &vs {
+    for (tool, ve, host_script, ve_script) in vs.iter().filter(|_| part("untar")) {
         let (mut h, mut v) = (Vec::new(), Vec::new());
         for run in 0..=runs {
             let host_dir = ext4.join(format!("u{run}"));
@@ -200,8 +257,9 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
             in_ve(&node, ve, "rm -rf /root/u && sync", None);
             if run == runs {
                 profiles.push((
-                    format!("untar, {tool} in a VE"),
+                    format!("untar, {tool} in a VE (per file)"),
                     last_profile.clone().unwrap_or_default(),
+                    files as f64,
                 ));
             }
             // Run 0 warms the page cache of the tarball; not counted.
@@ -221,7 +279,7 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
     if debian {
         let (mut h, mut v) = (Vec::new(), Vec::new());
         let hf = ext4.join("fsync-test");
-        for run in 0..runs {
+        for run in (0..runs).filter(|_| part("fsync")) {
             let hs = hf.display().to_string();
             let (a, b) = if run % 2 == 0 {
                 let a = worker_on_host(&["fsync", &hs, "1000"]);
@@ -242,13 +300,16 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
         let vol_data = node.root.join("ves/deb/volume/data");
         let in_host_view = node.root.join("ves/deb/rootfs/root/seq-test");
         let mib = seq_mib.to_string();
-        for run in 0..runs.min(5) {
+        let mut seq_profile = None;
+        for run in (0..runs.min(5)).filter(|_| part("seq")) {
             let host = || {
                 let w = worker_on_host(&["seqw", &hs, &mib]);
                 (w, worker_on_host(&["seqr", &hs]))
             };
-            let inside = || {
+            let mut inside = || {
+                let p0 = profile(&node, "deb");
                 let w = worker_in_ve(&node, "deb", &format!("seqw /root/seq-test {seq_mib}"));
+                seq_profile = Some(profile(&node, "deb").since(&p0));
                 // Cold read: drop the file's pages and those of its backing data file.
                 fsbench::drop_cache(&in_host_view);
                 if let Ok(m) = fs::metadata(&in_host_view) {
@@ -274,6 +335,13 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
         }
         let _ = fs::remove_file(&hs);
         in_ve(&node, "deb", "rm -f /root/seq-test /root/fsync-test", None);
+        if let Some(p) = seq_profile {
+            profiles.push((
+                format!("{seq_mib} MiB seq write + fsync in a VE (per MiB)"),
+                p,
+                seq_mib as f64,
+            ));
+        }
         let (a, b) = (median(&mut hw), median(&mut vw));
         sw = b / a;
         rows.push((format!("{seq_mib} MiB seq write+fsync (MB/s)"), a, b));
@@ -289,10 +357,45 @@ pub fn run(bin: &Path, tar: &Path, files: usize) {
     for (name, a, b) in &rows {
         println!("{name:<44} {a:>12.2} {b:>12.2} {:>8.2}", b / a);
     }
-    for (what, p) in &profiles {
-        print_profile(what, p, files as f64);
+    for (what, p, per) in &profiles {
+        print_profile(what, p, *per);
     }
-    println!("vessel-fs in a VE: untar x{ratio_untar:.2} ext4, fsync x{fi:.2} ext4, seqwrite x{sw:.2} ext4, seqread x{sr:.2} ext4");
+    if part("history") {
+        let h = history_untars(&node, tar, 5);
+        // The same sequence with the same tool on the host's ext4, for comparison.
+        let busybox = which("busybox");
+        let host: Vec<f64> = (1..=5)
+            .map(|i| {
+                let d = ext4.join(format!("h{i}"));
+                fs::create_dir_all(&d).unwrap();
+                let t = on_host(&format!("{busybox} tar -C {} -xf - && sync", d.display()), tar);
+                let _ = fs::remove_dir_all(&d);
+                on_host("sync", Path::new("/dev/null"));
+                t
+            })
+            .collect();
+        let list = |v: &mut dyn Iterator<Item = f64>| v.map(|s| format!("{s:.2}")).collect::<Vec<_>>().join(", ");
+        println!(
+            "untar {files} files 5 times, rm -rf between (s): in one busybox VE keeping 24 h of history {}; ext4 on the host {}",
+            list(&mut h.iter().map(|(s, _)| *s)),
+            list(&mut host.iter().copied())
+        );
+        for k in [0, 4] {
+            print_profile(
+                &format!("untar #{} in that VE (per file)", k + 1),
+                &h[k].1,
+                files as f64,
+            );
+        }
+        println!("history (ext4 on the host: untar #5 x{:.2} #1)", host[4] / host[0]);
+        println!("history: untar #5 x{:.2} #1", h[4].0 / h[0].0);
+    }
+    Ratios {
+        untar: ratio_untar,
+        fsync: fi,
+        seqwrite: sw,
+        seqread: sr,
+    }
 }
 
 fn which(p: &str) -> String {

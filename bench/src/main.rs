@@ -1,5 +1,6 @@
-//! `vessel-bench ve-start [--runs N] [--density N]` and `vessel-bench fs [--runs N]`: run
-//! as root after `cargo build --release`. See `fsbench.rs` for the file system benchmark.
+//! `vessel-bench ve-start [--runs N] [--density N]`, `vessel-bench fs [--runs N] [--in-ve 0|1]`
+//! and `vessel-bench fs-ve`: run as root after `cargo build --release`. See `fsbench.rs` for
+//! the file system benchmark from the host, `fsve.rs` for its part inside real VEs.
 //!
 //! ve-start:
 //!
@@ -90,6 +91,12 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The value after `name` on the command line, if any.
+fn arg_str(name: &str) -> Option<String> {
+    let a: Vec<String> = std::env::args().collect();
+    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).cloned()
+}
+
 /// An OCI bundle for runc over the template's own tree (read-only, like Vessel's lower layer).
 fn runc_bundle(dir: &Path, rootfs: &Path) -> PathBuf {
     let b = dir.join("runc-bundle");
@@ -118,8 +125,9 @@ fn main() {
     }
     if !matches!(cmd.as_deref(), Some("ve-start") | Some("fs") | Some("fs-ve")) {
         eprintln!(
-            "usage: vessel-bench ve-start [--runs N] [--density N] | fs [--runs N] [--seq-mib N] [--mounts N] \
-             | fs-ve [--runs N] [--seq-mib N] [--debian 0|1]"
+            "usage: vessel-bench ve-start [--runs N] [--density N] \
+             | fs [--runs N] [--seq-mib N] [--mounts N] [--in-ve 0|1] [--debian 0|1] \
+             | fs-ve [--runs N] [--seq-mib N] [--debian 0|1] [--only untar|fsync|seq|history]"
         );
         std::process::exit(2);
     }
@@ -136,7 +144,8 @@ fn main() {
         let base = PathBuf::from(format!("/var/tmp/vessel-fsve-tar-{}", std::process::id()));
         std::fs::create_dir_all(&base).unwrap();
         let (tar, files) = fsbench::tarball(&base);
-        fsve::run(&vessel_bin(), &tar, files);
+        let r = fsve::run(&vessel_bin(), &tar, files);
+        println!("{}", r.line());
         let _ = std::fs::remove_dir_all(&base);
         return;
     }

@@ -20,6 +20,7 @@ pub mod codec;
 pub mod fuse;
 pub mod history;
 pub mod lower;
+pub mod pagecache;
 pub mod sparse;
 pub mod stats;
 pub mod tree;

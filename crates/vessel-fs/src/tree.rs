@@ -334,6 +334,16 @@ impl Tree {
 
     /// Apply a validated op.
     fn commit(&mut self, op: &Op, t: i64) {
+        if let Op::Write { ino, offset, data } = op {
+            // Only the length of a write matters here: its data is not cloned below.
+            let i = self.inodes.get_mut(ino).expect("checked");
+            if !data.is_empty() {
+                i.size = i.size.max(offset.saturating_add(data.len() as u64));
+            }
+            i.mtime_ns = t;
+            i.ctime_ns = t;
+            return;
+        }
         match op.clone() {
             Op::Create {
                 parent,
@@ -490,14 +500,7 @@ impl Tree {
                 self.touch_dir(parent, t);
                 self.touch_dir(new_parent, t);
             }
-            Op::Write { ino, offset, data } => {
-                let i = self.inodes.get_mut(&ino).expect("checked");
-                if !data.is_empty() {
-                    i.size = i.size.max(offset.saturating_add(data.len() as u64));
-                }
-                i.mtime_ns = t;
-                i.ctime_ns = t;
-            }
+            Op::Write { .. } => {} // above
             Op::Truncate { ino, size } => {
                 let i = self.inodes.get_mut(&ino).expect("checked");
                 i.size = size;

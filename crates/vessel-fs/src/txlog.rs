@@ -35,6 +35,9 @@ pub const MAX_RECORD: u32 = 64 << 20;
 /// flushes data (the file's size changes once per this many bytes, not per append).
 pub const ZERO_AHEAD: u64 = 4 << 20;
 
+/// Records at least this large extend the segment themselves, without zeros ahead.
+pub const LARGE_RECORD: u64 = 256 << 10;
+
 /// Segment size after which the log starts a new segment.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
@@ -90,6 +93,10 @@ pub struct TxLog {
     max_segment: u64,
     /// Every transaction up to this seq is on disk.
     durable: Arc<AtomicU64>,
+    /// Each segment's first seq and the time of its first transaction (None while empty),
+    /// kept as the log changes: reading them from the segments cost a whole segment
+    /// per segment whose first record is large, under the volume's lock.
+    starts: Vec<(u64, Option<i64>)>,
 }
 
 /// An fdatasync of the log as it is now, made without holding the log (group commit: the
@@ -97,13 +104,17 @@ pub struct TxLog {
 pub struct LogSync {
     seg: File,
     upto: u64,
+    /// Bytes of the segment when the sync was made.
+    len: u64,
     durable: Arc<AtomicU64>,
 }
 
 impl LogSync {
-    /// Sync; returns the seq the log is now durable through.
+    /// Sync, then drop the segment's synced pages from the page cache (see
+    /// [`crate::pagecache`]); returns the seq the log is now durable through.
     pub fn sync(self) -> std::io::Result<u64> {
         self.seg.sync_data()?;
+        crate::pagecache::drop_synced_log(&self.seg, self.len);
         Ok(self.durable.fetch_max(self.upto, Ordering::AcqRel).max(self.upto))
     }
 }
@@ -233,6 +244,7 @@ impl TxLog {
         let mut last_epoch = 0;
         let mut truncated = 0;
         let mut last_end = HEADER_LEN;
+        let mut starts = Vec::with_capacity(segs.len());
         for (i, (first, path)) in segs.iter().enumerate() {
             let is_last = i + 1 == segs.len();
             let bytes = std::fs::read(path).map_err(io("read", path))?;
@@ -247,6 +259,7 @@ impl TxLog {
                 if is_last && bytes.iter().all(|b| *b == 0) {
                     // A segment created but never written before the crash.
                     std::fs::write(path, header(*first)).map_err(io("rewrite", path))?;
+                    starts.push((*first, None));
                     continue;
                 }
                 return Err(corrupt(0, "bad segment header".into(), last_seq));
@@ -262,6 +275,7 @@ impl TxLog {
                 ));
             }
             let s = scan(&bytes, *first);
+            starts.push((*first, s.txs.first().map(|t| t.time_ns)));
             records += s.txs.len() as u64;
             if let Some(t) = s.txs.last() {
                 last_seq = t.seq;
@@ -296,6 +310,7 @@ impl TxLog {
                 let p = dir.join(seg_name(1));
                 std::fs::write(&p, header(1)).map_err(io("create", &p))?;
                 sync_dir(dir);
+                starts.push((1, None));
                 p
             }
         };
@@ -323,6 +338,7 @@ impl TxLog {
             last_epoch,
             max_segment,
             durable: Arc::new(AtomicU64::new(last_seq)),
+            starts,
         };
         Ok((
             log,
@@ -368,30 +384,52 @@ impl TxLog {
                 got: tx.epoch,
             });
         }
-        let body = tx.encode();
-        if body.len() > MAX_RECORD as usize {
-            return Err(TxLogError::TooLarge(body.len(), self.volume.clone()));
+        // A write's data is not copied into the record: it is written from the tx itself.
+        let (head, tail) = tx.encode_split();
+        let body_len = head.len() + tail.len();
+        if body_len > MAX_RECORD as usize {
+            return Err(TxLogError::TooLarge(body_len, self.volume.clone()));
         }
         if self.seg_len >= self.max_segment {
             self.rotate(tx.seq)?;
         }
-        let mut frame = Vec::with_capacity(body.len() + FRAME_LEN as usize);
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        frame.extend_from_slice(&body);
-        let end = self.seg_len + frame.len() as u64;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(tail);
+        let mut frame = Vec::with_capacity(head.len() + FRAME_LEN as usize);
+        frame.extend_from_slice(&(body_len as u32).to_le_bytes());
+        frame.extend_from_slice(&crc.finalize().to_le_bytes());
+        frame.extend_from_slice(&head);
+        let end = self.seg_len + FRAME_LEN + body_len as u64;
         if end > self.zeroed_end {
-            // Grow the zeroed space with the segment (small logs stay small).
-            let upto = end + self.seg_len.clamp(64 << 10, ZERO_AHEAD);
-            let zeros = vec![0u8; (upto - self.zeroed_end) as usize];
-            self.seg
-                .write_all_at(&zeros, self.zeroed_end)
-                .map_err(self.io("extend"))?;
-            self.zeroed_end = upto;
+            if (body_len as u64) < LARGE_RECORD {
+                // Grow the zeroed space with the segment (small logs stay small).
+                let upto = end + self.seg_len.clamp(64 << 10, ZERO_AHEAD);
+                let zeros = vec![0u8; (upto - self.zeroed_end) as usize];
+                self.seg
+                    .write_all_at(&zeros, self.zeroed_end)
+                    .map_err(self.io("extend"))?;
+                self.zeroed_end = upto;
+            } else {
+                // A large record extends the file itself: zeros ahead of it would double
+                // what the log writes, for a size change its sync pays once.
+                self.zeroed_end = end;
+            }
         }
+        // Two writes for a write's data: a crash between them leaves a record whose
+        // checksum fails at the end of the log, a torn tail like any cut-short write.
         self.seg
             .write_all_at(&frame, self.seg_len)
+            .and_then(|_| match tail.is_empty() {
+                true => Ok(()),
+                false => self.seg.write_all_at(tail, self.seg_len + frame.len() as u64),
+            })
             .map_err(self.io("append to"))?;
+        if self.seg_len == HEADER_LEN {
+            if let Some(s) = self.starts.last_mut() {
+                s.1 = Some(tx.time_ns);
+            }
+        }
         self.seg_len = end;
         self.last_seq = tx.seq;
         self.last_epoch = tx.epoch;
@@ -403,6 +441,7 @@ impl TxLog {
         Ok(LogSync {
             seg: self.seg.try_clone().map_err(self.io("duplicate"))?,
             upto: self.last_seq,
+            len: self.seg_len,
             durable: self.durable.clone(),
         })
     }
@@ -514,6 +553,8 @@ impl TxLog {
             }
         }
         sync_dir(&self.dir);
+        let left = self.list_segments()?;
+        self.starts.retain(|(f, _)| left.iter().any(|(g, _)| g == f));
         Ok(freed)
     }
 
@@ -531,6 +572,7 @@ impl TxLog {
     pub fn sync(&mut self) -> Result<()> {
         self.seg.sync_data().map_err(self.io("fsync"))?;
         self.durable.fetch_max(self.last_seq, Ordering::AcqRel);
+        crate::pagecache::drop_synced_log(&self.seg, self.seg_len);
         Ok(())
     }
 
@@ -563,32 +605,14 @@ impl TxLog {
         self.seg_path = path;
         self.seg_len = HEADER_LEN;
         self.zeroed_end = HEADER_LEN;
+        self.starts.push((first_seq, None));
         Ok(())
     }
 
-    /// For each segment, its first seq and the time of its first transaction (reads one
-    /// record per segment).
+    /// For each segment, its first seq and the time of its first transaction (None for
+    /// a segment with none yet).
     pub fn segment_starts(&self) -> Vec<(u64, Option<i64>)> {
-        segments(&self.dir)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(first, path)| {
-                let mut head = vec![0u8; 64 << 10];
-                let n = File::open(&path).and_then(|mut f| f.read(&mut head)).unwrap_or(0);
-                head.truncate(n);
-                let t = record_at(&head, HEADER_LEN as usize, first)
-                    .ok()
-                    .map(|(tx, _)| tx.time_ns)
-                    .or_else(|| {
-                        // A first record larger than the probe: read the whole segment.
-                        let all = std::fs::read(&path).ok()?;
-                        record_at(&all, HEADER_LEN as usize, first)
-                            .ok()
-                            .map(|(tx, _)| tx.time_ns)
-                    });
-                (first, t)
-            })
-            .collect()
+        self.starts.clone()
     }
 
     #[cfg(test)]
@@ -886,6 +910,28 @@ mod tests {
     }
 
     #[test]
+    fn segment_starts_follow_appends_rotation_reopen_and_dropping() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _) = TxLog::open_with(d.path(), "v1", 512).unwrap();
+        assert_eq!(log.segment_starts(), vec![(1, None)]);
+        for s in 1..=100 {
+            log.append(&tx(s, 1)).unwrap();
+        }
+        let starts = log.segment_starts();
+        let firsts: Vec<u64> = segments(d.path()).unwrap().iter().map(|(f, _)| *f).collect();
+        assert!(firsts.len() > 3);
+        assert_eq!(starts.iter().map(|(f, _)| *f).collect::<Vec<_>>(), firsts);
+        for (f, t) in &starts {
+            assert_eq!(*t, Some(*f as i64 * 1000), "time of seq {f}, the segment's first");
+        }
+        drop(log);
+        let (mut log, _) = TxLog::open_with(d.path(), "v1", 512).unwrap();
+        assert_eq!(log.segment_starts(), starts);
+        log.drop_through(firsts[2] - 1).unwrap();
+        assert_eq!(log.segment_starts(), starts[2..].to_vec());
+    }
+
+    #[test]
     fn the_reader_streams_a_range_and_rereads_records_by_position() {
         let d = tempfile::tempdir().unwrap();
         let txs = fill(d.path(), 100, 512);
@@ -967,6 +1013,75 @@ mod tests {
             assert_eq!(log.read_from(1).unwrap(), txs[..whole as usize].to_vec());
             // The log goes on from the last whole transaction.
             log.append(&tx(whole + 1, 9)).unwrap();
+        }
+    }
+
+    fn big(seq: u64, len: usize) -> Tx {
+        Tx {
+            epoch: 1,
+            seq,
+            time_ns: 0,
+            op: Op::Write {
+                ino: 9,
+                offset: seq << 20,
+                data: (0..len).map(|i| (i * 7 + seq as usize) as u8).collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn large_records_write_no_zeros_ahead_and_a_cut_anywhere_keeps_a_prefix() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _) = TxLog::open(d.path(), "v1").unwrap();
+        let txs = vec![
+            tx(1, 1),
+            big(2, 300 << 10),
+            big(3, 1 << 20),
+            tx(4, 1),
+            big(5, 400 << 10),
+        ];
+        let seg = segments(d.path()).unwrap()[0].1.clone();
+        let mut ends = vec![HEADER_LEN as usize];
+        let mut before = 0;
+        for t in &txs {
+            log.append(t).unwrap();
+            let end = ends.last().unwrap() + FRAME_LEN as usize + t.encode().len();
+            ends.push(end);
+            let file_len = std::fs::metadata(&seg).unwrap().len() as usize;
+            if t.encode().len() as u64 >= LARGE_RECORD {
+                assert_eq!(file_len, end.max(before), "no zeros after a large record");
+            } else {
+                assert!(file_len > end, "zeros after a small one");
+            }
+            before = file_len;
+        }
+        log.sync().unwrap();
+        drop(log);
+        let full = std::fs::read(&seg).unwrap()[..ends[5]].to_vec();
+        // Cuts in every record: in the frame, in the head, where the data starts, inside
+        // the data, one byte short.
+        let mut cuts = Vec::new();
+        for w in ends.windows(2) {
+            for c in [w[0] + 3, w[0] + 20, w[0] + 8 + 37, (w[0] + w[1]) / 2, w[1] - 1, w[1]] {
+                if c > w[0] && c <= w[1] {
+                    cuts.push(c);
+                }
+            }
+        }
+        for cut in cuts {
+            std::fs::write(&seg, &full[..cut]).unwrap();
+            let (mut log, rec) = TxLog::open(d.path(), "v1").unwrap();
+            let whole = ends.iter().filter(|e| **e <= cut).count() as u64 - 1;
+            assert_eq!(rec.last_seq, whole, "cut at {cut}");
+            assert_eq!(
+                log.read_from(1).unwrap(),
+                txs[..whole as usize].to_vec(),
+                "cut at {cut}"
+            );
+            log.append(&big(whole + 1, 260 << 10)).unwrap();
+            drop(log);
+            let (log, _) = TxLog::open(d.path(), "v1").unwrap();
+            assert_eq!(log.read_from(1).unwrap().len() as u64, whole + 1);
         }
     }
 

@@ -126,6 +126,7 @@ impl Volume {
             Op::Write { ino, offset, data } => {
                 let f = self.data_file(st, *ino)?;
                 f.write_all_at(data, *offset)?;
+                crate::pagecache::write_behind(&f, *offset, data.len() as u64);
                 st.dirty.insert(*ino);
             }
             Op::Truncate { ino, size } => {
