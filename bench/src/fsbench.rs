@@ -278,7 +278,7 @@ pub fn run(bin: &Path) {
             vfs.mnt.clone(),
             Box::new(move |p: &Path| {
                 let ino = fs::metadata(p).ok()?.ino();
-                Some(vol.join("data").join(format!("{ino:016x}")))
+                Some(vol.join("data").join(vessel_fs::volume::data_name(ino)))
             }),
         ),
         (

@@ -313,7 +313,7 @@ pub fn run(bin: &Path, tar: &Path, files: usize) -> Ratios {
                 // Cold read: drop the file's pages and those of its backing data file.
                 fsbench::drop_cache(&in_host_view);
                 if let Ok(m) = fs::metadata(&in_host_view) {
-                    fsbench::drop_cache(&vol_data.join(format!("{:016x}", m.ino())));
+                    fsbench::drop_cache(&vol_data.join(vessel_fs::volume::data_name(m.ino())));
                 }
                 (w, worker_in_ve(&node, "deb", "seqr /root/seq-test"))
             };
