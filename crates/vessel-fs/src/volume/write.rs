@@ -9,6 +9,11 @@ impl Volume {
     /// Append `op` as the next transaction and apply it to the tree; then apply its
     /// effect on file contents.
     pub(super) fn commit(&self, st: &mut State, op: Op) -> FsResult<u64> {
+        self.commit_tx(st, op).map(|tx| tx.seq)
+    }
+
+    /// [`Volume::commit`], giving the transaction back (its buffers can be reused).
+    pub(super) fn commit_tx(&self, st: &mut State, op: Op) -> FsResult<Tx> {
         if self.broken.load(Ordering::Relaxed) {
             return Err(libc::EIO);
         }
@@ -47,7 +52,7 @@ impl Volume {
             );
             return Err(libc::EIO);
         }
-        Ok(tx.seq)
+        Ok(tx)
     }
 
     /// What a commit and a replica's append share: the tree, the log (before any file
@@ -615,22 +620,30 @@ impl Volume {
     }
 
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<u32> {
+        // The copy is made before the volume's lock is taken, into a reused buffer.
+        let buf = write_buffer(data);
         let mut st = self.lock();
         if st.orphans.contains_key(&ino) {
             let f = self.data_file(&mut st, ino).map_err(|e| errno_of(&e))?;
             f.write_all_at(data, offset).map_err(|e| errno_of(&e))?;
             let o = st.orphans.get_mut(&ino).expect("checked");
             o.size = o.size.max(offset + data.len() as u64);
+            drop(st);
+            reuse_write_buffer(buf);
             return Ok(data.len() as u32);
         }
-        self.commit(
+        let tx = self.commit_tx(
             &mut st,
             Op::Write {
                 ino,
                 offset,
-                data: data.to_vec(),
+                data: buf,
             },
         )?;
+        drop(st);
+        if let Op::Write { data: buf, .. } = tx.op {
+            reuse_write_buffer(buf);
+        }
         Ok(data.len() as u32)
     }
 
@@ -655,6 +668,34 @@ impl Volume {
 }
 
 /// Names are at most 255 bytes (NAME_MAX), as on Linux disk file systems.
+/// Buffers of large writes kept for the next ones: with the daemon's malloc settings
+/// (`fuse::keep_big_buffers_unmapped`) every fresh 1 MiB buffer is an mmap, 256 page faults
+/// and an munmap. At most this many are kept, shared by all volumes.
+const WRITE_BUFFERS: usize = 8;
+const POOLED_MIN: usize = 128 << 10;
+const POOLED_MAX: usize = 2 << 20;
+static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+fn write_buffer(data: &[u8]) -> Vec<u8> {
+    if data.len() >= POOLED_MIN {
+        if let Some(mut b) = BUFFERS.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            b.clear();
+            b.extend_from_slice(data);
+            return b;
+        }
+    }
+    data.to_vec()
+}
+
+fn reuse_write_buffer(b: Vec<u8>) {
+    if (POOLED_MIN..=POOLED_MAX).contains(&b.capacity()) {
+        let mut pool = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < WRITE_BUFFERS {
+            pool.push(b);
+        }
+    }
+}
+
 pub(super) fn long_name(name: &[u8]) -> FsResult<()> {
     if name.len() > 255 {
         return Err(libc::ENAMETOOLONG);
