@@ -632,14 +632,7 @@ impl Volume {
             reuse_write_buffer(buf);
             return Ok(data.len() as u32);
         }
-        let tx = self.commit_tx(
-            &mut st,
-            Op::Write {
-                ino,
-                offset,
-                data: buf,
-            },
-        )?;
+        let tx = self.commit_tx(&mut st, Op::Write { ino, offset, data: buf })?;
         drop(st);
         if let Op::Write { data: buf, .. } = tx.op {
             reuse_write_buffer(buf);
