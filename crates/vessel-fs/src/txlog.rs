@@ -228,15 +228,7 @@ impl TxLog {
     }
 
     pub fn open_with(dir: &Path, volume: &str, max_segment: u64) -> Result<(TxLog, Recovery)> {
-        let io = |what: &'static str, path: &Path| {
-            let (v, p) = (volume.to_string(), path.to_path_buf());
-            move |source| TxLogError::Io {
-                volume: v,
-                what,
-                path: p,
-                source,
-            }
-        };
+        let io = |what, path: &Path| io_err(volume, what, path);
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
         let segs = segments(dir).map_err(io("list", dir))?;
         let mut records = 0;
@@ -358,13 +350,8 @@ impl TxLog {
         self.last_epoch
     }
 
-    fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> TxLogError + '_ {
-        move |source| TxLogError::Io {
-            volume: self.volume.clone(),
-            what,
-            path: self.seg_path.clone(),
-            source,
-        }
+    fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> TxLogError {
+        io_err(&self.volume, what, &self.seg_path)
     }
 
     /// Append one transaction (not yet durable: see [`TxLog::sync`]). Its seq must follow
@@ -473,15 +460,7 @@ impl TxLog {
                 first,
             });
         }
-        let io = |what: &'static str, path: &Path| {
-            let (volume, path) = (self.volume.clone(), path.to_path_buf());
-            move |source| TxLogError::Io {
-                volume,
-                what,
-                path,
-                source,
-            }
-        };
+        let io = |what, path: &Path| io_err(&self.volume, what, path);
         for (f, path) in segs.iter().rev() {
             if *f > seq + 1 || (*f == seq + 1 && *f != first) {
                 std::fs::remove_file(path).map_err(io("remove", path))?;
@@ -544,12 +523,7 @@ impl TxLog {
         for w in segs.windows(2) {
             if w[1].0 - 1 <= seq && w[0].1 != self.seg_path {
                 freed += std::fs::metadata(&w[0].1).map(|m| m.len()).unwrap_or(0);
-                std::fs::remove_file(&w[0].1).map_err(|source| TxLogError::Io {
-                    volume: self.volume.clone(),
-                    what: "remove",
-                    path: w[0].1.clone(),
-                    source,
-                })?;
+                std::fs::remove_file(&w[0].1).map_err(io_err(&self.volume, "remove", &w[0].1))?;
             }
         }
         sync_dir(&self.dir);
@@ -586,20 +560,10 @@ impl TxLog {
             .write(true)
             .read(true)
             .open(&path)
-            .map_err(|source| TxLogError::Io {
-                volume: self.volume.clone(),
-                what: "create",
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(io_err(&self.volume, "create", &path))?;
         f.write_all(&header(first_seq))
             .and_then(|_| f.sync_all())
-            .map_err(|source| TxLogError::Io {
-                volume: self.volume.clone(),
-                what: "write",
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(io_err(&self.volume, "write", &path))?;
         sync_dir(&self.dir);
         self.seg = f;
         self.seg_path = path;
@@ -637,12 +601,7 @@ impl TxLog {
             let mut bytes = Vec::new();
             File::open(path)
                 .and_then(|mut f| f.read_to_end(&mut bytes))
-                .map_err(|source| TxLogError::Io {
-                    volume: self.volume.clone(),
-                    what: "read",
-                    path: path.clone(),
-                    source,
-                })?;
+                .map_err(io_err(&self.volume, "read", &path))?;
             let s = scan(&bytes, *first);
             let is_last = i + 1 == segs.len();
             // The end of the last segment may be torn (or zeros written ahead): its end.
@@ -681,12 +640,7 @@ pub struct LogReader {
 impl TxLog {
     /// The log's segment files, in order.
     fn list_segments(&self) -> Result<Vec<(u64, PathBuf)>> {
-        segments(&self.dir).map_err(|source| TxLogError::Io {
-            volume: self.volume.clone(),
-            what: "list",
-            path: self.dir.clone(),
-            source,
-        })
+        segments(&self.dir).map_err(io_err(&self.volume, "list", &self.dir))
     }
 
     /// A reader over every transaction appended so far.
@@ -706,13 +660,7 @@ impl LogReader {
     }
 
     fn io(&self, what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TxLogError {
-        let (volume, path) = (self.volume.clone(), path.to_path_buf());
-        move |source| TxLogError::Io {
-            volume,
-            what,
-            path,
-            source,
-        }
+        io_err(&self.volume, what, path)
     }
 
     fn corrupt(&self, seg: usize, offset: u64, reason: String, last_good_seq: u64) -> TxLogError {
@@ -844,6 +792,17 @@ fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
         .collect();
     v.sort();
     Ok(v)
+}
+
+/// The error for a failed `what` on `path` of `volume`'s log.
+fn io_err(volume: &str, what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TxLogError {
+    let (volume, path) = (volume.to_string(), path.to_path_buf());
+    move |source| TxLogError::Io {
+        volume,
+        what,
+        path,
+        source,
+    }
 }
 
 fn sync_dir(dir: &Path) {

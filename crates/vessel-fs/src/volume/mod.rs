@@ -587,69 +587,60 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// The epoch promised in `epoch.json` (0 if none was promised yet).
-fn read_epoch(dir: &Path, volume: &str) -> Result<u64> {
-    let p = dir.join("epoch.json");
+/// A small versioned JSON file of the volume (`None` if it does not exist): a damaged one
+/// or one of another format version is an error naming it.
+fn read_versioned<T: serde::de::DeserializeOwned>(
+    p: &Path,
+    volume: &str,
+    version: impl Fn(&T) -> u32,
+    expected: u32,
+) -> Result<Option<T>> {
     let corrupt = |reason: String| VolumeError::Corrupt {
         volume: volume.to_string(),
         reason,
     };
-    match std::fs::read(&p) {
+    match std::fs::read(p) {
         Ok(b) => {
-            let e: EpochFile =
-                serde_json::from_slice(&b).map_err(|e| corrupt(format!("{} is damaged: {e}", p.display())))?;
-            if e.version != EPOCH_VERSION {
+            let v: T = serde_json::from_slice(&b).map_err(|e| corrupt(format!("{} is damaged: {e}", p.display())))?;
+            if version(&v) != expected {
                 return Err(corrupt(format!(
-                    "{} has format version {} (this build reads {EPOCH_VERSION})",
+                    "{} has format version {} (this build reads {expected})",
                     p.display(),
-                    e.version
+                    version(&v)
                 )));
             }
-            Ok(e.epoch)
+            Ok(Some(v))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(VolumeError::Io {
             volume: volume.to_string(),
             what: "read",
-            path: p,
+            path: p.to_path_buf(),
             source,
         }),
     }
 }
 
+/// The epoch promised in `epoch.json` (0 if none was promised yet).
+fn read_epoch(dir: &Path, volume: &str) -> Result<u64> {
+    let e: Option<EpochFile> = read_versioned(
+        &dir.join("epoch.json"),
+        volume,
+        |e: &EpochFile| e.version,
+        EPOCH_VERSION,
+    )?;
+    Ok(e.map_or(0, |e| e.epoch))
+}
+
 fn read_base_meta(dir: &Path, volume: &str) -> Result<BaseMeta> {
     let p = dir.join("base").join("meta.json");
-    match std::fs::read(&p) {
-        Ok(b) => {
-            let m: BaseMeta = serde_json::from_slice(&b).map_err(|e| VolumeError::Corrupt {
-                volume: volume.to_string(),
-                reason: format!("{} is damaged: {e}", p.display()),
-            })?;
-            if m.version != BASE_VERSION {
-                return Err(VolumeError::Corrupt {
-                    volume: volume.to_string(),
-                    reason: format!(
-                        "{} has format version {} (this build reads {BASE_VERSION})",
-                        p.display(),
-                        m.version
-                    ),
-                });
-            }
-            Ok(m)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BaseMeta {
-            version: BASE_VERSION,
-            seq: 0,
-            time_ns: 0,
-            pending: 0,
-        }),
-        Err(source) => Err(VolumeError::Io {
-            volume: volume.to_string(),
-            what: "read",
-            path: p,
-            source,
-        }),
-    }
+    let m: Option<BaseMeta> = read_versioned(&p, volume, |m: &BaseMeta| m.version, BASE_VERSION)?;
+    Ok(m.unwrap_or(BaseMeta {
+        version: BASE_VERSION,
+        seq: 0,
+        time_ns: 0,
+        pending: 0,
+    }))
 }
 
 fn counted(i: &Inode) -> u64 {
