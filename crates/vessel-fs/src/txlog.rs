@@ -601,7 +601,7 @@ impl TxLog {
             let mut bytes = Vec::new();
             File::open(path)
                 .and_then(|mut f| f.read_to_end(&mut bytes))
-                .map_err(io_err(&self.volume, "read", &path))?;
+                .map_err(io_err(&self.volume, "read", path))?;
             let s = scan(&bytes, *first);
             let is_last = i + 1 == segs.len();
             // The end of the last segment may be torn (or zeros written ahead): its end.
