@@ -250,7 +250,8 @@ impl Member {
                 let rec = live.unwrap_or(&m);
                 ClusterNode {
                     name: rec.name.clone(),
-                    state: match (live, rec.draining) {
+                    // Draining is the operator's word, kept in the member record.
+                    state: match (live, m.draining) {
                         (None, _) => "lost",
                         (Some(_), true) => "draining",
                         (Some(_), false) => "ready",
@@ -279,6 +280,45 @@ impl Member {
         })
     }
 
+    /// Mark a member draining (or not). Any node may: it is the operator's intent.
+    pub fn set_draining(&self, name: &str, drain: bool) -> Result<(), MemberError> {
+        self.rt.block_on(async {
+            let key = member_key(name);
+            let mut rec: NodeRecord = self
+                .store
+                .get(&key)
+                .await
+                .map_err(|e| MemberError::Store(e.to_string()))?
+                .ok_or_else(|| MemberError::NotFound(name.to_string()))?;
+            rec.draining = drain;
+            self.store
+                .put(&key, &rec)
+                .await
+                .map_err(|e| MemberError::Store(e.to_string()))
+        })
+    }
+
+    /// Forget a member that is lost (a live node is refused: stop it first).
+    pub fn remove(&self, name: &str) -> Result<(), MemberError> {
+        self.rt.block_on(async {
+            let st = |e: vessel_cluster::ClusterError| MemberError::Store(e.to_string());
+            let key = member_key(name);
+            if self.store.get::<NodeRecord>(&key).await.map_err(st)?.is_none() {
+                return Err(MemberError::NotFound(name.to_string()));
+            }
+            if self
+                .store
+                .get::<NodeRecord>(&keys::node(name))
+                .await
+                .map_err(st)?
+                .is_some()
+            {
+                return Err(MemberError::Alive(name.to_string()));
+            }
+            self.store.delete(&key).await.map_err(st)
+        })
+    }
+
     /// Leave: end the lease (the record and any leadership go at once) and stop the
     /// private etcd.
     pub fn shutdown(&self) {
@@ -302,6 +342,16 @@ impl Member {
 /// Returns when the registration's keep-alive stops.
 async fn lease_ends(mut alive: tokio::sync::watch::Receiver<bool>) {
     let _ = alive.wait_for(|a| !*a).await.is_ok();
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    #[error("no node {0} in the cluster: `vessel node list` shows them")]
+    NotFound(String),
+    #[error("node {0} is alive: stop its daemon (`vessel down` on it) before removing it, or drain it")]
+    Alive(String),
+    #[error("{0}")]
+    Store(String),
 }
 
 fn set(state: &Mutex<Live>, f: impl FnOnce(&mut Live)) {

@@ -217,12 +217,37 @@ impl Node {
 
     /// The cluster as the control store shows it.
     pub fn cluster_view(&self) -> NResult<vessel_types::api::ClusterView> {
-        let unavailable = |m: String| ApiError::new(vessel_types::api::ErrorCode::Unavailable, m);
-        let m = self
-            .cluster
-            .get()
-            .ok_or_else(|| unavailable("this node has not joined a cluster yet: see the daemon log".into()))?;
-        m.view().map_err(unavailable)
+        self.member()?
+            .view()
+            .map_err(|m| ApiError::new(vessel_types::api::ErrorCode::Unavailable, m))
+    }
+
+    fn member(&self) -> NResult<&Arc<crate::cluster::Member>> {
+        self.cluster.get().ok_or_else(|| {
+            ApiError::new(
+                vessel_types::api::ErrorCode::Unavailable,
+                "this node has not joined a cluster yet: see the daemon log",
+            )
+        })
+    }
+
+    /// Drain or undrain a node of the cluster, or forget a lost one.
+    pub fn node_change(&self, name: &str, change: Option<bool>) -> NResult<()> {
+        use crate::cluster::MemberError;
+        use vessel_types::api::ErrorCode;
+        let m = self.member()?;
+        let r = match change {
+            Some(drain) => m.set_draining(name, drain),
+            None => m.remove(name),
+        };
+        r.map_err(|e| {
+            let code = match e {
+                MemberError::NotFound(_) => ErrorCode::NotFound,
+                MemberError::Alive(_) => ErrorCode::Conflict,
+                MemberError::Store(_) => ErrorCode::Unavailable,
+            };
+            ApiError::new(code, e.to_string())
+        })
     }
 
     pub fn info(&self, rec: &VeRecord) -> VeInfo {

@@ -163,6 +163,14 @@ fn dispatch(
     Ok(Some(match req {
         Request::Status => Response::Status(node.status()),
         Request::NodeList => Response::Cluster(node.cluster_view()?),
+        Request::NodeDrain { name, drain } => {
+            node.node_change(&name, Some(drain))?;
+            Response::Ok
+        }
+        Request::NodeRemove { name } => {
+            node.node_change(&name, None)?;
+            Response::Ok
+        }
         Request::TemplateBuild { kind, name } => Response::Template(node.template_build(kind, name, &mut progress)?),
         Request::TemplateList => Response::Templates {
             templates: node.template_list(),

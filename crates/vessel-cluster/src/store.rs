@@ -197,6 +197,12 @@ impl Store {
         Ok(())
     }
 
+    /// Delete a key any node may delete (a removed member's record).
+    pub async fn delete(&self, key: &str) -> Result<(), ClusterError> {
+        self.client.clone().delete(key, None).await.map_err(self.err())?;
+        Ok(())
+    }
+
     /// End a lease now (a node leaving: its record and leadership go at once).
     pub async fn revoke(&self, lease: i64) -> Result<(), ClusterError> {
         self.client.clone().lease_revoke(lease).await.map_err(self.err())?;

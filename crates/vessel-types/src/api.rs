@@ -115,6 +115,15 @@ pub enum Request {
     Status,
     /// The cluster's nodes and leader.
     NodeList,
+    /// Drain a node (it takes no new VEs and its VEs move elsewhere) or undrain it.
+    NodeDrain {
+        name: String,
+        drain: bool,
+    },
+    /// Forget a lost node.
+    NodeRemove {
+        name: String,
+    },
     TemplateBuild {
         kind: TemplateKind,
         /// Name to register the template under; defaults to the kind.

@@ -254,6 +254,24 @@ fn status(g: &Global) -> Result<i32> {
 }
 
 fn node(g: &Global, n: NodeCmd) -> Result<i32> {
+    let change = match &n {
+        NodeCmd::Drain { name } => Some(Request::NodeDrain {
+            name: name.clone(),
+            drain: true,
+        }),
+        NodeCmd::Undrain { name } => Some(Request::NodeDrain {
+            name: name.clone(),
+            drain: false,
+        }),
+        NodeCmd::Remove { name } => Some(Request::NodeRemove { name: name.clone() }),
+        _ => None,
+    };
+    if let Some(req) = change {
+        match connect(g)?.call(&req)? {
+            Response::Ok => return Ok(0),
+            r => bail!("unexpected reply {r:?}"),
+        }
+    }
     let view = match connect(g)?.call(&Request::NodeList)? {
         Response::Cluster(v) => v,
         r => bail!("unexpected reply {r:?}"),
@@ -286,6 +304,7 @@ fn node(g: &Global, n: NodeCmd) -> Result<i32> {
                 eprintln!("this node ({}): {p}", view.this_node);
             }
         }
+        NodeCmd::Drain { .. } | NodeCmd::Undrain { .. } | NodeCmd::Remove { .. } => unreachable!("handled above"),
         NodeCmd::Show { name } => {
             let Some(n) = view.nodes.iter().find(|n| n.name == name) else {
                 bail!(

@@ -81,7 +81,7 @@ pub enum Cmd {
     Status,
     /// Run the node daemon in the foreground
     Daemon(DaemonArgs),
-    /// The cluster's nodes: list, show
+    /// The cluster's nodes: list, show, drain, undrain, remove
     #[command(subcommand)]
     Node(NodeCmd),
     /// Manage templates
@@ -124,6 +124,12 @@ pub enum NodeCmd {
     List,
     /// One node
     Show { name: String },
+    /// Take no new VEs on this node and move its VEs elsewhere
+    Drain { name: String },
+    /// Take VEs again
+    Undrain { name: String },
+    /// Forget a lost node (a live one is refused)
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]

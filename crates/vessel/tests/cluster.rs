@@ -65,6 +65,19 @@ fn one_node_is_a_cluster_with_a_supervised_private_etcd() {
     let e = node.fails(&["node", "show", "no-such-node"]);
     assert!(e.contains("no node no-such-node"), "{e}");
 
+    // Drain and undrain (the operator's word, kept in the member record); a live node
+    // cannot be removed, an unknown one is not found.
+    node.ok(&["node", "drain", &me]);
+    assert_eq!(node.json(&["node", "list"])["nodes"][0]["state"], "draining");
+    node.ok(&["node", "undrain", &me]);
+    assert_eq!(node.json(&["node", "list"])["nodes"][0]["state"], "ready");
+    let e = node.fails(&["node", "remove", &me]);
+    assert!(e.contains("is alive"), "{e}");
+    let e = node.fails(&["node", "drain", "ghost"]);
+    assert!(e.contains("no node ghost"), "{e}");
+    let e = node.fails(&["node", "remove", "ghost"]);
+    assert!(e.contains("no node ghost"), "{e}");
+
     // etcd dies: the daemon starts it again on the same data; the node is still there.
     let pid = etcd_pid(&node).expect("the daemon's private etcd runs");
     // SAFETY: a process this test's daemon started (its data dir is this test's).
