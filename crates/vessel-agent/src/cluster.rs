@@ -2,11 +2,8 @@
 //! supervises, or the operator's etcd cluster), its registration under a lease kept alive,
 //! and its candidacy for the control center's leadership.
 //!
-//! ```text
-//! /vessel/v1/members/<node>   MemberRecord, permanent: the cluster knows the node
-//! /vessel/v1/nodes/<node>     NodeRecord under the node's lease: the node is alive
-//! ```
-//! A member without a live record is lost. The store's work runs on a small tokio runtime
+//! The node's records are `keys::member` (permanent; draining is kept there) and
+//! `keys::node` (under its lease): a member without a live record is lost. The store's work runs on a small tokio runtime
 //! of its own; the daemon's threads call in with [`Member::block_on`].
 
 use std::path::{Path, PathBuf};
@@ -114,7 +111,7 @@ impl Member {
             .map_err(|e| format!("cluster runtime: {e}"))?;
         let (etcd, endpoints) = if s.etcd.is_empty() {
             let (client, peer) = ports(root, s).map_err(|e| format!("private etcd ports: {e}"))?;
-            let cfg = EtcdConfig::new(&name, root.join("etcd"), client, peer);
+            let cfg = EtcdConfig::new(&name, Self::etcd_data(root), client, peer);
             let e = PrivateEtcd::start(cfg).map_err(|e| e.to_string())?;
             let ep = e.endpoint();
             (Some(Arc::new(Mutex::new(e))), vec![ep])
@@ -154,7 +151,7 @@ impl Member {
         let first =
             m.rt.block_on(m.store.register(&m.record, Duration::from_secs(s.lease_ttl_secs)));
         let reg = first.map_err(|e| e.to_string())?;
-        m.rt.block_on(m.store.put(&member_key(&m.name), &m.record))
+        m.rt.block_on(m.store.put(&keys::member(&m.name), &m.record))
             .map_err(|e| e.to_string())?;
         m.run(reg, Duration::from_secs(s.lease_ttl_secs));
         m.supervise_etcd();
@@ -237,7 +234,7 @@ impl Member {
         let (members, alive, leader) = self
             .rt
             .block_on(async {
-                let members: Vec<NodeRecord> = self.store.list(&members_prefix()).await?;
+                let members: Vec<NodeRecord> = self.store.list(&keys::members()).await?;
                 let alive = self.store.nodes().await?;
                 let leader = self.store.leader().await?;
                 Ok::<_, vessel_cluster::ClusterError>((members, alive, leader))
@@ -247,28 +244,22 @@ impl Member {
             .into_iter()
             .map(|m| {
                 let live = alive.iter().find(|a| a.name == m.name);
-                let rec = live.unwrap_or(&m);
+                // Draining is the operator's word, kept in the member record.
+                let state = match (live, m.draining) {
+                    (None, _) => "lost",
+                    (Some(_), true) => "draining",
+                    (Some(_), false) => "ready",
+                };
+                let mut node = live.cloned().unwrap_or_else(|| m.clone());
+                node.draining = m.draining;
                 ClusterNode {
-                    name: rec.name.clone(),
-                    // Draining is the operator's word, kept in the member record.
-                    state: match (live, m.draining) {
-                        (None, _) => "lost",
-                        (Some(_), true) => "draining",
-                        (Some(_), false) => "ready",
-                    }
-                    .to_string(),
-                    leader: leader.as_deref() == Some(rec.name.as_str()),
-                    address: rec.address.clone(),
-                    cpus: rec.cpus,
-                    memory: rec.memory,
-                    disk: rec.disk,
-                    labels: rec.labels.clone(),
-                    version: rec.version.clone(),
-                    since_ns: rec.since_ns,
+                    leader: leader.as_deref() == Some(node.name.as_str()),
+                    state: state.to_string(),
+                    node,
                 }
             })
             .collect();
-        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes.sort_by(|a, b| a.node.name.cmp(&b.node.name));
         let live = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Ok(ClusterView {
             this_node: self.name.clone(),
@@ -283,7 +274,7 @@ impl Member {
     /// Mark a member draining (or not). Any node may: it is the operator's intent.
     pub fn set_draining(&self, name: &str, drain: bool) -> Result<(), MemberError> {
         self.rt.block_on(async {
-            let key = member_key(name);
+            let key = keys::member(name);
             let mut rec: NodeRecord = self
                 .store
                 .get(&key)
@@ -302,7 +293,7 @@ impl Member {
     pub fn remove(&self, name: &str) -> Result<(), MemberError> {
         self.rt.block_on(async {
             let st = |e: vessel_cluster::ClusterError| MemberError::Store(e.to_string());
-            let key = member_key(name);
+            let key = keys::member(name);
             if self.store.get::<NodeRecord>(&key).await.map_err(st)?.is_none() {
                 return Err(MemberError::NotFound(name.to_string()));
             }
@@ -334,7 +325,7 @@ impl Member {
         }
     }
 
-    pub fn etcd_data(root: &Path) -> PathBuf {
+    fn etcd_data(root: &Path) -> PathBuf {
         root.join("etcd")
     }
 }
@@ -356,12 +347,4 @@ pub enum MemberError {
 
 fn set(state: &Mutex<Live>, f: impl FnOnce(&mut Live)) {
     f(&mut state.lock().unwrap_or_else(|p| p.into_inner()));
-}
-
-fn member_key(name: &str) -> String {
-    format!("{}members/{name}", keys::PREFIX)
-}
-
-fn members_prefix() -> String {
-    format!("{}members/", keys::PREFIX)
 }

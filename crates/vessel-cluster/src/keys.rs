@@ -1,6 +1,8 @@
 //! The key layout in etcd and the versioned values stored under it.
 //!
 //! ```text
+//! /vessel/v1/members/<node>      NodeRecord, permanent: the cluster knows the node (a member
+//!                                without a live record below is lost; draining is kept here)
 //! /vessel/v1/nodes/<node>        NodeRecord, under the node's lease (gone when it expires)
 //! /vessel/v1/ves/<ve>/spec       VeRecord: the VE's spec and its generation
 //! /vessel/v1/ves/<ve>/place      Placement: the node it is assigned to (leader writes)
@@ -23,6 +25,14 @@ pub fn node(name: &str) -> String {
 
 pub fn nodes() -> String {
     format!("{PREFIX}nodes/")
+}
+
+pub fn member(name: &str) -> String {
+    format!("{PREFIX}members/{name}")
+}
+
+pub fn members() -> String {
+    format!("{PREFIX}members/")
 }
 
 pub fn ve(name: &str, part: &str) -> String {
@@ -83,25 +93,9 @@ pub struct Placement {
     pub generation: u64,
 }
 
-/// What a node tells the cluster about itself (under its lease).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeRecord {
-    pub name: String,
-    /// Where other nodes reach its API (host:port).
-    pub address: String,
-    pub cpus: u32,
-    pub memory: u64,
-    pub disk: u64,
-    #[serde(default)]
-    pub labels: std::collections::BTreeMap<String, String>,
-    /// Vessel version the node runs.
-    pub version: String,
-    /// Draining: it takes no new VEs and its VEs move elsewhere.
-    #[serde(default)]
-    pub draining: bool,
-    /// When it registered (ns since the epoch).
-    pub since_ns: i64,
-}
+/// What a node tells the cluster about itself (its record under its lease, and its
+/// permanent member record).
+pub use vessel_types::api::NodeRecord;
 
 #[cfg(test)]
 mod tests {

@@ -524,11 +524,10 @@ impl TxLog {
             if w[1].0 - 1 <= seq && w[0].1 != self.seg_path {
                 freed += std::fs::metadata(&w[0].1).map(|m| m.len()).unwrap_or(0);
                 std::fs::remove_file(&w[0].1).map_err(io_err(&self.volume, "remove", &w[0].1))?;
+                self.starts.retain(|(f, _)| *f != w[0].0);
             }
         }
         sync_dir(&self.dir);
-        let left = self.list_segments()?;
-        self.starts.retain(|(f, _)| left.iter().any(|(g, _)| g == f));
         Ok(freed)
     }
 

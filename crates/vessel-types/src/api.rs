@@ -409,21 +409,33 @@ pub struct ClusterView {
     pub nodes: Vec<ClusterNode>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClusterNode {
+/// What a node tells the cluster about itself (stored in the control store).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
     pub name: String,
-    /// ready, draining or lost (its lease expired).
-    pub state: String,
-    pub leader: bool,
+    /// Where other nodes reach its API (host:port).
     pub address: String,
     pub cpus: u32,
     pub memory: u64,
     pub disk: u64,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Vessel version the node runs.
     pub version: String,
+    /// Draining: it takes no new VEs and its VEs move elsewhere.
+    #[serde(default)]
+    pub draining: bool,
     /// When it registered (ns since the epoch).
     pub since_ns: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterNode {
+    #[serde(flatten)]
+    pub node: NodeRecord,
+    /// ready, draining or lost (its lease expired).
+    pub state: String,
+    pub leader: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

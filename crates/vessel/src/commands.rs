@@ -285,14 +285,14 @@ fn node(g: &Global, n: NodeCmd) -> Result<i32> {
                 .iter()
                 .map(|n| {
                     vec![
-                        n.name.clone(),
+                        n.node.name.clone(),
                         n.state.clone(),
                         if n.leader { "*".into() } else { String::new() },
-                        n.cpus.to_string(),
-                        format_size(n.memory),
-                        format_size(n.disk),
-                        n.version.clone(),
-                        since(n.since_ns),
+                        n.node.cpus.to_string(),
+                        format_size(n.node.memory),
+                        format_size(n.node.disk),
+                        n.node.version.clone(),
+                        since(n.node.since_ns),
                     ]
                 })
                 .collect();
@@ -306,7 +306,7 @@ fn node(g: &Global, n: NodeCmd) -> Result<i32> {
         }
         NodeCmd::Drain { .. } | NodeCmd::Undrain { .. } | NodeCmd::Remove { .. } => unreachable!("handled above"),
         NodeCmd::Show { name } => {
-            let Some(n) = view.nodes.iter().find(|n| n.name == name) else {
+            let Some(n) = view.nodes.iter().find(|n| n.node.name == name) else {
                 bail!(
                     "no node {} in the cluster: `vessel node list` shows them",
                     output::escape(&name)
@@ -315,15 +315,15 @@ fn node(g: &Global, n: NodeCmd) -> Result<i32> {
             if g.json {
                 output::json(n);
             } else {
-                println!("name:     {}", n.name);
+                println!("name:     {}", n.node.name);
                 println!("state:    {}", n.state);
                 println!("leader:   {}", if n.leader { "yes" } else { "no" });
-                println!("cpus:     {}", n.cpus);
-                println!("memory:   {}", format_size(n.memory));
-                println!("disk:     {}", format_size(n.disk));
-                println!("version:  {}", n.version);
-                println!("since:    {}", since(n.since_ns));
-                let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!("cpus:     {}", n.node.cpus);
+                println!("memory:   {}", format_size(n.node.memory));
+                println!("disk:     {}", format_size(n.node.disk));
+                println!("version:  {}", n.node.version);
+                println!("since:    {}", since(n.node.since_ns));
+                let labels: Vec<String> = n.node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 println!("labels:   {}", labels.join(" "));
                 println!(
                     "etcd:     {}{}",

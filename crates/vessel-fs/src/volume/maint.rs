@@ -114,9 +114,9 @@ impl Volume {
                 }
             }
             // The directories that gained or lost a file.
-            let shards: std::collections::BTreeSet<u64> = dirty.iter().map(|i| i % DATA_SHARDS).collect();
+            let shards: std::collections::BTreeSet<String> = dirty.iter().map(|i| shard_name(*i)).collect();
             for s in shards {
-                let d = self.dir.join("data").join(format!("{s:02x}"));
+                let d = self.dir.join("data").join(s);
                 File::open(&d)
                     .and_then(|d| d.sync_all())
                     .map_err(self.io("fsync", &d))?;

@@ -163,9 +163,14 @@ fn tree_err(e: TreeError) -> i32 {
 /// file cost 5-15x more on this machine (20,000 creates: 3.3-11 s flat, 0.7 s sharded).
 pub const DATA_SHARDS: u64 = 256;
 
+/// The shard directory (relative to a `data/` directory) of file `ino`.
+pub(crate) fn shard_name(ino: Ino) -> String {
+    format!("{:02x}", ino % DATA_SHARDS)
+}
+
 /// Where file `ino`'s contents live, relative to a `data/` directory.
 pub fn data_name(ino: Ino) -> String {
-    format!("{:02x}/{ino:016x}", ino % DATA_SHARDS)
+    format!("{}/{ino:016x}", shard_name(ino))
 }
 
 /// Every data file in a `data/` directory, with its inode number (files of the flat
@@ -194,7 +199,7 @@ pub(crate) fn data_files(data: &Path) -> Vec<(Ino, PathBuf)> {
 pub(crate) fn layout_data(data: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(data)?;
     for i in 0..DATA_SHARDS {
-        match std::fs::create_dir(data.join(format!("{i:02x}"))) {
+        match std::fs::create_dir(data.join(shard_name(i))) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
             _ => {}
         }
@@ -283,26 +288,12 @@ struct State {
 
 impl Volume {
     fn io(&self, what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
-        let (volume, path) = (self.name.clone(), path.to_path_buf());
-        move |source| VolumeError::Io {
-            volume,
-            what,
-            path,
-            source,
-        }
+        io_err(&self.name, what, path)
     }
 
     /// Create an empty volume in `dir` (which must not hold one).
     pub fn create(dir: &Path, name: &str, template: Option<&str>) -> Result<()> {
-        let io = |what, path: &Path| {
-            let (volume, path) = (name.to_string(), path.to_path_buf());
-            move |source| VolumeError::Io {
-                volume,
-                what,
-                path,
-                source,
-            }
-        };
+        let io = |what, path: &Path| io_err(name, what, path);
         for d in [dir.to_path_buf(), dir.join("txlog")] {
             std::fs::create_dir_all(&d).map_err(io("create", &d))?;
         }
@@ -463,18 +454,17 @@ impl Volume {
             _lock: lockf,
             stats: Default::default(),
         };
-        // Data files of the flat layout (before 0.3) move into their shards.
-        for d in [dir.join("data"), dir.join("base").join("data")] {
-            if d.exists() || d.starts_with(dir.join("data")) {
-                layout_data(&d).map_err(vol.io("lay out", &d))?;
-            }
+        // Data files of the flat layout (before 0.3) move into their shards, in the base too.
+        let (data, bdata) = (dir.join("data"), vol.base_dir().join("data"));
+        layout_data(&data).map_err(vol.io("lay out", &data))?;
+        if bdata.exists() {
+            layout_data(&bdata).map_err(vol.io("lay out", &bdata))?;
         }
         // Replay: metadata into the tree, contents into the data files (one transaction
         // in memory at a time).
         let reader = vol.lock().log.reader()?;
         let mut shared = vol.find_shared();
         let mut replayed_txs = 0u64;
-        let data = dir.join("data");
         let mut applier = Applier::new(&data, vol.lower.as_deref());
         reader.for_each::<VolumeError>(tree.applied + 1, u64::MAX, |tx, _| {
             applier
@@ -587,6 +577,17 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// The error for a failed `what` on `path` of `volume`.
+fn io_err(volume: &str, what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
+    let (volume, path) = (volume.to_string(), path.to_path_buf());
+    move |source| VolumeError::Io {
+        volume,
+        what,
+        path,
+        source,
+    }
+}
+
 /// A small versioned JSON file of the volume (`None` if it does not exist): a damaged one
 /// or one of another format version is an error naming it.
 fn read_versioned<T: serde::de::DeserializeOwned>(
@@ -612,12 +613,7 @@ fn read_versioned<T: serde::de::DeserializeOwned>(
             Ok(Some(v))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(VolumeError::Io {
-            volume: volume.to_string(),
-            what: "read",
-            path: p.to_path_buf(),
-            source,
-        }),
+        Err(e) => Err(io_err(volume, "read", p)(e)),
     }
 }
 

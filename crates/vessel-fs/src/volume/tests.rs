@@ -436,7 +436,7 @@ fn a_flat_data_directory_of_an_older_volume_moves_into_shards() {
     let flat = dir.join("data").join(format!("{f:016x}"));
     std::fs::rename(dir.join("data").join(data_name(f)), &flat).unwrap();
     for i in 0..DATA_SHARDS {
-        std::fs::remove_dir(dir.join("data").join(format!("{i:02x}"))).unwrap();
+        std::fs::remove_dir(dir.join("data").join(shard_name(i))).unwrap();
     }
     let v = Volume::open(&dir, None).unwrap();
     assert_eq!(v.read(f, 0, 100).unwrap(), b"old layout");

@@ -660,7 +660,6 @@ impl Volume {
     }
 }
 
-/// Names are at most 255 bytes (NAME_MAX), as on Linux disk file systems.
 /// Buffers of large writes kept for the next ones: with the daemon's malloc settings
 /// (`fuse::keep_big_buffers_unmapped`) every fresh 1 MiB buffer is an mmap, 256 page faults
 /// and an munmap. At most this many are kept, shared by all volumes.
@@ -689,6 +688,7 @@ fn reuse_write_buffer(b: Vec<u8>) {
     }
 }
 
+/// Names are at most 255 bytes (NAME_MAX), as on Linux disk file systems.
 pub(super) fn long_name(name: &[u8]) -> FsResult<()> {
     if name.len() > 255 {
         return Err(libc::ENAMETOOLONG);
