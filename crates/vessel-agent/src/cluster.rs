@@ -151,8 +151,17 @@ impl Member {
         let first =
             m.rt.block_on(m.store.register(&m.record, Duration::from_secs(s.lease_ttl_secs)));
         let reg = first.map_err(|e| e.to_string())?;
-        m.rt.block_on(m.store.put(&keys::member(&m.name), &m.record))
-            .map_err(|e| e.to_string())?;
+        // The member record says what the operator decided about the node (draining): a
+        // restart keeps it.
+        m.rt.block_on(async {
+            let key = keys::member(&m.name);
+            let mut rec = m.record.clone();
+            if let Some(old) = m.store.get::<NodeRecord>(&key).await? {
+                rec.draining = old.draining;
+            }
+            m.store.put(&key, &rec).await
+        })
+        .map_err(|e| e.to_string())?;
         m.run(reg, Duration::from_secs(s.lease_ttl_secs));
         m.supervise_etcd();
         Ok(m)

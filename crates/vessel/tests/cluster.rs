@@ -93,6 +93,8 @@ fn one_node_is_a_cluster_with_a_supervised_private_etcd() {
 
     // A kill -9 of the daemon takes its etcd along; the next daemon runs a new one on
     // the same data, and the node is the same member.
+    // ... and the node stays drained across it.
+    node.ok(&["node", "drain", &me]);
     let pid = etcd_pid(&node).unwrap();
     node.kill_daemon();
     let t0 = Instant::now();
@@ -101,10 +103,12 @@ fn one_node_is_a_cluster_with_a_supervised_private_etcd() {
         std::thread::sleep(Duration::from_millis(50));
     }
     node.spawn_daemon();
-    wait_until("ready again", Duration::from_secs(20), || {
+    wait_until("registered again, still draining", Duration::from_secs(20), || {
         node.vessel(&["node", "list", "--json"]).status.success()
-            && node.json(&["node", "list"])["nodes"][0]["state"] == "ready"
+            && node.json(&["node", "list"])["nodes"][0]["state"] == "draining"
     });
+    node.ok(&["node", "undrain", &me]);
+    assert_eq!(node.json(&["node", "list"])["nodes"][0]["state"], "ready");
     // A clean stop stops it too.
     let pid = etcd_pid(&node).unwrap();
     node.stop_daemon();
