@@ -80,6 +80,7 @@ mod tests {
             restart_pending: false,
             resume: false,
             rescue: false,
+            generation: 0,
         }
     }
 

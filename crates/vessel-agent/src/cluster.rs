@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vessel_cluster::etcd::{free_port, EtcdConfig, PrivateEtcd};
 use vessel_cluster::keys::{self, NodeRecord};
-use vessel_cluster::store::{Registration, Store};
+use vessel_cluster::store::{Leadership, Registration, Store};
 use vessel_types::api::{ClusterNode, ClusterView};
 use vessel_types::config::ClusterSettings;
 
@@ -24,12 +24,17 @@ pub struct Member {
     record: NodeRecord,
     state: Arc<Mutex<Live>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Woken at every change under `/vessel/v1/`: the leader's scheduler waits on it.
+    pub changed_leader: Arc<tokio::sync::Notify>,
+    /// The same, for this node's reconcile loop.
+    pub changed_node: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
 struct Live {
     lease: Option<i64>,
     leader: bool,
+    leadership: Option<Leadership>,
     /// Why the node is not registered now (etcd unreachable, ...).
     problem: Option<String>,
 }
@@ -147,6 +152,8 @@ impl Member {
             record,
             state: Arc::default(),
             stop: Arc::default(),
+            changed_leader: Arc::default(),
+            changed_node: Arc::default(),
         };
         let first =
             m.rt.block_on(m.store.register(&m.record, Duration::from_secs(s.lease_ttl_secs)));
@@ -164,17 +171,49 @@ impl Member {
         .map_err(|e| e.to_string())?;
         m.run(reg, Duration::from_secs(s.lease_ttl_secs));
         m.supervise_etcd();
+        m.watch();
         Ok(m)
+    }
+
+    /// Run `f` on the cluster runtime from one of the daemon's threads.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The leadership while this node leads the control center.
+    pub fn leadership(&self) -> Option<Leadership> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).leadership.clone()
+    }
+
+    /// Wake the scheduler and the reconcile loop at every change in the store.
+    fn watch(&self) {
+        let inner = Arc::new(tokio::sync::Notify::new());
+        let (l, n) = (self.changed_leader.clone(), self.changed_node.clone());
+        let fan = inner.clone();
+        let _guard = self.rt.enter();
+        self.store.watch_prefix(keys::PREFIX.to_string(), inner);
+        self.rt.spawn(async move {
+            loop {
+                fan.notified().await;
+                l.notify_one();
+                n.notify_one();
+            }
+        });
     }
 
     /// Keep the registration alive (re-register if the lease is lost) and stand for
     /// leader under it.
     fn run(&self, first: Registration, ttl: Duration) {
-        let (store, record, state, stop) = (
+        let (store, record, state, stop, changed) = (
             self.store.clone(),
             self.record.clone(),
             self.state.clone(),
             self.stop.clone(),
+            self.changed_leader.clone(),
         );
         self.rt.spawn(async move {
             let mut reg = Some(first);
@@ -199,17 +238,28 @@ impl Member {
                 });
                 tokio::select! {
                     won = store.campaign(&record.name, r.lease) => {
-                        if won.is_ok() {
-                            set(&state, |l| l.leader = true);
+                        if let Ok(l) = won {
+                            set(&state, |s| {
+                                s.leader = true;
+                                s.leadership = Some(l.clone());
+                            });
                             tracing::info!(node = %record.name, "this node leads the control center");
+                            // The scheduler runs while the lease (and so the leadership) lasts.
+                            let lead = crate::control::lead(store.clone(), l, changed.clone());
+                            tokio::select! {
+                                _ = lead => {}
+                                _ = lease_ends(r.alive.clone()) => {}
+                            }
+                        } else {
+                            // The election failed: hold until the lease ends.
+                            lease_ends(r.alive.clone()).await;
                         }
-                        // Leader (or the election failed): hold until the lease ends.
-                        lease_ends(r.alive.clone()).await;
                     }
                     _ = lease_ends(r.alive.clone()) => {}
                 }
                 set(&state, |l| {
                     l.leader = false;
+                    l.leadership = None;
                     l.lease = None;
                     l.problem = Some("the node's lease ended; registering again".into());
                 });

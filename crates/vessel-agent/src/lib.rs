@@ -6,6 +6,7 @@ pub mod bridge_filter;
 pub mod clientout;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod fsroot;
 mod interactive;

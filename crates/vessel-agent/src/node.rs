@@ -101,6 +101,7 @@ pub struct Node {
     started: Instant,
     /// Membership in the cluster (set by the daemon once it has joined).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Member>>,
+    pub(crate) control: crate::control::ControlState,
 }
 
 /// What the root tree provider needs to know about a VE.
@@ -159,6 +160,7 @@ impl Node {
             keeper,
             started: Instant::now(),
             cluster: std::sync::OnceLock::new(),
+            control: Default::default(),
         }))
     }
 
@@ -336,6 +338,7 @@ impl Node {
                 restart_pending: false,
                 resume: false,
                 rescue: false,
+                generation: 0,
             };
             st.ves.insert(name.clone(), rec.clone());
             rec

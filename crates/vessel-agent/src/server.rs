@@ -160,6 +160,9 @@ fn dispatch(
             },
         );
     };
+    if let Some((name, what)) = served_by_the_ves_node(&req) {
+        node.local_only(name, what)?;
+    }
     Ok(Some(match req {
         Request::Status => Response::Status(node.status()),
         Request::NodeList => Response::Cluster(node.cluster_view()?),
@@ -180,39 +183,25 @@ fn dispatch(
             node.template_remove(&name)?;
             Response::Ok
         }
-        Request::VeCreate { spec, start } => {
-            let name = spec.name.clone();
-            let info = node.create(spec)?;
-            if start {
-                progress("starting", 1, 2);
-                match node.start(&name) {
-                    Ok(v) => Response::Ve(Box::new(v)),
-                    Err(mut e) => {
-                        // Create and start were asked as one: leave nothing half-made.
-                        if node.destroy(&name, true).is_ok() {
-                            e.message.push_str(" (the VE was not created)");
-                        }
-                        return Err(e);
-                    }
-                }
-            } else {
-                Response::Ve(Box::new(info))
-            }
+        Request::VeCreate { spec, start, place } => {
+            Response::Ve(Box::new(node.cluster_create(spec, start, &place, &mut progress)?))
         }
-        Request::VeList => Response::Ves { ves: node.list() },
-        Request::VeShow { name } => Response::Ve(Box::new(node.show(&name)?)),
-        Request::VeStart { name } => Response::Ve(Box::new(node.start(&name)?)),
+        Request::VeList => Response::Ves {
+            ves: node.cluster_list(),
+        },
+        Request::VeShow { name } => Response::Ve(Box::new(node.cluster_show(&name)?)),
+        Request::VeStart { name } => Response::Ve(Box::new(node.cluster_start(&name)?)),
         Request::VeStop { name, timeout_secs } => {
-            Response::Ve(Box::new(node.stop(&name, Duration::from_secs(timeout_secs))?))
+            Response::Ve(Box::new(node.cluster_stop(&name, Duration::from_secs(timeout_secs))?))
         }
         Request::VeRestart { name, timeout_secs } => {
             Response::Ve(Box::new(node.restart(&name, Duration::from_secs(timeout_secs))?))
         }
         Request::VeDestroy { name, force } => {
-            node.destroy(&name, force)?;
+            node.cluster_destroy(&name, force)?;
             Response::Ok
         }
-        Request::VeSet { name, change } => Response::Ve(Box::new(node.set(&name, &change)?)),
+        Request::VeSet { name, change } => Response::Ve(Box::new(node.cluster_set(&name, &change)?)),
         Request::VeExec {
             name,
             argv,
@@ -276,6 +265,23 @@ fn dispatch(
             Response::Ve(Box::new(node.show(&name)?))
         }
     }))
+}
+
+/// Requests only the VE's own node can serve (until calls between nodes carry them).
+fn served_by_the_ves_node(req: &Request) -> Option<(&vessel_types::Name, &'static str)> {
+    Some(match req {
+        Request::VeRestart { name, .. } => (name, "restart"),
+        Request::VeExec { name, .. } => (name, "exec"),
+        Request::VeConsole { name } => (name, "console"),
+        Request::VeLogs { name, .. } => (name, "logs"),
+        Request::VeDiff { name, .. } => (name, "diff"),
+        Request::VeHistory { name, .. } => (name, "history"),
+        Request::VeRevert { name, .. } => (name, "revert"),
+        Request::VeRollback { name, .. } => (name, "rollback"),
+        Request::VeExport { name } => (name, "export"),
+        Request::VeRescue { name, .. } => (name, "rescue"),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -56,6 +56,10 @@ pub struct VeRecord {
     /// Boot from the pristine template with the VE's own tree at /mnt/ve.
     #[serde(default)]
     pub rescue: bool,
+    /// The generation of its spec in the cluster this node last applied (0: never in the
+    /// cluster's store: the node publishes it).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,6 +176,9 @@ impl VeRecord {
             mac: String::new(),
             rescue: self.rescue,
             fs: None,
+            node: String::new(),
+            pending: None,
+            generation: self.generation,
         }
     }
 }
@@ -212,6 +219,7 @@ mod tests {
                 restart_pending: false,
                 resume: false,
                 rescue: false,
+                generation: 0,
             },
         );
         s.save(&p).unwrap();

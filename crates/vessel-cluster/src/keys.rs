@@ -43,6 +43,11 @@ pub fn ves() -> String {
     format!("{PREFIX}ves/")
 }
 
+/// The VE and part of a key under [`ves`] (`/vessel/v1/ves/<ve>/<part>`).
+pub fn ve_part(key: &str) -> Option<(&str, &str)> {
+    key.strip_prefix(PREFIX)?.strip_prefix("ves/")?.split_once('/')
+}
+
 pub fn election() -> String {
     format!("{PREFIX}election")
 }
@@ -85,12 +90,45 @@ pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, Cluster
     Ok(e.value)
 }
 
-/// Where the leader put a VE.
+/// A VE's desired state: its spec, what the operator wants of it, and a generation that
+/// every change bumps (the node that runs it applies each generation once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VeEntry {
+    pub spec: vessel_types::VeSpec,
+    pub generation: u64,
+    /// It should be running (applied when the generation changes: between changes the
+    /// VE's own restart policy decides, so a VE that powered itself off stays off).
+    pub run: bool,
+    /// Destroy it: its node removes it and then its keys.
+    #[serde(default)]
+    pub deleted: bool,
+    /// Placement rules: only this node (`--node`) ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// ... only nodes with these labels (`--label k=v`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Where the leader put a VE, or why it could not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {
+    /// None: pending.
+    pub node: Option<String>,
+    /// Why it is pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+}
+
+/// What the VE's node observed, after applying `generation` (or failing to).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VeObserved {
     pub node: String,
-    /// The spec generation it was placed for.
     pub generation: u64,
+    pub info: vessel_types::api::VeInfo,
+    /// Applying `generation` failed with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// What a node tells the cluster about itself (its record under its lease, and its

@@ -3,10 +3,21 @@
 
 use crate::keys::{self, NodeRecord};
 use crate::ClusterError;
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaderKey, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaderKey, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
 use serde::{de::DeserializeOwned, Serialize};
 use std::time::Duration;
 use tokio::sync::watch;
+
+/// One key as read by [`Store::list_raw`].
+#[derive(Debug, Clone)]
+pub struct RawKv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
 
 /// A connection to the control store.
 #[derive(Clone)]
@@ -171,20 +182,141 @@ impl Store {
         self.txn_as_leader(l, vec![TxnOp::delete(key, None)]).await
     }
 
+    /// Place a VE only if its placement is unchanged since `mod_revision` (0: it has
+    /// none), and only while `l` leads. `Ok(false)`: the placement changed meanwhile.
+    pub async fn put_as_leader_if<T: Serialize>(
+        &self,
+        l: &Leadership,
+        key: &str,
+        value: &T,
+        mod_revision: i64,
+    ) -> Result<bool, ClusterError> {
+        let cmp = if mod_revision == 0 {
+            Compare::version(key, CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key, CompareOp::Equal, mod_revision)
+        };
+        // Two conditions in one transaction: tell which failed with a nested one.
+        let inner = Txn::new()
+            .when(vec![cmp])
+            .and_then(vec![TxnOp::put(key, keys::encode(value), None)]);
+        let txn = Txn::new().when(vec![Self::leads(l)]).and_then(vec![TxnOp::txn(inner)]);
+        let r = self.client.clone().txn(txn).await.map_err(self.err())?;
+        if !r.succeeded() {
+            return Err(ClusterError::NotLeader);
+        }
+        Ok(r.op_responses().iter().any(|o| match o {
+            etcd_client::TxnOpResponse::Txn(t) => t.succeeded(),
+            _ => false,
+        }))
+    }
+
+    fn leads(l: &Leadership) -> Compare {
+        Compare::create_revision(l.key.key(), CompareOp::Equal, l.key.rev())
+    }
+
     async fn txn_as_leader(&self, l: &Leadership, ops: Vec<TxnOp>) -> Result<(), ClusterError> {
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                l.key.key(),
-                CompareOp::Equal,
-                l.key.rev(),
-            )])
-            .and_then(ops);
+        let txn = Txn::new().when(vec![Self::leads(l)]).and_then(ops);
         let r = self.client.clone().txn(txn).await.map_err(self.err())?;
         if r.succeeded() {
             Ok(())
         } else {
             Err(ClusterError::NotLeader)
         }
+    }
+
+    /// Every key under `prefix` with its raw value and modification revision (for reading
+    /// keys of several kinds in one consistent read).
+    pub async fn list_raw(&self, prefix: &str) -> Result<Vec<RawKv>, ClusterError> {
+        let r = self
+            .client
+            .clone()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(self.err())?;
+        Ok(r.kvs()
+            .iter()
+            .map(|kv| RawKv {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+            })
+            .collect())
+    }
+
+    /// A value with its modification revision (for [`Store::put_if`]).
+    pub async fn get_rev<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, i64)>, ClusterError> {
+        let r = self.client.clone().get(key, None).await.map_err(self.err())?;
+        r.kvs()
+            .first()
+            .map(|kv| keys::decode(key, kv.value()).map(|v| (v, kv.mod_revision())))
+            .transpose()
+    }
+
+    /// Write `value` at `key` only if the key does not exist; false if it did.
+    pub async fn create<T: Serialize>(&self, key: &str, value: &T) -> Result<bool, ClusterError> {
+        self.txn_if(
+            vec![Compare::version(key, CompareOp::Equal, 0)],
+            vec![TxnOp::put(key, keys::encode(value), None)],
+        )
+        .await
+    }
+
+    /// Write `value` at `key` only if the key is unchanged since `mod_revision` (0: absent);
+    /// false if someone wrote it meanwhile.
+    pub async fn put_if<T: Serialize>(&self, key: &str, value: &T, mod_revision: i64) -> Result<bool, ClusterError> {
+        let cmp = if mod_revision == 0 {
+            Compare::version(key, CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key, CompareOp::Equal, mod_revision)
+        };
+        self.txn_if(vec![cmp], vec![TxnOp::put(key, keys::encode(value), None)])
+            .await
+    }
+
+    async fn txn_if(&self, when: Vec<Compare>, ops: Vec<TxnOp>) -> Result<bool, ClusterError> {
+        let r = self
+            .client
+            .clone()
+            .txn(Txn::new().when(when).and_then(ops))
+            .await
+            .map_err(self.err())?;
+        Ok(r.succeeded())
+    }
+
+    /// Delete every key under `prefix`.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), ClusterError> {
+        self.client
+            .clone()
+            .delete(prefix, Some(DeleteOptions::new().with_prefix()))
+            .await
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Wake `notify` at every change under `prefix` (and after the watch is re-made when
+    /// etcd was away, since changes may have been missed), until the task is aborted.
+    pub fn watch_prefix(
+        &self,
+        prefix: String,
+        notify: std::sync::Arc<tokio::sync::Notify>,
+    ) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            loop {
+                let w = client
+                    .clone()
+                    .watch(prefix.as_str(), Some(WatchOptions::new().with_prefix()))
+                    .await;
+                if let Ok((_watcher, mut stream)) = w {
+                    notify.notify_one();
+                    while let Ok(Some(_)) = stream.message().await {
+                        notify.notify_one();
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
     }
 
     /// Write a value any node may write (its own status, a VE spec from the CLI).

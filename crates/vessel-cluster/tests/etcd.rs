@@ -70,8 +70,8 @@ async fn leases_elections_and_guarded_writes_on_a_real_etcd() {
     let l1 = store.campaign("n1", r1.lease).await.unwrap();
     assert_eq!(store.leader().await.unwrap().as_deref(), Some("n1"));
     let place = |node: &str| keys::Placement {
-        node: node.into(),
-        generation: 1,
+        node: Some(node.into()),
+        pending: None,
     };
     store
         .put_as_leader(&l1, &keys::ve("a", "place"), &place("n1"))

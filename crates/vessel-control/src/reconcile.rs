@@ -3,9 +3,14 @@
 //! it sees (and now and then), carries the steps out in order, and reports what it observed.
 //!
 //! - Assigned, not here: create it (then start it if it should run).
-//! - Assigned and here: apply a newer spec generation; start or stop it as it should be.
-//! - Here, not assigned: stop it; then hand it over if it is assigned elsewhere (a move),
-//!   or destroy it if its spec is gone.
+//! - Assigned and here: when the spec's generation is newer than the one the VE was last
+//!   brought to, apply it and start or stop the VE as it says. Between generations the
+//!   node's own restart policy rules: a VE that powered itself off stays off until someone
+//!   asks again (a new generation).
+//! - Here, not assigned: if its spec is marked deleted, stop and destroy it; if it is
+//!   assigned elsewhere, stop it and hand it over (a move); if the cluster has no spec for
+//!   it at all (made before the node joined, or the store lost it), adopt it: publish it as
+//!   this node's. A VE's files are never removed for want of a record.
 //!
 //! VEs are taken in name order, so the same inputs always give the same steps.
 
@@ -50,14 +55,26 @@ pub enum Step {
     Release {
         ve: String,
     },
-    /// Its spec is gone: remove it and its files.
+    /// Its spec is marked deleted: remove it and its files, then its keys.
     Destroy {
+        ve: String,
+    },
+    /// The cluster has no spec for it: publish it as this node's.
+    Adopt {
         ve: String,
     },
 }
 
-/// `elsewhere`: VEs whose spec exists and that are assigned to another node.
-pub fn reconcile(assigned: &[Assigned], local: &[Local], elsewhere: &BTreeSet<String>) -> Vec<Step> {
+/// What the cluster says about VEs not assigned to this node.
+#[derive(Debug, Clone, Default)]
+pub struct Others {
+    /// Specs assigned to another node (or pending).
+    pub elsewhere: BTreeSet<String>,
+    /// Specs marked deleted.
+    pub deleted: BTreeSet<String>,
+}
+
+pub fn reconcile(assigned: &[Assigned], local: &[Local], others: &Others) -> Vec<Step> {
     let want: BTreeMap<&str, &Assigned> = assigned.iter().map(|a| (a.name.as_str(), a)).collect();
     let have: BTreeMap<&str, &Local> = local.iter().map(|l| (l.name.as_str(), l)).collect();
     let names: BTreeSet<&str> = want.keys().chain(have.keys()).copied().collect();
@@ -80,21 +97,27 @@ pub fn reconcile(assigned: &[Assigned], local: &[Local], elsewhere: &BTreeSet<St
                         ve: ve.clone(),
                         generation: a.generation,
                     });
-                }
-                match (a.run, l.running) {
-                    (true, false) => steps.push(Step::Start { ve }),
-                    (false, true) => steps.push(Step::Stop { ve }),
-                    _ => {}
+                    match (a.run, l.running) {
+                        (true, false) => steps.push(Step::Start { ve }),
+                        (false, true) => steps.push(Step::Stop { ve }),
+                        _ => {}
+                    }
                 }
             }
             (None, Some(l)) => {
+                let deleted = others.deleted.contains(name);
+                let elsewhere = others.elsewhere.contains(name);
+                if !deleted && !elsewhere {
+                    steps.push(Step::Adopt { ve });
+                    continue;
+                }
                 if l.running {
                     steps.push(Step::Stop { ve: ve.clone() });
                 }
-                steps.push(if elsewhere.contains(name) {
-                    Step::Release { ve }
-                } else {
+                steps.push(if deleted {
                     Step::Destroy { ve }
+                } else {
+                    Step::Release { ve }
                 });
             }
             (None, None) => {}
@@ -130,7 +153,7 @@ mod tests {
     #[test]
     fn new_assignments_are_created_and_started_as_asked() {
         assert_eq!(
-            reconcile(&[a("web", 1, true), a("db", 3, false)], &[], &BTreeSet::new()),
+            reconcile(&[a("web", 1, true), a("db", 3, false)], &[], &Others::default()),
             vec![
                 Step::Create {
                     ve: s("db"),
@@ -146,47 +169,71 @@ mod tests {
     }
 
     #[test]
-    fn a_matching_node_does_nothing_and_changes_are_applied() {
+    fn a_matching_node_does_nothing_and_new_generations_are_applied() {
         let assigned = [a("a", 2, true), a("b", 5, false), a("c", 1, true)];
+        let none = Others::default();
         assert_eq!(
-            reconcile(
-                &assigned,
-                &[l("a", 2, true), l("b", 5, false), l("c", 1, true)],
-                &BTreeSet::new()
-            ),
+            reconcile(&assigned, &[l("a", 2, true), l("b", 5, false), l("c", 1, true)], &none),
             vec![]
         );
         assert_eq!(
-            reconcile(
-                &assigned,
-                &[l("a", 1, true), l("b", 5, true), l("c", 1, false)],
-                &BTreeSet::new()
-            ),
+            reconcile(&assigned, &[l("a", 1, false), l("b", 4, true), l("c", 0, true)], &none),
             vec![
                 Step::Update {
                     ve: s("a"),
                     generation: 2
                 },
+                Step::Start { ve: s("a") },
+                Step::Update {
+                    ve: s("b"),
+                    generation: 5
+                },
                 Step::Stop { ve: s("b") },
-                Step::Start { ve: s("c") },
+                Step::Update {
+                    ve: s("c"),
+                    generation: 1
+                },
             ]
         );
-        // A local generation ahead of the assignment (a stale read) changes nothing.
+        // Between generations the VE's own restart policy rules: a VE that stopped by
+        // itself is not started again, one running against the spec's wish is not stopped.
         assert_eq!(
-            reconcile(&[a("a", 1, true)], &[l("a", 2, true)], &BTreeSet::new()),
+            reconcile(
+                &[a("a", 2, true), a("b", 5, false)],
+                &[l("a", 2, false), l("b", 5, true)],
+                &none
+            ),
             vec![]
         );
+        // A local generation ahead of the assignment (a stale read) changes nothing.
+        assert_eq!(reconcile(&[a("a", 1, true)], &[l("a", 2, true)], &none), vec![]);
     }
 
     #[test]
-    fn ves_no_longer_assigned_here_are_handed_over_or_destroyed() {
-        let elsewhere: BTreeSet<String> = [s("moved")].into();
+    fn ves_no_longer_assigned_here_are_destroyed_handed_over_or_adopted() {
+        let others = Others {
+            elsewhere: [s("moved")].into(),
+            deleted: [s("deleted"), s("gone-running")].into(),
+        };
         assert_eq!(
-            reconcile(&[], &[l("moved", 1, true), l("deleted", 1, false)], &elsewhere),
+            reconcile(
+                &[],
+                &[
+                    l("moved", 1, true),
+                    l("deleted", 1, false),
+                    l("gone-running", 3, true),
+                    l("unknown", 0, true)
+                ],
+                &others
+            ),
             vec![
                 Step::Destroy { ve: s("deleted") },
+                Step::Stop { ve: s("gone-running") },
+                Step::Destroy { ve: s("gone-running") },
                 Step::Stop { ve: s("moved") },
                 Step::Release { ve: s("moved") },
+                // No spec anywhere: never destroyed for want of a record.
+                Step::Adopt { ve: s("unknown") },
             ]
         );
     }

@@ -101,6 +101,23 @@ impl VeChange {
     }
 }
 
+/// Where in the cluster a new VE may go (`ve create --node N --label k=v`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaceRules {
+    /// Only this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Only nodes with all these labels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl PlaceRules {
+    pub fn is_empty(&self) -> bool {
+        self.node.is_none() && self.labels.is_empty()
+    }
+}
+
 /// Largest frame a request with this `op` may have ([`MAX_REQUEST_FRAME`] but for exec).
 pub fn request_frame_limit(op: &str) -> usize {
     match op {
@@ -141,6 +158,9 @@ pub enum Request {
         spec: VeSpec,
         #[serde(default)]
         start: bool,
+        /// Where in the cluster it may go.
+        #[serde(default, skip_serializing_if = "PlaceRules::is_empty")]
+        place: PlaceRules,
     },
     VeList,
     VeShow {
@@ -490,6 +510,15 @@ pub struct VeInfo {
     pub rescue: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs: Option<FsInfo>,
+    /// The node it is on (empty: not placed yet).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    /// Why it is pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+    /// The generation of its spec in the cluster that its node last applied.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

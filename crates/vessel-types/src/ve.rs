@@ -179,6 +179,8 @@ pub enum VeStatus {
     Stopped,
     Running,
     Failed,
+    /// In the cluster's desired state but on no node yet (no node fits it, or no leader).
+    Pending,
 }
 
 impl VeStatus {
@@ -196,6 +198,7 @@ impl VeStatus {
             VeStatus::Stopped => "stopped",
             VeStatus::Running => "running",
             VeStatus::Failed => "failed",
+            VeStatus::Pending => "pending",
         }
     }
 }

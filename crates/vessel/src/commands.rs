@@ -464,8 +464,20 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
             template,
             ip,
             start,
+            node,
+            labels,
             spec,
         } => {
+            let mut place = vessel_types::api::PlaceRules {
+                node,
+                ..Default::default()
+            };
+            for l in labels {
+                let Some((k, v)) = l.split_once('=') else {
+                    bail!("--label {l}: give it as KEY=VALUE");
+                };
+                place.labels.insert(k.to_string(), v.to_string());
+            }
             let mut s = VeSpec::new(name, template);
             s.limits = limits(&spec)?;
             s.hostname = spec.hostname;
@@ -477,7 +489,7 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
             if let Some(r) = spec.restart {
                 s.restart = r;
             }
-            let v = expect_ve(c.call(&Request::VeCreate { spec: s, start })?)?;
+            let v = expect_ve(c.call(&Request::VeCreate { spec: s, start, place })?)?;
             print_ve(g, &v, "created");
         }
         VeCmd::List => match c.call(&Request::VeList)? {
@@ -503,10 +515,14 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
                                 .filter(|_| v.pid.is_some())
                                 .map(output::ago)
                                 .unwrap_or_else(|| "-".into()),
+                            if v.node.is_empty() { "-".into() } else { v.node.clone() },
                         ]
                     })
                     .collect();
-                output::table(&["NAME", "STATUS", "TEMPLATE", "IP", "PID", "MEMORY", "STARTED"], &rows);
+                output::table(
+                    &["NAME", "STATUS", "TEMPLATE", "IP", "PID", "MEMORY", "STARTED", "NODE"],
+                    &rows,
+                );
             }
             r => bail!("unexpected reply {r:?}"),
         },
@@ -739,6 +755,12 @@ fn show_ve(v: &VeInfo) {
         v.status.as_str(),
         v.pid.map(|p| format!(" (init pid {p})")).unwrap_or_default()
     );
+    if !v.node.is_empty() {
+        println!("node:        {}", output::escape(&v.node));
+    }
+    if let Some(p) = &v.pending {
+        println!("pending:     {}", output::escape(p));
+    }
     println!(
         "template:    {} ({})",
         v.spec.template,

@@ -209,6 +209,12 @@ pub enum VeCmd {
         /// Start it right away
         #[arg(long)]
         start: bool,
+        /// Put it on this node of the cluster
+        #[arg(long)]
+        node: Option<String>,
+        /// Put it only on nodes with this label (KEY=VALUE; repeatable)
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
         #[command(flatten)]
         spec: SpecArgs,
     },
