@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vessel_cluster::keys::{self, Placement, VeEntry, VeObserved};
-use vessel_cluster::store::{Leadership, Store};
+use vessel_cluster::store::{Guarded, Leadership, Store, Write};
 use vessel_cluster::ClusterError;
 use vessel_control::model::{Node as CNode, NodeState, Policy, Resources, Snapshot, Ve as CVe};
 use vessel_control::reconcile::{reconcile, Assigned, Local, Others, Step};
@@ -149,7 +149,7 @@ fn snapshot(nodes: Vec<CNode>, ves: &BTreeMap<String, ClusterVe>) -> Snapshot {
 pub async fn schedule_once(store: &Store, l: &Leadership) -> Result<usize, ClusterError> {
     let ves = read_ves(store).await?;
     let snap = snapshot(read_nodes(store).await?, &ves);
-    let mut writes = 0;
+    let mut batch = Vec::new();
     for action in schedule(&snap, &Policy::default()) {
         let (ve, want) = match action {
             Action::Place { ve, node } => (
@@ -187,18 +187,28 @@ pub async fn schedule_once(store: &Store, l: &Leadership) -> Result<usize, Clust
         if have == want {
             continue;
         }
-        match want {
-            Some(p) => {
-                if store.put_as_leader_if(l, &key, &p, rev).await? {
-                    writes += 1;
-                }
+        let old = have.as_ref().and_then(|p| p.node.clone());
+        let new = want.as_ref().and_then(|p| p.node.clone());
+        let mut w = Vec::new();
+        match &want {
+            Some(p) => w.push(Write::Put(key.clone(), keys::encode(p))),
+            None => w.push(Write::Delete(key.clone())),
+        }
+        if old != new {
+            if let Some(o) = &old {
+                w.push(Write::Delete(keys::assigned(o, &ve)));
             }
-            None => {
-                store.delete_as_leader(l, &key).await?;
-                writes += 1;
+            if let Some(n) = &new {
+                w.push(Write::Put(keys::assigned(n, &ve), keys::encode(&ve)));
             }
         }
+        batch.push(Guarded {
+            key,
+            mod_revision: rev,
+            writes: w,
+        });
     }
+    let writes = store.write_as_leader(l, batch).await?;
     Ok(writes)
 }
 
@@ -294,14 +304,18 @@ impl Node {
                 };
                 st.put(&spec_key, &entry).await?;
                 // A VE this node has is placed here (the leader would only place it anew).
-                st.create(
-                    &keys::ve(name.as_str(), "place"),
-                    &Placement {
-                        node: Some(m.name.clone()),
-                        pending: None,
-                    },
-                )
-                .await?;
+                let placed_here = st
+                    .create(
+                        &keys::ve(name.as_str(), "place"),
+                        &Placement {
+                            node: Some(m.name.clone()),
+                            pending: None,
+                        },
+                    )
+                    .await?;
+                if placed_here {
+                    st.put(&keys::assigned(&m.name, name.as_str()), &name.as_str()).await?;
+                }
             }
             st.put(
                 &keys::ve(name.as_str(), "status"),
@@ -423,9 +437,10 @@ impl Node {
         let placed = self.wait_placed(m, &place_key);
         let forget = |why: &str| {
             let r = m.block_on(async {
-                m.store().delete(&place_key).await?;
-                m.store().delete(&spec_key).await?;
-                m.store().delete(&keys::ve(name.as_str(), "status")).await
+                if let Some(n) = m.store().get::<Placement>(&place_key).await?.and_then(|p| p.node) {
+                    m.store().delete(&keys::assigned(&n, name.as_str())).await?;
+                }
+                m.store().delete_prefix(&format!("{}{}/", keys::ves(), name)).await
             });
             if let Err(e) = r {
                 tracing::warn!(ve = %name, "removing the spec of a VE that was not created ({why}): {e}");
@@ -965,7 +980,13 @@ fn digest(i: &VeInfo) -> String {
 }
 
 fn forget_keys(m: &Member, name: &Name) {
-    let r = m.block_on(m.store().delete_prefix(&format!("{}{}/", keys::ves(), name)));
+    let r = m.block_on(async {
+        let place: Option<Placement> = m.store().get(&keys::ve(name.as_str(), "place")).await?;
+        if let Some(n) = place.and_then(|p| p.node) {
+            m.store().delete(&keys::assigned(&n, name.as_str())).await?;
+        }
+        m.store().delete_prefix(&format!("{}{}/", keys::ves(), name)).await
+    });
     if let Err(e) = r {
         tracing::warn!(ve = %name, "removing the destroyed VE's keys: {e}");
     }

@@ -7,6 +7,7 @@
 //! /vessel/v1/ves/<ve>/spec       VeRecord: the VE's spec and its generation
 //! /vessel/v1/ves/<ve>/place      Placement: the node it is assigned to (leader writes)
 //! /vessel/v1/ves/<ve>/status     what its node observed
+//! /vessel/v1/assigned/<node>/<ve> the leader's index of the VEs placed on each node
 //! /vessel/v1/election            the control center's election (etcd's election API)
 //! ```
 //! Every value is JSON `{"v": 1, "value": ...}`; a reader refuses another version with an
@@ -46,6 +47,16 @@ pub fn ves() -> String {
 /// The VE and part of a key under [`ves`] (`/vessel/v1/ves/<ve>/<part>`).
 pub fn ve_part(key: &str) -> Option<(&str, &str)> {
     key.strip_prefix(PREFIX)?.strip_prefix("ves/")?.split_once('/')
+}
+
+/// The leader's index of what is placed on a node (`/vessel/v1/assigned/<node>/<ve>`), so
+/// a node can watch its own VEs without hearing every change in the cluster.
+pub fn assigned(node: &str, ve: &str) -> String {
+    format!("{PREFIX}assigned/{node}/{ve}")
+}
+
+pub fn assigned_to(node: &str) -> String {
+    format!("{PREFIX}assigned/{node}/")
 }
 
 pub fn election() -> String {

@@ -11,6 +11,21 @@ use serde::{de::DeserializeOwned, Serialize};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// One write of [`Store::write_as_leader`].
+#[derive(Debug, Clone)]
+pub enum Write {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+/// Writes guarded by one key's revision.
+#[derive(Debug, Clone)]
+pub struct Guarded {
+    pub key: String,
+    pub mod_revision: i64,
+    pub writes: Vec<Write>,
+}
+
 /// One key as read by [`Store::list_raw`].
 #[derive(Debug, Clone)]
 pub struct RawKv {
@@ -209,6 +224,51 @@ impl Store {
             etcd_client::TxnOpResponse::Txn(t) => t.succeeded(),
             _ => false,
         }))
+    }
+
+    /// Many guarded writes in few round trips: each item's writes happen only if its key
+    /// is unchanged since its `mod_revision` (0: absent), and all only while `l` leads.
+    /// Returns how many items were written.
+    pub async fn write_as_leader(&self, l: &Leadership, items: Vec<Guarded>) -> Result<usize, ClusterError> {
+        let mut done = 0;
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            // etcd allows 128 operations per transaction (nested ones count).
+            let mut ops = Vec::new();
+            let mut count = 0;
+            while let Some(it) = items.peek() {
+                if count + 1 + it.writes.len() > 120 && !ops.is_empty() {
+                    break;
+                }
+                let it = items.next().expect("peeked");
+                count += 1 + it.writes.len();
+                let cmp = if it.mod_revision == 0 {
+                    Compare::version(it.key.as_str(), CompareOp::Equal, 0)
+                } else {
+                    Compare::mod_revision(it.key.as_str(), CompareOp::Equal, it.mod_revision)
+                };
+                let writes = it
+                    .writes
+                    .into_iter()
+                    .map(|w| match w {
+                        Write::Put(k, v) => TxnOp::put(k, v, None),
+                        Write::Delete(k) => TxnOp::delete(k, None),
+                    })
+                    .collect::<Vec<_>>();
+                ops.push(TxnOp::txn(Txn::new().when(vec![cmp]).and_then(writes)));
+            }
+            let txn = Txn::new().when(vec![Self::leads(l)]).and_then(ops);
+            let r = self.client.clone().txn(txn).await.map_err(self.err())?;
+            if !r.succeeded() {
+                return Err(ClusterError::NotLeader);
+            }
+            done += r
+                .op_responses()
+                .iter()
+                .filter(|o| matches!(o, etcd_client::TxnOpResponse::Txn(t) if t.succeeded()))
+                .count();
+        }
+        Ok(done)
     }
 
     fn leads(l: &Leadership) -> Compare {
