@@ -69,6 +69,35 @@ impl TestLab {
         serde_json::from_str(&out(&o)).ok()
     }
 
+    /// Wait (bounded) until `node`'s node list satisfies `pred`; on timeout, fail with the
+    /// last list seen and the tail of that node's daemon log.
+    fn wait_list(&self, what: &str, node: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        let limit = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut last = None;
+        while t0.elapsed() < limit {
+            let v = self.node_list(node);
+            if v.as_ref().is_some_and(&pred) {
+                return;
+            }
+            last = v.or(last);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let log =
+            std::fs::read_to_string(format!("/var/lib/vessel-lab/{}/{node}/daemon.log", self.name)).unwrap_or_default();
+        panic!(
+            "{what}: not within {limit:?}; last node list on {node}: {last:?}\ndaemon log tail:\n{}",
+            log.lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+
     fn state(&self) -> Option<serde_json::Value> {
         let t = std::fs::read(format!("/run/vessel-lab/{}/lab.json", self.name)).ok()?;
         serde_json::from_slice(&t).ok()
@@ -242,21 +271,15 @@ fn three_nodes_elect_fail_over_partition_heal_and_leave_nothing() {
         "{st}"
     );
     let other = if old == "node1" { "node2" } else { "node1" };
-    wait_until("a new leader, the old one lost", Duration::from_secs(60), || {
-        lab.node_list(other)
-            .is_some_and(|v| leader(&v).is_some_and(|l| l != old) && state_of(&v, &old).as_deref() == Some("lost"))
+    lab.wait_list("a new leader, the old one lost", other, |v| {
+        leader(v).is_some_and(|l| l != old) && state_of(v, &old).as_deref() == Some("lost")
     });
     // The killed node can still be entered (its namespaces stay) for diagnostics.
     lab.ok(&["exec", &old, "--", "true"]);
     lab.ok(&["start", &old]);
-    wait_until(
-        "the restarted node is ready for the others",
-        Duration::from_secs(60),
-        || {
-            lab.node_list(other)
-                .is_some_and(|v| state_of(&v, &old).as_deref() == Some("ready"))
-        },
-    );
+    lab.wait_list("the restarted node is ready for the others", other, |v| {
+        state_of(v, &old).as_deref() == Some("ready")
+    });
 
     // Partition node3: the others see it lost; heal: ready again.
     lab.ok(&["partition", "node3"]);
@@ -266,9 +289,8 @@ fn three_nodes_elect_fail_over_partition_heal_and_leave_nothing() {
         serde_json::json!(["node1", "node2"]),
         "{st}"
     );
-    wait_until("node3 lost to node1", Duration::from_secs(60), || {
-        lab.node_list("node1")
-            .is_some_and(|v| state_of(&v, "node3").as_deref() == Some("lost"))
+    lab.wait_list("node3 lost to node1", "node1", |v| {
+        state_of(v, "node3").as_deref() == Some("lost")
     });
     let o = lab.run(&[
         "exec",
@@ -280,9 +302,8 @@ fn three_nodes_elect_fail_over_partition_heal_and_leave_nothing() {
     ]);
     assert!(!o.status.success(), "nodes have no way out");
     lab.ok(&["heal"]);
-    wait_until("node3 ready again", Duration::from_secs(60), || {
-        lab.node_list("node1")
-            .is_some_and(|v| state_of(&v, "node3").as_deref() == Some("ready"))
+    lab.wait_list("node3 ready again", "node1", |v| {
+        state_of(v, "node3").as_deref() == Some("ready")
     });
 
     lab.ok(&["down"]);
