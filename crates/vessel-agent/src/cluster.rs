@@ -134,7 +134,7 @@ impl Member {
         let (cpus, memory, disk) = resources(root);
         let record = NodeRecord {
             name: name.clone(),
-            address: String::new(),
+            address: s.address.map(|a| a.to_string()).unwrap_or_default(),
             cpus,
             memory,
             disk,

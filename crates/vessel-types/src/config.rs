@@ -23,6 +23,7 @@
 //!
 //! [cluster]
 //! name = "node1"            # this node's name in the cluster (default: the host name)
+//! address = "10.0.0.1"      # this node's address on the cluster network (default: none)
 //! etcd = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"]
 //!                           # an existing etcd cluster; none: a private one-member etcd
 //! client_port = 12379       # the private etcd's ports on 127.0.0.1 (0 or absent: free
@@ -79,6 +80,9 @@ const MAX_REQUEST_TIMEOUT_SECS: u64 = 3600;
 pub struct ClusterSettings {
     /// This node's name (None: the host name).
     pub name: Option<String>,
+    /// This node's address on the cluster network (an IP address; None: not set), put in
+    /// its node record.
+    pub address: Option<std::net::IpAddr>,
     /// Client URLs of an existing etcd cluster; empty: run a private one-member etcd.
     pub etcd: Vec<String>,
     /// Ports of the private etcd on 127.0.0.1 (0: pick free ones).
@@ -94,6 +98,7 @@ impl Default for ClusterSettings {
     fn default() -> Self {
         ClusterSettings {
             name: None,
+            address: None,
             etcd: Vec::new(),
             client_port: 0,
             peer_port: 0,
@@ -306,6 +311,14 @@ impl Parser<'_> {
                         .ok_or_else(|| bad("must be a name: letters, digits and '-', like \"node1\""))?;
                     c.name = Some(n.to_string());
                 }
+                "address" => {
+                    let a = item
+                        .as_str()
+                        .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+                        .filter(|a| !a.is_unspecified() && !a.is_multicast())
+                        .ok_or_else(|| bad("must be this node's IP address, like \"10.0.0.1\""))?;
+                    c.address = Some(a);
+                }
                 "etcd" => {
                     let urls = item
                         .as_array()
@@ -340,7 +353,7 @@ impl Parser<'_> {
                 }
                 _ => {
                     return Err(bad(
-                        "unknown setting: [cluster] has name, etcd, client_port, peer_port and lease_ttl",
+                        "unknown setting: [cluster] has name, address, etcd, client_port, peer_port and lease_ttl",
                     ))
                 }
             }
@@ -539,6 +552,7 @@ max_connections = 8
 request_timeout = "5s"
 [cluster]
 name = "node-2"
+address = "10.0.0.2"
 etcd = ["http://10.0.0.1:2379", "https://10.0.0.2:2379"]
 client_port = 22379
 peer_port = 22380
@@ -550,6 +564,7 @@ lease_ttl = "3s"
             s.cluster,
             ClusterSettings {
                 name: Some("node-2".into()),
+                address: Some("10.0.0.2".parse().unwrap()),
                 etcd: vec!["http://10.0.0.1:2379".into(), "https://10.0.0.2:2379".into()],
                 client_port: 22379,
                 peer_port: 22380,
@@ -639,6 +654,24 @@ lease_ttl = "3s"
                 4,
                 Some("cluster.peer_port"),
                 "differ",
+            ),
+            (
+                "version = 1\n[cluster]\naddress = \"10.0.0\"\n",
+                3,
+                Some("cluster.address"),
+                "IP address",
+            ),
+            (
+                "version = 1\n[cluster]\naddress = \"0.0.0.0\"\n",
+                3,
+                Some("cluster.address"),
+                "IP address",
+            ),
+            (
+                "version = 1\n[cluster]\naddress = 10\n",
+                3,
+                Some("cluster.address"),
+                "IP address",
             ),
             (
                 "version = 1\n[cluster]\nname = \"a b\"\n",

@@ -24,6 +24,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Node(n) => node(&g, n),
         Cmd::Template(t) => template(&g, t),
         Cmd::Ve(v) => ve(&g, v),
+        Cmd::Lab(l) => crate::lab::run(&g, l),
         Cmd::Runtime { .. } | Cmd::ConsoleKeeper { .. } | Cmd::FsServe { .. } => unreachable!("handled in main"),
     }
 }

@@ -3,6 +3,7 @@
 //! file parses arguments and prints results.
 
 mod commands;
+mod lab;
 mod output;
 mod term;
 
@@ -90,6 +91,8 @@ pub enum Cmd {
     /// Manage virtual environments
     #[command(subcommand)]
     Ve(VeCmd),
+    /// A cluster of N nodes on this machine, for tests, benchmarks and demos
+    Lab(LabArgs),
     #[command(name = "__runtime", hide = true)]
     Runtime { request: String },
     #[command(name = "__console-keeper", hide = true)]
@@ -130,6 +133,52 @@ pub enum NodeCmd {
     Undrain { name: String },
     /// Forget a lost node (a live one is refused)
     Remove { name: String },
+}
+
+#[derive(Args)]
+pub struct LabArgs {
+    /// The lab's name (several labs may run side by side)
+    #[arg(long, global = true, env = "VESSEL_LAB", default_value = "lab")]
+    pub name: String,
+    #[command(subcommand)]
+    pub cmd: LabCmd,
+}
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Make the nodes (namespaces, bridge, etcd members, daemons); returns when all are ready
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// etcd members, in the first nodes (default: 3 with 3 nodes or more, else 1)
+        #[arg(long)]
+        etcd_members: Option<usize>,
+        /// Tests: stop with an error after a step (network, etcd, daemons)
+        #[arg(long, hide = true)]
+        fail_after: Option<String>,
+    },
+    /// The nodes: address, daemon, etcd member, partitions
+    Status,
+    /// Power loss of a node: kill every process in its cgroup
+    Kill { node: String },
+    /// Start a killed node again on its data
+    Start { node: String },
+    /// Cut a node off from the others (or from one) with nftables in its namespace
+    Partition {
+        node: String,
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Remove every partition
+    Heal,
+    /// Run a command inside a node (`vessel` is this binary, set up for the node)
+    Exec {
+        node: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Remove the lab and everything it made
+    Down,
 }
 
 #[derive(Subcommand)]
