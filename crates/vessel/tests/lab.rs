@@ -7,128 +7,9 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A lab of this test; `lab down` on every way out.
-struct TestLab {
-    name: String,
-}
-
-impl TestLab {
-    fn new() -> TestLab {
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        TestLab {
-            name: format!("t{}x{n}", std::process::id()),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(vessel_bin());
-        c.arg("lab")
-            .arg("--name")
-            .arg(&self.name)
-            .args(args)
-            .stdin(Stdio::null());
-        c.env_remove("VESSEL_LAB")
-            .env_remove("VESSEL_ROOT")
-            .env_remove("VESSEL_SOCKET");
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        run_bounded(self.cmd(args), Duration::from_secs(300))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "vessel lab {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            o.status,
-            out(&o),
-            err(&o)
-        );
-        out(&o)
-    }
-
-    /// `vessel node list --json` run inside `node` (None: it failed, e.g. no quorum).
-    fn node_list(&self, node: &str) -> Option<serde_json::Value> {
-        let mut c = Command::new(vessel_bin());
-        c.args([
-            "lab", "--name", &self.name, "exec", node, "--", "vessel", "node", "list", "--json",
-        ])
-        .stdin(Stdio::null());
-        let o = run_bounded(c, Duration::from_secs(60));
-        if !o.status.success() {
-            return None;
-        }
-        serde_json::from_str(&out(&o)).ok()
-    }
-
-    /// Wait (bounded) until `node`'s node list satisfies `pred`; on timeout, fail with the
-    /// last list seen and the tail of that node's daemon log.
-    fn wait_list(&self, what: &str, node: &str, pred: impl Fn(&serde_json::Value) -> bool) {
-        let limit = Duration::from_secs(60);
-        let t0 = Instant::now();
-        let mut last = None;
-        while t0.elapsed() < limit {
-            let v = self.node_list(node);
-            if v.as_ref().is_some_and(&pred) {
-                return;
-            }
-            last = v.or(last);
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let log =
-            std::fs::read_to_string(format!("/var/lib/vessel-lab/{}/{node}/daemon.log", self.name)).unwrap_or_default();
-        panic!(
-            "{what}: not within {limit:?}; last node list on {node}: {last:?}\ndaemon log tail:\n{}",
-            log.lines()
-                .rev()
-                .take(30)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-    }
-
-    fn state(&self) -> Option<serde_json::Value> {
-        let t = std::fs::read(format!("/run/vessel-lab/{}/lab.json", self.name)).ok()?;
-        serde_json::from_slice(&t).ok()
-    }
-
-    fn prefix(&self) -> String {
-        self.state().expect("lab.json")["plan"]["prefix"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = self.run(&["down"]);
-    }
-}
-
-/// The state of `node` in a node list, and the leader.
-fn state_of(v: &serde_json::Value, node: &str) -> Option<String> {
-    v["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["name"] == node)
-        .and_then(|n| n["state"].as_str().map(str::to_string))
-}
-
-fn leader(v: &serde_json::Value) -> Option<String> {
-    v["leader"].as_str().map(str::to_string)
-}
+use vessel_testkit::lab::{leader, state_of, TestLab};
 
 /// Nothing with the lab's name or prefix is left: state, data, cgroups in any hierarchy,
 /// mounts, processes, links and nft tables of the root namespace.
@@ -184,7 +65,7 @@ fn three_nodes_elect_fail_over_partition_heal_and_leave_nothing() {
     if !need_root("three_nodes_elect_fail_over_partition_heal_and_leave_nothing") {
         return;
     }
-    let lab = TestLab::new();
+    let lab = TestLab::new(&vessel_bin());
     lab.ok(&["up", "--nodes", "3", "--etcd-members", "3"]);
     let prefix = lab.prefix();
     let st: serde_json::Value = serde_json::from_str(&lab.ok(&["status", "--json"])).unwrap();
@@ -319,7 +200,7 @@ fn down_removes_a_half_made_lab_after_a_crash_or_a_failure() {
         return;
     }
     // kill -9 of `vessel lab up` once a daemon runs.
-    let lab = TestLab::new();
+    let lab = TestLab::new(&vessel_bin());
     let mut up = lab.cmd(&["up", "--nodes", "2"]);
     up.stdout(Stdio::null()).stderr(Stdio::null());
     let mut child = up.spawn().unwrap();
@@ -344,7 +225,7 @@ fn down_removes_a_half_made_lab_after_a_crash_or_a_failure() {
     assert_nothing_left(&lab.name, &prefix);
 
     // A failure after etcd started (injected): the error says how to clean up; down does.
-    let lab = TestLab::new();
+    let lab = TestLab::new(&vessel_bin());
     let o = lab.run(&["up", "--nodes", "2", "--fail-after", "etcd"]);
     assert!(!o.status.success());
     assert!(err(&o).contains("vessel lab down"), "{}", err(&o));
@@ -356,7 +237,7 @@ fn down_removes_a_half_made_lab_after_a_crash_or_a_failure() {
     assert_nothing_left(&lab.name, &prefix);
 
     // Bad input: too many etcd members (nothing is made), a lab that is not there.
-    let lab = TestLab::new();
+    let lab = TestLab::new(&vessel_bin());
     let e = err(&lab.run(&["up", "--nodes", "2", "--etcd-members", "3"]));
     assert!(e.contains("--etcd-members 3"), "{e}");
     assert!(
