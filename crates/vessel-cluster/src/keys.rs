@@ -8,6 +8,7 @@
 //! /vessel/v1/ves/<ve>/place      Placement: the node it is assigned to (leader writes)
 //! /vessel/v1/ves/<ve>/status     what its node observed
 //! /vessel/v1/election            the control center's election (etcd's election API)
+//! /vessel/v1/join-tokens/<id>    a join token: its secret's hash, expiry, used (vessel-peer)
 //! ```
 //! Every value is JSON `{"v": 1, "value": ...}`; a reader refuses another version with an
 //! error that names the key.
@@ -41,6 +42,10 @@ pub fn ve(name: &str, part: &str) -> String {
 
 pub fn ves() -> String {
     format!("{PREFIX}ves/")
+}
+
+pub fn join_token(id: &str) -> String {
+    format!("{PREFIX}join-tokens/{id}")
 }
 
 pub fn election() -> String {

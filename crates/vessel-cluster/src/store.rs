@@ -197,6 +197,25 @@ impl Store {
         Ok(())
     }
 
+    /// The value at `key` and its `mod_revision` (for [`Store::put_if_rev`]).
+    pub async fn get_rev<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, i64)>, ClusterError> {
+        let r = self.client.clone().get(key, None).await.map_err(self.err())?;
+        r.kvs()
+            .first()
+            .map(|kv| Ok((keys::decode(key, kv.value())?, kv.mod_revision())))
+            .transpose()
+    }
+
+    /// Write `value` at `key` only if the key was not changed since its `mod_revision` was
+    /// `rev` (one transaction); false if it was.
+    pub async fn put_if_rev<T: Serialize>(&self, key: &str, value: &T, rev: i64) -> Result<bool, ClusterError> {
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(key, CompareOp::Equal, rev)])
+            .and_then(vec![TxnOp::put(key, keys::encode(value), None)]);
+        let r = self.client.clone().txn(txn).await.map_err(self.err())?;
+        Ok(r.succeeded())
+    }
+
     /// Delete a key any node may delete (a removed member's record).
     pub async fn delete(&self, key: &str) -> Result<(), ClusterError> {
         self.client.clone().delete(key, None).await.map_err(self.err())?;

@@ -28,6 +28,9 @@
 //! client_port = 12379       # the private etcd's ports on 127.0.0.1 (0 or absent: free
 //! peer_port = 12380         #   ports, kept from one start to the next while free)
 //! lease_ttl = "2s"          # a node that does not renew its lease this long is lost
+//! address = "10.0.0.5"      # where other nodes reach this one (default 127.0.0.1)
+//! port = 7150               # the node-to-node port (mutual TLS), served once the
+//!                           #   cluster is initialized (`vessel cluster init` or a join)
 //! ```
 //!
 //! Keys in `[defaults]` and `[max]`: memory, memory_low, cpus, cpu_weight, pids, disk,
@@ -85,7 +88,14 @@ pub struct ClusterSettings {
     pub client_port: u16,
     pub peer_port: u16,
     pub lease_ttl_secs: u64,
+    /// Where other nodes reach this one.
+    pub address: std::net::IpAddr,
+    /// The node-to-node port (mutual TLS) on `address`.
+    pub port: u16,
 }
+
+/// Default node-to-node port.
+pub const DEFAULT_PEER_PORT: u16 = 7150;
 
 /// Default node lease: lost after 2 s without a renewal.
 pub const DEFAULT_LEASE_TTL_SECS: u64 = 2;
@@ -98,6 +108,8 @@ impl Default for ClusterSettings {
             client_port: 0,
             peer_port: 0,
             lease_ttl_secs: DEFAULT_LEASE_TTL_SECS,
+            address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            port: DEFAULT_PEER_PORT,
         }
     }
 }
@@ -331,6 +343,20 @@ impl Parser<'_> {
                         c.peer_port = p;
                     }
                 }
+                "address" => {
+                    c.address = item
+                        .as_str()
+                        .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+                        .filter(|a| !a.is_unspecified() && !a.is_multicast())
+                        .ok_or_else(|| bad("must be this node's IP address, like \"10.0.0.5\""))?;
+                }
+                "port" => {
+                    c.port = item
+                        .as_integer()
+                        .and_then(|n| u16::try_from(n).ok())
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| bad("must be a port from 1 to 65535 (default 7150)"))?;
+                }
                 "lease_ttl" => {
                     c.lease_ttl_secs = duration(item)
                         .ok()
@@ -340,7 +366,7 @@ impl Parser<'_> {
                 }
                 _ => {
                     return Err(bad(
-                        "unknown setting: [cluster] has name, etcd, client_port, peer_port and lease_ttl",
+                        "unknown setting: [cluster] has name, etcd, client_port, peer_port, lease_ttl, address and port",
                     ))
                 }
             }
@@ -543,6 +569,8 @@ etcd = ["http://10.0.0.1:2379", "https://10.0.0.2:2379"]
 client_port = 22379
 peer_port = 22380
 lease_ttl = "3s"
+address = "10.0.0.5"
+port = 7151
 "#,
         )
         .unwrap();
@@ -554,6 +582,8 @@ lease_ttl = "3s"
                 client_port: 22379,
                 peer_port: 22380,
                 lease_ttl_secs: 3,
+                address: "10.0.0.5".parse().unwrap(),
+                port: 7151,
             }
         );
         let d = s.limits.defaults;
@@ -627,6 +657,30 @@ lease_ttl = "3s"
                 3,
                 Some("cluster.lease_ttl"),
                 "1s to 60s",
+            ),
+            (
+                "version = 1\n[cluster]\naddress = \"10.0.0\"\n",
+                3,
+                Some("cluster.address"),
+                "IP address",
+            ),
+            (
+                "version = 1\n[cluster]\naddress = \"0.0.0.0\"\n",
+                3,
+                Some("cluster.address"),
+                "IP address",
+            ),
+            (
+                "version = 1\n[cluster]\nport = 0\n",
+                3,
+                Some("cluster.port"),
+                "1 to 65535",
+            ),
+            (
+                "version = 1\n[cluster]\nport = 65536\n",
+                3,
+                Some("cluster.port"),
+                "1 to 65535",
             ),
             (
                 "version = 1\n[cluster]\nclient_port = 70000\n",
