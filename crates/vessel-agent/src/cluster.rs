@@ -66,7 +66,8 @@ fn ports(root: &Path, s: &ClusterSettings) -> std::io::Result<(u16, u16)> {
     Ok((client, peer))
 }
 
-fn hostname() -> String {
+/// The node's name when `[cluster] name` does not give one.
+pub fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -332,6 +333,16 @@ impl Member {
         if let Some(e) = &self.etcd {
             e.lock().unwrap_or_else(|p| p.into_inner()).stop();
         }
+    }
+
+    /// The control store (other modules keep their records there: join tokens).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Run a store call on the cluster runtime from a daemon thread.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
     }
 
     fn etcd_data(root: &Path) -> PathBuf {
