@@ -99,6 +99,19 @@ impl PeerClient {
         }
     }
 
+    /// Send raw bytes inside the TLS session and read one answer frame (an `Error` frame
+    /// included): for tests of how a node meets bad frames.
+    #[doc(hidden)]
+    pub fn raw_call(&mut self, bytes: &[u8]) -> Result<PeerResponse, PeerError> {
+        use std::io::Write;
+        self.s.sock.deadline = Some(Instant::now() + self.timeout);
+        self.s
+            .write_all(bytes)
+            .and_then(|_| self.s.flush())
+            .map_err(|e| self.wire(e.into()))?;
+        read_frame(&mut self.s, "response", MAX_RESPONSE).map_err(|e| self.wire(e))
+    }
+
     /// One request, one answer (an `Error` answer is `Err(PeerError::Api)`).
     pub fn call(&mut self, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
         match self.send(req)? {
