@@ -40,7 +40,9 @@ pub fn join(root: &Path, config: &ConfigFile, target: &str, token: &str) -> Resu
     let token = Token::parse(token).map_err(|e| e.to_string())?;
     let addr: SocketAddr = target
         .to_socket_addrs()
-        .map_err(|e| format!("join address {target}: {e}; give it as HOST:PORT (the port `vessel cluster init` printed)"))?
+        .map_err(|e| {
+            format!("join address {target}: {e}; give it as HOST:PORT (the port `vessel cluster init` printed)")
+        })?
         .next()
         .ok_or_else(|| format!("join address {target}: no address found"))?;
     let name = settings.cluster.name.clone().unwrap_or_else(crate::cluster::hostname);
@@ -123,7 +125,8 @@ mod tests {
 
     #[test]
     fn the_config_keeps_what_it_had_and_gets_the_cluster() {
-        let before = "version = 1\n# the operator's note\n[defaults]\nmemory = \"1G\"\n[cluster]\naddress = \"10.0.0.5\"\n";
+        let before =
+            "version = 1\n# the operator's note\n[defaults]\nmemory = \"1G\"\n[cluster]\naddress = \"10.0.0.5\"\n";
         let after = set_cluster_keys(before, "b", &["http://10.0.0.1:2379".into()]).unwrap();
         assert!(after.contains("# the operator's note"), "{after}");
         let s = vessel_types::config::parse(&after).unwrap();

@@ -87,7 +87,8 @@ impl Peer {
     fn serve(self: &Arc<Self>, l: TcpListener) -> NResult<()> {
         let ca_pem = self.files.load_ca_cert().map_err(ca_err)?;
         let node = self.files.load_node().map_err(ca_err)?;
-        let tls = vessel_peer::tls::server_config(&ca_pem, &node).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        let tls =
+            vessel_peer::tls::server_config(&ca_pem, &node).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
         let api = self.node.upgrade().map(|n| n.opts.settings.api).unwrap_or_default();
         let opts = ServerOptions {
             node: self.member.name.clone(),
@@ -95,7 +96,8 @@ impl Peer {
             request_timeout: Duration::from_secs(api.request_timeout_secs),
         };
         let handler: Arc<dyn PeerHandler> = self.clone();
-        let s = PeerServer::start(l, tls, handler, opts).map_err(|e| err(ErrorCode::Internal, format!("peer server: {e}")))?;
+        let s = PeerServer::start(l, tls, handler, opts)
+            .map_err(|e| err(ErrorCode::Internal, format!("peer server: {e}")))?;
         tracing::info!(addr = %s.addr, "serving other nodes (mutual TLS)");
         *self.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
         Ok(())
@@ -153,9 +155,7 @@ impl Peer {
             command: format!("vessel up --join {join} --token {t}"),
             token: t.to_string(),
             join,
-            expires_unix: expires
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            expires_unix: expires.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         })
     }
 
@@ -252,10 +252,15 @@ impl PeerHandler for Peer {
         self.api_call(req).unwrap_or_else(Response::Error)
     }
 
-    fn stream(&self, _peer: &PeerIdentity, req: StreamRequest) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError> {
+    fn stream(
+        &self,
+        _peer: &PeerIdentity,
+        req: StreamRequest,
+    ) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError> {
         match req {
             StreamRequest::Logs { name, tail_bytes } => {
-                let name = vessel_types::Name::parse(&name).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+                let name =
+                    vessel_types::Name::parse(&name).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
                 let data = self.node()?.logs(&name, tail_bytes)?;
                 Ok((Some(data.len() as u64), Box::new(std::io::Cursor::new(data))))
             }

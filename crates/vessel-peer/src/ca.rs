@@ -65,7 +65,9 @@ pub struct CertKey {
 
 impl std::fmt::Debug for CertKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertKey").field("key_pem", &"<secret>").finish_non_exhaustive()
+        f.debug_struct("CertKey")
+            .field("key_pem", &"<secret>")
+            .finish_non_exhaustive()
     }
 }
 
@@ -78,7 +80,11 @@ pub fn make_ca(cluster_id: &str) -> Result<CertKey, CaError> {
     dn.push(DnType::CommonName, format!("vessel cluster CA {cluster_id}"));
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     validity(&mut p, CA_DAYS);
     let cert = p.self_signed(&key).map_err(crypto("the CA certificate"))?;
     Ok(CertKey {
@@ -124,12 +130,17 @@ pub fn issue(ca: &CertKey, csr_pem: &str, name: &str, address: IpAddr) -> Result
     let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
         .map_err(|e| CaError::Refused(format!("not a valid certificate request: {e}")))?;
     if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
-        return Err(CaError::Refused("the certificate request's key is not ECDSA P-256".into()));
+        return Err(CaError::Refused(
+            "the certificate request's key is not ECDSA P-256".into(),
+        ));
     }
     csr.params = node_params(name, address)?;
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(crypto("the CA key"))?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(crypto("the CA certificate"))?;
-    Ok(csr.signed_by(&issuer).map_err(crypto("signing the node certificate"))?.pem())
+    Ok(csr
+        .signed_by(&issuer)
+        .map_err(crypto("signing the node certificate"))?
+        .pem())
 }
 
 /// The DER bytes of the first certificate in `pem`.
@@ -325,7 +336,11 @@ mod tests {
         assert_eq!(f.load_node().unwrap().cert_pem, node.cert_pem);
         assert_eq!(pin(&f.load_ca_cert().unwrap()).unwrap(), pin(&ca.cert_pem).unwrap());
         // No temporary files left.
-        let names: Vec<_> = std::fs::read_dir(&f.dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&f.dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(names.len(), 4, "{names:?}");
     }
 }

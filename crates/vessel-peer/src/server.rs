@@ -9,8 +9,8 @@
 
 use crate::timed::TimedSock;
 use crate::wire::{
-    read_frame, write_frame, JoinReply, JoinRequest, PeerRequest, PeerResponse, StreamRequest, WireError,
-    MAX_REQUEST, MAX_RESPONSE,
+    read_frame, write_frame, JoinReply, JoinRequest, PeerRequest, PeerResponse, StreamRequest, WireError, MAX_REQUEST,
+    MAX_RESPONSE,
 };
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use std::io::{Read, Write};
@@ -126,12 +126,14 @@ fn accept_loop(
         }
         let slot = Slot(active.clone());
         let (tls, handler, opts) = (tls.clone(), handler.clone(), opts.clone());
-        let spawned = std::thread::Builder::new().name("vessel-peer-conn".into()).spawn(move || {
-            let _slot = slot;
-            if let Err(e) = serve_conn(sock, from, tls, &*handler, &opts) {
-                tracing::debug!(%from, "peer connection: {e}");
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("vessel-peer-conn".into())
+            .spawn(move || {
+                let _slot = slot;
+                if let Err(e) = serve_conn(sock, from, tls, &*handler, &opts) {
+                    tracing::debug!(%from, "peer connection: {e}");
+                }
+            });
         if let Err(e) = spawned {
             tracing::warn!("no thread for a peer connection: {e}");
         }
@@ -178,7 +180,11 @@ fn serve_conn(
                     WireError::Version(_) => ErrorCode::VersionMismatch,
                     _ => ErrorCode::InvalidArgument,
                 };
-                let _ = write_frame(&mut s, &PeerResponse::Error(ApiError::new(code, e.to_string())), MAX_RESPONSE);
+                let _ = write_frame(
+                    &mut s,
+                    &PeerResponse::Error(ApiError::new(code, e.to_string())),
+                    MAX_RESPONSE,
+                );
                 close(&mut s);
                 return Err(e);
             }
@@ -190,8 +196,10 @@ fn serve_conn(
                 Err(e) => PeerResponse::Error(e),
             },
             (_, None) => denied(),
-            (PeerRequest::Ping, Some(_)) => PeerResponse::Pong { node: opts.node.clone() },
-            (PeerRequest::Api(r), Some(p)) => PeerResponse::Api(handler.api(p, r)),
+            (PeerRequest::Ping, Some(_)) => PeerResponse::Pong {
+                node: opts.node.clone(),
+            },
+            (PeerRequest::Api(r), Some(p)) => PeerResponse::Api(handler.api(p, *r)),
             (PeerRequest::Stream(r), Some(p)) => match handler.stream(p, r) {
                 Ok((len, mut body)) => {
                     write_frame(&mut s, &PeerResponse::Stream { len }, MAX_RESPONSE)?;

@@ -241,7 +241,11 @@ mod tests {
         for c in &cases {
             assert_eq!(Token::parse(c), Err(TokenError::Malformed), "{c:?}");
         }
-        assert_eq!(Token::parse_wire(&good), Err(TokenError::Malformed), "the pin is not sent");
+        assert_eq!(
+            Token::parse_wire(&good),
+            Err(TokenError::Malformed),
+            "the pin is not sent"
+        );
         assert_eq!(Token::parse_wire("vessel1.zz.yy"), Err(TokenError::Malformed));
     }
 
@@ -269,6 +273,8 @@ mod tests {
             ..rec
         };
         assert_eq!(check(Some(&damaged), secret, 0), Err(TokenError::WrongSecret));
-        assert!(TokenError::Used(Some("b".into())).to_string().contains("already used (by b)"));
+        assert!(TokenError::Used(Some("b".into()))
+            .to_string()
+            .contains("already used (by b)"));
     }
 }

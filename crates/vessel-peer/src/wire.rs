@@ -34,7 +34,7 @@ pub enum PeerRequest {
     /// Is this node there (answers with its name)?
     Ping,
     /// A local API request, run on this node for a node of the cluster.
-    Api(Request),
+    Api(Box<Request>),
     /// Bytes streamed back: answered with [`PeerResponse::Stream`], then raw bytes.
     Stream(StreamRequest),
 }
@@ -68,7 +68,9 @@ pub enum StreamRequest {
 pub enum PeerResponse {
     Error(ApiError),
     Joined(JoinReply),
-    Pong { node: String },
+    Pong {
+        node: String,
+    },
     Api(Response),
     /// Raw bytes follow until the TLS close; `len` when known in advance.
     Stream {
@@ -101,7 +103,11 @@ pub enum WireError {
     #[error("connection: {0}")]
     Io(std::io::Error),
     #[error("{what} of {len} bytes is over the {limit} byte limit")]
-    TooLarge { what: &'static str, len: usize, limit: usize },
+    TooLarge {
+        what: &'static str,
+        len: usize,
+        limit: usize,
+    },
     #[error("malformed message: {0}")]
     Decode(String),
     #[error("peer speaks node-to-node version {0}, this node speaks {PEER_VERSION}: run the same vessel version on every node")]
@@ -163,7 +169,9 @@ pub fn read_raw<R: Read>(r: &mut R, what: &'static str, limit: usize) -> Result<
         let old = buf.len();
         buf.resize(old + (len - old).min(READ_CHUNK), 0);
         r.read_exact(&mut buf[old..]).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => WireError::Decode(format!("the {what} ended after {old} of {len} bytes")),
+            std::io::ErrorKind::UnexpectedEof => {
+                WireError::Decode(format!("the {what} ended after {old} of {len} bytes"))
+            }
             _ => WireError::Io(e),
         })?;
     }
@@ -205,10 +213,10 @@ mod tests {
 
     #[test]
     fn requests_round_trip_in_their_stable_shape() {
-        let req = PeerRequest::Api(Request::VeList);
+        let req = PeerRequest::Api(Box::new(Request::VeList));
         let b = encode(&req, MAX_REQUEST).unwrap();
         assert_eq!(&b[4..], br#"{"v":1,"body":{"call":"api","op":"ve-list"}}"#);
-        assert!(matches!(read_req(&b).unwrap(), PeerRequest::Api(Request::VeList)));
+        assert!(matches!(read_req(&b).unwrap(), PeerRequest::Api(r) if matches!(*r, Request::VeList)));
         let ping = encode(&PeerRequest::Ping, MAX_REQUEST).unwrap();
         assert_eq!(&ping[4..], br#"{"v":1,"body":{"call":"ping"}}"#);
         let s = PeerRequest::Stream(StreamRequest::Logs {
@@ -222,18 +230,33 @@ mod tests {
         );
         assert!(matches!(
             read_req(&b).unwrap(),
-            PeerRequest::Stream(StreamRequest::Logs { tail_bytes: Some(10), .. })
+            PeerRequest::Stream(StreamRequest::Logs {
+                tail_bytes: Some(10),
+                ..
+            })
         ));
     }
 
     #[test]
     fn bad_bytes_are_errors_not_panics() {
         // Not JSON, JSON of another shape, another version, a cut frame, a huge length.
-        assert!(matches!(read_req(&frame(b"\xff\x00garbage")), Err(WireError::Decode(_))));
-        assert!(matches!(read_req(&frame(br#"{"v":1,"body":{"call":"nope"}}"#)), Err(WireError::Decode(_))));
+        assert!(matches!(
+            read_req(&frame(b"\xff\x00garbage")),
+            Err(WireError::Decode(_))
+        ));
+        assert!(matches!(
+            read_req(&frame(br#"{"v":1,"body":{"call":"nope"}}"#)),
+            Err(WireError::Decode(_))
+        ));
         assert!(matches!(read_req(&frame(br#"[1,2]"#)), Err(WireError::Decode(_))));
-        assert!(matches!(read_req(&frame(br#"{"v":7,"body":{"call":"ping"}}"#)), Err(WireError::Version(7))));
-        assert!(matches!(read_req(&frame(br#"{"body":{"call":"ping"}}"#)), Err(WireError::Version(0))));
+        assert!(matches!(
+            read_req(&frame(br#"{"v":7,"body":{"call":"ping"}}"#)),
+            Err(WireError::Version(7))
+        ));
+        assert!(matches!(
+            read_req(&frame(br#"{"body":{"call":"ping"}}"#)),
+            Err(WireError::Version(0))
+        ));
         let mut cut = frame(br#"{"v":1,"body":{"call":"ping"}}"#);
         cut.truncate(12);
         assert!(matches!(read_req(&cut), Err(WireError::Decode(_))));

@@ -35,17 +35,29 @@ async fn a_token_admits_one_joiner_even_when_two_race() {
         secret: "0".repeat(32),
         ..Token::generate(pin)
     };
-    assert_eq!(token::consume(&store, &wrong.wire(), "c").await, Err(TokenError::Unknown));
+    assert_eq!(
+        token::consume(&store, &wrong.wire(), "c").await,
+        Err(TokenError::Unknown)
+    );
     let t2 = token::create(&store, pin, Duration::from_secs(60)).await.unwrap();
     let bad = Token {
         secret: "0".repeat(32),
         ..t2.clone()
     };
-    assert_eq!(token::consume(&store, &bad.wire(), "c").await, Err(TokenError::WrongSecret));
+    assert_eq!(
+        token::consume(&store, &bad.wire(), "c").await,
+        Err(TokenError::WrongSecret)
+    );
     let short = token::create(&store, pin, Duration::from_millis(1)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(token::consume(&store, &short.wire(), "c").await, Err(TokenError::Expired));
-    assert_eq!(token::consume(&store, "vessel1.x", "c").await, Err(TokenError::Malformed));
+    assert_eq!(
+        token::consume(&store, &short.wire(), "c").await,
+        Err(TokenError::Expired)
+    );
+    assert_eq!(
+        token::consume(&store, "vessel1.x", "c").await,
+        Err(TokenError::Malformed)
+    );
 
     // Races: for each token two joiners at once; exactly one wins every time.
     for i in 0..20 {
@@ -106,7 +118,11 @@ impl PeerHandler for TestHandler {
         }
     }
 
-    fn stream(&self, _peer: &PeerIdentity, req: StreamRequest) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError> {
+    fn stream(
+        &self,
+        _peer: &PeerIdentity,
+        req: StreamRequest,
+    ) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError> {
         let StreamRequest::Logs { tail_bytes, .. } = req;
         let n = tail_bytes.unwrap_or(0) as usize;
         let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
@@ -138,7 +154,7 @@ fn nodes_call_and_stream_and_strangers_get_nothing() {
     let mine = tls::client_config(&ca.cert_pem, &b).unwrap();
     let mut c = PeerClient::connect_node(addr, mine.clone(), T).unwrap();
     assert!(matches!(c.call(&PeerRequest::Ping).unwrap(), PeerResponse::Pong { node } if node == "a"));
-    match c.call(&PeerRequest::Api(Request::VeList)).unwrap() {
+    match c.call(&PeerRequest::Api(Box::new(Request::VeList))).unwrap() {
         PeerResponse::Api(Response::Logs { text }) => assert_eq!(text, "secret list for b"),
         r => panic!("{r:?}"),
     }
@@ -159,7 +175,7 @@ fn nodes_call_and_stream_and_strangers_get_nothing() {
     let anon = tls::anonymous_client_config(&ca.cert_pem).unwrap();
     let mut c = PeerClient::connect_node(addr, anon, T).unwrap();
     for req in [
-        PeerRequest::Api(Request::VeList),
+        PeerRequest::Api(Box::new(Request::VeList)),
         PeerRequest::Ping,
         PeerRequest::Stream(StreamRequest::Logs {
             name: "web".into(),
@@ -175,18 +191,30 @@ fn nodes_call_and_stream_and_strangers_get_nothing() {
     // A certificate of another CA (self-signed, or another cluster's): no session at all.
     let (other_ca, other) = cluster("b", "127.0.0.2");
     let stranger = tls::client_config(&ca.cert_pem, &other).unwrap();
-    let r = PeerClient::connect_node(addr, stranger, T).and_then(|mut c| c.call(&PeerRequest::Api(Request::VeList)));
-    assert!(matches!(r, Err(PeerError::Tls { .. } | PeerError::Wire { .. })), "{r:?}");
+    let r = PeerClient::connect_node(addr, stranger, T)
+        .and_then(|mut c| c.call(&PeerRequest::Api(Box::new(Request::VeList))));
+    assert!(
+        matches!(r, Err(PeerError::Tls { .. } | PeerError::Wire { .. })),
+        "{r:?}"
+    );
     let self_signed = CertKey {
         cert_pem: other_ca.cert_pem.clone(),
         key_pem: other_ca.key_pem.clone(),
     };
     let stranger = tls::client_config(&ca.cert_pem, &self_signed).unwrap();
-    let r = PeerClient::connect_node(addr, stranger, T).and_then(|mut c| c.call(&PeerRequest::Api(Request::VeList)));
-    assert!(matches!(r, Err(PeerError::Tls { .. } | PeerError::Wire { .. })), "{r:?}");
+    let r = PeerClient::connect_node(addr, stranger, T)
+        .and_then(|mut c| c.call(&PeerRequest::Api(Box::new(Request::VeList))));
+    assert!(
+        matches!(r, Err(PeerError::Tls { .. } | PeerError::Wire { .. })),
+        "{r:?}"
+    );
 
     // Garbage: before TLS, and inside it. The server lives on.
-    for junk in [&b"GET / HTTP/1.0\r\n\r\n"[..], &[0xff; 300][..], &[0x16, 3, 1, 0xff, 0xff][..]] {
+    for junk in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        &[0xff; 300][..],
+        &[0x16, 3, 1, 0xff, 0xff][..],
+    ] {
         let mut t = TcpStream::connect(addr).unwrap();
         t.set_read_timeout(Some(T)).unwrap();
         let _ = t.write_all(junk);
@@ -221,7 +249,9 @@ fn nodes_call_and_stream_and_strangers_get_nothing() {
     };
     let good = "vessel1.00000000.0123456789abcdef0123456789abcdef";
     let (r, key) = join(pin, good).unwrap();
-    let PeerResponse::Joined(reply) = r else { panic!("{r:?}") };
+    let PeerResponse::Joined(reply) = r else {
+        panic!("{r:?}")
+    };
     // The new certificate works as a node's.
     let c_node = CertKey {
         cert_pem: reply.cert_pem,

@@ -364,11 +364,9 @@ impl Parser<'_> {
                         .filter(|s| (1..=60).contains(s))
                         .ok_or_else(|| bad("must be a duration from 1s to 60s, e.g. \"2s\""))?;
                 }
-                _ => {
-                    return Err(bad(
-                        "unknown setting: [cluster] has name, etcd, client_port, peer_port, lease_ttl, address and port",
-                    ))
-                }
+                _ => return Err(bad(
+                    "unknown setting: [cluster] has name, etcd, client_port, peer_port, lease_ttl, address and port",
+                )),
             }
         }
         if c.client_port != 0 && c.client_port == c.peer_port {

@@ -54,25 +54,40 @@ fn nodes_join_with_single_use_tokens_over_mutual_tls() {
     let e = a.fails(&["cluster", "token"]);
     assert!(e.contains("not initialized"), "{e}");
     // Nothing listens before init.
-    assert!(TcpStream::connect(("127.0.0.1", pa)).is_err(), "the node port is open before init");
+    assert!(
+        TcpStream::connect(("127.0.0.1", pa)).is_err(),
+        "the node port is open before init"
+    );
 
     let init = a.json(&["cluster", "init"]);
     let token = init["token"].as_str().unwrap().to_string();
     let target = format!("127.0.0.1:{pa}");
     assert_eq!(init["join"], target.as_str());
-    assert_eq!(init["command"], format!("vessel up --join {target} --token {token}").as_str());
+    assert_eq!(
+        init["command"],
+        format!("vessel up --join {target} --token {token}").as_str()
+    );
     let e = a.fails(&["cluster", "init"]);
     assert!(e.contains("already in an initialized cluster"), "{e}");
     let text = a.ok(&["cluster", "token", "--ttl", "10m"]);
-    assert!(text.contains("vessel up --join") && text.contains("valid 10m"), "{text}");
+    assert!(
+        text.contains("vessel up --join") && text.contains("valid 10m"),
+        "{text}"
+    );
 
     // B joins and starts: both nodes see both.
     let mut b = prepared("pb", "b", "127.0.0.2", pb);
     b.ok(&["cluster", "join", &target, "--token", &token]);
     let bfiles = ClusterFiles::new(&b.root);
-    assert!(bfiles.initialized() && !bfiles.ca_key().exists(), "a joined node has no CA key");
+    assert!(
+        bfiles.initialized() && !bfiles.ca_key().exists(),
+        "a joined node has no CA key"
+    );
     b.spawn_daemon();
-    let want = vec![("a".to_string(), "ready".to_string()), ("b".to_string(), "ready".to_string())];
+    let want = vec![
+        ("a".to_string(), "ready".to_string()),
+        ("b".to_string(), "ready".to_string()),
+    ];
     wait_until("b sees a and b", Duration::from_secs(20), || names(&b) == want);
     assert_eq!(names(&a), want);
 
@@ -83,7 +98,10 @@ fn nodes_join_with_single_use_tokens_over_mutual_tls() {
     assert!(e.contains("already used (by b)"), "{e}");
     let e = c.fails(&["up", "--join", &target, "--token", &token]);
     assert!(e.contains("already used"), "{e}");
-    assert!(!c.vessel(&["status"]).status.success(), "a refused join started a daemon");
+    assert!(
+        !c.vessel(&["status"]).status.success(),
+        "a refused join started a daemon"
+    );
     assert!(!ClusterFiles::new(&c.root).initialized(), "a refused join wrote files");
 
     // A wrong secret, a wrong pin, a malformed token.
@@ -121,7 +139,10 @@ fn nodes_join_with_single_use_tokens_over_mutual_tls() {
     let b_cfg = tls::client_config(&ca_pem, &bfiles.load_node().unwrap()).unwrap();
     let a_addr: SocketAddr = target.parse().unwrap();
     let mut cl = PeerClient::connect_node(a_addr, b_cfg, T).unwrap();
-    assert!(matches!(cl.call(&PeerRequest::Api(Request::VeList)).unwrap(), PeerResponse::Api(Response::Ves { .. })));
+    assert!(matches!(
+        cl.call(&PeerRequest::Api(Box::new(Request::VeList))).unwrap(),
+        PeerResponse::Api(Response::Ves { .. })
+    ));
     let a_cfg = tls::client_config(&ca_pem, &afiles.load_node().unwrap()).unwrap();
     let b_addr: SocketAddr = format!("127.0.0.2:{pb}").parse().unwrap();
     let mut cl = PeerClient::connect_node(b_addr, a_cfg, T).unwrap();
@@ -131,7 +152,7 @@ fn nodes_join_with_single_use_tokens_over_mutual_tls() {
     // one, not even a session.
     let anon = tls::anonymous_client_config(&ca_pem).unwrap();
     let mut cl = PeerClient::connect_node(a_addr, anon, T).unwrap();
-    match cl.call(&PeerRequest::Api(Request::VeList)) {
+    match cl.call(&PeerRequest::Api(Box::new(Request::VeList))) {
         Err(PeerError::Api(e)) => assert_eq!(e.code, ErrorCode::PermissionDenied, "{e}"),
         r => panic!("VeList without a certificate: {r:?}"),
     }
@@ -141,11 +162,19 @@ fn nodes_join_with_single_use_tokens_over_mutual_tls() {
         key_pem: own.key_pem.clone(),
     };
     let cfg = tls::client_config(&ca_pem, &self_signed).unwrap();
-    let r = PeerClient::connect_node(a_addr, cfg, T).and_then(|mut c| c.call(&PeerRequest::Api(Request::VeList)));
-    assert!(matches!(r, Err(PeerError::Tls { .. } | PeerError::Wire { .. })), "{r:?}");
+    let r =
+        PeerClient::connect_node(a_addr, cfg, T).and_then(|mut c| c.call(&PeerRequest::Api(Box::new(Request::VeList))));
+    assert!(
+        matches!(r, Err(PeerError::Tls { .. } | PeerError::Wire { .. })),
+        "{r:?}"
+    );
 
     // Garbage on the node port: no panic, the daemon stays healthy.
-    for junk in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0u8; 70_000][..], &[0x16, 3, 3, 0xff, 0xff, 1][..]] {
+    for junk in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0u8; 70_000][..],
+        &[0x16, 3, 3, 0xff, 0xff, 1][..],
+    ] {
         let mut t = TcpStream::connect(a_addr).unwrap();
         t.set_read_timeout(Some(T)).unwrap();
         let _ = t.write_all(junk);
@@ -161,8 +190,16 @@ fn nodes_join_with_single_use_tokens_over_mutual_tls() {
     // A restarted daemon serves its port again (the cluster is initialized on disk).
     a.stop_daemon();
     a.spawn_daemon();
-    let mut cl = PeerClient::connect_node(a_addr, tls::client_config(&ca_pem, &bfiles.load_node().unwrap()).unwrap(), T).unwrap();
-    assert!(matches!(cl.call(&PeerRequest::Ping).unwrap(), PeerResponse::Pong { .. }));
+    let mut cl = PeerClient::connect_node(
+        a_addr,
+        tls::client_config(&ca_pem, &bfiles.load_node().unwrap()).unwrap(),
+        T,
+    )
+    .unwrap();
+    assert!(matches!(
+        cl.call(&PeerRequest::Ping).unwrap(),
+        PeerResponse::Pong { .. }
+    ));
     drop((c, d));
     b.stop_daemon();
 }
