@@ -10,15 +10,54 @@ use crate::cluster::Member;
 use crate::node::{err, NResult, Node};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use vessel_cluster::etcd::EtcdTls;
 use vessel_cluster::keys::{self, NodeRecord};
+use vessel_cluster::store::StoreTls;
 use vessel_peer::ca::{self, CertKey, ClusterFiles};
 use vessel_peer::token::{self, TokenError};
 use vessel_peer::wire::{JoinReply, JoinRequest, StreamRequest};
 use vessel_peer::{PeerHandler, PeerIdentity, PeerServer, ServerOptions};
 use vessel_types::api::{ApiError, ErrorCode, JoinTokenInfo, Request, Response};
 use vessel_types::config::ClusterSettings;
+
+/// Where the private etcd's listener for other nodes is (chosen at `cluster init`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EtcdListener {
+    version: u32,
+    port: u16,
+}
+
+fn etcd_listener_file(root: &Path) -> PathBuf {
+    ClusterFiles::new(root).dir.join("etcd.json")
+}
+
+/// The private etcd's listener for other nodes, once the cluster is initialized here
+/// (`ROOT/cluster/etcd.json`): on `[cluster] address`, with this node's certificate.
+pub fn etcd_tls(root: &Path, s: &ClusterSettings) -> Option<EtcdTls> {
+    let f = ClusterFiles::new(root);
+    let l: EtcdListener = serde_json::from_slice(&std::fs::read(etcd_listener_file(root)).ok()?).ok()?;
+    (l.version == 1 && f.initialized()).then(|| EtcdTls {
+        addr: s.address,
+        port: l.port,
+        cert_file: f.node_cert(),
+        key_file: f.node_key(),
+        ca_file: f.ca_cert(),
+    })
+}
+
+/// This node's identity for an etcd that requires client certificates.
+pub fn store_tls(root: &Path) -> Option<StoreTls> {
+    let f = ClusterFiles::new(root);
+    let node = f.load_node().ok()?;
+    Some(StoreTls {
+        ca_pem: f.load_ca_cert().ok()?,
+        cert_pem: node.cert_pem,
+        key_pem: node.key_pem,
+    })
+}
 
 pub struct Peer {
     node: Weak<Node>,
@@ -126,8 +165,52 @@ impl Peer {
             .save(&ca.cert_pem, Some(&ca.key_pem), &CertKey { cert_pem, key_pem })
             .map_err(ca_err)?;
         self.serve(l)?;
+        self.serve_etcd()?;
         tracing::info!(node = %self.member.name, "cluster initialized: CA made, serving other nodes");
-        self.token(token_ttl)
+        // The store was restarted for its new listener: the first call may meet the old
+        // connection.
+        let mut tries = 0;
+        loop {
+            match self.token(token_ttl) {
+                Err(e) if e.code == ErrorCode::Unavailable && tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// The private etcd (if this node runs one) also listens for other nodes.
+    fn serve_etcd(&self) -> NResult<()> {
+        if !self.member.private_etcd() {
+            return Ok(());
+        }
+        let root = self.files.dir.parent().unwrap_or(Path::new("/"));
+        let port = TcpListener::bind((self.settings.address, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| {
+                err(
+                    ErrorCode::Unavailable,
+                    format!("a port for etcd on {}: {e}", self.settings.address),
+                )
+            })?
+            .port();
+        let l = EtcdListener { version: 1, port };
+        ca::write_atomic(&etcd_listener_file(root), &serde_json::to_vec(&l).expect("plain data")).map_err(|e| {
+            err(
+                ErrorCode::Internal,
+                format!("{}: {e}", etcd_listener_file(root).display()),
+            )
+        })?;
+        let tls =
+            etcd_tls(root, &self.settings).ok_or_else(|| err(ErrorCode::Internal, "etcd listener file unreadable"))?;
+        self.member.serve_etcd_tls(tls).map_err(|e| {
+            err(
+                ErrorCode::Unavailable,
+                format!("restarting etcd with its listener for other nodes: {e}"),
+            )
+        })
     }
 
     /// A new join token.
@@ -196,7 +279,7 @@ impl Peer {
         Ok(JoinReply {
             ca_pem: ca.cert_pem,
             cert_pem,
-            etcd: self.member.endpoints.clone(),
+            etcd: self.member.etcd_for_peers(),
             by: self.member.name.clone(),
         })
     }

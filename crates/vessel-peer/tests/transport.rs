@@ -271,3 +271,56 @@ fn nodes_call_and_stream_and_strangers_get_nothing() {
 fn call_raw(c: &mut PeerClient, bytes: &[u8]) -> PeerResponse {
     c.raw_call(bytes).unwrap()
 }
+
+/// The private etcd's listener for other nodes: a node certificate of the cluster gets
+/// in, no certificate or another CA's does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_serves_other_nodes_only_with_a_cluster_certificate() {
+    use vessel_cluster::etcd::EtcdTls;
+    use vessel_cluster::store::StoreTls;
+    let d = tempfile::tempdir().unwrap();
+    let (ca, a) = cluster("a", "127.0.0.1");
+    let files = ca::ClusterFiles::new(d.path());
+    files.save(&ca.cert_pem, Some(&ca.key_pem), &a).unwrap();
+    let mut cfg = EtcdConfig::new("a", d.path().join("etcd"), free_port().unwrap(), free_port().unwrap());
+    let tls = EtcdTls {
+        addr: "127.0.0.1".parse().unwrap(),
+        port: free_port().unwrap(),
+        cert_file: files.node_cert(),
+        key_file: files.node_key(),
+        ca_file: files.ca_cert(),
+    };
+    let url = tls.url();
+    cfg.tls = Some(tls);
+    let _e = PrivateEtcd::start(cfg).expect("etcd starts");
+    let b = node_cert(&ca, "b", "127.0.0.2");
+    let ident = |n: &CertKey, ca_pem: &str| StoreTls {
+        ca_pem: ca_pem.to_string(),
+        cert_pem: n.cert_pem.clone(),
+        key_pem: n.key_pem.clone(),
+    };
+    let s = Store::connect_with(std::slice::from_ref(&url), Some(&ident(&b, &ca.cert_pem)))
+        .await
+        .unwrap();
+    s.put("/vessel/v1/x", &1u32).await.unwrap();
+    assert_eq!(s.get::<u32>("/vessel/v1/x").await.unwrap(), Some(1));
+
+    // An empty identity (the client cannot present one) and a certificate of another CA.
+    let anon = StoreTls {
+        ca_pem: ca.cert_pem.clone(),
+        cert_pem: String::new(),
+        key_pem: String::new(),
+    };
+    let (_, other) = cluster("b", "127.0.0.2");
+    for (what, t) in [
+        ("an empty identity", anon),
+        ("another CA's", ident(&other, &ca.cert_pem)),
+    ] {
+        let r = async {
+            let s = Store::connect_with(std::slice::from_ref(&url), Some(&t)).await?;
+            s.get::<u32>("/vessel/v1/x").await
+        };
+        let r = tokio::time::timeout(Duration::from_secs(20), r).await.expect("bounded");
+        assert!(r.is_err(), "{what}: {r:?}");
+    }
+}

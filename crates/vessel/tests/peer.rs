@@ -79,6 +79,9 @@ fn nodes_join_with_single_use_tokens_over_mutual_tls() {
     let mut b = prepared("pb", "b", "127.0.0.2", pb);
     b.ok(&["cluster", "join", &target, "--token", &token]);
     let bfiles = ClusterFiles::new(&b.root);
+    // B reaches the cluster's etcd on A's address over TLS with its node certificate.
+    let conf = std::fs::read_to_string(b.root.join("node.toml")).unwrap();
+    assert!(conf.contains("etcd = [\"https://127.0.0.1:"), "{conf}");
     assert!(
         bfiles.initialized() && !bfiles.ca_key().exists(),
         "a joined node has no CA key"
