@@ -238,6 +238,7 @@ impl Peer {
             command: format!("vessel up --join {join} --token {t}"),
             token: t.to_string(),
             join,
+            ttl_secs: ttl.as_secs(),
             expires_unix: expires.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         })
     }

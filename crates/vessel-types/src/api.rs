@@ -559,6 +559,8 @@ pub struct JoinTokenInfo {
     pub join: String,
     /// The command to run on the new machine.
     pub command: String,
+    /// How long it is valid from its making.
+    pub ttl_secs: u64,
     pub expires_unix: u64,
 }
 

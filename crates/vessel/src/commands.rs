@@ -283,14 +283,9 @@ fn cluster(g: &Global, c: ClusterCmd) -> Result<i32> {
     if matches!(c, ClusterCmd::Init { .. }) {
         println!("cluster initialized: this node serves other nodes on {}", info.join);
     }
-    let left = info.expires_unix.saturating_sub(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs(),
-    );
     println!(
         "join token (single use, valid {}): {}",
-        vessel_types::time::format_duration_secs(left),
+        vessel_types::time::format_duration_secs(info.ttl_secs),
         info.token
     );
     println!("on the new machine run:\n  {}", info.command);
