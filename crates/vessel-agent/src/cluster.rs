@@ -71,7 +71,8 @@ fn ports(root: &Path, s: &ClusterSettings) -> std::io::Result<(u16, u16)> {
     Ok((client, peer))
 }
 
-fn hostname() -> String {
+/// The node's name when `[cluster] name` does not give one.
+pub fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -116,7 +117,9 @@ impl Member {
             .map_err(|e| format!("cluster runtime: {e}"))?;
         let (etcd, endpoints) = if s.etcd.is_empty() {
             let (client, peer) = ports(root, s).map_err(|e| format!("private etcd ports: {e}"))?;
-            let cfg = EtcdConfig::new(&name, Self::etcd_data(root), client, peer);
+            let mut cfg = EtcdConfig::new(&name, Self::etcd_data(root), client, peer);
+            // In a cluster of several: also served to other nodes (TLS, client certificates).
+            cfg.tls = crate::peer::etcd_tls(root, s);
             let e = PrivateEtcd::start(cfg).map_err(|e| e.to_string())?;
             let ep = e.endpoint();
             (Some(Arc::new(Mutex::new(e))), vec![ep])
@@ -125,7 +128,7 @@ impl Member {
         };
         let store = rt
             .block_on(async {
-                let st = Store::connect(&endpoints).await?;
+                let st = Store::connect_with(&endpoints, crate::peer::store_tls(root).as_ref()).await?;
                 // One read proves the store answers (connect alone may not).
                 st.nodes().await?;
                 Ok::<_, vessel_cluster::ClusterError>(st)
@@ -381,6 +384,45 @@ impl Member {
         }
         if let Some(e) = &self.etcd {
             e.lock().unwrap_or_else(|p| p.into_inner()).stop();
+        }
+    }
+
+    /// Serve the private etcd to other nodes too (restarts it on the same data).
+    pub fn serve_etcd_tls(&self, tls: vessel_cluster::etcd::EtcdTls) -> Result<(), String> {
+        let Some(e) = &self.etcd else { return Ok(()) };
+        let port = {
+            let mut e = e.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cfg = e.config().clone();
+            cfg.tls = Some(tls);
+            let port = cfg.client_port;
+            // The supervising thread starts it again (it must outlive etcd's start).
+            e.replace_config(cfg);
+            port
+        };
+        let t0 = std::time::Instant::now();
+        while !vessel_cluster::etcd::healthy(port) {
+            if t0.elapsed() > Duration::from_secs(40) {
+                return Err(format!("etcd did not answer again on 127.0.0.1:{port} within 40 s"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// This node runs the cluster's private etcd.
+    pub fn private_etcd(&self) -> bool {
+        self.etcd.is_some()
+    }
+
+    /// The etcd client URLs other nodes use: the private etcd's listener for them, or the
+    /// operator's etcd cluster.
+    pub fn etcd_for_peers(&self) -> Vec<String> {
+        match &self.etcd {
+            Some(e) => match &e.lock().unwrap_or_else(|p| p.into_inner()).config().tls {
+                Some(t) => vec![t.url()],
+                None => self.endpoints.clone(),
+            },
+            None => self.endpoints.clone(),
         }
     }
 

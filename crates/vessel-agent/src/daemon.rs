@@ -97,6 +97,10 @@ pub fn run(mut opts: NodeOptions) -> Result<(), DaemonError> {
     );
     tracing::info!(node = %member.name, etcd = ?member.endpoints, "in the cluster");
     let _ = node.cluster.set(member.clone());
+    // Node-to-node calls (mutual TLS), once the cluster is initialized.
+    let peer = crate::peer::Peer::new(&node, member.clone());
+    peer.start_if_initialized().map_err(DaemonError::Setup)?;
+    let _ = node.peer.set(peer);
 
     let listener =
         crate::server::bind(&opts.socket).map_err(|e| setup(&format!("socket {}", opts.socket.display()), &e))?;

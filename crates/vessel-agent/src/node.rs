@@ -102,6 +102,8 @@ pub struct Node {
     /// Membership in the cluster (set by the daemon once it has joined).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Member>>,
     pub(crate) control: crate::control::ControlState,
+    /// The node-to-node transport (set by the daemon after the cluster).
+    pub peer: std::sync::OnceLock<Arc<crate::peer::Peer>>,
 }
 
 /// What the root tree provider needs to know about a VE.
@@ -161,6 +163,7 @@ impl Node {
             started: Instant::now(),
             cluster: std::sync::OnceLock::new(),
             control: Default::default(),
+            peer: std::sync::OnceLock::new(),
         }))
     }
 
@@ -226,6 +229,16 @@ impl Node {
 
     fn member(&self) -> NResult<&Arc<crate::cluster::Member>> {
         self.cluster.get().ok_or_else(|| {
+            ApiError::new(
+                vessel_types::api::ErrorCode::Unavailable,
+                "this node has not joined a cluster yet: see the daemon log",
+            )
+        })
+    }
+
+    /// The node-to-node transport.
+    pub fn peer(&self) -> NResult<&Arc<crate::peer::Peer>> {
+        self.peer.get().ok_or_else(|| {
             ApiError::new(
                 vessel_types::api::ErrorCode::Unavailable,
                 "this node has not joined a cluster yet: see the daemon log",

@@ -174,6 +174,10 @@ fn dispatch(
             node.node_change(&name, None)?;
             Response::Ok
         }
+        Request::ClusterInit { token_ttl_secs } => {
+            Response::JoinToken(node.peer()?.init(Duration::from_secs(token_ttl_secs))?)
+        }
+        Request::ClusterToken { ttl_secs } => Response::JoinToken(node.peer()?.token(Duration::from_secs(ttl_secs))?),
         Request::TemplateBuild { kind, name } => Response::Template(node.template_build(kind, name, &mut progress)?),
         Request::TemplateList => Response::Templates {
             templates: node.template_list(),

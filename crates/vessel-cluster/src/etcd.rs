@@ -1,5 +1,8 @@
 //! A private single-member etcd: what `vessel up` runs on one machine, so that one node is
-//! a cluster of one with the same control path as many. It listens on 127.0.0.1 only,
+//! a cluster of one with the same control path as many. It listens on 127.0.0.1 (plain:
+//! only this machine reaches it) and, once the node is in a cluster of several
+//! ([`EtcdTls`]), also on the node's address with TLS and client certificates of the
+//! cluster CA (other nodes connect with their node certificates). It
 //! keeps its data under the node root, logs to a file beside it, is restarted by
 //! [`PrivateEtcd::ensure_running`] if it dies, and dies with the thread that started it
 //! (`PR_SET_PDEATHSIG`: start it from a thread that lives as long as the daemon).
@@ -23,6 +26,25 @@ pub struct EtcdConfig {
     pub election_ms: u32,
     /// The etcd binary (`etcd` from PATH by default).
     pub binary: PathBuf,
+    /// A second client listener for other nodes: TLS, client certificates required.
+    pub tls: Option<EtcdTls>,
+}
+
+/// etcd's listener for other nodes: `https://addr:port`, the node's certificate as the
+/// server's, clients must present a certificate signed by the cluster CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub addr: std::net::IpAddr,
+    pub port: u16,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+impl EtcdTls {
+    pub fn url(&self) -> String {
+        format!("https://{}", SocketAddr::new(self.addr, self.port))
+    }
 }
 
 impl EtcdConfig {
@@ -35,6 +57,7 @@ impl EtcdConfig {
             heartbeat_ms: 100,
             election_ms: 1000,
             binary: PathBuf::from("etcd"),
+            tls: None,
         }
     }
 
@@ -42,10 +65,22 @@ impl EtcdConfig {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
-    fn args(&self) -> Vec<String> {
+    /// etcd's command line. Pure.
+    pub fn args(&self) -> Vec<String> {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let client = self.endpoint();
-        vec![
+        let mut client = self.endpoint();
+        let mut tls = Vec::new();
+        if let Some(t) = &self.tls {
+            // `--client-cert-auth` applies to the https listener; the plain one is 127.0.0.1.
+            client = format!("{client},{}", t.url());
+            tls = vec![
+                format!("--cert-file={}", t.cert_file.display()),
+                format!("--key-file={}", t.key_file.display()),
+                format!("--trusted-ca-file={}", t.ca_file.display()),
+                "--client-cert-auth".into(),
+            ];
+        }
+        let mut args = vec![
             format!("--name={}", self.name),
             format!("--data-dir={}", self.data_dir.display()),
             format!("--listen-client-urls={client}"),
@@ -58,7 +93,9 @@ impl EtcdConfig {
             format!("--election-timeout={}", self.election_ms),
             "--logger=zap".into(),
             "--log-outputs=stderr".into(),
-        ]
+        ];
+        args.extend(tls);
+        args
     }
 }
 
@@ -152,6 +189,19 @@ impl PrivateEtcd {
         }
     }
 
+    /// Stop etcd and keep `cfg` (same data) for its next start by [`Self::ensure_running`],
+    /// which the supervising thread calls: etcd dies with the thread that started it, so a
+    /// short-lived thread must not start it. E.g. its listener for other nodes once the
+    /// node is in a cluster of several.
+    pub fn replace_config(&mut self, cfg: EtcdConfig) {
+        self.stop();
+        self.cfg = cfg;
+    }
+
+    pub fn config(&self) -> &EtcdConfig {
+        &self.cfg
+    }
+
     /// Restart etcd if it died; returns whether it had to.
     pub fn ensure_running(&mut self) -> Result<bool, ClusterError> {
         let alive = match self.child.as_mut().map(|c| c.try_wait()) {
@@ -210,4 +260,38 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listener_for_other_nodes_requires_client_certificates() {
+        let mut c = EtcdConfig::new("a", "/d".into(), 1, 2);
+        let plain = c.args();
+        assert!(
+            plain.contains(&"--listen-client-urls=http://127.0.0.1:1".to_string()),
+            "{plain:?}"
+        );
+        assert!(!plain.iter().any(|a| a.contains("cert")), "{plain:?}");
+        c.tls = Some(EtcdTls {
+            addr: "10.0.0.5".parse().unwrap(),
+            port: 3,
+            cert_file: "/c/node.crt".into(),
+            key_file: "/c/node.key".into(),
+            ca_file: "/c/ca.crt".into(),
+        });
+        let a = c.args();
+        for want in [
+            "--listen-client-urls=http://127.0.0.1:1,https://10.0.0.5:3",
+            "--advertise-client-urls=http://127.0.0.1:1,https://10.0.0.5:3",
+            "--cert-file=/c/node.crt",
+            "--key-file=/c/node.key",
+            "--trusted-ca-file=/c/ca.crt",
+            "--client-cert-auth",
+        ] {
+            assert!(a.contains(&want.to_string()), "{want} not in {a:?}");
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! /vessel/v1/ves/<ve>/status     what its node observed
 //! /vessel/v1/assigned/<node>/<ve> the leader's index of the VEs placed on each node
 //! /vessel/v1/election            the control center's election (etcd's election API)
+//! /vessel/v1/join-tokens/<id>    a join token: its secret's hash, expiry, used (vessel-peer)
 //! ```
 //! Every value is JSON `{"v": 1, "value": ...}`; a reader refuses another version with an
 //! error that names the key.
@@ -57,6 +58,10 @@ pub fn assigned(node: &str, ve: &str) -> String {
 
 pub fn assigned_to(node: &str) -> String {
     format!("{PREFIX}assigned/{node}/")
+}
+
+pub fn join_token(id: &str) -> String {
+    format!("{PREFIX}join-tokens/{id}")
 }
 
 pub fn election() -> String {

@@ -70,12 +70,35 @@ impl Leadership {
     }
 }
 
+/// A node's TLS identity for an etcd that requires client certificates (PEM).
+#[derive(Clone)]
+pub struct StoreTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
 impl Store {
     pub async fn connect(endpoints: &[String]) -> Result<Store, ClusterError> {
+        Self::connect_with(endpoints, None).await
+    }
+
+    /// Connect; `tls` is used for `https://` endpoints (the server verified against its CA,
+    /// this node's certificate presented).
+    pub async fn connect_with(endpoints: &[String], tls: Option<&StoreTls>) -> Result<Store, ClusterError> {
         let joined = endpoints.join(",");
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5));
+        // (etcd-client refuses TLS options for http:// endpoints.)
+        let https = endpoints.iter().any(|e| e.starts_with("https://"));
+        if let Some(t) = tls.filter(|_| https) {
+            opts = opts.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(&t.ca_pem))
+                    .identity(etcd_client::Identity::from_pem(&t.cert_pem, &t.key_pem)),
+            );
+        }
         let client = Client::connect(endpoints, Some(opts))
             .await
             .map_err(|source| ClusterError::Etcd {

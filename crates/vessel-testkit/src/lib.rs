@@ -45,6 +45,18 @@ impl TestNode {
 
     /// Start a daemon with more environment (kept for its restarts too).
     pub fn start_with_env(bin: &Path, tag: &str, env: &[(&str, &std::ffi::OsStr)]) -> TestNode {
+        let mut node = Self::prepare_with_env(bin, tag, env);
+        node.spawn_daemon();
+        node
+    }
+
+    /// A node's names and data dir, without a daemon yet (write its `node.toml`, then
+    /// [`TestNode::spawn_daemon`]).
+    pub fn prepare(bin: &Path, tag: &str) -> TestNode {
+        Self::prepare_with_env(bin, tag, &[])
+    }
+
+    fn prepare_with_env(bin: &Path, tag: &str, env: &[(&str, &std::ffi::OsStr)]) -> TestNode {
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let id = format!("vt{}{}", pid % 100_000, n);
@@ -52,7 +64,7 @@ impl TestNode {
         let root = std::env::temp_dir().join(format!("vessel-test-{id}-{tag}"));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
-        let mut node = TestNode {
+        TestNode {
             bin: bin.to_path_buf(),
             id: id.clone(),
             root,
@@ -61,9 +73,7 @@ impl TestNode {
             cgroup_parent: format!("vessel-test-{id}"),
             daemon_env: env.iter().map(|(k, v)| (k.to_string(), v.to_os_string())).collect(),
             daemon: None,
-        };
-        node.spawn_daemon();
-        node
+        }
     }
 
     pub fn socket(&self) -> PathBuf {

@@ -141,6 +141,16 @@ pub enum Request {
     NodeRemove {
         name: String,
     },
+    /// Make the cluster CA and this node's certificate, serve the node-to-node port, and
+    /// make a join token (`vessel cluster init`).
+    ClusterInit {
+        /// How long the first join token is valid.
+        token_ttl_secs: u64,
+    },
+    /// A new join token (`vessel cluster token`).
+    ClusterToken {
+        ttl_secs: u64,
+    },
     TemplateBuild {
         kind: TemplateKind,
         /// Name to register the template under; defaults to the kind.
@@ -372,6 +382,8 @@ pub enum ErrorCode {
     Busy,
     /// Something the node depends on (the control store) does not answer now.
     Unavailable,
+    /// The caller may not do this (node-to-node: no node certificate of the cluster).
+    PermissionDenied,
     Internal,
 }
 
@@ -564,6 +576,21 @@ pub enum Response {
     Reverted {
         changed: Vec<String>,
     },
+    JoinToken(JoinTokenInfo),
+}
+
+/// A join token and how to use it (`vessel cluster init|token`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinTokenInfo {
+    /// `vessel1.<id>.<secret>.<pin>`: a secret, shown once.
+    pub token: String,
+    /// The node to join through (host:port).
+    pub join: String,
+    /// The command to run on the new machine.
+    pub command: String,
+    /// How long it is valid from its making.
+    pub ttl_secs: u64,
+    pub expires_unix: u64,
 }
 
 #[cfg(test)]

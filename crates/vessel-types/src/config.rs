@@ -29,6 +29,9 @@
 //! client_port = 12379       # the private etcd's ports on 127.0.0.1 (0 or absent: free
 //! peer_port = 12380         #   ports, kept from one start to the next while free)
 //! lease_ttl = "2s"          # a node that does not renew its lease this long is lost
+//! address = "10.0.0.5"      # where other nodes reach this one (default 127.0.0.1)
+//! port = 7150               # the node-to-node port (mutual TLS), served once the
+//!                           #   cluster is initialized (`vessel cluster init` or a join)
 //! ```
 //!
 //! Keys in `[defaults]` and `[max]`: memory, memory_low, cpus, cpu_weight, pids, disk,
@@ -80,8 +83,8 @@ const MAX_REQUEST_TIMEOUT_SECS: u64 = 3600;
 pub struct ClusterSettings {
     /// This node's name (None: the host name).
     pub name: Option<String>,
-    /// This node's address on the cluster network (an IP address; None: not set), put in
-    /// its node record.
+    /// This node's address on the cluster network, put in its node record; other nodes
+    /// reach its port there (None: 127.0.0.1, a cluster on one machine).
     pub address: Option<std::net::IpAddr>,
     /// Client URLs of an existing etcd cluster; empty: run a private one-member etcd.
     pub etcd: Vec<String>,
@@ -89,10 +92,23 @@ pub struct ClusterSettings {
     pub client_port: u16,
     pub peer_port: u16,
     pub lease_ttl_secs: u64,
+    /// The node-to-node port (mutual TLS) on `address`.
+    pub port: u16,
 }
+
+/// Default node-to-node port.
+pub const DEFAULT_PEER_PORT: u16 = 7150;
 
 /// Default node lease: lost after 2 s without a renewal.
 pub const DEFAULT_LEASE_TTL_SECS: u64 = 2;
+
+impl ClusterSettings {
+    /// Where other nodes reach this one.
+    pub fn peer_address(&self) -> std::net::IpAddr {
+        self.address
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    }
+}
 
 impl Default for ClusterSettings {
     fn default() -> Self {
@@ -103,6 +119,7 @@ impl Default for ClusterSettings {
             client_port: 0,
             peer_port: 0,
             lease_ttl_secs: DEFAULT_LEASE_TTL_SECS,
+            port: DEFAULT_PEER_PORT,
         }
     }
 }
@@ -344,6 +361,13 @@ impl Parser<'_> {
                         c.peer_port = p;
                     }
                 }
+                "port" => {
+                    c.port = item
+                        .as_integer()
+                        .and_then(|n| u16::try_from(n).ok())
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| bad("must be a port from 1 to 65535 (default 7150)"))?;
+                }
                 "lease_ttl" => {
                     c.lease_ttl_secs = duration(item)
                         .ok()
@@ -351,11 +375,9 @@ impl Parser<'_> {
                         .filter(|s| (1..=60).contains(s))
                         .ok_or_else(|| bad("must be a duration from 1s to 60s, e.g. \"2s\""))?;
                 }
-                _ => {
-                    return Err(bad(
-                        "unknown setting: [cluster] has name, address, etcd, client_port, peer_port and lease_ttl",
-                    ))
-                }
+                _ => return Err(bad(
+                    "unknown setting: [cluster] has name, etcd, client_port, peer_port, lease_ttl, address and port",
+                )),
             }
         }
         if c.client_port != 0 && c.client_port == c.peer_port {
@@ -557,6 +579,7 @@ etcd = ["http://10.0.0.1:2379", "https://10.0.0.2:2379"]
 client_port = 22379
 peer_port = 22380
 lease_ttl = "3s"
+port = 7151
 "#,
         )
         .unwrap();
@@ -569,6 +592,7 @@ lease_ttl = "3s"
                 client_port: 22379,
                 peer_port: 22380,
                 lease_ttl_secs: 3,
+                port: 7151,
             }
         );
         let d = s.limits.defaults;
@@ -644,18 +668,6 @@ lease_ttl = "3s"
                 "1s to 60s",
             ),
             (
-                "version = 1\n[cluster]\nclient_port = 70000\n",
-                3,
-                Some("cluster.client_port"),
-                "65535",
-            ),
-            (
-                "version = 1\n[cluster]\nclient_port = 5\npeer_port = 5\n",
-                4,
-                Some("cluster.peer_port"),
-                "differ",
-            ),
-            (
                 "version = 1\n[cluster]\naddress = \"10.0.0\"\n",
                 3,
                 Some("cluster.address"),
@@ -666,6 +678,30 @@ lease_ttl = "3s"
                 3,
                 Some("cluster.address"),
                 "IP address",
+            ),
+            (
+                "version = 1\n[cluster]\nport = 0\n",
+                3,
+                Some("cluster.port"),
+                "1 to 65535",
+            ),
+            (
+                "version = 1\n[cluster]\nport = 65536\n",
+                3,
+                Some("cluster.port"),
+                "1 to 65535",
+            ),
+            (
+                "version = 1\n[cluster]\nclient_port = 70000\n",
+                3,
+                Some("cluster.client_port"),
+                "65535",
+            ),
+            (
+                "version = 1\n[cluster]\nclient_port = 5\npeer_port = 5\n",
+                4,
+                Some("cluster.peer_port"),
+                "differ",
             ),
             (
                 "version = 1\n[cluster]\naddress = 10\n",

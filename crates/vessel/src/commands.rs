@@ -1,7 +1,7 @@
 //! What each command does: build a request, send it, print the reply.
 
 use crate::output::{self, Progress};
-use crate::{Cli, Cmd, DaemonArgs, Global, NodeCmd, SpecArgs, TemplateCmd, VeCmd};
+use crate::{Cli, ClusterCmd, Cmd, DaemonArgs, Global, NodeCmd, SpecArgs, TemplateCmd, UpArgs, VeCmd};
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd};
@@ -17,7 +17,8 @@ use vessel_types::{Limits, VeSpec};
 pub fn run(cli: Cli) -> Result<i32> {
     let g = cli.global;
     match cli.cmd {
-        Cmd::Up(a) => up(&g, &a),
+        Cmd::Up(a) => up_join(&g, &a),
+        Cmd::Cluster(c) => cluster(&g, c),
         Cmd::Down => down(&g),
         Cmd::Status => status(&g),
         Cmd::Daemon(a) => daemon(&g, &a),
@@ -197,6 +198,99 @@ fn up(g: &Global, a: &DaemonArgs) -> Result<i32> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `vessel up [--join HOST:PORT --token T]`.
+fn up_join(g: &Global, a: &UpArgs) -> Result<i32> {
+    if let (Some(target), Some(token)) = (&a.join, &a.token) {
+        require_root()?;
+        if let Some(s) = current_status(g)? {
+            bail!(
+                "the vessel daemon already runs (pid {}): `vessel down` first, then `vessel up --join ...`",
+                s.pid
+            );
+        }
+        let opts = node_options(g, &a.daemon)?;
+        join_now(g, &opts.root, &opts.config_file, target, token)?;
+    }
+    up(g, &a.daemon)
+}
+
+fn join_now(
+    g: &Global,
+    root: &std::path::Path,
+    config: &vessel_agent::config::ConfigFile,
+    target: &str,
+    token: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
+    let j = vessel_agent::join::join(root, config, target, token).map_err(anyhow::Error::msg)?;
+    if !g.json {
+        println!(
+            "joined the cluster as {} (admitted by {}); etcd {}",
+            j.name,
+            j.by,
+            j.etcd.join(",")
+        );
+    }
+    Ok(())
+}
+
+fn cluster(g: &Global, c: ClusterCmd) -> Result<i32> {
+    let ttl = |t: &str| -> Result<u64> {
+        let s = vessel_types::time::parse_duration_secs(t).map_err(anyhow::Error::msg)?;
+        if s == 0 {
+            bail!("--ttl must be at least 1s");
+        }
+        Ok(s)
+    };
+    let req = match &c {
+        ClusterCmd::Init { ttl: t } => Request::ClusterInit {
+            token_ttl_secs: ttl(t)?,
+        },
+        ClusterCmd::Token { ttl: t } => Request::ClusterToken { ttl_secs: ttl(t)? },
+        ClusterCmd::Join { target, token, config } => {
+            require_root()?;
+            if current_status(g)?.is_some() {
+                bail!("the vessel daemon runs: `vessel down` first (joining changes its etcd)");
+            }
+            let root = if g.root.is_absolute() {
+                g.root.clone()
+            } else {
+                std::env::current_dir()?.join(&g.root)
+            };
+            let explicit = match config {
+                Some(p) if p.is_relative() => Some(std::env::current_dir()?.join(p)),
+                p => p.clone(),
+            };
+            let file = vessel_agent::config::ConfigFile::resolve(&root, explicit.as_deref());
+            join_now(g, &root, &file, target, token)?;
+            if g.json {
+                output::json(&serde_json::json!({"joined": true}));
+            } else {
+                println!("start the node with `vessel up`");
+            }
+            return Ok(0);
+        }
+    };
+    let info = match connect(g)?.call(&req)? {
+        Response::JoinToken(i) => i,
+        r => bail!("unexpected reply {r:?}"),
+    };
+    if g.json {
+        output::json(&info);
+        return Ok(0);
+    }
+    if matches!(c, ClusterCmd::Init { .. }) {
+        println!("cluster initialized: this node serves other nodes on {}", info.join);
+    }
+    println!(
+        "join token (single use, valid {}): {}",
+        vessel_types::time::format_duration_secs(info.ttl_secs),
+        info.token
+    );
+    println!("on the new machine run:\n  {}", info.command);
+    Ok(0)
 }
 
 fn down(g: &Global) -> Result<i32> {

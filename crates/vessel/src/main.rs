@@ -74,8 +74,8 @@ pub struct DaemonArgs {
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once
 pub enum Cmd {
-    /// Start the node daemon in the background
-    Up(DaemonArgs),
+    /// Start the node daemon in the background (`--join HOST:PORT --token T`: join a cluster first)
+    Up(UpArgs),
     /// Stop the node daemon and its VEs (they start again with `vessel up`)
     Down,
     /// Show what runs on this node
@@ -85,6 +85,9 @@ pub enum Cmd {
     /// The cluster's nodes: list, show, drain, undrain, remove
     #[command(subcommand)]
     Node(NodeCmd),
+    /// The cluster: init (its CA, a join token), token, join
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Manage templates
     #[command(subcommand)]
     Template(TemplateCmd),
@@ -118,6 +121,44 @@ pub enum Cmd {
         /// Log segment size in bytes
         #[arg(long)]
         segment_bytes: Option<u64>,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Join the cluster through this node first (HOST:PORT, as `vessel cluster init` printed)
+    #[arg(long, requires = "token")]
+    pub join: Option<String>,
+    /// The join token (`vessel cluster init` or `vessel cluster token` printed it)
+    #[arg(long, requires = "join")]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Make the cluster's CA on this node, serve other nodes, print a join token
+    Init {
+        /// How long the join token is valid, e.g. 30m, 1h, 1d
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Print a new join token (single use)
+    Token {
+        /// How long it is valid, e.g. 30m, 1h, 1d
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Join a cluster without starting the daemon (`vessel up --join` does both)
+    Join {
+        /// The node to join through, HOST:PORT
+        target: String,
+        #[arg(long)]
+        token: String,
+        /// Node config to read and write (default: ROOT/node.toml)
+        #[arg(long, env = "VESSEL_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
