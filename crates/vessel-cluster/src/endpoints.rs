@@ -66,35 +66,45 @@ pub fn after_failure(current: usize, failed: usize, n: usize) -> usize {
     }
 }
 
-/// How long one try of a unary request waits.
+/// How long a unary request waits, per try and in all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// A try while other members remain to be tried. A stopped or cut-off member costs
-    /// this much once (then the store uses another one): it must be well under the node
-    /// lease's TTL (2 s) and well over a healthy member's answer (milliseconds).
+    /// A try in the first pass over the members. A stopped or cut-off member costs this
+    /// much once (then the store uses another one): it must be well under the node lease's
+    /// TTL (2 s) and well over a healthy member's answer (milliseconds).
     pub try_: Duration,
-    /// The last member of a call gets longer: nothing is left to try, and a cluster that is
-    /// electing its raft leader (about one election timeout, 1 s) answers after it.
-    pub last: Duration,
+    /// A call ends with an error once this much has passed (what one request waited before
+    /// the store tried several members). Within it, a call makes more passes over the
+    /// members: a cluster electing its raft leader (about one election timeout, 1 s)
+    /// answers "leader changed" or "no leader" from every member until it has one.
+    pub budget: Duration,
+    /// The pause between passes.
+    pub pause: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Timeouts {
         Timeouts {
             try_: Duration::from_secs(1),
-            last: Duration::from_secs(5),
+            budget: Duration::from_secs(5),
+            pause: Duration::from_millis(200),
         }
     }
 }
 
 impl Timeouts {
-    /// The timeout of the `k`-th try (from 0) of a call over `n` members.
-    pub fn for_try(&self, k: usize, n: usize) -> Duration {
-        if k + 1 >= n {
-            self.last
-        } else {
-            self.try_
-        }
+    /// The timeout of the `k`-th try (from 0) of a call over `n` members, `spent` into the
+    /// call; `None` when the budget is spent. Each pass doubles the per-try timeout (a
+    /// healthy but slow cluster still answers), never past what is left of the budget.
+    pub fn for_try(&self, k: usize, n: usize, spent: Duration) -> Option<Duration> {
+        let left = self.budget.checked_sub(spent).filter(|d| !d.is_zero())?;
+        let pass = (k / n.max(1)).min(8) as u32;
+        Some(self.try_.saturating_mul(1 << pass).min(left))
+    }
+
+    /// Whether try `k` starts a new pass (and so waits [`Timeouts::pause`] first).
+    pub fn new_pass(k: usize, n: usize) -> bool {
+        k > 0 && k % n.max(1) == 0
     }
 }
 
@@ -260,14 +270,26 @@ mod tests {
     }
 
     #[test]
-    fn only_the_last_try_of_a_call_waits_long() {
+    fn later_passes_wait_longer_within_the_budget() {
         let t = Timeouts::default();
+        let s = Duration::from_millis;
+        let z = Duration::ZERO;
+        // First pass: one short try per member.
         assert_eq!(
-            (0..3).map(|k| t.for_try(k, 3)).collect::<Vec<_>>(),
-            vec![t.try_, t.try_, t.last]
+            (0..3).map(|k| t.for_try(k, 3, z)).collect::<Vec<_>>(),
+            vec![Some(t.try_); 3]
         );
-        assert_eq!(t.for_try(0, 1), t.last, "one member: it is the last");
-        assert!(t.try_ < t.last);
+        // Second pass: twice as long, but never past the budget.
+        assert_eq!(t.for_try(3, 3, s(1200)), Some(s(2000)));
+        assert_eq!(t.for_try(4, 3, s(4000)), Some(s(1000)));
+        assert_eq!(t.for_try(5, 3, s(5000)), None);
+        assert_eq!(t.for_try(0, 3, s(6000)), None);
+        // One member: every try is a pass.
+        assert_eq!(t.for_try(1, 1, s(1000)), Some(s(2000)));
+        // Many quick passes (everyone says "no leader") stay bounded.
+        assert_eq!(t.for_try(90, 3, s(100)), Some(s(4900)));
+        assert!(!Timeouts::new_pass(0, 3) && !Timeouts::new_pass(2, 3));
+        assert!(Timeouts::new_pass(3, 3) && Timeouts::new_pass(6, 3) && Timeouts::new_pass(1, 1));
     }
 
     #[test]

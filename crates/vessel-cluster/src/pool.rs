@@ -1,12 +1,12 @@
 //! One connection per etcd member, the member in use, and unary calls that move to the
 //! next member when one does not answer (decisions in [`crate::endpoints`]).
 
-use crate::endpoints::{after_failure, attempt_order, classify, Timeouts, Verdict};
+use crate::endpoints::{after_failure, classify, Timeouts, Verdict};
 use crate::ClusterError;
 use etcd_client::{Client, ConnectOptions};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One member's connections: `unary` for requests that the store retries elsewhere,
 /// `stream` for watches and keep-alives, which ask the member to have a raft leader
@@ -107,18 +107,30 @@ impl Pool {
     }
 
     /// Run `f` on a member: the one in use, and on a failure that another member may not
-    /// have (see [`classify`]) the next ones, each once. Only for requests that may run
-    /// twice: reads, puts, guarded transactions, lease grants (a second grant leaks a
-    /// lease that expires) and revokes.
+    /// have (see [`classify`]) the next ones, in passes over all members within the
+    /// timeouts' budget. Only for requests that may run twice: reads, puts, guarded
+    /// transactions, lease grants (a second grant leaks a lease that expires) and revokes.
     pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, ClusterError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let n = self.members.len();
-        let mut tried = Vec::new();
-        for (k, i) in attempt_order(self.current(), n).enumerate() {
-            let limit = self.timeouts.for_try(k, n);
+        let start = self.current();
+        let t0 = Instant::now();
+        // The last failure of each member.
+        let mut last: Vec<Option<String>> = vec![None; n];
+        for k in 0.. {
+            if Timeouts::new_pass(k, n) {
+                if t0.elapsed() + self.timeouts.pause >= self.timeouts.budget {
+                    break;
+                }
+                tokio::time::sleep(self.timeouts.pause).await;
+            }
+            let Some(limit) = self.timeouts.for_try(k, n, t0.elapsed()) else {
+                break;
+            };
+            let i = (start + k) % n;
             let e = match tokio::time::timeout(limit, f(self.members[i].unary.clone())).await {
                 Ok(Ok(v)) => {
                     self.answered(i);
@@ -134,10 +146,17 @@ impl Pool {
                 Err(_) => TryError::Timeout(limit),
             };
             self.failed(i);
-            tried.push(format!("{}: {e}", self.members[i].url));
+            last[i] = Some(e.to_string());
         }
+        let tried = self
+            .members
+            .iter()
+            .zip(last)
+            .map(|(m, e)| format!("{}: {}", m.url, e.as_deref().unwrap_or("not tried")))
+            .collect::<Vec<_>>()
+            .join("; ");
         Err(ClusterError::Unreachable {
-            tried: tried.join("; "),
+            tried: format!("{tried}; for {} ms", t0.elapsed().as_millis()),
         })
     }
 }

@@ -2,7 +2,8 @@
 //! node (with its address) and one leader; a busybox VE runs on node 2; killing the leader
 //! node (a power loss, by cgroup) elects another and shows it lost, `lab start` brings it
 //! back; a partitioned node is lost to the others until `lab heal`; `lab down` leaves
-//! nothing, also after `vessel lab up` was killed -9 midway or failed on purpose.
+//! nothing, also after `vessel lab up` was killed -9 midway or failed on purpose. One
+//! etcd member killed or cut off changes nothing for the users of the other nodes.
 
 mod common;
 use common::*;
@@ -96,6 +97,51 @@ impl TestLab {
                 .collect::<Vec<_>>()
                 .join("\n")
         );
+    }
+
+    /// `vessel ARGS` run inside `node`.
+    fn vessel_on(&self, node: &str, args: &[&str]) -> Output {
+        let mut c = Command::new(vessel_bin());
+        c.args(["lab", "--name", &self.name, "exec", node, "--", "vessel"])
+            .args(args)
+            .stdin(Stdio::null());
+        run_bounded(c, Duration::from_secs(60))
+    }
+
+    /// With one etcd member down or cut off (node3's): consecutive `node list` and `ve list`
+    /// on node1 (at least 20 of each, over at least 4 lease TTLs so that leases must be
+    /// renewed without that member) each succeed the first time, and node1 and node2 are
+    /// ready in every list. Returns the leaders the lists named.
+    fn twenty_lists_succeed(&self, why: &str) -> Vec<String> {
+        let mut leaders = Vec::new();
+        let mut slowest = Duration::ZERO;
+        let t0 = Instant::now();
+        let mut i = 0;
+        while i < 20 || t0.elapsed() < Duration::from_secs(8) {
+            assert!(i < 200, "bounded");
+            i += 1;
+            std::thread::sleep(Duration::from_millis(200));
+            let t1 = Instant::now();
+            let o = self.vessel_on("node1", &["node", "list", "--json"]);
+            slowest = slowest.max(t1.elapsed());
+            assert!(
+                o.status.success(),
+                "{why}: node list #{i} on node1 failed: {}",
+                err(&o)
+            );
+            let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
+            for n in ["node1", "node2"] {
+                assert_eq!(state_of(&v, n).as_deref(), Some("ready"), "{why}: list #{i}: {v}");
+            }
+            leaders.extend(leader(&v));
+            let o = self.vessel_on("node1", &["ve", "list"]);
+            assert!(o.status.success(), "{why}: ve list #{i} on node1 failed: {}", err(&o));
+        }
+        eprintln!(
+            "{why}: {i} node lists and ve lists on node1 in {:?}, each succeeded (the slowest node list {slowest:?}); leaders {leaders:?}",
+            t0.elapsed()
+        );
+        leaders
     }
 
     fn state(&self) -> Option<serde_json::Value> {
@@ -311,6 +357,51 @@ fn three_nodes_elect_fail_over_partition_heal_and_leave_nothing() {
     // Idempotent.
     let again = lab.ok(&["down"]);
     assert!(again.contains("no lab"), "{again}");
+}
+
+/// Issue 9: "killing one etcd member changes nothing for users". Regression: with node3
+/// (and its etcd member) killed, `vessel node list` on node1 failed 7 of 8 times ("The
+/// service is currently unavailable ... Connection refused"), and "Timeout expired" with
+/// node3 partitioned.
+#[test]
+fn one_etcd_member_killed_or_cut_off_changes_nothing_for_users() {
+    if !need_root("one_etcd_member_killed_or_cut_off_changes_nothing_for_users") {
+        return;
+    }
+    let lab = TestLab::new();
+    lab.ok(&["up", "--nodes", "3", "--etcd-members", "3"]);
+    let all_ready = |v: &serde_json::Value| {
+        ["node1", "node2", "node3"]
+            .iter()
+            .all(|n| state_of(v, n).as_deref() == Some("ready"))
+            && leader(v).is_some()
+    };
+    lab.wait_list("three ready nodes and a leader", "node1", all_ready);
+
+    for fault in ["kill", "partition"] {
+        let before = leader(&lab.node_list("node1").expect("node list")).expect("a leader");
+        lab.ok(&[fault, "node3"]);
+        let leaders = lab.twenty_lists_succeed(&format!("{fault} node3"));
+        if before == "node3" {
+            // The leader's node is gone: another leads once its lease ends.
+            lab.wait_list("a leader other than node3", "node1", |v| {
+                leader(v).is_some_and(|l| l != "node3")
+            });
+        } else {
+            assert!(
+                leaders.iter().all(|l| *l == before),
+                "{fault} node3: the leader {before} stays: {leaders:?}"
+            );
+        }
+        // Back to three.
+        if fault == "kill" {
+            lab.ok(&["start", "node3"]);
+        } else {
+            lab.ok(&["heal"]);
+        }
+        lab.wait_list(&format!("node3 ready again after {fault}"), "node1", all_ready);
+    }
+    lab.ok(&["down"]);
 }
 
 #[test]
