@@ -50,8 +50,8 @@ pub fn classify_code(c: tonic::Code) -> Verdict {
     }
 }
 
-/// The members one call tries, in order: the one that answered last, then the next ones,
-/// each once.
+/// The members one round tries, in order: the one that answered last, then the next
+/// ones, each once.
 pub fn attempt_order(current: usize, n: usize) -> impl Iterator<Item = usize> {
     (0..n).map(move |k| (current + k) % n.max(1))
 }
@@ -104,7 +104,7 @@ impl Timeouts {
 
     /// Whether try `k` starts a new pass (and so waits [`Timeouts::pause`] first).
     pub fn new_pass(k: usize, n: usize) -> bool {
-        k > 0 && k % n.max(1) == 0
+        k > 0 && k.is_multiple_of(n.max(1))
     }
 }
 

@@ -124,11 +124,7 @@ impl TestLab {
             let t1 = Instant::now();
             let o = self.vessel_on("node1", &["node", "list", "--json"]);
             slowest = slowest.max(t1.elapsed());
-            assert!(
-                o.status.success(),
-                "{why}: node list #{i} on node1 failed: {}",
-                err(&o)
-            );
+            assert!(o.status.success(), "{why}: node list #{i} on node1 failed: {}", err(&o));
             let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
             for n in ["node1", "node2"] {
                 assert_eq!(state_of(&v, n).as_deref(), Some("ready"), "{why}: list #{i}: {v}");
