@@ -47,6 +47,24 @@ pub struct ControlState {
     busy: Mutex<BTreeSet<Name>>,
     /// What was last published as each local VE's status (to publish changes only).
     published: Mutex<HashMap<Name, String>>,
+    /// Imports under way (their VE's name may not be known before the archive is read):
+    /// the reconcile loop adopts nothing meanwhile.
+    importing: std::sync::atomic::AtomicUsize,
+}
+
+struct Importing<'a>(&'a ControlState);
+
+impl<'a> Importing<'a> {
+    fn new(c: &'a ControlState) -> Self {
+        c.importing.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Importing(c)
+    }
+}
+
+impl Drop for Importing<'_> {
+    fn drop(&mut self) {
+        self.0.importing.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Everything the store holds about one VE.
@@ -521,7 +539,11 @@ impl Node {
         let until = Instant::now() + APPLY_WAIT;
         let key = keys::ve(name.as_str(), "status");
         let mut pause = Duration::from_millis(5);
+        let spec_key = keys::ve(name.as_str(), "spec");
         while Instant::now() < until {
+            if let Ok(None) = m.block_on(m.store().get::<VeEntry>(&spec_key)) {
+                return Err(err(ErrorCode::NotFound, format!("VE '{name}' is gone")));
+            }
             if let Ok(Some(o)) = m.block_on(m.store().get::<VeObserved>(&key)) {
                 if o.generation >= generation {
                     if let Some(e) = o.error {
@@ -661,13 +683,18 @@ impl Node {
                     return Ok(());
                 }
             }
+            let running = self
+                .remote(m, name)?
+                .observed
+                .is_some_and(|o| o.info.status == VeStatus::Running);
+            if running && !force {
+                return Err(err(
+                    ErrorCode::Conflict,
+                    format!("VE '{name}' is running: stop it first or use --force"),
+                ));
+            }
+            // Its node destroys it, then removes its keys: the wait ends when they are gone.
             self.change_remote(m, name, |e| {
-                if !force && e.run {
-                    return Err(err(
-                        ErrorCode::Conflict,
-                        format!("VE '{}' is running: stop it first or use --force", e.spec.name),
-                    ));
-                }
                 e.deleted = true;
                 Ok(())
             })
@@ -708,6 +735,31 @@ impl Node {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
         Ok(())
+    }
+
+    /// `ve import`: a VE made here from an archive. The cluster hears of it once it is
+    /// whole (a failed import leaves no record anywhere).
+    pub fn cluster_import(&self, name: Option<Name>, start: bool, input: std::os::fd::OwnedFd) -> NResult<VeInfo> {
+        let Some(m) = self.member_opt() else {
+            return self.import(name, start, input);
+        };
+        if let Some(name) = &name {
+            let known = m
+                .block_on(m.store().get::<VeEntry>(&keys::ve(name.as_str(), "spec")))
+                .map_err(unavailable)?;
+            if known.is_some_and(|e| !e.deleted) {
+                return Err(err(
+                    ErrorCode::AlreadyExists,
+                    format!("VE '{name}' already exists in the cluster: pick another name or destroy it first"),
+                ));
+            }
+        }
+        let info = {
+            let _g = Importing::new(&self.control);
+            self.import(name, start, input)?
+        };
+        self.publish(m, &info.spec.name);
+        self.local_info(&info.spec.name)
     }
 
     /// Every VE of the cluster: this node's, then the others' as their nodes reported them.
@@ -838,11 +890,20 @@ impl Node {
             if busy.contains(&name) {
                 continue;
             }
+            if matches!(step, Step::Adopt { .. })
+                && self.control.importing.load(std::sync::atomic::Ordering::SeqCst) > 0
+            {
+                continue;
+            }
             let entry = ves.get(ve).and_then(|v| v.entry.as_ref()).map(|(e, _)| e.clone());
             let r = self.carry_out(m, &step, entry.as_ref());
             if let Err(e) = r {
                 tracing::warn!(ve = %name, ?step, "reconcile: {}", e.message);
                 let generation = entry.as_ref().map_or(0, |e| e.generation);
+                // Tried once: the error is the answer to this generation (no retry loop).
+                if matches!(step, Step::Update { .. }) {
+                    let _ = self.update(&name, |r| r.generation = generation);
+                }
                 report_error(m, self, &name, generation, &e.message);
             }
         }
@@ -888,24 +949,29 @@ impl Node {
         let name = Name::parse(step_ve(step)).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
         let _b = busy(self, &name);
         match step {
-            Step::Create { generation, .. } => {
+            Step::Create { generation, start, .. } => {
                 let e = entry.ok_or_else(|| err(ErrorCode::NotFound, "no spec"))?;
                 tracing::info!(ve = %name, generation, "creating the VE the control center placed here");
-                self.create(e.spec.clone())?;
+                self.create_here(e.spec.clone(), *start)?;
                 let _ = self.update(&name, |r| r.generation = *generation);
                 self.publish_chosen(m, &name);
             }
-            Step::Update { generation, .. } => {
+            Step::Update { generation, run, .. } => {
                 let e = entry.ok_or_else(|| err(ErrorCode::NotFound, "no spec"))?;
                 let rec = self.record(&name)?;
                 if e.spec != rec.spec {
                     self.set(&name, &full_change(&rec.spec, &e.spec))?;
                 }
+                match run {
+                    Some(true) => {
+                        self.start(&name)?;
+                    }
+                    Some(false) => {
+                        self.stop(&name, Duration::from_secs(10))?;
+                    }
+                    None => {}
+                }
                 let _ = self.update(&name, |r| r.generation = *generation);
-                self.publish(m, &name);
-            }
-            Step::Start { .. } => {
-                self.start(&name)?;
                 self.publish(m, &name);
             }
             Step::Stop { .. } => {
@@ -941,7 +1007,6 @@ fn step_ve(s: &Step) -> &str {
     match s {
         Step::Create { ve, .. }
         | Step::Update { ve, .. }
-        | Step::Start { ve }
         | Step::Stop { ve }
         | Step::Release { ve }
         | Step::Destroy { ve }

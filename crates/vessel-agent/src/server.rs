@@ -258,7 +258,7 @@ fn dispatch(
                 .into_iter()
                 .next()
                 .ok_or_else(|| crate::node::err(ErrorCode::InvalidArgument, "import needs the input as an fd"))?;
-            Response::Ve(Box::new(node.import(name, start, fd)?))
+            Response::Ve(Box::new(node.cluster_import(name, start, fd)?))
         }
         Request::VeRescue { name, end } => {
             node.rescue(&name, end)?;

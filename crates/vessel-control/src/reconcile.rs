@@ -2,7 +2,7 @@
 //! the VEs the node has, the steps that make them match. The agent runs it on every change
 //! it sees (and now and then), carries the steps out in order, and reports what it observed.
 //!
-//! - Assigned, not here: create it (then start it if it should run).
+//! - Assigned, not here: create it (and start it in the same step if it should run).
 //! - Assigned and here: when the spec's generation is newer than the one the VE was last
 //!   brought to, apply it and start or stop the VE as it says. Between generations the
 //!   node's own restart policy rules: a VE that powered itself off stays off until someone
@@ -36,17 +36,19 @@ pub struct Local {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
+    /// Create it (and start it, as one step: a start that fails leaves nothing made).
     Create {
         ve: String,
         generation: u64,
+        start: bool,
     },
-    /// Apply the spec of this generation (limits, settings) to the VE here.
+    /// Apply the spec of this generation (limits, settings) to the VE here, then start it
+    /// (`run: Some(true)`) or stop it (`Some(false)`), as one step: its node reports the
+    /// generation once all of it is done.
     Update {
         ve: String,
         generation: u64,
-    },
-    Start {
-        ve: String,
+        run: Option<bool>,
     },
     Stop {
         ve: String,
@@ -84,24 +86,18 @@ pub fn reconcile(assigned: &[Assigned], local: &[Local], others: &Others) -> Vec
         match (want.get(name), have.get(name)) {
             (Some(a), None) => {
                 steps.push(Step::Create {
-                    ve: ve.clone(),
+                    ve,
                     generation: a.generation,
+                    start: a.run,
                 });
-                if a.run {
-                    steps.push(Step::Start { ve });
-                }
             }
             (Some(a), Some(l)) => {
                 if l.generation < a.generation {
                     steps.push(Step::Update {
-                        ve: ve.clone(),
+                        ve,
                         generation: a.generation,
+                        run: (a.run != l.running).then_some(a.run),
                     });
-                    match (a.run, l.running) {
-                        (true, false) => steps.push(Step::Start { ve }),
-                        (false, true) => steps.push(Step::Stop { ve }),
-                        _ => {}
-                    }
                 }
             }
             (None, Some(l)) => {
@@ -157,13 +153,14 @@ mod tests {
             vec![
                 Step::Create {
                     ve: s("db"),
-                    generation: 3
+                    generation: 3,
+                    start: false
                 },
                 Step::Create {
                     ve: s("web"),
-                    generation: 1
+                    generation: 1,
+                    start: true
                 },
-                Step::Start { ve: s("web") },
             ]
         );
     }
@@ -181,17 +178,18 @@ mod tests {
             vec![
                 Step::Update {
                     ve: s("a"),
-                    generation: 2
+                    generation: 2,
+                    run: Some(true)
                 },
-                Step::Start { ve: s("a") },
                 Step::Update {
                     ve: s("b"),
-                    generation: 5
+                    generation: 5,
+                    run: Some(false)
                 },
-                Step::Stop { ve: s("b") },
                 Step::Update {
                     ve: s("c"),
-                    generation: 1
+                    generation: 1,
+                    run: None
                 },
             ]
         );

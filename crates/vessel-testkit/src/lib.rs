@@ -2,6 +2,8 @@
 //! parent, all named with a unique prefix, and removed on every exit path (Drop runs on
 //! success, failure and panic). Host tests need root; without it they print why they skip.
 
+pub mod lab;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

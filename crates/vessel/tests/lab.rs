@@ -2,175 +2,14 @@
 //! node (with its address) and one leader; a busybox VE runs on node 2; killing the leader
 //! node (a power loss, by cgroup) elects another and shows it lost, `lab start` brings it
 //! back; a partitioned node is lost to the others until `lab heal`; `lab down` leaves
-//! nothing, also after `vessel lab up` was killed -9 midway or failed on purpose. One
-//! etcd member killed or cut off changes nothing for the users of the other nodes.
+//! nothing, also after `vessel lab up` was killed -9 midway or failed on purpose.
 
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A lab of this test; `lab down` on every way out.
-struct TestLab {
-    name: String,
-}
-
-impl TestLab {
-    fn new() -> TestLab {
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        TestLab {
-            name: format!("t{}x{n}", std::process::id()),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(vessel_bin());
-        c.arg("lab")
-            .arg("--name")
-            .arg(&self.name)
-            .args(args)
-            .stdin(Stdio::null());
-        c.env_remove("VESSEL_LAB")
-            .env_remove("VESSEL_ROOT")
-            .env_remove("VESSEL_SOCKET");
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        run_bounded(self.cmd(args), Duration::from_secs(300))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "vessel lab {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            o.status,
-            out(&o),
-            err(&o)
-        );
-        out(&o)
-    }
-
-    /// `vessel node list --json` run inside `node` (None: it failed, e.g. no quorum).
-    fn node_list(&self, node: &str) -> Option<serde_json::Value> {
-        let mut c = Command::new(vessel_bin());
-        c.args([
-            "lab", "--name", &self.name, "exec", node, "--", "vessel", "node", "list", "--json",
-        ])
-        .stdin(Stdio::null());
-        let o = run_bounded(c, Duration::from_secs(60));
-        if !o.status.success() {
-            return None;
-        }
-        serde_json::from_str(&out(&o)).ok()
-    }
-
-    /// Wait (bounded) until `node`'s node list satisfies `pred`; on timeout, fail with the
-    /// last list seen and the tail of that node's daemon log.
-    fn wait_list(&self, what: &str, node: &str, pred: impl Fn(&serde_json::Value) -> bool) {
-        let limit = Duration::from_secs(60);
-        let t0 = Instant::now();
-        let mut last = None;
-        while t0.elapsed() < limit {
-            let v = self.node_list(node);
-            if v.as_ref().is_some_and(&pred) {
-                return;
-            }
-            last = v.or(last);
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let log =
-            std::fs::read_to_string(format!("/var/lib/vessel-lab/{}/{node}/daemon.log", self.name)).unwrap_or_default();
-        panic!(
-            "{what}: not within {limit:?}; last node list on {node}: {last:?}\ndaemon log tail:\n{}",
-            log.lines()
-                .rev()
-                .take(30)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-    }
-
-    /// `vessel ARGS` run inside `node`.
-    fn vessel_on(&self, node: &str, args: &[&str]) -> Output {
-        let mut c = Command::new(vessel_bin());
-        c.args(["lab", "--name", &self.name, "exec", node, "--", "vessel"])
-            .args(args)
-            .stdin(Stdio::null());
-        run_bounded(c, Duration::from_secs(60))
-    }
-
-    /// With one etcd member down or cut off (node3's): consecutive `node list` and `ve list`
-    /// on node1 (at least 20 of each, over at least 4 lease TTLs so that leases must be
-    /// renewed without that member) each succeed the first time, and node1 and node2 are
-    /// ready in every list. Returns the leaders the lists named.
-    fn twenty_lists_succeed(&self, why: &str) -> Vec<String> {
-        let mut leaders = Vec::new();
-        let mut slowest = Duration::ZERO;
-        let t0 = Instant::now();
-        let mut i = 0;
-        while i < 20 || t0.elapsed() < Duration::from_secs(8) {
-            assert!(i < 200, "bounded");
-            i += 1;
-            std::thread::sleep(Duration::from_millis(200));
-            let t1 = Instant::now();
-            let o = self.vessel_on("node1", &["node", "list", "--json"]);
-            slowest = slowest.max(t1.elapsed());
-            assert!(o.status.success(), "{why}: node list #{i} on node1 failed: {}", err(&o));
-            let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
-            for n in ["node1", "node2"] {
-                assert_eq!(state_of(&v, n).as_deref(), Some("ready"), "{why}: list #{i}: {v}");
-            }
-            leaders.extend(leader(&v));
-            let o = self.vessel_on("node1", &["ve", "list"]);
-            assert!(o.status.success(), "{why}: ve list #{i} on node1 failed: {}", err(&o));
-        }
-        eprintln!(
-            "{why}: {i} node lists and ve lists on node1 in {:?}, each succeeded (the slowest node list {slowest:?}); leaders {leaders:?}",
-            t0.elapsed()
-        );
-        leaders
-    }
-
-    fn state(&self) -> Option<serde_json::Value> {
-        let t = std::fs::read(format!("/run/vessel-lab/{}/lab.json", self.name)).ok()?;
-        serde_json::from_slice(&t).ok()
-    }
-
-    fn prefix(&self) -> String {
-        self.state().expect("lab.json")["plan"]["prefix"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = self.run(&["down"]);
-    }
-}
-
-/// The state of `node` in a node list, and the leader.
-fn state_of(v: &serde_json::Value, node: &str) -> Option<String> {
-    v["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["name"] == node)
-        .and_then(|n| n["state"].as_str().map(str::to_string))
-}
-
-fn leader(v: &serde_json::Value) -> Option<String> {
-    v["leader"].as_str().map(str::to_string)
-}
+use vessel_testkit::lab::{leader, state_of, TestLab};
 
 /// Nothing with the lab's name or prefix is left: state, data, cgroups in any hierarchy,
 /// mounts, processes, links and nft tables of the root namespace.
@@ -226,7 +65,7 @@ fn three_nodes_elect_fail_over_partition_heal_and_leave_nothing() {
     if !need_root("three_nodes_elect_fail_over_partition_heal_and_leave_nothing") {
         return;
     }
-    let lab = TestLab::new();
+    let lab = TestLab::new(&vessel_bin());
     lab.ok(&["up", "--nodes", "3", "--etcd-members", "3"]);
     let prefix = lab.prefix();
     let st: serde_json::Value = serde_json::from_str(&lab.ok(&["status", "--json"])).unwrap();
@@ -355,58 +194,13 @@ fn three_nodes_elect_fail_over_partition_heal_and_leave_nothing() {
     assert!(again.contains("no lab"), "{again}");
 }
 
-/// Issue 9: "killing one etcd member changes nothing for users". Regression: with node3
-/// (and its etcd member) killed, `vessel node list` on node1 failed 7 of 8 times ("The
-/// service is currently unavailable ... Connection refused"), and "Timeout expired" with
-/// node3 partitioned.
-#[test]
-fn one_etcd_member_killed_or_cut_off_changes_nothing_for_users() {
-    if !need_root("one_etcd_member_killed_or_cut_off_changes_nothing_for_users") {
-        return;
-    }
-    let lab = TestLab::new();
-    lab.ok(&["up", "--nodes", "3", "--etcd-members", "3"]);
-    let all_ready = |v: &serde_json::Value| {
-        ["node1", "node2", "node3"]
-            .iter()
-            .all(|n| state_of(v, n).as_deref() == Some("ready"))
-            && leader(v).is_some()
-    };
-    lab.wait_list("three ready nodes and a leader", "node1", all_ready);
-
-    for fault in ["kill", "partition"] {
-        let before = leader(&lab.node_list("node1").expect("node list")).expect("a leader");
-        lab.ok(&[fault, "node3"]);
-        let leaders = lab.twenty_lists_succeed(&format!("{fault} node3"));
-        if before == "node3" {
-            // The leader's node is gone: another leads once its lease ends.
-            lab.wait_list("a leader other than node3", "node1", |v| {
-                leader(v).is_some_and(|l| l != "node3")
-            });
-        } else {
-            assert!(
-                leaders.iter().all(|l| *l == before),
-                "{fault} node3: the leader {before} stays: {leaders:?}"
-            );
-        }
-        // Back to three.
-        if fault == "kill" {
-            lab.ok(&["start", "node3"]);
-        } else {
-            lab.ok(&["heal"]);
-        }
-        lab.wait_list(&format!("node3 ready again after {fault}"), "node1", all_ready);
-    }
-    lab.ok(&["down"]);
-}
-
 #[test]
 fn down_removes_a_half_made_lab_after_a_crash_or_a_failure() {
     if !need_root("down_removes_a_half_made_lab_after_a_crash_or_a_failure") {
         return;
     }
     // kill -9 of `vessel lab up` once a daemon runs.
-    let lab = TestLab::new();
+    let lab = TestLab::new(&vessel_bin());
     let mut up = lab.cmd(&["up", "--nodes", "2"]);
     up.stdout(Stdio::null()).stderr(Stdio::null());
     let mut child = up.spawn().unwrap();
@@ -431,7 +225,7 @@ fn down_removes_a_half_made_lab_after_a_crash_or_a_failure() {
     assert_nothing_left(&lab.name, &prefix);
 
     // A failure after etcd started (injected): the error says how to clean up; down does.
-    let lab = TestLab::new();
+    let lab = TestLab::new(&vessel_bin());
     let o = lab.run(&["up", "--nodes", "2", "--fail-after", "etcd"]);
     assert!(!o.status.success());
     assert!(err(&o).contains("vessel lab down"), "{}", err(&o));
@@ -443,7 +237,7 @@ fn down_removes_a_half_made_lab_after_a_crash_or_a_failure() {
     assert_nothing_left(&lab.name, &prefix);
 
     // Bad input: too many etcd members (nothing is made), a lab that is not there.
-    let lab = TestLab::new();
+    let lab = TestLab::new(&vessel_bin());
     let e = err(&lab.run(&["up", "--nodes", "2", "--etcd-members", "3"]));
     assert!(e.contains("--etcd-members 3"), "{e}");
     assert!(
