@@ -6,9 +6,17 @@
 //! - [`store`]: node registration under a lease kept alive, the leader election, and
 //!   writes guarded by the leader's election key, so that a deposed leader's writes fail
 //!   (an etcd lock alone is not a mutex: Jepsen, etcd 3.4.3).
+//! - [`endpoints`] (pure): which member a request goes to, which failures move it to the
+//!   next member, the timeouts, the keep-alive's timing and the election's rule; `pool`,
+//!   `lease` and `election` carry them out, so that one member down, stopped or cut off
+//!   changes nothing for the node.
 
+mod election;
+pub mod endpoints;
 pub mod etcd;
 pub mod keys;
+mod lease;
+mod pool;
 pub mod store;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +26,8 @@ pub enum ClusterError {
         endpoints: String,
         source: etcd_client::Error,
     },
+    #[error("no etcd member answered ({tried}); check that etcd runs there and this node can reach it (`vessel up --etcd URL,...`)")]
+    Unreachable { tried: String },
     #[error("starting the private etcd: {0}")]
     Start(String),
     #[error("{key} in etcd: {reason}")]

@@ -1,14 +1,19 @@
 //! The control store as the node daemon uses it: registration under a lease, the
 //! leader election, writes guarded by leadership, and reads of the key layout.
+//!
+//! Every request goes to one member of the etcd cluster and moves to the next one when
+//! that member does not answer ([`crate::pool`]); the lease keep-alive ([`crate::lease`]),
+//! the election ([`crate::election`]) and watches move the same way. So one member down,
+//! stopped or cut off costs at most one short try, and the node keeps its lease.
 
+use crate::endpoints::{KeepAlivePlan, Timeouts};
 use crate::keys::{self, NodeRecord};
+use crate::pool::Pool;
 use crate::ClusterError;
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaderKey, PutOptions, Txn, TxnOp,
-    WatchOptions,
-};
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use serde::{de::DeserializeOwned, Serialize};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// One write of [`Store::write_as_leader`].
@@ -34,15 +39,15 @@ pub struct RawKv {
     pub mod_revision: i64,
 }
 
-/// A connection to the control store.
+/// A connection to the control store (to each of its members).
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
-    endpoints: String,
+    pool: Arc<Pool>,
 }
 
-/// A node's registration: its lease is kept alive until this is dropped (or etcd stops
-/// answering: `alive` turns false, and the node must stop acting for the cluster).
+/// A node's registration: its lease is kept alive until this is dropped (or etcd says the
+/// lease is gone, or no member renewed it for two TTLs: `alive` turns false, and the node
+/// must stop acting for the cluster).
 pub struct Registration {
     pub lease: i64,
     pub ttl: Duration,
@@ -60,13 +65,15 @@ impl Drop for Registration {
 /// only while this leadership holds (its election key still exists with its revision).
 #[derive(Debug, Clone)]
 pub struct Leadership {
-    key: LeaderKey,
+    /// The election key (`<election>/<lease hex>`) and its creation revision.
+    key: String,
+    rev: i64,
 }
 
 impl Leadership {
     /// The election revision: grows with every new leader.
     pub fn revision(&self) -> i64 {
-        self.key.rev()
+        self.rev
     }
 }
 
@@ -79,6 +86,8 @@ pub struct StoreTls {
 }
 
 impl Store {
+    /// Connections to the members at `endpoints` (nothing is dialed yet: the first request
+    /// tells whether etcd answers).
     pub async fn connect(endpoints: &[String]) -> Result<Store, ClusterError> {
         Self::connect_with(endpoints, None).await
     }
@@ -86,73 +95,54 @@ impl Store {
     /// Connect; `tls` is used for `https://` endpoints (the server verified against its CA,
     /// this node's certificate presented).
     pub async fn connect_with(endpoints: &[String], tls: Option<&StoreTls>) -> Result<Store, ClusterError> {
-        let joined = endpoints.join(",");
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5));
-        // (etcd-client refuses TLS options for http:// endpoints.)
-        let https = endpoints.iter().any(|e| e.starts_with("https://"));
-        if let Some(t) = tls.filter(|_| https) {
-            opts = opts.with_tls(
-                etcd_client::TlsOptions::new()
-                    .ca_certificate(etcd_client::Certificate::from_pem(&t.ca_pem))
-                    .identity(etcd_client::Identity::from_pem(&t.cert_pem, &t.key_pem)),
-            );
-        }
-        let client = Client::connect(endpoints, Some(opts))
-            .await
-            .map_err(|source| ClusterError::Etcd {
-                endpoints: joined.clone(),
-                source,
-            })?;
+        Self::connect_tuned(endpoints, Timeouts::default(), tls).await
+    }
+
+    pub async fn connect_tuned(
+        endpoints: &[String],
+        timeouts: Timeouts,
+        tls: Option<&StoreTls>,
+    ) -> Result<Store, ClusterError> {
         Ok(Store {
-            client,
-            endpoints: joined,
+            pool: Arc::new(Pool::connect(endpoints, timeouts, tls).await?),
         })
     }
 
-    fn err(&self) -> impl FnOnce(etcd_client::Error) -> ClusterError + '_ {
-        move |source| ClusterError::Etcd {
-            endpoints: self.endpoints.clone(),
-            source,
-        }
+    /// The member requests go to now (the last one that answered).
+    pub fn endpoint(&self) -> String {
+        self.pool.url(self.pool.current()).to_string()
     }
 
     /// Put the node's record under a new lease of `ttl` and keep the lease alive (three
-    /// keep-alives per TTL).
+    /// keep-alives per TTL, through whichever member answers).
     pub async fn register(&self, rec: &NodeRecord, ttl: Duration) -> Result<Registration, ClusterError> {
-        let mut c = self.client.clone();
         let secs = ttl.as_secs().max(1) as i64;
-        let lease = c.lease_grant(secs, None).await.map_err(self.err())?.id();
-        c.put(
-            keys::node(&rec.name),
-            keys::encode(rec),
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .map_err(self.err())?;
-        let (mut keeper, mut stream) = c.lease_keep_alive(lease).await.map_err(self.err())?;
+        let granted = Instant::now();
+        // A grant retried on another member may leave the first lease behind: it expires.
+        let lease = self
+            .pool
+            .call(|mut c| async move { c.lease_grant(secs, None).await })
+            .await?
+            .id();
+        let (key, value) = (keys::node(&rec.name), keys::encode(rec));
+        self.pool
+            .call(|mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move { c.put(key, value, Some(PutOptions::new().with_lease(lease))).await }
+            })
+            .await?;
+        let ttl = Duration::from_secs(secs as u64);
         let (tx, rx) = watch::channel(true);
-        let every = Duration::from_millis((secs as u64 * 1000 / 3).max(100));
-        let task = tokio::spawn(async move {
-            loop {
-                let ok = async {
-                    keeper.keep_alive().await.ok()?;
-                    let r = tokio::time::timeout(every, stream.message()).await.ok()?.ok()??;
-                    (r.ttl() > 0).then_some(())
-                }
-                .await
-                .is_some();
-                if !ok {
-                    let _ = tx.send(false);
-                    return;
-                }
-                tokio::time::sleep(every).await;
-            }
-        });
+        let task = tokio::spawn(crate::lease::keep_alive(
+            self.pool.clone(),
+            lease,
+            KeepAlivePlan::for_ttl(ttl),
+            granted,
+            tx,
+        ));
         Ok(Registration {
             lease,
-            ttl: Duration::from_secs(secs as u64),
+            ttl,
             alive: rx,
             task,
         })
@@ -163,14 +153,20 @@ impl Store {
         self.list(&keys::nodes()).await
     }
 
+    /// The keys under `prefix` (or the one key).
+    async fn range(&self, key: &str, prefix: bool) -> Result<etcd_client::GetResponse, ClusterError> {
+        let opts = prefix.then(|| GetOptions::new().with_prefix());
+        self.pool
+            .call(|mut c| {
+                let opts = opts.clone();
+                async move { c.get(key, opts).await }
+            })
+            .await
+    }
+
     /// The values under `prefix`, decoded.
     pub async fn list<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, ClusterError> {
-        let r = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.err())?;
+        let r = self.range(prefix, true).await?;
         r.kvs()
             .iter()
             .map(|kv| keys::decode(&String::from_utf8_lossy(kv.key()), kv.value()))
@@ -178,34 +174,21 @@ impl Store {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ClusterError> {
-        let r = self.client.clone().get(key, None).await.map_err(self.err())?;
+        let r = self.range(key, false).await?;
         r.kvs().first().map(|kv| keys::decode(key, kv.value())).transpose()
     }
 
     /// Wait until this node is the control center's leader (`lease`: its registration's,
-    /// so leadership ends when the node's lease does).
+    /// so leadership ends when the node's lease does). The wait survives members that
+    /// stop answering; it fails when the lease is gone or no member answered for 30 s.
     pub async fn campaign(&self, node: &str, lease: i64) -> Result<Leadership, ClusterError> {
-        let r = self
-            .client
-            .clone()
-            .campaign(keys::election(), node, lease)
-            .await
-            .map_err(self.err())?;
-        let key = r.leader().cloned().ok_or_else(|| ClusterError::Value {
-            key: keys::election(),
-            reason: "the election answered without a leader key".into(),
-        })?;
-        Ok(Leadership { key })
+        let (key, rev) = crate::election::campaign(&self.pool, node, lease).await?;
+        Ok(Leadership { key, rev })
     }
 
     /// The current leader's name, if any.
     pub async fn leader(&self) -> Result<Option<String>, ClusterError> {
-        match self.client.clone().leader(keys::election()).await {
-            Ok(r) => Ok(r.kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
-            // etcd answers "election: no leader" as an error.
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
-            Err(e) => Err(self.err()(e)),
-        }
+        crate::election::leader(&self.pool).await
     }
 
     /// Write `value` at `key` only if `l` is still the leadership (a transaction comparing
@@ -239,7 +222,7 @@ impl Store {
             .when(vec![cmp])
             .and_then(vec![TxnOp::put(key, keys::encode(value), None)]);
         let txn = Txn::new().when(vec![Self::leads(l)]).and_then(vec![TxnOp::txn(inner)]);
-        let r = self.client.clone().txn(txn).await.map_err(self.err())?;
+        let r = self.txn(txn).await?;
         if !r.succeeded() {
             return Err(ClusterError::NotLeader);
         }
@@ -281,7 +264,7 @@ impl Store {
                 ops.push(TxnOp::txn(Txn::new().when(vec![cmp]).and_then(writes)));
             }
             let txn = Txn::new().when(vec![Self::leads(l)]).and_then(ops);
-            let r = self.client.clone().txn(txn).await.map_err(self.err())?;
+            let r = self.txn(txn).await?;
             if !r.succeeded() {
                 return Err(ClusterError::NotLeader);
             }
@@ -295,12 +278,23 @@ impl Store {
     }
 
     fn leads(l: &Leadership) -> Compare {
-        Compare::create_revision(l.key.key(), CompareOp::Equal, l.key.rev())
+        Compare::create_revision(l.key.as_str(), CompareOp::Equal, l.rev)
+    }
+
+    /// One transaction. Retried on another member when one does not answer: every
+    /// transaction here is guarded, so a second run of one that did land changes nothing
+    /// (it reports its guard as failed).
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, ClusterError> {
+        self.pool
+            .call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
     }
 
     async fn txn_as_leader(&self, l: &Leadership, ops: Vec<TxnOp>) -> Result<(), ClusterError> {
-        let txn = Txn::new().when(vec![Self::leads(l)]).and_then(ops);
-        let r = self.client.clone().txn(txn).await.map_err(self.err())?;
+        let r = self.txn(Txn::new().when(vec![Self::leads(l)]).and_then(ops)).await?;
         if r.succeeded() {
             Ok(())
         } else {
@@ -311,12 +305,7 @@ impl Store {
     /// Every key under `prefix` with its raw value and modification revision (for reading
     /// keys of several kinds in one consistent read).
     pub async fn list_raw(&self, prefix: &str) -> Result<Vec<RawKv>, ClusterError> {
-        let r = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.err())?;
+        let r = self.range(prefix, true).await?;
         Ok(r.kvs()
             .iter()
             .map(|kv| RawKv {
@@ -329,7 +318,7 @@ impl Store {
 
     /// A value with its modification revision (for [`Store::put_if`]).
     pub async fn get_rev<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, i64)>, ClusterError> {
-        let r = self.client.clone().get(key, None).await.map_err(self.err())?;
+        let r = self.range(key, false).await?;
         r.kvs()
             .first()
             .map(|kv| keys::decode(key, kv.value()).map(|v| (v, kv.mod_revision())))
@@ -358,69 +347,119 @@ impl Store {
     }
 
     async fn txn_if(&self, when: Vec<Compare>, ops: Vec<TxnOp>) -> Result<bool, ClusterError> {
-        let r = self
-            .client
-            .clone()
-            .txn(Txn::new().when(when).and_then(ops))
-            .await
-            .map_err(self.err())?;
-        Ok(r.succeeded())
+        Ok(self.txn(Txn::new().when(when).and_then(ops)).await?.succeeded())
     }
 
     /// Delete every key under `prefix`.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<(), ClusterError> {
-        self.client
-            .clone()
-            .delete(prefix, Some(DeleteOptions::new().with_prefix()))
-            .await
-            .map_err(self.err())?;
+        self.pool
+            .call(|mut c| async move { c.delete(prefix, Some(DeleteOptions::new().with_prefix())).await })
+            .await?;
         Ok(())
     }
 
-    /// Wake `notify` at every change under `prefix` (and after the watch is re-made when
-    /// etcd was away, since changes may have been missed), until the task is aborted.
+    /// Wake `notify` at every change under `prefix` (and after the watch is re-made on
+    /// another member, since changes may have been missed), until the task is aborted. A
+    /// watch whose member goes silent (stopped, cut off: it answers no progress request for
+    /// two probes) or loses its raft leader is made again on the next member.
     pub fn watch_prefix(
         &self,
         prefix: String,
         notify: std::sync::Arc<tokio::sync::Notify>,
     ) -> tokio::task::JoinHandle<()> {
-        let client = self.client.clone();
+        let pool = self.pool.clone();
         tokio::spawn(async move {
             loop {
-                let w = client
-                    .clone()
-                    .watch(prefix.as_str(), Some(WatchOptions::new().with_prefix()))
-                    .await;
-                if let Ok((_watcher, mut stream)) = w {
-                    notify.notify_one();
-                    while let Ok(Some(_)) = stream.message().await {
-                        notify.notify_one();
-                    }
+                let i = pool.current();
+                if watch_on(&pool, i, &prefix, &notify).await {
+                    // It had worked: this member is done with, try the next at once.
+                    pool.failed(i);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         })
     }
 
     /// Write a value any node may write (its own status, a VE spec from the CLI).
     pub async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), ClusterError> {
-        self.client
-            .clone()
-            .put(key, keys::encode(value), None)
-            .await
-            .map_err(self.err())?;
+        let value = keys::encode(value);
+        self.pool
+            .call(|mut c| {
+                let value = value.clone();
+                async move { c.put(key, value, None).await }
+            })
+            .await?;
         Ok(())
     }
 
     /// Delete a key any node may delete (a removed member's record).
     pub async fn delete(&self, key: &str) -> Result<(), ClusterError> {
-        self.client.clone().delete(key, None).await.map_err(self.err())?;
+        self.pool.call(|mut c| async move { c.delete(key, None).await }).await?;
         Ok(())
     }
 
     /// End a lease now (a node leaving: its record and leadership go at once).
     pub async fn revoke(&self, lease: i64) -> Result<(), ClusterError> {
-        self.client.clone().lease_revoke(lease).await.map_err(self.err())?;
-        Ok(())
+        let mut tries = 0;
+        let r = self
+            .pool
+            .call(|mut c| {
+                tries += 1;
+                async move { c.lease_revoke(lease).await }
+            })
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            // A first try landed without its answer: the retry finds the lease gone.
+            Err(ClusterError::Etcd {
+                source: etcd_client::Error::GRpcStatus(s),
+                ..
+            }) if tries > 1 && s.code() == tonic::Code::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// How often a silent watch asks its member for progress.
+const PROBE: Duration = Duration::from_secs(1);
+
+/// Watch `prefix` on member `i` until the watch breaks. True if it was established.
+async fn watch_on(pool: &Pool, i: usize, prefix: &str, notify: &tokio::sync::Notify) -> bool {
+    let Some((mut watcher, mut stream)) = pool.open_watch(i, prefix, WatchOptions::new().with_prefix()).await else {
+        return false;
+    };
+    // Changes may have happened while no watch was in place.
+    notify.notify_one();
+    let mut heard = Instant::now();
+    loop {
+        tokio::select! {
+            m = stream.message() => match m {
+                Ok(Some(r)) if !r.canceled() => {
+                    heard = Instant::now();
+                    if !r.events().is_empty() {
+                        notify.notify_one();
+                    }
+                }
+                Ok(Some(r)) => {
+                    tracing::debug!(member = pool.url(i), reason = r.cancel_reason(), "watch cancelled");
+                    return true;
+                }
+                Ok(None) => return true,
+                Err(e) => {
+                    tracing::debug!(member = pool.url(i), "watch: {e}");
+                    return true;
+                }
+            },
+            _ = tokio::time::sleep(PROBE) => {
+                if heard.elapsed() > PROBE * 2 {
+                    tracing::debug!(member = pool.url(i), "watch: no answer to progress requests");
+                    return true;
+                }
+                if watcher.request_progress().await.is_err() {
+                    return true;
+                }
+            }
+        }
     }
 }
