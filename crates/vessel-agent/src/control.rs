@@ -47,6 +47,8 @@ pub struct ControlState {
     busy: Mutex<BTreeSet<Name>>,
     /// What was last published as each local VE's status (to publish changes only).
     published: Mutex<HashMap<Name, String>>,
+    /// The template names last published for this node.
+    templates: Mutex<Option<Vec<String>>>,
     /// Imports under way (their VE's name may not be known before the archive is read):
     /// the reconcile loop adopts nothing meanwhile.
     importing: std::sync::atomic::AtomicUsize,
@@ -102,6 +104,12 @@ pub async fn read_ves(store: &Store) -> Result<BTreeMap<String, ClusterVe>, Clus
 async fn read_nodes(store: &Store) -> Result<Vec<CNode>, ClusterError> {
     let members: Vec<NodeRecord> = store.list(&keys::members()).await?;
     let alive = store.nodes().await?;
+    let mut templates: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for kv in store.list_raw(&keys::templates("")).await? {
+        let names: Vec<String> = keys::decode(&kv.key, &kv.value)?;
+        let node = kv.key.trim_start_matches(&keys::templates(""));
+        templates.insert(node.to_string(), names.into_iter().collect());
+    }
     Ok(members
         .into_iter()
         .map(|m| {
@@ -121,6 +129,7 @@ async fn read_nodes(store: &Store) -> Result<Vec<CNode>, ClusterError> {
                     disk: r.disk,
                 },
                 labels: r.labels.clone(),
+                templates: Some(templates.remove(&m.name).unwrap_or_default()),
             }
         })
         .collect())
@@ -154,6 +163,7 @@ fn snapshot(nodes: Vec<CNode>, ves: &BTreeMap<String, ClusterVe>) -> Snapshot {
             requests: requests(&e.spec),
             node: e.node.clone(),
             labels: e.labels.clone(),
+            template: Some(e.spec.template.to_string()),
         });
         if let Some(n) = placed {
             s.placements.insert(name.clone(), n);
@@ -420,6 +430,7 @@ impl Node {
                 format!("VE '{name}' already exists: pick another name or destroy it first"),
             ));
         }
+        self.check_template_somewhere(m, &spec)?;
         let _b = busy(self, &name);
         let entry = VeEntry {
             spec: spec.clone(),
@@ -497,6 +508,34 @@ impl Node {
                 Ok(pending_info(&spec, 1, &reason))
             }
         }
+    }
+
+    /// A template no node has is a mistake to say at once, not a pending VE.
+    fn check_template_somewhere(&self, m: &Member, spec: &VeSpec) -> NResult<()> {
+        let here = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .templates
+            .contains_key(&spec.template);
+        if here {
+            return Ok(());
+        }
+        let t = spec.template.to_string();
+        let somewhere = m
+            .block_on(m.store().list::<Vec<String>>(&keys::templates("")))
+            .map_err(unavailable)?
+            .iter()
+            .any(|names| names.contains(&t));
+        if somewhere {
+            return Ok(());
+        }
+        Err(err(
+            ErrorCode::NotFound,
+            format!(
+                "template '{t}' not found: build it with `vessel template build {t}` or see `vessel template list`"
+            ),
+        ))
     }
 
     /// Create (and start) on this node; a failed start leaves nothing half-made.
@@ -843,7 +882,26 @@ impl Node {
             });
     }
 
+    /// Tell the cluster which templates this node has (after a build or removal, and
+    /// whenever the reconcile loop sees a change).
+    pub fn publish_templates(&self) {
+        let Some(m) = self.member_opt() else { return };
+        let names: Vec<String> = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.templates.keys().map(|n| n.to_string()).collect()
+        };
+        let mut last = self.control.templates.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() == Some(&names) {
+            return;
+        }
+        match m.block_on(m.store().put(&keys::templates(&m.name), &names)) {
+            Ok(()) => *last = Some(names),
+            Err(e) => tracing::debug!("publishing this node's templates: {e}"),
+        }
+    }
+
     fn reconcile_once(&self, m: &Member) -> Result<(), ClusterError> {
+        self.publish_templates();
         let ves = m.block_on(read_ves(m.store()))?;
         let busy: BTreeSet<Name> = self.control.busy.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut assigned = Vec::new();

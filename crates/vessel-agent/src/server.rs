@@ -178,13 +178,18 @@ fn dispatch(
             Response::JoinToken(node.peer()?.init(Duration::from_secs(token_ttl_secs))?)
         }
         Request::ClusterToken { ttl_secs } => Response::JoinToken(node.peer()?.token(Duration::from_secs(ttl_secs))?),
-        Request::TemplateBuild { kind, name } => Response::Template(node.template_build(kind, name, &mut progress)?),
+        Request::TemplateBuild { kind, name } => {
+            let t = node.template_build(kind, name, &mut progress)?;
+            node.publish_templates();
+            Response::Template(t)
+        }
         Request::TemplateList => Response::Templates {
             templates: node.template_list(),
         },
         Request::TemplateShow { name } => Response::Template(node.template_show(&name)?),
         Request::TemplateRemove { name } => {
             node.template_remove(&name)?;
+            node.publish_templates();
             Response::Ok
         }
         Request::VeCreate { spec, start, place } => {

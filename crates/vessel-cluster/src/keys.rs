@@ -8,6 +8,7 @@
 //! /vessel/v1/ves/<ve>/place      Placement: the node it is assigned to (leader writes)
 //! /vessel/v1/ves/<ve>/status     what its node observed
 //! /vessel/v1/assigned/<node>/<ve> the leader's index of the VEs placed on each node
+//! /vessel/v1/templates/<node>    the names of the templates the node has
 //! /vessel/v1/election            the control center's election (etcd's election API)
 //! /vessel/v1/join-tokens/<id>    a join token: its secret's hash, expiry, used (vessel-peer)
 //! ```
@@ -62,6 +63,11 @@ pub fn assigned_to(node: &str) -> String {
 
 pub fn join_token(id: &str) -> String {
     format!("{PREFIX}join-tokens/{id}")
+}
+
+/// The names of the templates a node has (`/vessel/v1/templates/<node>`).
+pub fn templates(node: &str) -> String {
+    format!("{PREFIX}templates/{node}")
 }
 
 pub fn election() -> String {

@@ -41,6 +41,9 @@ pub struct Node {
     pub allocatable: Resources,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The templates it has (None: not known, taken as any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub templates: Option<std::collections::BTreeSet<String>>,
 }
 
 /// What the scheduler needs to know about a VE.
@@ -58,6 +61,10 @@ pub struct Ve {
     /// Only nodes with all these labels (`--label k=v`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The template it is made from: only nodes that have it (until nodes fetch templates
+    /// from each other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// How far requests may exceed what a node has (CPU is shared by time; memory is only

@@ -159,6 +159,11 @@ fn fit(v: &Ve, n: &Node, l: Load, p: &Policy) -> Result<u64, String> {
             return Err(format!("no label {k}={want}"));
         }
     }
+    if let (Some(t), Some(has)) = (&v.template, &n.templates) {
+        if !has.contains(t) {
+            return Err(format!("no template {t} (`vessel template build` it there)"));
+        }
+    }
     let cap = |x: u64, ratio: f64| (x as f64 * ratio) as u64;
     let a = n.allocatable;
     let caps = [
@@ -224,6 +229,7 @@ mod tests {
                 disk: 100 * GIB,
             },
             labels: BTreeMap::new(),
+            templates: None,
         }
     }
 
@@ -238,7 +244,35 @@ mod tests {
             },
             node: None,
             labels: BTreeMap::new(),
+            template: None,
         }
+    }
+
+    #[test]
+    fn a_ve_goes_only_to_nodes_with_its_template() {
+        let mut a = node("a", 4, 8);
+        a.templates = Some(["debian".to_string()].into());
+        let mut b = node("b", 4, 8);
+        b.templates = Some(["busybox".to_string()].into());
+        let mut v = ve("web", 0, 0);
+        v.template = Some("busybox".into());
+        let mut w = ve("db", 0, 0);
+        w.template = Some("alpine".into());
+        let s = Snapshot {
+            nodes: vec![a, b],
+            ves: vec![v, w],
+            placements: BTreeMap::new(),
+        };
+        assert_eq!(
+            schedule(&s, &Policy::default()),
+            vec![
+                Action::Pending {
+                    ve: "db".into(),
+                    reason: "no node fits: a: no template alpine (`vessel template build` it there); b: no template alpine (`vessel template build` it there)".into()
+                },
+                place("web", "b"),
+            ]
+        );
     }
 
     fn place(ve: &str, node: &str) -> Action {
