@@ -74,7 +74,7 @@ pub fn join(root: &Path, config: &ConfigFile, target: &str, token: &str) -> Resu
             },
         )
         .map_err(|e| format!("saving the cluster's certificates: {e}"))?;
-    write_cluster_config(&config.path, &name, &reply.etcd)
+    write_cluster_config(&config.path, Some(&name), &reply.etcd)
         .map_err(|e| format!("writing the cluster's etcd to {}: {e}", config.path.display()))?;
     Ok(Joined {
         name,
@@ -83,9 +83,9 @@ pub fn join(root: &Path, config: &ConfigFile, target: &str, token: &str) -> Resu
     })
 }
 
-/// Set `[cluster] name` and `etcd` in the node config, keeping everything else (comments
-/// too). A missing file is made.
-pub fn write_cluster_config(path: &Path, name: &str, etcd: &[String]) -> Result<(), String> {
+/// Set `[cluster] name` (if given) and `etcd` in the node config, keeping everything else
+/// (comments too). A missing file is made.
+pub fn write_cluster_config(path: &Path, name: Option<&str>, etcd: &[String]) -> Result<(), String> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -103,14 +103,16 @@ pub fn write_cluster_config(path: &Path, name: &str, etcd: &[String]) -> Result<
 }
 
 /// The config text with `[cluster] name` and `etcd` set. Pure.
-pub fn set_cluster_keys(text: &str, name: &str, etcd: &[String]) -> Result<String, String> {
+pub fn set_cluster_keys(text: &str, name: Option<&str>, etcd: &[String]) -> Result<String, String> {
     let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| e.to_string())?;
     let cluster = doc
         .entry("cluster")
         .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()))
         .as_table_mut()
         .ok_or("[cluster] is not a table")?;
-    cluster["name"] = toml_edit::value(name);
+    if let Some(name) = name {
+        cluster["name"] = toml_edit::value(name);
+    }
     let mut urls = toml_edit::Array::new();
     for u in etcd {
         urls.push(u.as_str());
@@ -127,18 +129,18 @@ mod tests {
     fn the_config_keeps_what_it_had_and_gets_the_cluster() {
         let before =
             "version = 1\n# the operator's note\n[defaults]\nmemory = \"1G\"\n[cluster]\naddress = \"10.0.0.5\"\n";
-        let after = set_cluster_keys(before, "b", &["http://10.0.0.1:2379".into()]).unwrap();
+        let after = set_cluster_keys(before, Some("b"), &["http://10.0.0.1:2379".into()]).unwrap();
         assert!(after.contains("# the operator's note"), "{after}");
         let s = vessel_types::config::parse(&after).unwrap();
         assert_eq!(s.cluster.name.as_deref(), Some("b"));
         assert_eq!(s.cluster.etcd, vec!["http://10.0.0.1:2379"]);
         assert_eq!(s.cluster.address, Some("10.0.0.5".parse::<std::net::IpAddr>().unwrap()));
         assert_eq!(s.limits.defaults.memory_max, Some(1 << 30));
-        let fresh = set_cluster_keys("version = 1\n", "c", &["http://127.0.0.1:1".into()]).unwrap();
+        let fresh = set_cluster_keys("version = 1\n", Some("c"), &["http://127.0.0.1:1".into()]).unwrap();
         assert_eq!(
             vessel_types::config::parse(&fresh).unwrap().cluster.name.as_deref(),
             Some("c")
         );
-        assert!(set_cluster_keys("version = 1\ncluster = 3\n", "c", &[]).is_err());
+        assert!(set_cluster_keys("version = 1\ncluster = 3\n", None, &[]).is_err());
     }
 }

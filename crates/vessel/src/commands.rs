@@ -213,6 +213,19 @@ fn up_join(g: &Global, a: &UpArgs) -> Result<i32> {
         let opts = node_options(g, &a.daemon)?;
         join_now(g, &opts.root, &opts.config_file, target, token)?;
     }
+    if !a.etcd.is_empty() {
+        require_root()?;
+        if let Some(s) = current_status(g)? {
+            bail!(
+                "the vessel daemon already runs (pid {}): `vessel down` first, then `vessel up --etcd ...`",
+                s.pid
+            );
+        }
+        let opts = node_options(g, &a.daemon)?;
+        std::fs::create_dir_all(&opts.root).with_context(|| format!("create {}", opts.root.display()))?;
+        vessel_agent::join::write_cluster_config(&opts.config_file.path, None, &a.etcd)
+            .map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
+    }
     up(g, &a.daemon)
 }
 

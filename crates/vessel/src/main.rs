@@ -134,6 +134,10 @@ pub struct UpArgs {
     /// The join token (`vessel cluster init` or `vessel cluster token` printed it)
     #[arg(long, requires = "join")]
     pub token: Option<String>,
+    /// Use this etcd cluster (client URLs, comma-separated) instead of a private one;
+    /// kept in node.toml as `[cluster] etcd`
+    #[arg(long, value_delimiter = ',', conflicts_with = "join")]
+    pub etcd: Vec<String>,
 }
 
 #[derive(Subcommand)]
