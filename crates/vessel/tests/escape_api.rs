@@ -232,13 +232,26 @@ fn stalled_and_surplus_connections_pinned_daemon_threads() {
         "version = 1\n[api]\nmax_connections = 4\nrequest_timeout = \"1h\"\n",
     );
     let status = frame(r#"{"v":1,"body":{"op":"status"}}"#);
-    let stalled: Vec<UnixStream> = (0..4)
-        .map(|_| {
-            let mut s = raw_conn(&node);
-            s.write_all(&status[..10]).unwrap();
-            s
-        })
-        .collect();
+    // Four connections that each hold a slot. The readiness probe's connection may still
+    // hold one for a moment after its client left (its thread has not seen the close yet):
+    // a connection answered `busy` at once did not get a slot, so it is made again.
+    let mut stalled: Vec<UnixStream> = Vec::new();
+    for _ in 0..100 {
+        if stalled.len() == 4 {
+            break;
+        }
+        let mut s = raw_conn(&node);
+        s.write_all(&status[..10]).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                stalled.push(s)
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    assert_eq!(stalled.len(), 4, "four connections hold the four slots");
     let fifth = raw_conn(&node);
     let e = expect_error(reply(&fifth), "fifth connection");
     assert_eq!(e.code, ErrorCode::Busy, "{}", e.message);
