@@ -313,6 +313,15 @@ impl Lab {
         let log = self.paths().node_root(self.name(), node).join("etcd.log");
         let mut c = Command::new(&self.etcd);
         c.args(self.state.plan.etcd_args(&n, &data.display().to_string()));
+        let pid = self.spawn_daemonized(node, c, &log)?;
+        self.state.run(node).etcd_pid = Some(pid);
+        self.state.save()?;
+        Ok(pid)
+    }
+
+    /// Start a long-lived process of `node` (its etcd member, its daemon) in the node's
+    /// cgroup and namespaces, in a session of its own, output to `log`: its pid.
+    fn spawn_daemonized(&self, node: &str, c: Command, log: &std::path::Path) -> Result<i32> {
         let (cg, net, mnt) = self.in_node(node);
         let child = sys::spawn_in_node(
             c,
@@ -323,12 +332,9 @@ impl Lab {
                 setsid: true,
                 cwd: None,
             },
-            &log,
+            log,
         )?;
-        let pid = child.id() as i32;
-        self.state.run(node).etcd_pid = Some(pid);
-        self.state.save()?;
-        Ok(pid)
+        Ok(child.id() as i32)
     }
 
     /// The environment a node's `vessel` commands (and its daemon) get.
@@ -351,19 +357,7 @@ impl Lab {
         let log = self.paths().node_root(self.name(), node).join("daemon.log");
         let mut c = Command::new(&self.exe);
         c.arg("daemon").envs(self.node_env(node)?);
-        let (cg, net, mnt) = self.in_node(node);
-        let child = sys::spawn_in_node(
-            c,
-            &InNode {
-                cgroup: &cg,
-                net: &net,
-                mnt: Some(&mnt),
-                setsid: true,
-                cwd: None,
-            },
-            &log,
-        )?;
-        let pid = child.id() as i32;
+        let pid = self.spawn_daemonized(node, c, &log)?;
         let run = self.state.run(node);
         run.daemon_pid = Some(pid);
         run.killed = false;
