@@ -52,8 +52,8 @@ fn record(name: &str) -> NodeRecord {
 
 /// A busybox VE's desired state as the CLI writes it at create.
 fn entry(name: &str) -> VeEntry {
-    let spec = serde_json::from_value(serde_json::json!({"name": name, "template": "busybox"}))
-        .expect("a busybox spec");
+    let spec =
+        serde_json::from_value(serde_json::json!({"name": name, "template": "busybox"})).expect("a busybox spec");
     VeEntry {
         spec,
         generation: 1,
@@ -265,9 +265,8 @@ async fn scale(etcd: &PrivateEtcd, n_nodes: usize, n_ves: usize, writers: usize,
         let t = Instant::now();
         drop(reg);
         loop {
-            match probe.get::<NodeRecord>(&key).await {
-                Ok(None) => break,
-                Ok(Some(_)) | Err(_) => {}
+            if let Ok(None) = probe.get::<NodeRecord>(&key).await {
+                break;
             }
             if t.elapsed() > Duration::from_secs(30) {
                 eprintln!("control: {name} still registered 30 s after its keep-alive stopped");
@@ -385,7 +384,10 @@ pub fn run() {
     let lost_med = median(&mut lost);
     println!();
     println!("{:<58} {:>12}", "control (real etcd, simulated nodes)", "value");
-    println!("{:<58} {:>12}", "simulated nodes (lease TTL 2 s, one watch each)", s.nodes);
+    println!(
+        "{:<58} {:>12}",
+        "simulated nodes (lease TTL 2 s, one watch each)", s.nodes
+    );
     println!("{:<58} {:>12}", "VE creates scheduled and acknowledged", s.ves);
     println!("{:<58} {:>12.1}", "  all specs written (s)", s.write_s);
     println!("{:<58} {:>12.1}", "  first spec written to last status (s)", s.total_s);
@@ -404,7 +406,11 @@ pub fn run() {
     println!(
         "{:<58} {:>12}",
         "  each (ms)",
-        s.lost_ms.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" ")
+        s.lost_ms
+            .iter()
+            .map(|m| format!("{m:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     if let Some((l, o, x, placed)) = lab {
         println!(
@@ -415,7 +421,11 @@ pub fn run() {
         println!("{:<58} {:>12}", "  placed on", placed.join(" "));
         println!("{:<58} {:>12.0}", "  of which `vessel lab exec` itself (ms)", x);
         println!("{:<58} {:>12.0}", "one node: ve create --start + exec (ms)", o);
-        println!("{:<58} {:>12.2}", "lab/one-node (lab exec overhead subtracted)", (l - 2.0 * x) / o);
+        println!(
+            "{:<58} {:>12.2}",
+            "lab/one-node (lab exec overhead subtracted)",
+            (l - 2.0 * x) / o
+        );
     }
     println!(
         "control: {:.0} creates/s, lost-node detection {:.0} ms at {} nodes",

@@ -1,4 +1,4 @@
-//! `vessel-bench ve-start [--runs N] [--density N]`, `vessel-bench fs [--runs N] [--in-ve 0|1]`
+//! `vessel-bench ve-start [--runs N] [--density N]`, `vessel-bench fs [--runs N] [--in-ve 0|1]`,
 //! `vessel-bench fs-ve` and `vessel-bench control` (the control center at scale: see
 //! `control.rs`): run as root after `cargo build --release`. See `fsbench.rs` for
 //! the file system benchmark from the host, `fsve.rs` for its part inside real VEs.
