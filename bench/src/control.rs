@@ -147,6 +147,7 @@ struct Scale {
     etcd_rss_after: u64,
     lost_ms: Vec<f64>,
     pass_ms: f64,
+    read_ms: f64,
 }
 
 async fn scale(etcd: &PrivateEtcd, n_nodes: usize, n_ves: usize, writers: usize, runs: usize) -> Scale {
@@ -268,6 +269,14 @@ async fn scale(etcd: &PrivateEtcd, n_nodes: usize, n_ves: usize, writers: usize,
         }
     }
     let pass_ms = median(&mut pass_ms);
+    let mut read_ms = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        if vessel_agent::control::read_ves(&lstore).await.is_ok() {
+            read_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let read_ms = median(&mut read_ms);
 
     // Lost nodes: drop one node's keep-alive, poll its record every 10 ms.
     let probe = Store::connect(&ep).await.expect("probe connect");
@@ -309,6 +318,7 @@ async fn scale(etcd: &PrivateEtcd, n_nodes: usize, n_ves: usize, writers: usize,
         etcd_rss_after: rss1,
         lost_ms,
         pass_ms,
+        read_ms,
     }
 }
 
@@ -430,6 +440,7 @@ pub fn run() {
         format!("one scheduler pass with {} VEs placed (ms)", s.ves),
         s.pass_ms
     );
+    println!("{:<58} {:>12.0}", "  of which reading every VE (ms)", s.read_ms);
     println!("{:<58} {:>12.1}", "etcd CPU time during the creates (s)", s.etcd_cpu_s);
     println!(
         "{:<58} {:>12}",
