@@ -1,5 +1,6 @@
-//! `vessel-bench ve-start [--runs N] [--density N]`, `vessel-bench fs [--runs N] [--in-ve 0|1]`
-//! and `vessel-bench fs-ve`: run as root after `cargo build --release`. See `fsbench.rs` for
+//! `vessel-bench ve-start [--runs N] [--density N]`, `vessel-bench fs [--runs N] [--in-ve 0|1]`,
+//! `vessel-bench fs-ve` and `vessel-bench control` (the control center at scale: see
+//! `control.rs`): run as root after `cargo build --release`. See `fsbench.rs` for
 //! the file system benchmark from the host, `fsve.rs` for its part inside real VEs.
 //!
 //! ve-start:
@@ -13,6 +14,7 @@
 //!
 //! Last line: `ve-start: vessel/runc = X`.
 
+mod control;
 mod fsbench;
 mod fsve;
 
@@ -123,11 +125,15 @@ fn main() {
         let args: Vec<String> = std::env::args().skip(2).collect();
         std::process::exit(fsve::worker(&args));
     }
-    if !matches!(cmd.as_deref(), Some("ve-start") | Some("fs") | Some("fs-ve")) {
+    if !matches!(
+        cmd.as_deref(),
+        Some("ve-start") | Some("fs") | Some("fs-ve") | Some("control")
+    ) {
         eprintln!(
             "usage: vessel-bench ve-start [--runs N] [--density N] \
              | fs [--runs N] [--seq-mib N] [--mounts N] [--in-ve 0|1] [--debian 0|1] \
-             | fs-ve [--runs N] [--seq-mib N] [--debian 0|1] [--only untar|fsync|seq|history]"
+             | fs-ve [--runs N] [--seq-mib N] [--debian 0|1] [--only untar|fsync|seq|history] \
+             | control [--nodes N] [--ves N] [--writers N] [--runs N] [--lab 0|1] [--timeout S]"
         );
         std::process::exit(2);
     }
@@ -135,6 +141,10 @@ fn main() {
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("vessel-bench: run as root (it starts real VEs and mounts)");
         std::process::exit(2);
+    }
+    if cmd.as_deref() == Some("control") {
+        control::run();
+        return;
     }
     if cmd.as_deref() == Some("fs") {
         fsbench::run(&vessel_bin());

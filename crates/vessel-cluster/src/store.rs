@@ -164,12 +164,12 @@ impl Store {
             .await
     }
 
-    /// The values under `prefix`, decoded.
+    /// The values under `prefix`, decoded (read in pages: see [`Store::list_raw`]).
     pub async fn list<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, ClusterError> {
-        let r = self.range(prefix, true).await?;
-        r.kvs()
+        self.list_raw(prefix)
+            .await?
             .iter()
-            .map(|kv| keys::decode(&String::from_utf8_lossy(kv.key()), kv.value()))
+            .map(|kv| keys::decode(&kv.key, &kv.value))
             .collect()
     }
 
@@ -303,17 +303,43 @@ impl Store {
     }
 
     /// Every key under `prefix` with its raw value and modification revision (for reading
-    /// keys of several kinds in one consistent read).
+    /// keys of several kinds in one consistent read). Read in pages of [`PAGE`] keys, all
+    /// at the revision of the first page (so still one consistent read): one answer for a
+    /// whole large prefix would pass the client's 4 MiB message limit (the scheduler's read
+    /// of every VE did, at about 6,000 VEs).
     pub async fn list_raw(&self, prefix: &str) -> Result<Vec<RawKv>, ClusterError> {
-        let r = self.range(prefix, true).await?;
-        Ok(r.kvs()
-            .iter()
-            .map(|kv| RawKv {
+        let end = prefix_end(prefix.as_bytes());
+        let mut out = Vec::new();
+        let mut from = prefix.as_bytes().to_vec();
+        let mut rev = 0;
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if rev > 0 {
+                opts = opts.with_revision(rev);
+            }
+            let r = self
+                .pool
+                .call(|mut c| {
+                    let (from, opts) = (from.clone(), opts.clone());
+                    async move { c.get(from, Some(opts)).await }
+                })
+                .await?;
+            if rev == 0 {
+                rev = r.header().map_or(0, |h| h.revision());
+            }
+            out.extend(r.kvs().iter().map(|kv| RawKv {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),
                 value: kv.value().to_vec(),
                 mod_revision: kv.mod_revision(),
-            })
-            .collect())
+            }));
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// A value with its modification revision (for [`Store::put_if`]).
@@ -421,6 +447,23 @@ impl Store {
     }
 }
 
+/// Keys per page of [`Store::list_raw`]: a VE's status is about 0.5 KiB, so a page stays
+/// far below the client's 4 MiB message limit.
+const PAGE: i64 = 1000;
+
+/// The first key after every key that starts with `prefix` (etcd's range end of a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff (or empty): to the end of the key space.
+    vec![0]
+}
+
 /// How often a silent watch asks its member for progress.
 const PROBE: Duration = Duration::from_secs(1);
 
@@ -461,5 +504,18 @@ async fn watch_on(pool: &Pool, i: usize, prefix: &str, notify: &tokio::sync::Not
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_at_its_last_byte_plus_one() {
+        assert_eq!(prefix_end(b"/vessel/v1/ves/"), b"/vessel/v1/ves0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+        assert_eq!(prefix_end(b""), vec![0]);
     }
 }

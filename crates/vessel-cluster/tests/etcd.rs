@@ -153,3 +153,36 @@ fn an_unreachable_etcd_is_a_clear_error() {
         "{msg}"
     );
 }
+
+/// Regression: the scheduler's read of every VE failed past the client's 4 MiB message
+/// limit (about 6,000 VEs) and the scheduler stopped placing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_larger_than_one_grpc_message_is_read_whole() {
+    let d = tempfile::tempdir().unwrap();
+    let e = etcd(d.path());
+    let store = Store::connect(&[e.endpoint()]).await.unwrap();
+    let n = 5000;
+    let value = "x".repeat(1024);
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let (store, value) = (store.clone(), value.clone());
+        set.spawn(async move {
+            for i in (w..n).step_by(8) {
+                store.put(&keys::ve(&format!("v{i:05}"), "spec"), &value).await.unwrap();
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    // A key just past the prefix is not part of it.
+    store.put("/vessel/v1/ves0", &1).await.unwrap();
+    let all = store.list_raw(&keys::ves()).await.unwrap();
+    assert_eq!(all.len(), n);
+    assert!(all.iter().map(|kv| kv.value.len()).sum::<usize>() > 4 << 20);
+    for (i, kv) in all.iter().enumerate() {
+        assert_eq!(kv.key, keys::ve(&format!("v{i:05}"), "spec"));
+    }
+    let decoded: Vec<String> = store.list(&keys::ves()).await.unwrap();
+    assert_eq!(decoded.len(), n);
+}
