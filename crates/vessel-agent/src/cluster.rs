@@ -307,11 +307,7 @@ impl Member {
             .map(|m| {
                 let live = alive.iter().find(|a| a.name == m.name);
                 // Draining is the operator's word, kept in the member record.
-                let state = match (live, m.draining) {
-                    (None, _) => "lost",
-                    (Some(_), true) => "draining",
-                    (Some(_), false) => "ready",
-                };
+                let state = vessel_control::model::NodeState::of(live.is_some(), m.draining).as_str();
                 let mut node = live.cloned().unwrap_or_else(|| m.clone());
                 node.draining = m.draining;
                 ClusterNode {

@@ -114,11 +114,7 @@ async fn read_nodes(store: &Store) -> Result<Vec<CNode>, ClusterError> {
         .into_iter()
         .map(|m| {
             let live = alive.iter().find(|a| a.name == m.name);
-            let state = match (live, m.draining) {
-                (None, _) => NodeState::Lost,
-                (Some(_), true) => NodeState::Draining,
-                (Some(_), false) => NodeState::Ready,
-            };
+            let state = NodeState::of(live.is_some(), m.draining);
             let r = live.unwrap_or(&m);
             CNode {
                 name: m.name.clone(),

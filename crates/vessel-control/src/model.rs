@@ -33,6 +33,25 @@ pub enum NodeState {
     Lost,
 }
 
+impl NodeState {
+    /// A member's state from whether its lease lives and the operator's draining mark.
+    pub fn of(alive: bool, draining: bool) -> NodeState {
+        match (alive, draining) {
+            (false, _) => NodeState::Lost,
+            (true, true) => NodeState::Draining,
+            (true, false) => NodeState::Ready,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Draining => "draining",
+            NodeState::Lost => "lost",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Node {
     pub name: String,
