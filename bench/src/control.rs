@@ -54,14 +54,7 @@ fn record(name: &str) -> NodeRecord {
 fn entry(name: &str) -> VeEntry {
     let spec =
         serde_json::from_value(serde_json::json!({"name": name, "template": "busybox"})).expect("a busybox spec");
-    VeEntry {
-        spec,
-        generation: 1,
-        run: true,
-        deleted: false,
-        node: None,
-        labels: Default::default(),
-    }
+    VeEntry::new(spec, true)
 }
 
 /// What a node reports once it has created and started the VE.

@@ -319,12 +319,10 @@ impl Node {
             let behind = have.as_ref().is_none_or(|(e, _)| e.generation < rec.generation.max(1));
             if behind {
                 let entry = VeEntry {
-                    spec: rec.spec.clone(),
                     generation: rec.generation.max(1),
-                    run: rec.status == VeStatus::Running,
-                    deleted: false,
                     node: have.as_ref().and_then(|(e, _)| e.node.clone()),
                     labels: have.as_ref().map(|(e, _)| e.labels.clone()).unwrap_or_default(),
+                    ..VeEntry::new(rec.spec.clone(), rec.status == VeStatus::Running)
                 };
                 st.put(&spec_key, &entry).await?;
                 // A VE this node has is placed here (the leader would only place it anew).
@@ -429,12 +427,9 @@ impl Node {
         self.check_template_somewhere(m, &spec)?;
         let _b = busy(self, &name);
         let entry = VeEntry {
-            spec: spec.clone(),
-            generation: 1,
-            run: start,
-            deleted: false,
             node: rules.node.clone(),
             labels: rules.labels.clone(),
+            ..VeEntry::new(spec.clone(), start)
         };
         let spec_key = keys::ve(name.as_str(), "spec");
         let place_key = keys::ve(name.as_str(), "place");

@@ -132,6 +132,20 @@ pub struct VeEntry {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
+impl VeEntry {
+    /// A new VE's first generation, with no placement rules.
+    pub fn new(spec: vessel_types::VeSpec, run: bool) -> VeEntry {
+        VeEntry {
+            spec,
+            generation: 1,
+            run,
+            deleted: false,
+            node: None,
+            labels: Default::default(),
+        }
+    }
+}
+
 /// Where the leader put a VE, or why it could not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {

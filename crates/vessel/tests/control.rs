@@ -113,14 +113,7 @@ fn ves_live_in_the_cluster_store_and_the_node_reconciles_them() {
     spec.name = vessel_types::Name::parse("b").unwrap();
     spec.ip = None;
     spec.hostname = None;
-    let mut b = VeEntry {
-        spec,
-        generation: 1,
-        run: true,
-        deleted: false,
-        node: None,
-        labels: Default::default(),
-    };
+    let mut b = VeEntry::new(spec, true);
     etcd.put_entry("b", &b);
     wait_until("b is created and started here", Duration::from_secs(30), || {
         node.vessel(&["ve", "show", "b"]).status.success() && status(&node, "b") == "running"
