@@ -637,34 +637,26 @@ impl Node {
     }
 
     pub fn cluster_start(&self, name: &Name) -> NResult<VeInfo> {
-        match self.member_opt() {
-            Some(m) if !self.is_local(name) => self.change_remote(m, name, |e| {
-                e.run = true;
-                Ok(())
-            }),
-            m => {
-                let _b = busy(self, name);
-                let i = self.start(name)?;
-                if let Some(m) = m {
-                    self.advance(m, name, |e| e.run = true);
-                    return self.local_info(name);
-                }
-                Ok(i)
-            }
-        }
+        self.set_running(name, true, || self.start(name))
     }
 
     pub fn cluster_stop(&self, name: &Name, timeout: Duration) -> NResult<VeInfo> {
+        self.set_running(name, false, || self.stop(name, timeout))
+    }
+
+    /// Start or stop: here with `local`, then the next generation says so; on another
+    /// node, through the next generation.
+    fn set_running(&self, name: &Name, run: bool, local: impl FnOnce() -> NResult<VeInfo>) -> NResult<VeInfo> {
         match self.member_opt() {
             Some(m) if !self.is_local(name) => self.change_remote(m, name, |e| {
-                e.run = false;
+                e.run = run;
                 Ok(())
             }),
             m => {
                 let _b = busy(self, name);
-                let i = self.stop(name, timeout)?;
+                let i = local()?;
                 if let Some(m) = m {
-                    self.advance(m, name, |e| e.run = false);
+                    self.advance(m, name, |e| e.run = run);
                     return self.local_info(name);
                 }
                 Ok(i)
