@@ -347,8 +347,10 @@ impl Member {
         })
     }
 
-    /// Forget a member that is lost (a live node is refused: stop it first).
-    pub fn remove(&self, name: &str) -> Result<(), MemberError> {
+    /// Forget a member that is lost (a live node is refused: stop it first). A node that
+    /// still has VEs is refused unless `force`: its VEs then stay pending (their files are
+    /// on that node). Its certificate is revoked first: no node serves it any more.
+    pub fn remove(&self, name: &str, force: bool) -> Result<(), MemberError> {
         self.rt.block_on(async {
             let st = |e: vessel_cluster::ClusterError| MemberError::Store(e.to_string());
             let key = keys::member(name);
@@ -364,6 +366,37 @@ impl Member {
             {
                 return Err(MemberError::Alive(name.to_string()));
             }
+            let ves: Vec<String> = self
+                .store
+                .list_raw(&keys::assigned_to(name))
+                .await
+                .map_err(st)?
+                .iter()
+                .filter_map(|kv| kv.key.rsplit('/').next().map(str::to_string))
+                .collect();
+            if !ves.is_empty() && !force {
+                return Err(MemberError::HasVes(name.to_string(), ves));
+            }
+            if let Some(c) = self
+                .store
+                .get::<keys::CertRecord>(&keys::cert(name))
+                .await
+                .map_err(st)?
+            {
+                let r = keys::Revoked {
+                    node: name.to_string(),
+                    sha256: c.sha256.clone(),
+                    removed_unix: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                };
+                self.store.put(&keys::revoked(&c.sha256), &r).await.map_err(st)?;
+                self.store.delete(&keys::cert(name)).await.map_err(st)?;
+                tracing::info!(node = name, cert = %c.sha256, "node removed: its certificate is revoked");
+            } else {
+                tracing::info!(node = name, "node removed (no certificate of it is on record)");
+            }
+            self.store.delete(&keys::templates(name)).await.map_err(st)?;
             self.store.delete(&key).await.map_err(st)
         })
     }
@@ -438,6 +471,8 @@ pub enum MemberError {
     NotFound(String),
     #[error("node {0} is alive: stop its daemon (`vessel down` on it) before removing it, or drain it")]
     Alive(String),
+    #[error("node {0} has VEs ({list}): move them (`vessel ve move VE --to NODE`) or destroy them first, or remove it with --force to leave them pending (their files stay on {0})", list = .1.join(", "))]
+    HasVes(String, Vec<String>),
     #[error("{0}")]
     Store(String),
 }

@@ -202,6 +202,13 @@ pub async fn schedule_once(store: &Store, l: &Leadership) -> Result<usize, Clust
                 }),
             ),
             Action::Forget { ve } => (ve, None),
+            Action::Stranded { ve, node, reason } => (
+                ve,
+                Some(Placement {
+                    node: Some(node),
+                    pending: Some(reason),
+                }),
+            ),
         };
         let key = keys::ve(&ve, "place");
         let (have, rev) = match ves.get(&ve).and_then(|v| v.place.clone()) {
@@ -698,9 +705,17 @@ impl Node {
             return self.destroy(name, force);
         };
         if !self.is_local(name) {
-            // On no node yet: nobody else would remove it.
+            // On no node yet, or on a node removed from the cluster: nobody else would
+            // remove it.
             if let Ok(v) = self.remote(m, name) {
-                if v.place.as_ref().and_then(|(p, _)| p.node.as_ref()).is_none() {
+                let gone = match v.place.as_ref().and_then(|(p, _)| p.node.as_ref()) {
+                    None => true,
+                    Some(n) => matches!(
+                        m.block_on(m.store().get::<vessel_cluster::keys::NodeRecord>(&keys::member(n))),
+                        Ok(None)
+                    ),
+                };
+                if gone {
                     forget_keys(m, name);
                     return Ok(());
                 }

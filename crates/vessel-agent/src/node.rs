@@ -247,18 +247,19 @@ impl Node {
     }
 
     /// Drain or undrain a node of the cluster, or forget a lost one.
-    pub fn node_change(&self, name: &str, change: Option<bool>) -> NResult<()> {
+    /// Drain/undrain (`Some`) or remove (`None`, `force` for a node with VEs) a member.
+    pub fn node_change(&self, name: &str, change: Option<bool>, force: bool) -> NResult<()> {
         use crate::cluster::MemberError;
         use vessel_types::api::ErrorCode;
         let m = self.member()?;
         let r = match change {
             Some(drain) => m.set_draining(name, drain),
-            None => m.remove(name),
+            None => m.remove(name, force),
         };
         r.map_err(|e| {
             let code = match e {
                 MemberError::NotFound(_) => ErrorCode::NotFound,
-                MemberError::Alive(_) => ErrorCode::Conflict,
+                MemberError::Alive(_) | MemberError::HasVes(..) => ErrorCode::Conflict,
                 MemberError::Store(_) => ErrorCode::Unavailable,
             };
             ApiError::new(code, e.to_string())

@@ -67,6 +67,14 @@ pub struct Peer {
     server: Mutex<Option<PeerServer>>,
     /// Serialises init (two inits at once must not make two CAs).
     init: Mutex<()>,
+    /// Certificates found revoked (a revocation is never undone).
+    revoked: Mutex<std::collections::HashSet<String>>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn token_err(e: TokenError) -> ApiError {
@@ -95,6 +103,7 @@ impl Peer {
             settings: node.opts.settings.cluster.clone(),
             server: Mutex::new(None),
             init: Mutex::new(()),
+            revoked: Mutex::new(Default::default()),
         })
     }
 
@@ -161,6 +170,7 @@ impl Peer {
         let ca = ca::make_ca(&hex::encode(id)).map_err(ca_err)?;
         let (key_pem, csr) = ca::node_key_and_csr(&self.member.name, self.settings.peer_address()).map_err(ca_err)?;
         let cert_pem = ca::issue(&ca, &csr, &self.member.name, self.settings.peer_address()).map_err(ca_err)?;
+        self.record_cert(&self.member.name, &cert_pem)?;
         self.files
             .save(&ca.cert_pem, Some(&ca.key_pem), &CertKey { cert_pem, key_pem })
             .map_err(ca_err)?;
@@ -276,6 +286,7 @@ impl Peer {
         self.member
             .block_on(token::consume(store, &req.token, name.as_str()))
             .map_err(token_err)?;
+        self.record_cert(name.as_str(), &cert_pem)?;
         tracing::info!(node = %name, %from, address = %req.address, "admitted a node to the cluster");
         Ok(JoinReply {
             ca_pem: ca.cert_pem,
@@ -283,6 +294,61 @@ impl Peer {
             etcd: self.member.etcd_for_peers(),
             by: self.member.name.clone(),
         })
+    }
+
+    /// Note which certificate `node` got, so that removing the node can revoke it.
+    fn record_cert(&self, node: &str, cert_pem: &str) -> NResult<()> {
+        let rec = keys::CertRecord {
+            node: node.to_string(),
+            sha256: ca::fingerprint(cert_pem).map_err(ca_err)?,
+            issued_unix: unix_now(),
+        };
+        self.member
+            .block_on(self.member.store().put(&keys::cert(node), &rec))
+            .map_err(|e| {
+                err(
+                    ErrorCode::Unavailable,
+                    format!("recording node {node}'s certificate in the control store: {e}"),
+                )
+            })
+    }
+
+    /// Whether the certificate `sha256` is revoked, asked of the store at every new
+    /// connection (one read; connections are long-lived). While the store does not answer
+    /// within 2 s, only revocations seen before count, so that node-to-node traffic
+    /// outlives a control store outage.
+    fn is_revoked(&self, sha256: &str) -> bool {
+        if self.revoked.lock().unwrap_or_else(|p| p.into_inner()).contains(sha256) {
+            return true;
+        }
+        let asked = self.member.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                self.member.store().get::<keys::Revoked>(&keys::revoked(sha256)),
+            )
+            .await
+        });
+        match asked {
+            Ok(Ok(r)) => {
+                if r.is_some() {
+                    self.revoked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(sha256.to_string());
+                }
+                r.is_some()
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("checking a node certificate against the revocation list: {e}");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "checking a node certificate against the revocation list: the control store did not answer within 2 s"
+                );
+                false
+            }
+        }
     }
 
     fn node(&self) -> NResult<Arc<Node>> {
@@ -327,6 +393,20 @@ impl Peer {
 }
 
 impl PeerHandler for Peer {
+    fn allowed(&self, peer: &PeerIdentity) -> Result<(), ApiError> {
+        if self.is_revoked(&peer.cert_sha256) {
+            tracing::warn!(peer = %peer.node, "refused a removed node (its certificate is revoked)");
+            return Err(err(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "node {}'s certificate is revoked: the node was removed from the cluster (join again with a new token)",
+                    peer.node
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn join(&self, from: SocketAddr, req: JoinRequest) -> Result<JoinReply, ApiError> {
         self.admit(from, req)
     }

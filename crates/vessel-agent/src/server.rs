@@ -167,11 +167,11 @@ fn dispatch(
         Request::Status => Response::Status(node.status()),
         Request::NodeList => Response::Cluster(node.cluster_view()?),
         Request::NodeDrain { name, drain } => {
-            node.node_change(&name, Some(drain))?;
+            node.node_change(&name, Some(drain), false)?;
             Response::Ok
         }
-        Request::NodeRemove { name } => {
-            node.node_change(&name, None)?;
+        Request::NodeRemove { name, force } => {
+            node.node_change(&name, None, force)?;
             Response::Ok
         }
         Request::ClusterInit { token_ttl_secs } => {

@@ -11,6 +11,8 @@
 //! /vessel/v1/templates/<node>    the names of the templates the node has
 //! /vessel/v1/election            the control center's election (etcd's election API)
 //! /vessel/v1/join-tokens/<id>    a join token: its secret's hash, expiry, used (vessel-peer)
+//! /vessel/v1/certs/<node>        CertRecord: the certificate the cluster CA issued to the node
+//! /vessel/v1/revoked/<sha256>    Revoked: a removed node's certificate, refused by every node
 //! ```
 //! Every value is JSON `{"v": 1, "value": ...}`; a reader refuses another version with an
 //! error that names the key.
@@ -68,6 +70,20 @@ pub fn join_token(id: &str) -> String {
 /// The names of the templates a node has (`/vessel/v1/templates/<node>`).
 pub fn templates(node: &str) -> String {
     format!("{PREFIX}templates/{node}")
+}
+
+/// The certificate issued to a node (`/vessel/v1/certs/<node>`), written by the issuer.
+pub fn cert(node: &str) -> String {
+    format!("{PREFIX}certs/{node}")
+}
+
+/// A revoked certificate, by the hex SHA-256 of its DER (`/vessel/v1/revoked/<sha256>`).
+pub fn revoked(sha256: &str) -> String {
+    format!("{PREFIX}revoked/{sha256}")
+}
+
+pub fn revoked_all() -> String {
+    format!("{PREFIX}revoked/")
 }
 
 pub fn election() -> String {
@@ -200,4 +216,21 @@ mod tests {
         assert!(decode::<NodeRecord>("k", b"{\"name\":\"x\"}").is_err());
         assert!(decode::<NodeRecord>("k", b"\xff").is_err());
     }
+}
+
+/// The certificate the cluster CA issued to a node (so that removing the node can revoke it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRecord {
+    pub node: String,
+    /// Hex SHA-256 of the certificate's DER.
+    pub sha256: String,
+    pub issued_unix: u64,
+}
+
+/// A certificate no node accepts any more: its node was removed from the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    pub node: String,
+    pub sha256: String,
+    pub removed_unix: u64,
 }

@@ -25,6 +25,9 @@ pub enum Action {
     Pending { ve: String, reason: String },
     /// A placement whose VE no longer exists.
     Forget { ve: String },
+    /// The VE's node was removed from the cluster: it stays placed there (its files are
+    /// there; it is never started elsewhere from nothing) and says why.
+    Stranded { ve: String, node: String, reason: String },
 }
 
 /// What each node has placed on it.
@@ -73,9 +76,12 @@ pub fn schedule(s: &Snapshot, p: &Policy) -> Vec<Action> {
                         reason: format!("its node {at} is draining and no other node fits: {why}"),
                     }),
                 },
-                None => actions.push(Action::Pending {
+                None => actions.push(Action::Stranded {
                     ve: v.name.clone(),
-                    reason: format!("its node {at} was removed from the cluster"),
+                    node: at.clone(),
+                    reason: format!(
+                        "its node {at} was removed from the cluster (its files are there): destroy it, or bring {at} back"
+                    ),
                 }),
             },
             None => match best(v, &nodes, &load, p, None) {
@@ -419,9 +425,12 @@ mod tests {
             schedule(&s, &NO_OVERCOMMIT),
             vec![
                 Action::Forget { ve: "zombie".into() },
-                Action::Pending {
+                Action::Stranded {
                     ve: "b".into(),
-                    reason: "its node n7 was removed from the cluster".into()
+                    node: "n7".into(),
+                    reason:
+                        "its node n7 was removed from the cluster (its files are there): destroy it, or bring n7 back"
+                            .into()
                 },
             ]
         );

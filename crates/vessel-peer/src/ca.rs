@@ -159,6 +159,16 @@ pub fn pin(ca_cert_pem: &str) -> Result<[u8; 32], CaError> {
     Ok(Sha256::digest(cert_der(ca_cert_pem)?).into())
 }
 
+/// A certificate's identity for revocation: the hex SHA-256 of its DER.
+pub fn fingerprint(cert_pem: &str) -> Result<String, CaError> {
+    Ok(hex::encode(Sha256::digest(cert_der(cert_pem)?)))
+}
+
+/// [`fingerprint`] of a certificate in DER.
+pub fn fingerprint_der(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
 /// The DNS names a certificate (DER) is issued for.
 pub fn dns_names(der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {

@@ -24,6 +24,8 @@ use vessel_types::api::{ApiError, ErrorCode, Request, Response};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
     pub node: String,
+    /// The hex SHA-256 of its certificate (what revocation names).
+    pub cert_sha256: String,
 }
 
 /// What a node does for its peers.
@@ -34,6 +36,11 @@ pub trait PeerHandler: Send + Sync + 'static {
     fn api(&self, peer: &PeerIdentity, req: Request) -> Response;
     /// Bytes for a node of the cluster: the length if known, and the bytes.
     fn stream(&self, peer: &PeerIdentity, req: StreamRequest) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError>;
+    /// Whether a node with a certificate of this cluster is still served (its certificate
+    /// may have been revoked when the node was removed). Asked once per connection.
+    fn allowed(&self, _peer: &PeerIdentity) -> Result<(), ApiError> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -169,7 +176,11 @@ fn serve_conn(
         .and_then(|c| c.first())
         .map(|c| PeerIdentity {
             node: crate::ca::dns_names(c).into_iter().next().unwrap_or_default(),
+            cert_sha256: crate::ca::fingerprint_der(c),
         });
+    // A revoked certificate is served like none, with the reason.
+    let refused = peer.as_ref().and_then(|p| handler.allowed(p).err());
+    let peer = if refused.is_some() { None } else { peer };
     loop {
         s.sock.deadline = Some(Instant::now() + opts.request_timeout);
         let req: PeerRequest = match read_frame(&mut s, "request", MAX_REQUEST) {
@@ -195,7 +206,7 @@ fn serve_conn(
                 Ok(r) => PeerResponse::Joined(r),
                 Err(e) => PeerResponse::Error(e),
             },
-            (_, None) => denied(),
+            (_, None) => refused.clone().map_or_else(denied, PeerResponse::Error),
             (PeerRequest::Ping, Some(_)) => PeerResponse::Pong {
                 node: opts.node.clone(),
             },

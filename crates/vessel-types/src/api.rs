@@ -137,9 +137,11 @@ pub enum Request {
         name: String,
         drain: bool,
     },
-    /// Forget a lost node.
+    /// Forget a lost node (and revoke its certificate); `force`: even if it has VEs.
     NodeRemove {
         name: String,
+        #[serde(default)]
+        force: bool,
     },
     /// Make the cluster CA and this node's certificate, serve the node-to-node port, and
     /// make a join token (`vessel cluster init`).

@@ -371,7 +371,10 @@ fn node(g: &Global, n: NodeCmd) -> Result<i32> {
             name: name.clone(),
             drain: false,
         }),
-        NodeCmd::Remove { name } => Some(Request::NodeRemove { name: name.clone() }),
+        NodeCmd::Remove { name, force } => Some(Request::NodeRemove {
+            name: name.clone(),
+            force: *force,
+        }),
         _ => None,
     };
     if let Some(req) = change {

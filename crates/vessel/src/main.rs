@@ -176,8 +176,13 @@ pub enum NodeCmd {
     Drain { name: String },
     /// Take VEs again
     Undrain { name: String },
-    /// Forget a lost node (a live one is refused)
-    Remove { name: String },
+    /// Forget a lost node and revoke its certificate (a live one is refused)
+    Remove {
+        name: String,
+        /// Even if VEs are placed on it (they stay pending: their files are on that node)
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args)]

@@ -2,7 +2,7 @@
 //! 127.0.0.2): `cluster init` makes the CA and a join token, a second node joins with it
 //! and both see each other; a used, wrong, expired or mis-pinned token and a live node's
 //! name are refused; a process that is not a node gets nothing from the node port, and
-//! garbage there leaves the daemon healthy.
+//! garbage there leaves the daemon healthy; a removed node's certificate is refused.
 
 mod common;
 use common::*;
@@ -204,5 +204,40 @@ fn nodes_join_with_single_use_tokens_over_mutual_tls() {
         PeerResponse::Pong { .. }
     ));
     drop((c, d));
+
+    // Removing a node: refused while VEs are placed on it (unless --force), then its
+    // certificate is revoked: no node serves it any more, the other nodes still are.
+    b.ensure_busybox();
+    wait_until("b publishes its templates", Duration::from_secs(20), || {
+        a.vessel(&["ve", "create", "rmv", "-t", "busybox", "--node", "b"])
+            .status
+            .success()
+    });
     b.stop_daemon();
+    wait_until("b is lost", Duration::from_secs(20), || {
+        names(&a).contains(&("b".to_string(), "lost".to_string()))
+    });
+    let e = a.fails(&["node", "remove", "b"]);
+    assert!(e.contains("node b has VEs (rmv)") && e.contains("--force"), "{e}");
+    a.ok(&["node", "remove", "b", "--force"]);
+    assert!(!names(&a).iter().any(|(n, _)| n == "b"), "b still listed");
+    wait_until("rmv is pending", Duration::from_secs(20), || {
+        a.ok(&["ve", "show", "rmv"]).contains("was removed from the cluster")
+    });
+    let b_cfg = tls::client_config(&ca_pem, &bfiles.load_node().unwrap()).unwrap();
+    let mut cl = PeerClient::connect_node(a_addr, b_cfg, T).unwrap();
+    match cl.call(&PeerRequest::Api(Box::new(Request::VeList))) {
+        Err(PeerError::Api(e)) => {
+            assert_eq!(e.code, ErrorCode::PermissionDenied, "{e}");
+            assert!(e.message.contains("revoked"), "{e}");
+        }
+        r => panic!("a removed node's certificate was served: {r:?}\n{}", a.daemon_log()),
+    }
+    let a_cfg = tls::client_config(&ca_pem, &afiles.load_node().unwrap()).unwrap();
+    let mut cl = PeerClient::connect_node(a_addr, a_cfg, T).unwrap();
+    assert!(matches!(
+        cl.call(&PeerRequest::Api(Box::new(Request::VeList))).unwrap(),
+        PeerResponse::Api(Response::Ves { .. })
+    ));
+    a.ok(&["ve", "destroy", "rmv", "--force"]);
 }
