@@ -394,7 +394,12 @@ impl Node {
                 let _ = self.update(name, |r| r.generation = g);
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(ve = %name, "the store did not take the change (published when it is back): {e}"),
+            Err(e) => {
+                // Ahead of the store now: the reconcile loop publishes this VE's state as
+                // the next generation when the store is back.
+                tracing::warn!(ve = %name, "the store did not take the change (published when it is back): {e}");
+                let _ = self.update(name, |r| r.generation += 1);
+            }
         }
         self.publish(m, name);
     }
