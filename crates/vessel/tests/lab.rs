@@ -1,6 +1,7 @@
 //! `vessel lab`: a 3-node lab with a 3-member etcd on this machine. Every node lists every
 //! node (with its address) and one leader; a busybox VE runs on node 2; killing the leader
-//! node (a power loss, by cgroup) elects another and shows it lost, `lab start` brings it
+//! node (a power loss, by cgroup) elects another, which places new VEs, and shows the
+//! killed one lost; `lab start` brings it
 //! back; a partitioned node is lost to the others until `lab heal`; `lab down` leaves
 //! nothing, also after `vessel lab up` was killed -9 midway or failed on purpose.
 
@@ -155,6 +156,30 @@ fn three_nodes_elect_fail_over_partition_heal_and_leave_nothing() {
     lab.wait_list("a new leader, the old one lost", other, |v| {
         leader(v).is_some_and(|l| l != old) && state_of(v, &old).as_deref() == Some("lost")
     });
+    // Creates keep working under the new leader (placed by it, on a live node).
+    lab.ok(&["exec", other, "--", "vessel", "template", "build", "busybox"]);
+    let made = lab.ok(&[
+        "exec",
+        other,
+        "--",
+        "vessel",
+        "ve",
+        "create",
+        "after",
+        "--template",
+        "busybox",
+        "--node",
+        other,
+        "--start",
+        "--json",
+    ]);
+    let made: serde_json::Value = serde_json::from_str(&made).unwrap();
+    assert_eq!(
+        (made["status"].as_str(), made["node"].as_str()),
+        (Some("running"), Some(other)),
+        "{made}"
+    );
+    lab.ok(&["exec", other, "--", "vessel", "ve", "destroy", "after", "--force"]);
     // The killed node can still be entered (its namespaces stay) for diagnostics.
     lab.ok(&["exec", &old, "--", "true"]);
     lab.ok(&["start", &old]);
