@@ -386,6 +386,7 @@ impl Member {
                 let r = keys::Revoked {
                     node: name.to_string(),
                     sha256: c.sha256.clone(),
+                    serial: c.serial.clone(),
                     removed_unix: std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs()),

@@ -45,7 +45,13 @@ pub fn etcd_tls(root: &Path, s: &ClusterSettings) -> Option<EtcdTls> {
         cert_file: f.node_cert(),
         key_file: f.node_key(),
         ca_file: f.ca_cert(),
+        crl_file: Some(crl_file(root)).filter(|p| p.exists()),
     })
+}
+
+/// The revocation list the private etcd's TLS listener checks (kept by the CA node).
+fn crl_file(root: &Path) -> PathBuf {
+    ClusterFiles::new(root).dir.join("crl.pem")
 }
 
 /// This node's identity for an etcd that requires client certificates.
@@ -117,7 +123,9 @@ impl Peer {
             return Ok(());
         }
         let l = self.bind().map_err(|e| e.message)?;
-        self.serve(l).map_err(|e| e.message)
+        self.serve(l).map_err(|e| e.message)?;
+        self.start_crl_keeper();
+        Ok(())
     }
 
     fn bind(&self) -> NResult<TcpListener> {
@@ -176,6 +184,7 @@ impl Peer {
             .map_err(ca_err)?;
         self.serve(l)?;
         self.serve_etcd()?;
+        self.start_crl_keeper();
         tracing::info!(node = %self.member.name, "cluster initialized: CA made, serving other nodes");
         // The store was restarted for its new listener: the first call may meet the old
         // connection.
@@ -213,6 +222,7 @@ impl Peer {
                 format!("{}: {e}", etcd_listener_file(root).display()),
             )
         })?;
+        self.write_crl(&[])?;
         let tls =
             etcd_tls(root, &self.settings).ok_or_else(|| err(ErrorCode::Internal, "etcd listener file unreadable"))?;
         self.member.serve_etcd_tls(tls).map_err(|e| {
@@ -296,11 +306,69 @@ impl Peer {
         })
     }
 
+    /// Write the CRL naming `serials` (only the CA node can sign one).
+    fn write_crl(&self, serials: &[Vec<u8>]) -> NResult<()> {
+        let Some(ca) = self.files.load_ca().map_err(ca_err)? else {
+            return Ok(());
+        };
+        let pem = ca::crl(&ca, serials, unix_now()).map_err(ca_err)?;
+        let root = self.files.dir.parent().unwrap_or(Path::new("/"));
+        ca::write_atomic(&crl_file(root), pem.as_bytes())
+            .map_err(|e| err(ErrorCode::Internal, format!("{}: {e}", crl_file(root).display())))
+    }
+
+    /// On the CA node with the private etcd: keep the etcd's revocation list in step with
+    /// `/vessel/v1/revoked/` (checked every 2 s), so that a removed node's certificate no
+    /// longer opens the control store either.
+    fn start_crl_keeper(self: &Arc<Self>) {
+        if !self.member.private_etcd() || !self.files.ca_key().exists() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("vessel-crl".into()).spawn(move || {
+            let mut written: Option<Vec<String>> = None;
+            loop {
+                std::thread::sleep(Duration::from_secs(2));
+                let Some(p) = me.upgrade() else { return };
+                let listed = p.member.block_on(async {
+                    tokio::time::timeout(
+                        Duration::from_secs(5),
+                        p.member.store().list::<keys::Revoked>(&keys::revoked_all()),
+                    )
+                    .await
+                });
+                let Ok(Ok(revoked)) = listed else { continue };
+                let mut serials: Vec<String> = revoked
+                    .into_iter()
+                    .map(|r| r.serial)
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                serials.sort();
+                serials.dedup();
+                if written.as_ref() == Some(&serials) {
+                    continue;
+                }
+                let bytes: Vec<Vec<u8>> = serials.iter().filter_map(|s| hex::decode(s).ok()).collect();
+                match p.write_crl(&bytes) {
+                    Ok(()) => {
+                        tracing::info!(revoked = serials.len(), "etcd's certificate revocation list written");
+                        written = Some(serials);
+                    }
+                    Err(e) => tracing::warn!("writing etcd's certificate revocation list: {}", e.message),
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("no thread for the revocation list: {e}");
+        }
+    }
+
     /// Note which certificate `node` got, so that removing the node can revoke it.
     fn record_cert(&self, node: &str, cert_pem: &str) -> NResult<()> {
         let rec = keys::CertRecord {
             node: node.to_string(),
             sha256: ca::fingerprint(cert_pem).map_err(ca_err)?,
+            serial: hex::encode(ca::serial(cert_pem).map_err(ca_err)?),
             issued_unix: unix_now(),
         };
         self.member

@@ -39,6 +39,8 @@ pub struct EtcdTls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub ca_file: PathBuf,
+    /// Revoked client certificates (read by etcd at every handshake).
+    pub crl_file: Option<PathBuf>,
 }
 
 impl EtcdTls {
@@ -79,6 +81,9 @@ impl EtcdConfig {
                 format!("--trusted-ca-file={}", t.ca_file.display()),
                 "--client-cert-auth".into(),
             ];
+            if let Some(crl) = &t.crl_file {
+                tls.push(format!("--client-crl-file={}", crl.display()));
+            }
         }
         let mut args = vec![
             format!("--name={}", self.name),
@@ -281,10 +286,12 @@ mod tests {
             cert_file: "/c/node.crt".into(),
             key_file: "/c/node.key".into(),
             ca_file: "/c/ca.crt".into(),
+            crl_file: Some("/c/crl.pem".into()),
         });
         let a = c.args();
         for want in [
             "--listen-client-urls=http://127.0.0.1:1,https://10.0.0.5:3",
+            "--client-crl-file=/c/crl.pem",
             "--advertise-client-urls=http://127.0.0.1:1,https://10.0.0.5:3",
             "--cert-file=/c/node.crt",
             "--key-file=/c/node.key",

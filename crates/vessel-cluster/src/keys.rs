@@ -224,6 +224,9 @@ pub struct CertRecord {
     pub node: String,
     /// Hex SHA-256 of the certificate's DER.
     pub sha256: String,
+    /// Its serial number, hex (what a CRL names).
+    #[serde(default)]
+    pub serial: String,
     pub issued_unix: u64,
 }
 
@@ -232,5 +235,7 @@ pub struct CertRecord {
 pub struct Revoked {
     pub node: String,
     pub sha256: String,
+    #[serde(default)]
+    pub serial: String,
     pub removed_unix: u64,
 }

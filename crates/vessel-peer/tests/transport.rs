@@ -273,7 +273,7 @@ fn call_raw(c: &mut PeerClient, bytes: &[u8]) -> PeerResponse {
 }
 
 /// The private etcd's listener for other nodes: a node certificate of the cluster gets
-/// in, no certificate or another CA's does not.
+/// in, no certificate, another CA's or a revoked one (the CRL file) does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_serves_other_nodes_only_with_a_cluster_certificate() {
     use vessel_cluster::etcd::EtcdTls;
@@ -289,7 +289,10 @@ async fn etcd_serves_other_nodes_only_with_a_cluster_certificate() {
         cert_file: files.node_cert(),
         key_file: files.node_key(),
         ca_file: files.ca_cert(),
+        crl_file: Some(d.path().join("crl.pem")),
     };
+    // Nothing revoked yet; etcd reads the file at every handshake.
+    std::fs::write(d.path().join("crl.pem"), ca::crl(&ca, &[], 1).unwrap()).unwrap();
     let url = tls.url();
     cfg.tls = Some(tls);
     let _e = PrivateEtcd::start(cfg).expect("etcd starts");
@@ -323,4 +326,20 @@ async fn etcd_serves_other_nodes_only_with_a_cluster_certificate() {
         let r = tokio::time::timeout(Duration::from_secs(20), r).await.expect("bounded");
         assert!(r.is_err(), "{what}: {r:?}");
     }
+
+    // b's certificate revoked (its node removed): new connections are refused; another
+    // node's certificate still gets in.
+    let serial = ca::serial(&b.cert_pem).unwrap();
+    std::fs::write(d.path().join("crl.pem"), ca::crl(&ca, &[serial], 2).unwrap()).unwrap();
+    let r = async {
+        let s = Store::connect_with(std::slice::from_ref(&url), Some(&ident(&b, &ca.cert_pem))).await?;
+        s.get::<u32>("/vessel/v1/x").await
+    };
+    let r = tokio::time::timeout(Duration::from_secs(20), r).await.expect("bounded");
+    assert!(r.is_err(), "a revoked certificate: {r:?}");
+    let c = node_cert(&ca, "c", "127.0.0.3");
+    let s = Store::connect_with(std::slice::from_ref(&url), Some(&ident(&c, &ca.cert_pem)))
+        .await
+        .unwrap();
+    assert_eq!(s.get::<u32>("/vessel/v1/x").await.unwrap(), Some(1));
 }

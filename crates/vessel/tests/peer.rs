@@ -9,6 +9,7 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
+use vessel_cluster::store::{Store, StoreTls};
 use vessel_peer::ca::{self, CertKey, ClusterFiles};
 use vessel_peer::wire::{PeerRequest, PeerResponse};
 use vessel_peer::{tls, PeerClient, PeerError};
@@ -239,5 +240,31 @@ fn nodes_join_with_single_use_tokens_over_mutual_tls() {
         cl.call(&PeerRequest::Api(Box::new(Request::VeList))).unwrap(),
         PeerResponse::Api(Response::Ves { .. })
     ));
+    // ... and the control store refuses it too (the CA node keeps etcd's CRL).
+    let etcd_url = conf.split('"').find(|p| p.starts_with("https://")).unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reach = |who: &ClusterFiles| {
+        let n = who.load_node().unwrap();
+        let t = StoreTls {
+            ca_pem: ca_pem.clone(),
+            cert_pem: n.cert_pem,
+            key_pem: n.key_pem,
+        };
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(15), async {
+                let s = Store::connect_with(std::slice::from_ref(&etcd_url), Some(&t)).await?;
+                s.nodes().await
+            })
+            .await
+        })
+        .is_ok_and(|r| r.is_ok())
+    };
+    wait_until("etcd refuses the removed node", Duration::from_secs(30), || {
+        !reach(&bfiles)
+    });
+    assert!(reach(&afiles), "a node's own certificate was refused by etcd");
     a.ok(&["ve", "destroy", "rmv", "--force"]);
 }
