@@ -125,6 +125,21 @@ impl Peer {
         let l = self.bind().map_err(|e| e.message)?;
         self.serve(l).map_err(|e| e.message)?;
         self.start_crl_keeper();
+        // A certificate its issuer did not record (made by `vessel lab`, or before
+        // records existed): recorded now, so that removing this node revokes it.
+        if let Ok(own) = self.files.load_node() {
+            if let (Ok(sha256), Ok(serial)) = (ca::fingerprint(&own.cert_pem), ca::serial(&own.cert_pem)) {
+                let rec = keys::CertRecord {
+                    node: self.member.name.clone(),
+                    sha256,
+                    serial: hex::encode(serial),
+                    issued_unix: unix_now(),
+                };
+                let _ = self
+                    .member
+                    .block_on(self.member.store().create(&keys::cert(&self.member.name), &rec));
+            }
+        }
         Ok(())
     }
 
