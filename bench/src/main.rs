@@ -15,6 +15,7 @@
 //! Last line: `ve-start: vessel/runc = X`.
 
 mod control;
+mod forward;
 mod fsbench;
 mod fsve;
 
@@ -127,13 +128,14 @@ fn main() {
     }
     if !matches!(
         cmd.as_deref(),
-        Some("ve-start") | Some("fs") | Some("fs-ve") | Some("control")
+        Some("ve-start") | Some("fs") | Some("fs-ve") | Some("control") | Some("forward")
     ) {
         eprintln!(
             "usage: vessel-bench ve-start [--runs N] [--density N] \
              | fs [--runs N] [--seq-mib N] [--mounts N] [--in-ve 0|1] [--debian 0|1] \
              | fs-ve [--runs N] [--seq-mib N] [--debian 0|1] [--only untar|fsync|seq|history] \
-             | control [--nodes N] [--ves N] [--writers N] [--runs N] [--lab 0|1] [--timeout S]"
+             | control [--nodes N] [--ves N] [--writers N] [--runs N] [--lab 0|1] [--timeout S] \
+             | forward [--runs N] [--mib N]"
         );
         std::process::exit(2);
     }
@@ -144,6 +146,10 @@ fn main() {
     }
     if cmd.as_deref() == Some("control") {
         control::run();
+        return;
+    }
+    if cmd.as_deref() == Some("forward") {
+        forward::run();
         return;
     }
     if cmd.as_deref() == Some("fs") {

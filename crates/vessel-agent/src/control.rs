@@ -839,30 +839,30 @@ impl Node {
         }
     }
 
-    /// A request that only the VE's own node can serve yet (exec, console, logs, ...):
-    /// a clear error when it is on another node.
-    pub fn local_only(&self, name: &Name, what: &str) -> NResult<()> {
+    /// The node a VE this node does not have is placed on (`None`: here, or unknown to
+    /// the cluster, so the local path answers); a pending VE is an error with its reason.
+    pub fn elsewhere(&self, name: &Name) -> NResult<Option<String>> {
         if self.is_local(name) {
-            return Ok(());
+            return Ok(None);
         }
-        let Some(m) = self.member_opt() else { return Ok(()) };
+        let Some(m) = self.member_opt() else { return Ok(None) };
         match self.remote(m, name) {
             Ok(v) => {
                 let place = v.place.map(|(p, _)| p);
-                let node = place.as_ref().and_then(|p| p.node.clone());
-                Err(err(
-                    ErrorCode::Unavailable,
-                    match node {
-                        Some(n) => format!("VE '{name}' is on node {n}: run `vessel ve {what}` there (calls between nodes come with the cluster transport)"),
-                        None => format!(
+                match place.as_ref().and_then(|p| p.node.clone()) {
+                    Some(n) if n == m.name => Ok(None),
+                    Some(n) => Ok(Some(n)),
+                    None => Err(err(
+                        ErrorCode::Unavailable,
+                        format!(
                             "VE '{name}' is pending on no node: {}",
                             place.and_then(|p| p.pending).unwrap_or_else(|| "not placed yet".into())
                         ),
-                    },
-                ))
+                    )),
+                }
             }
             // Let the local path give its usual not-found error.
-            Err(_) => Ok(()),
+            Err(_) => Ok(None),
         }
     }
 

@@ -37,19 +37,8 @@ impl Node {
         cwd: Option<String>,
         fds: Vec<OwnedFd>,
     ) -> NResult<()> {
-        if argv.is_empty() {
-            return Err(err(
-                ErrorCode::InvalidArgument,
-                "no command given: use `vessel ve exec NAME -- COMMAND...`",
-            ));
-        }
-        if let Some(e) = env.iter().find(|e| !e.contains('=')) {
-            return Err(err(
-                ErrorCode::InvalidArgument,
-                format!("environment entry '{e}' must look like KEY=VALUE"),
-            ));
-        }
-        let init_pid = self.require_running(name)?;
+        check_exec(&argv, &env)?;
+        self.require_running(name)?;
         let stdio: Option<[OwnedFd; 3]> = if tty {
             None
         } else {
@@ -61,6 +50,28 @@ impl Node {
                 )
             })?)
         };
+        let mut started = self.exec_start(name, argv, tty, env, cwd, stdio)?;
+        let raw: Vec<i32> = started.master.iter().map(|f| f.as_raw_fd()).collect();
+        let _ = write_frame(conn.as_raw_fd(), &Response::ExecStarted, &raw);
+        drop(started.master.take());
+        let code = started.wait(name)?;
+        let _ = write_frame(conn.as_raw_fd(), &Response::Exit { code }, &[]);
+        Ok(())
+    }
+
+    /// Start `argv` in the VE (stdio: the command's three fds; `None` with `tty`: a pty
+    /// in the VE, whose master comes back). Returns once the command runs.
+    pub fn exec_start(
+        &self,
+        name: &Name,
+        argv: Vec<String>,
+        tty: bool,
+        env: Vec<String>,
+        cwd: Option<String>,
+        stdio: Option<[OwnedFd; 3]>,
+    ) -> NResult<Started> {
+        check_exec(&argv, &env)?;
+        let init_pid = self.require_running(name)?;
         let config = self.layout.ve(name.as_str()).bundle().join("config.json");
         let cgroup_dirs = self.cgroup(name).dirs();
         let req = HelperRequest::Exec {
@@ -73,34 +84,37 @@ impl Node {
             tty,
         };
         let mut h = Helper::spawn(&self.opts.exe, &req, stdio).map_err(|e| internal("exec helper", e))?;
-        let result = (|| {
+        let started = (|| {
             let (r, fds) = h.next_report().map_err(|e| internal("exec", e))?;
             match r {
-                HelperReport::ExecStarted { .. } => {
-                    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-                    let _ = write_frame(conn.as_raw_fd(), &Response::ExecStarted, &raw);
-                }
+                HelperReport::ExecStarted { .. } => Ok(fds.into_iter().next()),
                 HelperReport::Error { message } => {
-                    return Err(err(ErrorCode::Internal, format!("exec in VE '{name}': {message}")))
+                    Err(err(ErrorCode::Internal, format!("exec in VE '{name}': {message}")))
                 }
-                other => return Err(internal("exec", format!("unexpected report {other:?}"))),
-            }
-            drop(fds);
-            match h.next_report().map_err(|e| internal("exec", e))?.0 {
-                HelperReport::Exited { code } => Ok(code),
-                HelperReport::Error { message } => Err(err(ErrorCode::Internal, message)),
                 other => Err(internal("exec", format!("unexpected report {other:?}"))),
             }
         })();
-        let _ = h.wait();
-        let code = result?;
-        let _ = write_frame(conn.as_raw_fd(), &Response::Exit { code }, &[]);
-        Ok(())
+        match started {
+            Ok(master) => Ok(Started { helper: h, master }),
+            Err(e) => {
+                let _ = h.wait();
+                Err(e)
+            }
+        }
     }
 
     /// Attach the client to the VE's console: the reply `ConsoleAttached` carries a
     /// connection to the console keeper that relays raw bytes both ways.
     pub fn console(&self, conn: &UnixStream, name: &Name) -> NResult<()> {
+        let stream = self.console_stream(name)?;
+        write_frame(conn.as_raw_fd(), &Response::ConsoleAttached, &[stream.as_raw_fd()])
+            .map_err(|e| internal("console", e))?;
+        Ok(())
+    }
+
+    /// A connection to the console keeper attached to the VE's console (raw bytes both
+    /// ways; closing it detaches).
+    pub fn console_stream(&self, name: &Name) -> NResult<UnixStream> {
         self.require_running(name)?;
         let held = self
             .live
@@ -118,9 +132,7 @@ impl Node {
             .keeper
             .call(&KeeperRequest::Attach { ve: name.to_string() }, &[], false)
             .map_err(|e| internal("console keeper", e))?;
-        write_frame(conn.as_raw_fd(), &Response::ConsoleAttached, &[stream.as_raw_fd()])
-            .map_err(|e| internal("console", e))?;
-        Ok(())
+        Ok(stream)
     }
 
     /// The VE's console log (both rotation files), at most `tail` bytes from the end, as
@@ -134,5 +146,46 @@ impl Node {
         let start = data.len().saturating_sub(tail);
         data.drain(..start);
         Ok(data)
+    }
+}
+
+fn check_exec(argv: &[String], env: &[String]) -> NResult<()> {
+    if argv.is_empty() {
+        return Err(err(
+            ErrorCode::InvalidArgument,
+            "no command given: use `vessel ve exec NAME -- COMMAND...`",
+        ));
+    }
+    if let Some(e) = env.iter().find(|e| !e.contains('=')) {
+        return Err(err(
+            ErrorCode::InvalidArgument,
+            format!("environment entry '{e}' must look like KEY=VALUE"),
+        ));
+    }
+    Ok(())
+}
+
+/// A command running in a VE (see [`Node::exec_start`]).
+pub struct Started {
+    pub helper: Helper,
+    /// The pty master, when the command has a terminal.
+    pub master: Option<OwnedFd>,
+}
+
+impl Started {
+    /// Wait for the command's exit code (and for its helper).
+    pub fn wait(mut self, name: &Name) -> NResult<i32> {
+        let r = self.exited(name);
+        let _ = self.helper.wait();
+        r
+    }
+
+    /// Read the helper's last report: the exit code (blocks until the command ends).
+    pub fn exited(&mut self, name: &Name) -> NResult<i32> {
+        match self.helper.next_report().map_err(|e| internal("exec", e))?.0 {
+            HelperReport::Exited { code } => Ok(code),
+            HelperReport::Error { message } => Err(err(ErrorCode::Internal, format!("exec in VE '{name}': {message}"))),
+            other => Err(internal("exec", format!("unexpected report {other:?}"))),
+        }
     }
 }

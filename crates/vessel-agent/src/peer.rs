@@ -5,6 +5,11 @@
 //! The node listens on `[cluster] address`:`port` once the cluster is initialized
 //! (`ROOT/cluster/ca.crt` exists: after `cluster init` here, or after this node joined).
 //! Only a node with the CA key (the one that ran `init`) admits new nodes.
+//!
+//! Served to other nodes: status, node and VE lists, `ve show`, templates, and for VEs on
+//! this node `logs`, `diff`, `history`, `revert`, `rollback`, `rescue`, `restart` (the
+//! local functions), the `logs` and `export` streams, and the two-way `exec` and
+//! `console` streams (`peer_session`). The calling side is `forward`.
 
 use crate::cluster::Member;
 use crate::node::{err, NResult, Node};
@@ -19,7 +24,7 @@ use vessel_cluster::store::StoreTls;
 use vessel_peer::ca::{self, CertKey, ClusterFiles};
 use vessel_peer::token::{self, TokenError};
 use vessel_peer::wire::{JoinReply, JoinRequest, StreamRequest};
-use vessel_peer::{PeerHandler, PeerIdentity, PeerServer, ServerOptions};
+use vessel_peer::{DuplexSession, PeerHandler, PeerIdentity, PeerServer, ServerOptions};
 use vessel_types::api::{ApiError, ErrorCode, JoinTokenInfo, Request, Response};
 use vessel_types::config::ClusterSettings;
 
@@ -461,6 +466,25 @@ impl Peer {
                     }
                 }
             }
+            Request::VeRestart { name, timeout_secs } => {
+                Response::Ve(Box::new(node.restart(&name, Duration::from_secs(timeout_secs))?))
+            }
+            Request::VeDiff { name, path } => Response::Diff {
+                entries: node.diff(&name, path.as_deref())?,
+            },
+            Request::VeHistory { name, path } => Response::History {
+                entries: node.history(&name, &path)?,
+            },
+            Request::VeRevert { name, path, to } => Response::Reverted {
+                changed: node.revert(&name, &path, to)?,
+            },
+            Request::VeRollback { name, to } => Response::Reverted {
+                changed: node.rollback(&name, to)?,
+            },
+            Request::VeRescue { name, end } => {
+                node.rescue(&name, end)?;
+                Response::Ve(Box::new(node.show(&name)?))
+            }
             other => {
                 let op = serde_json::to_value(&other)
                     .ok()
@@ -511,6 +535,37 @@ impl PeerHandler for Peer {
                 let data = self.node()?.logs(&name, tail_bytes)?;
                 Ok((Some(data.len() as u64), Box::new(std::io::Cursor::new(data))))
             }
+            StreamRequest::Export { name } => {
+                let name =
+                    vessel_types::Name::parse(&name).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
+                Ok((None, crate::peer_session::export_stream(self.node()?, name)?))
+            }
+            other => Err(err(
+                ErrorCode::InvalidArgument,
+                format!("{other:?} is a two-way stream"),
+            )),
         }
+    }
+
+    fn duplex(&self, peer: &PeerIdentity, req: StreamRequest) -> Result<Box<dyn DuplexSession>, ApiError> {
+        let node = self.node()?;
+        let parse = |n: &str| vessel_types::Name::parse(n).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()));
+        tracing::debug!(peer = %peer.node, ?req, "two-way stream for a node");
+        Ok(Box::new(match req {
+            StreamRequest::Exec {
+                name,
+                argv,
+                tty,
+                env,
+                cwd,
+            } => node.exec_for_peer(&parse(&name)?, argv, tty, env, cwd)?,
+            StreamRequest::Console { name } => node.console_for_peer(&parse(&name)?)?,
+            other => {
+                return Err(err(
+                    ErrorCode::InvalidArgument,
+                    format!("{other:?} is not a two-way stream"),
+                ))
+            }
+        }))
     }
 }

@@ -160,8 +160,10 @@ fn dispatch(
             },
         );
     };
-    if let Some((name, what)) = served_by_the_ves_node(&req) {
-        node.local_only(name, what)?;
+    if let Some((name, _)) = served_by_the_ves_node(&req) {
+        if let Some(to) = node.elsewhere(name)? {
+            return node.forward(conn, &to, req, fds);
+        }
     }
     Ok(Some(match req {
         Request::Status => Response::Status(node.status()),
@@ -276,7 +278,7 @@ fn dispatch(
     }))
 }
 
-/// Requests only the VE's own node can serve (until calls between nodes carry them).
+/// Requests the VE's own node serves: carried there (`forward`) for a VE on another node.
 fn served_by_the_ves_node(req: &Request) -> Option<(&vessel_types::Name, &'static str)> {
     Some(match req {
         Request::VeRestart { name, .. } => (name, "restart"),

@@ -2,10 +2,11 @@
 //! streamed answer that ends the connection. Every call is bounded by the timeout given
 //! at connect (the handshake too); a stream's reads by the same timeout each.
 
+use crate::channel::Channel;
 use crate::timed::TimedSock;
 use crate::wire::{read_frame, write_frame, PeerRequest, PeerResponse, WireError, MAX_REQUEST, MAX_RESPONSE};
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, Connection, StreamOwned};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -128,6 +129,35 @@ impl PeerClient {
     pub fn call_stream(mut self, req: &PeerRequest) -> Result<PeerStream, PeerError> {
         match self.send(req)? {
             PeerResponse::Stream { len } => Ok(PeerStream { len, c: self }),
+            r => Err(PeerError::Unexpected {
+                addr: self.addr,
+                what: format!("{r:?} instead of a stream"),
+            }),
+        }
+    }
+}
+
+impl PeerClient {
+    /// The bound for each later call (and each read of a stream).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A two-way stream (`StreamRequest::Exec`, `Console`): after the answer, frames of
+    /// [`crate::duplex`] both ways over the returned channel.
+    pub fn call_duplex(mut self, req: &PeerRequest) -> Result<Channel, PeerError> {
+        match self.send(req)? {
+            PeerResponse::Stream { .. } => {
+                let StreamOwned { conn, sock } = self.s;
+                Channel::new(Connection::Client(conn), sock.tcp).map_err(|e| PeerError::Unexpected {
+                    addr: self.addr,
+                    what: e.to_string(),
+                })
+            }
             r => Err(PeerError::Unexpected {
                 addr: self.addr,
                 what: format!("{r:?} instead of a stream"),

@@ -8,19 +8,25 @@
 //!   certificates verified against the cluster CA; none allowed at the TLS layer only for
 //!   a join), the node client, the joiner's pinned client.
 //! - [`wire`]: versioned frames: a request, then a framed response or a raw byte stream.
+//! - [`duplex`], [`channel`]: the tagged frames of a two-way stream (exec, console) and
+//!   one connection carrying them both ways from one `poll` loop.
 //! - [`server`], [`client`]: blocking (thread per connection, like the local API server;
 //!   the daemon is thread-based and a stream is plain `Read`/`Write`), every read bounded.
 
 pub mod ca;
+pub mod channel;
 pub mod client;
+pub mod duplex;
 pub mod server;
 mod timed;
 pub mod tls;
 pub mod token;
 pub mod wire;
 
+pub use channel::{Channel, ChannelError, Event};
 pub use client::{PeerClient, PeerError, PeerStream};
-pub use server::{PeerHandler, PeerIdentity, PeerServer, ServerOptions};
+pub use duplex::Frame;
+pub use server::{DuplexSession, PeerHandler, PeerIdentity, PeerServer, ServerOptions};
 pub use wire::{JoinReply, JoinRequest, PeerRequest, PeerResponse, StreamRequest};
 
 /// The node-to-node port when `[cluster] port` does not say.

@@ -7,12 +7,13 @@
 //! cluster certificate; every other request from one gets an error frame and nothing else.
 //! The daemon supplies what the requests do through [`PeerHandler`].
 
+use crate::channel::Channel;
 use crate::timed::TimedSock;
 use crate::wire::{
     read_frame, write_frame, JoinReply, JoinRequest, PeerRequest, PeerResponse, StreamRequest, WireError, MAX_REQUEST,
     MAX_RESPONSE,
 };
-use rustls::{ServerConfig, ServerConnection, StreamOwned};
+use rustls::{Connection, ServerConfig, ServerConnection, StreamOwned};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -41,6 +42,19 @@ pub trait PeerHandler: Send + Sync + 'static {
     fn allowed(&self, _peer: &PeerIdentity) -> Result<(), ApiError> {
         Ok(())
     }
+    /// A two-way stream ([`StreamRequest::is_duplex`]) for a node of the cluster: checked
+    /// and started here (an error is the answer), run on the channel after the answer.
+    fn duplex(&self, _peer: &PeerIdentity, _req: StreamRequest) -> Result<Box<dyn DuplexSession>, ApiError> {
+        Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "this node serves no two-way streams",
+        ))
+    }
+}
+
+/// A two-way session a node runs for another (exec, console); it owns the connection.
+pub trait DuplexSession: Send {
+    fn run(self: Box<Self>, ch: Channel);
 }
 
 #[derive(Debug, Clone)]
@@ -211,6 +225,17 @@ fn serve_conn(
                 node: opts.node.clone(),
             },
             (PeerRequest::Api(r), Some(p)) => PeerResponse::Api(handler.api(p, *r)),
+            (PeerRequest::Stream(r), Some(p)) if r.is_duplex() => match handler.duplex(p, r) {
+                Ok(session) => {
+                    write_frame(&mut s, &PeerResponse::Stream { len: None }, MAX_RESPONSE)?;
+                    let StreamOwned { conn, sock } = s;
+                    let ch = Channel::new(Connection::Server(conn), sock.tcp)
+                        .map_err(|e| WireError::Io(std::io::Error::other(e)))?;
+                    session.run(ch);
+                    return Ok(());
+                }
+                Err(e) => PeerResponse::Error(e),
+            },
             (PeerRequest::Stream(r), Some(p)) => match handler.stream(p, r) {
                 Ok((len, mut body)) => {
                     write_frame(&mut s, &PeerResponse::Stream { len }, MAX_RESPONSE)?;

@@ -5,9 +5,9 @@
 //! A request gets exactly one response frame; then either the connection takes the next
 //! request (a unary call), or, after [`PeerResponse::Stream`], it turns into raw bytes
 //! from the server until its TLS close (`close_notify` tells a complete stream from a cut
-//! one) — the way template files and, later, volume replication travel. A request's
-//! `Stream` answer may in future versions be bidirectional (the client writes too); in
-//! version 1 only the server writes.
+//! one) — the way exports, template files and, later, volume replication travel. For the
+//! two-way kinds (`exec`, `console`: [`StreamRequest::is_duplex`]) both sides then write
+//! the tagged frames of [`crate::duplex`].
 //!
 //! Reading is bounded like the local API: a declared length over the limit is refused
 //! before any of the body is read and the buffer grows only as bytes arrive. Bad bytes
@@ -61,6 +61,29 @@ pub enum StreamRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tail_bytes: Option<u64>,
     },
+    /// A VE's files as `vessel ve export` writes them (a tar): raw bytes, complete only
+    /// with the TLS close.
+    Export { name: String },
+    /// Run a command in a VE: two-way frames (`duplex`) after the answer.
+    Exec {
+        name: String,
+        argv: Vec<String>,
+        #[serde(default)]
+        tty: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        env: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cwd: Option<String>,
+    },
+    /// Attach to a VE's console: two-way frames (`duplex`) after the answer.
+    Console { name: String },
+}
+
+impl StreamRequest {
+    /// Both sides write after the answer (frames of `duplex`), not only the server.
+    pub fn is_duplex(&self) -> bool {
+        matches!(self, StreamRequest::Exec { .. } | StreamRequest::Console { .. })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

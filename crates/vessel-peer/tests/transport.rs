@@ -11,7 +11,10 @@ use vessel_cluster::store::Store;
 use vessel_peer::ca::{self, CertKey};
 use vessel_peer::token::{self, Token, TokenError};
 use vessel_peer::wire::{JoinReply, JoinRequest, PeerRequest, PeerResponse, StreamRequest};
-use vessel_peer::{tls, PeerClient, PeerError, PeerHandler, PeerIdentity, PeerServer, ServerOptions};
+use vessel_peer::{
+    tls, Channel, DuplexSession, Event, Frame, PeerClient, PeerError, PeerHandler, PeerIdentity, PeerServer,
+    ServerOptions,
+};
 use vessel_types::api::{ApiError, ErrorCode, Request, Response};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,10 +126,67 @@ impl PeerHandler for TestHandler {
         _peer: &PeerIdentity,
         req: StreamRequest,
     ) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError> {
-        let StreamRequest::Logs { tail_bytes, .. } = req;
+        let StreamRequest::Logs { tail_bytes, .. } = req else {
+            return Err(ApiError::new(ErrorCode::InvalidArgument, "not a byte stream"));
+        };
         let n = tail_bytes.unwrap_or(0) as usize;
         let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
         Ok((Some(n as u64), Box::new(std::io::Cursor::new(data))))
+    }
+
+    /// `exec` echoes: stdin back as stdout (upper-cased on stderr for `tty`), then at
+    /// `Eof` the exit code `argv[0]`; `argv[0] == "cut"` drops the connection after one
+    /// echo without a TLS close; `console` is refused like a VE that does not run.
+    fn duplex(&self, _peer: &PeerIdentity, req: StreamRequest) -> Result<Box<dyn DuplexSession>, ApiError> {
+        match req {
+            StreamRequest::Exec { argv, tty, .. } => Ok(Box::new(Echo {
+                code: argv[0].clone(),
+                tty,
+            })),
+            _ => Err(ApiError::new(ErrorCode::Conflict, "VE 'web' is not running")),
+        }
+    }
+}
+
+struct Echo {
+    code: String,
+    tty: bool,
+}
+
+impl DuplexSession for Echo {
+    fn run(self: Box<Self>, mut ch: Channel) {
+        let mut sizes = 0;
+        loop {
+            loop {
+                match ch.event() {
+                    Ok(Event::Frame(Frame::Stdin(d))) => {
+                        if self.tty {
+                            ch.send(&Frame::Stderr(d.to_ascii_uppercase()));
+                        }
+                        ch.send(&Frame::Stdout(d));
+                        if self.code == "cut" {
+                            let _ = ch.pump(0);
+                            return;
+                        }
+                    }
+                    Ok(Event::Frame(Frame::Resize { .. })) => sizes += 1,
+                    Ok(Event::Frame(Frame::Eof)) => {
+                        ch.send(&Frame::Exit(self.code.parse::<i32>().unwrap() + sizes));
+                        ch.finish(T).unwrap();
+                        return;
+                    }
+                    Ok(Event::Wait) => break,
+                    r => panic!("echo: {r:?}"),
+                }
+            }
+            let mut p = [libc::pollfd {
+                fd: ch.raw_fd(),
+                events: ch.events(),
+                revents: 0,
+            }];
+            vessel_peer::channel::poll(&mut p, 10_000).unwrap();
+            ch.pump(p[0].revents).unwrap();
+        }
     }
 }
 
@@ -181,6 +241,7 @@ fn nodes_call_and_stream_and_strangers_get_nothing() {
             name: "web".into(),
             tail_bytes: Some(10),
         }),
+        exec("0", false),
     ] {
         match c.call(&req) {
             Err(PeerError::Api(e)) => assert_eq!(e.code, ErrorCode::PermissionDenied, "{e}"),
@@ -342,4 +403,91 @@ async fn etcd_serves_other_nodes_only_with_a_cluster_certificate() {
         .await
         .unwrap();
     assert_eq!(s.get::<u32>("/vessel/v1/x").await.unwrap(), Some(1));
+}
+
+fn exec(code: &str, tty: bool) -> PeerRequest {
+    PeerRequest::Stream(StreamRequest::Exec {
+        name: "web".into(),
+        argv: vec![code.into()],
+        tty,
+        env: vec![],
+        cwd: None,
+    })
+}
+
+/// Drive a channel until `until` says stop: send `input` (then `Eof` if `eof`), collect
+/// what comes back.
+type Got = (Vec<u8>, Vec<u8>, Option<i32>);
+
+fn drive(ch: &mut Channel, input: &[u8], extra: &[Frame], eof: bool) -> Result<Got, String> {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    ch.send_data(Frame::Stdin, input);
+    for f in extra {
+        ch.send(f);
+    }
+    if eof {
+        ch.send(&Frame::Eof);
+    }
+    for _ in 0..100_000 {
+        loop {
+            match ch.event().map_err(|e| e.to_string())? {
+                Event::Frame(Frame::Stdout(d)) => out.extend(d),
+                Event::Frame(Frame::Stderr(d)) => err.extend(d),
+                Event::Frame(Frame::Exit(c)) => return Ok((out, err, Some(c))),
+                Event::Closed => return Ok((out, err, None)),
+                Event::Wait => break,
+                f => return Err(format!("{f:?}")),
+            }
+        }
+        let mut p = [libc::pollfd {
+            fd: ch.raw_fd(),
+            events: ch.events(),
+            revents: 0,
+        }];
+        vessel_peer::channel::poll(&mut p, 10_000).map_err(|e| e.to_string())?;
+        if p[0].revents == 0 && p[0].events & libc::POLLOUT == 0 {
+            return Err("no answer in 10 s".into());
+        }
+        ch.pump(p[0].revents).map_err(|e| e.to_string())?;
+    }
+    Err("no end".into())
+}
+
+/// Two-way streams: 3 MiB each way byte-exact with the exit code after them, window sizes
+/// passed, an error before the stream as the answer, a cut connection an error (not an
+/// end), and nothing for a process without a node certificate (checked above).
+#[test]
+fn two_way_streams_carry_bytes_both_ways_and_tell_a_cut_from_an_end() {
+    let (ca, a) = cluster("a", "127.0.0.1");
+    let mut srv = server(&ca, &a);
+    let b = node_cert(&ca, "b", "127.0.0.2");
+    let mine = tls::client_config(&ca.cert_pem, &b).unwrap();
+    let connect = || PeerClient::connect_node(srv.addr, mine.clone(), T).unwrap();
+
+    let input: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut ch = connect().call_duplex(&exec("7", false)).unwrap();
+    let (out, err, code) = drive(&mut ch, &input, &[], true).unwrap();
+    assert_eq!((out.len(), code), (input.len(), Some(7)));
+    assert!(out == input, "the echo differs");
+    assert!(err.is_empty());
+
+    let resize = [
+        Frame::Resize { rows: 40, cols: 100 },
+        Frame::Resize { rows: 41, cols: 100 },
+    ];
+    let mut ch = connect().call_duplex(&exec("1", true)).unwrap();
+    let (out, err, code) = drive(&mut ch, b"ls\r", &resize, true).unwrap();
+    assert_eq!((&out[..], &err[..], code), (&b"ls\r"[..], &b"LS\r"[..], Some(3)));
+
+    match connect().call_duplex(&PeerRequest::Stream(StreamRequest::Console { name: "web".into() })) {
+        Err(PeerError::Api(e)) => assert!(e.message.contains("not running"), "{e}"),
+        r => panic!("{:?}", r.map(|_| ())),
+    }
+
+    let mut ch = connect().call_duplex(&exec("cut", false)).unwrap();
+    let r = drive(&mut ch, b"x", &[], false);
+    assert!(matches!(&r, Err(e) if e.contains("cut")), "{r:?}");
+    srv.stop();
 }

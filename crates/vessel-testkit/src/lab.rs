@@ -124,6 +124,11 @@ impl TestLab {
         serde_json::from_str(&t).unwrap_or_else(|e| panic!("on {node}: vessel {args:?}: {e}: {t}"))
     }
 
+    /// `node`'s daemon socket (reachable from the host: a path, not an address).
+    pub fn socket(&self, node: &str) -> PathBuf {
+        PathBuf::from(format!("/var/lib/vessel-lab/{}/{node}/vessel.sock", self.name))
+    }
+
     pub fn state(&self) -> Option<serde_json::Value> {
         let t = std::fs::read(format!("/run/vessel-lab/{}/lab.json", self.name)).ok()?;
         serde_json::from_slice(&t).ok()

@@ -223,41 +223,7 @@ impl TestNode {
     /// until the shell is gone (at most 20 s). Ok((what the terminal showed, exit code)), or
     /// Err(the daemon's refusal).
     pub fn exec_tty(&self, ve: &str, env: &[&str], cwd: Option<&str>, input: &[u8]) -> Result<(String, i32), String> {
-        use std::io::{Read, Write};
-        use vessel_types::api::{Request, Response};
-        let client = vessel_api::Client::connect(&self.socket()).map_err(|e| e.to_string())?;
-        let req = Request::VeExec {
-            name: vessel_types::Name::parse(ve).map_err(|e| e.to_string())?,
-            argv: vec!["sh".into()],
-            tty: true,
-            env: env.iter().map(|e| e.to_string()).collect(),
-            cwd: cwd.map(str::to_string),
-        };
-        client.send(&req, &[]).map_err(|e| e.to_string())?;
-        let (r, fds) = client.recv().map_err(|e| e.to_string())?;
-        match r {
-            Response::ExecStarted => {}
-            Response::Error(e) => return Err(e.message),
-            r => return Err(format!("unexpected answer {r:?}")),
-        }
-        let master = fds.into_iter().next().ok_or("no pty master")?;
-        let mut m = std::fs::File::from(master);
-        m.write_all(input).map_err(|e| e.to_string())?;
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        // Until the shell exits (EIO on the master once the slave side is gone).
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            match m.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-        let code = match client.recv() {
-            Ok((Response::Exit { code }, _)) => code,
-            other => return Err(format!("no exit code: {other:?}")),
-        };
-        Ok((String::from_utf8_lossy(&seen).into_owned(), code))
+        exec_tty_at(&self.socket(), ve, env, cwd, input, None)
     }
 
     /// Mount points below this node's data dir.
@@ -546,4 +512,93 @@ impl Drop for FsServer {
         self.kill9();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `vessel ve exec -t VE -- sh` through the daemon API at `socket` (see
+/// [`TestNode::exec_tty`]); `size`: rows and columns set on the terminal first, as the CLI
+/// copies its own.
+pub fn exec_tty_at(
+    socket: &Path,
+    ve: &str,
+    env: &[&str],
+    cwd: Option<&str>,
+    input: &[u8],
+    size: Option<(u16, u16)>,
+) -> Result<(String, i32), String> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use vessel_types::api::{Request, Response};
+    let client = vessel_api::Client::connect(socket).map_err(|e| e.to_string())?;
+    let req = Request::VeExec {
+        name: vessel_types::Name::parse(ve).map_err(|e| e.to_string())?,
+        argv: vec!["sh".into()],
+        tty: true,
+        env: env.iter().map(|e| e.to_string()).collect(),
+        cwd: cwd.map(str::to_string),
+    };
+    client.send(&req, &[]).map_err(|e| e.to_string())?;
+    let (r, fds) = client.recv().map_err(|e| e.to_string())?;
+    match r {
+        Response::ExecStarted => {}
+        Response::Error(e) => return Err(e.message),
+        r => return Err(format!("unexpected answer {r:?}")),
+    }
+    let master = fds.into_iter().next().ok_or("no pty master")?;
+    if let Some((rows, cols)) = size {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from a live local.
+        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    }
+    let mut m = std::fs::File::from(master);
+    m.write_all(input).map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the shell exits (EIO on the master once the slave side is gone).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        match m.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let code = match client.recv() {
+        Ok((Response::Exit { code }, _)) => code,
+        other => return Err(format!("no exit code: {other:?}")),
+    };
+    Ok((String::from_utf8_lossy(&seen).into_owned(), code))
+}
+
+/// Attach to a VE's console through the daemon API at `socket`, type `input`, read until
+/// `until` shows up (or 20 s pass); returns what the console printed.
+pub fn console_dialog_at(socket: &Path, ve: &str, input: &[u8], until: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let client = vessel_api::Client::connect(socket).map_err(|e| e.to_string())?;
+    let req = vessel_types::api::Request::VeConsole {
+        name: vessel_types::Name::parse(ve).map_err(|e| e.to_string())?,
+    };
+    client.send(&req, &[]).map_err(|e| e.to_string())?;
+    let (r, fds) = client.recv().map_err(|e| e.to_string())?;
+    if !matches!(r, vessel_types::api::Response::ConsoleAttached) {
+        return Err(format!("{r:?}"));
+    }
+    let mut s = std::os::unix::net::UnixStream::from(fds.into_iter().next().ok_or("no console connection")?);
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(input).map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && !String::from_utf8_lossy(&seen).contains(until) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    Ok(String::from_utf8_lossy(&seen).into_owned())
 }

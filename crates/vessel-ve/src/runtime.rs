@@ -400,6 +400,11 @@ impl Helper {
     pub fn wait(mut self) -> std::io::Result<std::process::ExitStatus> {
         self.child.wait()
     }
+
+    /// Readable when the next report (or the helper's end) is there: for a poll loop.
+    pub fn report_fd(&self) -> std::os::fd::RawFd {
+        self.report.as_raw_fd()
+    }
 }
 
 /// Start a VE through a helper: returns init's pid and its console's pty master.

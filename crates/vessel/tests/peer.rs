@@ -160,6 +160,19 @@ fn nodes_join_with_single_use_tokens_over_mutual_tls() {
         Err(PeerError::Api(e)) => assert_eq!(e.code, ErrorCode::PermissionDenied, "{e}"),
         r => panic!("VeList without a certificate: {r:?}"),
     }
+    // Nor a command in a VE (the two-way exec stream).
+    let mut cl = PeerClient::connect_node(a_addr, tls::anonymous_client_config(&ca_pem).unwrap(), T).unwrap();
+    let exec = PeerRequest::Stream(vessel_peer::StreamRequest::Exec {
+        name: "any".into(),
+        argv: vec!["/bin/sh".into()],
+        tty: false,
+        env: vec![],
+        cwd: None,
+    });
+    match cl.call(&exec) {
+        Err(PeerError::Api(e)) => assert_eq!(e.code, ErrorCode::PermissionDenied, "{e}"),
+        r => panic!("exec without a certificate: {r:?}"),
+    }
     let own = ca::make_ca("stranger").unwrap();
     let self_signed = CertKey {
         cert_pem: own.cert_pem.clone(),
