@@ -19,5 +19,6 @@ mod repair;
 pub mod server;
 pub mod state;
 mod templates;
+pub mod transfer;
 
 pub use node::{Node, NodeOptions};

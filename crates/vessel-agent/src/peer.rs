@@ -302,6 +302,8 @@ impl Peer {
                 templates: node.template_list(),
             },
             Request::TemplateShow { name } => Response::Template(node.template_show(&name)?),
+            Request::VeMove { name, to } => Response::Ve(Box::new(node.ve_move(&name, &to, &mut |_, _, _| {})?)),
+            Request::VeMoveIn { name, from } => node.move_in(&name, &from)?,
             Request::VeLogs { name, tail_bytes, raw } => {
                 let data = node.logs(&name, tail_bytes)?;
                 if raw {
@@ -338,7 +340,7 @@ impl PeerHandler for Peer {
 
     fn stream(
         &self,
-        _peer: &PeerIdentity,
+        peer: &PeerIdentity,
         req: StreamRequest,
     ) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError> {
         match req {
@@ -348,6 +350,8 @@ impl PeerHandler for Peer {
                 let data = self.node()?.logs(&name, tail_bytes)?;
                 Ok((Some(data.len() as u64), Box::new(std::io::Cursor::new(data))))
             }
+            StreamRequest::Template { name, id } => self.node()?.serve_template(&name, id.as_deref()),
+            StreamRequest::Volume { name } => self.node()?.serve_volume(&name, &peer.node),
         }
     }
 }

@@ -61,6 +61,15 @@ pub enum StreamRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tail_bytes: Option<u64>,
     },
+    /// A template's files as a tree stream (`vessel_ve::xfer`): the one registered under
+    /// `name`, or with `id` the one with that content address.
+    Template {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    /// A stopped VE's volume as a tree stream, for its move to the calling node.
+    Volume { name: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
