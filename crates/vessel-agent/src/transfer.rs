@@ -535,11 +535,11 @@ impl Node {
             std::fs::create_dir_all(&vol).map_err(|e| internal("create the staging dir", e))?;
             let got = xfer::receive(&mut s, &vol, &mut |_| Ok(()), &mut |_| {}).map_err(|e| xfer_err(&what, e))?;
             xfer::sync_fs(&vol).map_err(|e| internal("sync", e))?;
-            self.adopt_moved(rec.clone(), &vol)?;
-            Ok::<_, ApiError>(got)
+            let ip = self.adopt_moved(rec.clone(), &vol)?;
+            Ok::<_, ApiError>((got, ip))
         })();
         let _ = std::fs::remove_dir_all(&staging);
-        let got = got?;
+        let (got, ip) = got?;
         tracing::info!(
             ve = %name, from, files = got.items, bytes = got.bytes, ms = started.elapsed().as_millis() as u64,
             "received a moved VE"
@@ -547,12 +547,13 @@ impl Node {
         Ok(Response::Moved {
             items: got.items,
             bytes: got.bytes,
+            ip,
         })
     }
 
     /// Make the record of a VE whose volume arrived at `vol`: same spec (name, address),
     /// a uid slot of this node's, stopped, generation 0; held from the reconcile loop.
-    fn adopt_moved(&self, mut rec: VeRecord, vol: &std::path::Path) -> NResult<()> {
+    fn adopt_moved(&self, mut rec: VeRecord, vol: &std::path::Path) -> NResult<Option<vessel_types::Ipv4Cidr>> {
         let name = rec.spec.name.clone();
         let ve = self.layout.ve(name.as_str());
         {
@@ -560,14 +561,16 @@ impl Node {
             if st.ves.contains_key(&name) {
                 return Err(err(ErrorCode::AlreadyExists, format!("VE '{name}' already exists here")));
             }
-            if let Some(ip) = rec.spec.ip {
-                if let Some(other) = st.ves.values().find(|v| v.spec.ip.map(|i| i.addr) == Some(ip.addr)) {
-                    return Err(err(
-                        ErrorCode::Conflict,
-                        format!("address {} of VE '{name}' is used by VE '{}' here", ip.addr, other.spec.name),
-                    ));
-                }
+            let used: Vec<_> = st
+                .ves
+                .values()
+                .filter_map(|v| v.spec.ip.map(|ip| (ip.addr, v.spec.name.to_string())))
+                .collect();
+            let ip = moved_address(&st.config.subnet, rec.spec.ip, &used).map_err(|e| err(ErrorCode::Exhausted, e))?;
+            if rec.spec.ip != Some(ip) {
+                tracing::info!(ve = %name, old = ?rec.spec.ip, new = %ip, "the moved VE's address is outside this node's subnet: it gets a new one");
             }
+            rec.spec.ip = Some(ip);
             let slots: std::collections::BTreeSet<u32> = st.ves.values().map(|v| v.slot).collect();
             rec.slot = crate::alloc::alloc_slot(&slots)
                 .ok_or_else(|| err(ErrorCode::Exhausted, "no free uid range left on this node"))?;
@@ -604,7 +607,7 @@ impl Node {
         if let Err(e) = self.sync_bridge_filter() {
             tracing::warn!(ve = %name, "{e}");
         }
-        Ok(())
+        Ok(self.record(&name)?.spec.ip)
     }
 
     /// `vessel ve move NAME --to NODE` on any node: carried out by the VE's node.
@@ -701,12 +704,23 @@ impl Node {
                 }
             }
         });
-        let bytes = match moved {
-            Ok(Response::Moved { bytes, .. }) => bytes,
+        let (bytes, new_ip) = match moved {
+            Ok(Response::Moved { bytes, ip, .. }) => (bytes, ip),
             Ok(other) => return Err(restore(err(ErrorCode::Internal, format!("node {to} answered {other:?}")))),
             Err(e) => return Err(restore(e)),
         };
         progress(&format!("copied {bytes} bytes to node {to}; switching the VE over"), bytes, total);
+        if new_ip.is_some() && new_ip != rec.spec.ip {
+            progress(
+                &format!(
+                    "its address {} is outside node {to}'s subnet: it is {} there",
+                    rec.spec.ip.map(|i| i.to_string()).unwrap_or_default(),
+                    new_ip.map(|i| i.to_string()).unwrap_or_default()
+                ),
+                bytes,
+                total,
+            );
+        }
         // The switch: one transaction guarded by the spec's and the placement's revisions.
         let spec_key = keys::ve(name.as_str(), "spec");
         let place_key = keys::ve(name.as_str(), "place");
@@ -722,6 +736,9 @@ impl Node {
             }
             e.generation = e.generation.max(rec.generation) + 1;
             e.run = was_running;
+            if new_ip.is_some() {
+                e.spec.ip = new_ip;
+            }
             if e.node.as_deref().is_some_and(|n| n != to) {
                 e.node = Some(to.to_string());
             }
@@ -766,8 +783,9 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let runs = |o: &VeObserved| !was_running || o.info.status == VeStatus::Running;
         match info {
-            Some(o) if o.error.is_none() => {
+            Some(o) if o.error.is_none() && runs(&o) => {
                 // Confirmed: this node's copy goes.
                 if let Err(e) = self.destroy(name, true) {
                     tracing::warn!(ve = %name, "removing the moved VE's old copy: {}", e.message);
@@ -788,8 +806,9 @@ impl Node {
             Some(o) => Err(err(
                 ErrorCode::Conflict,
                 format!(
-                    "VE '{name}' is on node {to} now, but it reported: {} (this node keeps its copy until it runs there)",
-                    o.error.unwrap_or_default()
+                    "VE '{name}' is on node {to} now, but it is {} there: {} (this node keeps its copy until it runs there)",
+                    o.info.status.as_str(),
+                    o.error.or(o.info.last_error).unwrap_or_default()
                 ),
             )),
             None => Err(err(
@@ -843,6 +862,23 @@ impl Node {
     pub(crate) fn moves(&self) -> &Moves {
         &self.moves
     }
+}
+
+/// The address a moved VE gets on this node (pure): its own if this node's subnet holds
+/// it and no VE here has it, else the next free one (per-node subnets until cluster-wide
+/// address management).
+pub fn moved_address(
+    subnet: &vessel_types::Ipv4Cidr,
+    have: Option<vessel_types::Ipv4Cidr>,
+    used: &[(std::net::Ipv4Addr, String)],
+) -> Result<vessel_types::Ipv4Cidr, String> {
+    if let Some(ip) = have {
+        if let Ok(ip) = crate::alloc::check_ip(subnet, ip, used) {
+            return Ok(ip);
+        }
+    }
+    let used: std::collections::BTreeSet<_> = used.iter().map(|(a, _)| *a).collect();
+    crate::alloc::alloc_ip(subnet, &used).ok_or_else(|| format!("no free address left in {subnet}"))
 }
 
 /// A reader that counts what went through it.
@@ -944,5 +980,17 @@ mod tests {
         g.mode = 0o4755;
         assert!(entry_matches(Some(&f("aa")), &g).unwrap_err().contains("mode"));
         assert!(entry_matches(None, &f("aa")).unwrap_err().contains("not in the template's manifest"));
+    }
+
+    #[test]
+    fn a_moved_ve_keeps_its_address_where_the_subnet_holds_it() {
+        let net: vessel_types::Ipv4Cidr = "10.1.2.0/24".parse().unwrap();
+        let ip = |s: &str| -> vessel_types::Ipv4Cidr { s.parse().unwrap() };
+        let used = vec![("10.1.2.2".parse().unwrap(), "a".to_string())];
+        assert_eq!(moved_address(&net, Some(ip("10.1.2.7/24")), &used), Ok(ip("10.1.2.7/24")));
+        // Taken here, or another node's subnet: the next free address of this one.
+        assert_eq!(moved_address(&net, Some(ip("10.1.2.2/24")), &used), Ok(ip("10.1.2.3/24")));
+        assert_eq!(moved_address(&net, Some(ip("10.1.1.2/24")), &used), Ok(ip("10.1.2.3/24")));
+        assert_eq!(moved_address(&net, None, &[]), Ok(ip("10.1.2.2/24")));
     }
 }

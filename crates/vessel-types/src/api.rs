@@ -600,6 +600,9 @@ pub enum Response {
     Moved {
         items: u64,
         bytes: u64,
+        /// The VE's address on its new node.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ip: Option<crate::Ipv4Cidr>,
     },
 }
 
