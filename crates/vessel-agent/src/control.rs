@@ -189,7 +189,11 @@ pub async fn schedule_once(store: &Store, l: &Leadership) -> Result<usize, Clust
                 let stays = snap
                     .placements
                     .get(&ve)
-                    .filter(|at| snap.nodes.iter().any(|n| &n.name == *at && n.state == NodeState::Draining))
+                    .filter(|at| {
+                        snap.nodes
+                            .iter()
+                            .any(|n| &n.name == *at && n.state == NodeState::Draining)
+                    })
                     .cloned();
                 (
                     ve,

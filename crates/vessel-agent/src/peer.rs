@@ -340,7 +340,7 @@ impl PeerHandler for Peer {
 
     fn stream(
         &self,
-        peer: &PeerIdentity,
+        _peer: &PeerIdentity,
         req: StreamRequest,
     ) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError> {
         match req {
@@ -351,7 +351,7 @@ impl PeerHandler for Peer {
                 Ok((Some(data.len() as u64), Box::new(std::io::Cursor::new(data))))
             }
             StreamRequest::Template { name, id } => self.node()?.serve_template(&name, id.as_deref()),
-            StreamRequest::Volume { name } => self.node()?.serve_volume(&name, &peer.node),
+            StreamRequest::Volume { name } => self.node()?.serve_volume(&name, &_peer.node),
         }
     }
 }

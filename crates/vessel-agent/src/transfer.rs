@@ -122,7 +122,12 @@ impl Moves {
 
 /// What decides whether a VE's copy on this node may go: another node is its placement
 /// and reported the VE's current generation without an error (pure).
-pub fn copy_is_stale(me: &str, entry: &VeEntry, place: Option<&Placement>, observed: Option<&VeObserved>) -> Result<(), String> {
+pub fn copy_is_stale(
+    me: &str,
+    entry: &VeEntry,
+    place: Option<&Placement>,
+    observed: Option<&VeObserved>,
+) -> Result<(), String> {
     let Some(there) = place.and_then(|p| p.node.as_deref()) else {
         return Err("the VE is placed on no node: this copy stays".into());
     };
@@ -135,7 +140,9 @@ pub fn copy_is_stale(me: &str, entry: &VeEntry, place: Option<&Placement>, obser
             "node {there} has the VE but reported an error ({}): this copy stays until it runs there",
             o.error.as_deref().unwrap_or_default()
         )),
-        _ => Err(format!("node {there} has not reported the VE yet: this copy stays until it does")),
+        _ => Err(format!(
+            "node {there} has not reported the VE yet: this copy stays until it does"
+        )),
     }
 }
 
@@ -201,9 +208,12 @@ impl Node {
         let ip: std::net::IpAddr = if rec.address.is_empty() {
             std::net::Ipv4Addr::LOCALHOST.into()
         } else {
-            rec.address
-                .parse()
-                .map_err(|e| err(ErrorCode::Internal, format!("node {node}'s address {}: {e}", rec.address)))?
+            rec.address.parse().map_err(|e| {
+                err(
+                    ErrorCode::Internal,
+                    format!("node {node}'s address {}: {e}", rec.address),
+                )
+            })?
         };
         let files = vessel_peer::ca::ClusterFiles::new(&self.opts.root);
         let tls = files
@@ -339,10 +349,17 @@ impl Node {
         let started = Instant::now();
         let _g = self
             .template_lock
-            .acquire(&format!("the fetch of template '{name}'"), template::BUILD_WAIT, &mut |h, _| {
-                progress(&format!("waiting for {h}"), 0, 0)
-            })
-            .map_err(|(h, _)| err(ErrorCode::Conflict, format!("{h} is still running here: try again later")))?;
+            .acquire(
+                &format!("the fetch of template '{name}'"),
+                template::BUILD_WAIT,
+                &mut |h, _| progress(&format!("waiting for {h}"), 0, 0),
+            )
+            .map_err(|(h, _)| {
+                err(
+                    ErrorCode::Conflict,
+                    format!("{h} is still running here: try again later"),
+                )
+            })?;
         progress(&format!("fetching template '{name}' from node {node}"), 0, 0);
         let c = self.connect_peer(m, node, PEER_TIMEOUT)?;
         let mut s = c
@@ -361,10 +378,18 @@ impl Node {
         if h.version != HEADER_VERSION {
             return Err(err(
                 ErrorCode::VersionMismatch,
-                format!("{what}: header version {}: run the same vessel version on every node", h.version),
+                format!(
+                    "{what}: header version {}: run the same vessel version on every node",
+                    h.version
+                ),
             ));
         }
-        let refused = |why: String| err(ErrorCode::Conflict, format!("{what} refused: {why}; nothing was installed"));
+        let refused = |why: String| {
+            err(
+                ErrorCode::Conflict,
+                format!("{what} refused: {why}; nothing was installed"),
+            )
+        };
         if h.manifest.id() != h.id || id.is_some_and(|want| want != h.id) {
             return Err(refused(format!(
                 "its manifest's content address is {}, not the id it was sent as ({})",
@@ -416,8 +441,12 @@ impl Node {
             })();
             match r {
                 Ok(got) => tracing::info!(
-                    template = name, from = node, files = got.items, bytes = got.bytes,
-                    ms = started.elapsed().as_millis() as u64, "template fetched and verified"
+                    template = name,
+                    from = node,
+                    files = got.items,
+                    bytes = got.bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "template fetched and verified"
                 ),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&staging);
@@ -427,14 +456,11 @@ impl Node {
         }
         let tname = Name::parse(name).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
         let mut st = lock(&self.state);
-        if !st.templates.contains_key(&tname) {
-            st.templates.insert(
-                tname,
-                TemplateRecord {
-                    id: h.id.clone(),
-                    kind: h.meta.kind,
-                },
-            );
+        if let std::collections::btree_map::Entry::Vacant(v) = st.templates.entry(tname) {
+            v.insert(TemplateRecord {
+                id: h.id.clone(),
+                kind: h.meta.kind,
+            });
             self.save(&st)?;
         }
         progress(
@@ -467,7 +493,10 @@ impl Node {
         let rec = self.record(&name)?;
         let ve = self.layout.ve(name.as_str());
         if rec.status == VeStatus::Running || vessel_ve::rootfs::RootFs::is_mounted(&self.rootfs, &ve) {
-            return Err(err(ErrorCode::Conflict, format!("VE '{name}' is running: its volume is not quiescent")));
+            return Err(err(
+                ErrorCode::Conflict,
+                format!("VE '{name}' is running: its volume is not quiescent"),
+            ));
         }
         let dir = ve.volume();
         let items = xfer::list(&dir).map_err(|e| internal("list the volume", e))?;
@@ -491,14 +520,15 @@ impl Node {
     pub fn move_in(&self, name: &Name, from: &str) -> NResult<Response> {
         let m = self.transfer_member()?;
         if lock(&self.state).ves.contains_key(name) {
-            return Err(err(ErrorCode::AlreadyExists, format!("VE '{name}' already exists on node {}", m.name)));
+            return Err(err(
+                ErrorCode::AlreadyExists,
+                format!("VE '{name}' already exists on node {}", m.name),
+            ));
         }
         let started = Instant::now();
         let c = self.connect_peer(m, from, PEER_TIMEOUT)?;
         let mut s = c
-            .call_stream(&PeerRequest::Stream(StreamRequest::Volume {
-                name: name.to_string(),
-            }))
+            .call_stream(&PeerRequest::Stream(StreamRequest::Volume { name: name.to_string() }))
             .map_err(|e| match e {
                 vessel_peer::PeerError::Api(e) => err(e.code, format!("node {from}: {}", e.message)),
                 e => peer_err(from, e),
@@ -510,12 +540,18 @@ impl Node {
         if h.version != HEADER_VERSION {
             return Err(err(
                 ErrorCode::VersionMismatch,
-                format!("{what}: header version {}: run the same vessel version on every node", h.version),
+                format!(
+                    "{what}: header version {}: run the same vessel version on every node",
+                    h.version
+                ),
             ));
         }
         let rec = h.record;
         if &rec.spec.name != name {
-            return Err(err(ErrorCode::Conflict, format!("{what}: it is VE '{}'", rec.spec.name)));
+            return Err(err(
+                ErrorCode::Conflict,
+                format!("{what}: it is VE '{}'", rec.spec.name),
+            ));
         }
         let tid = rec.template_id.clone();
         if !template::is_installed(&self.layout.template(&tid)) {
@@ -559,7 +595,10 @@ impl Node {
         {
             let mut st = lock(&self.state);
             if st.ves.contains_key(&name) {
-                return Err(err(ErrorCode::AlreadyExists, format!("VE '{name}' already exists here")));
+                return Err(err(
+                    ErrorCode::AlreadyExists,
+                    format!("VE '{name}' already exists here"),
+                ));
             }
             let used: Vec<_> = st
                 .ves
@@ -585,7 +624,8 @@ impl Node {
             std::fs::rename(vol, ve.volume()).map_err(|e| internal("move the volume into place", e))?;
             let tpl_root = self.layout.template_rootfs(&rec.template_id);
             let req = crate::node::rootfs_request(&rec, &ve, &tpl_root);
-            let made = vessel_ve::rootfs::RootFs::create(&self.rootfs, &req).map_err(|e| internal("create VE storage", e));
+            let made =
+                vessel_ve::rootfs::RootFs::create(&self.rootfs, &req).map_err(|e| internal("create VE storage", e));
             lock(&self.moves.marks).insert(
                 name.clone(),
                 Mark {
@@ -611,7 +651,12 @@ impl Node {
     }
 
     /// `vessel ve move NAME --to NODE` on any node: carried out by the VE's node.
-    pub fn ve_move(&self, name: &Name, to: &str, progress: &mut vessel_ve::Progress) -> NResult<vessel_types::api::VeInfo> {
+    pub fn ve_move(
+        &self,
+        name: &Name,
+        to: &str,
+        progress: &mut vessel_ve::Progress,
+    ) -> NResult<vessel_types::api::VeInfo> {
         let m = self.transfer_member()?;
         if lock(&self.state).ves.contains_key(name) {
             return self.move_out(m, name, to, progress);
@@ -622,7 +667,11 @@ impl Node {
         let at = place
             .and_then(|p| p.node)
             .ok_or_else(|| err(ErrorCode::NotFound, format!("VE '{name}' is on no node")))?;
-        progress(&format!("moving VE '{name}' from node {at} to node {to} (carried out by node {at})"), 0, 0);
+        progress(
+            &format!("moving VE '{name}' from node {at} to node {to} (carried out by node {at})"),
+            0,
+            0,
+        );
         match self.api_on(
             m,
             &at,
@@ -646,7 +695,10 @@ impl Node {
         progress: &mut vessel_ve::Progress,
     ) -> NResult<vessel_types::api::VeInfo> {
         if to == m.name {
-            return Err(err(ErrorCode::InvalidArgument, format!("VE '{name}' is on node {to} already")));
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("VE '{name}' is on node {to} already"),
+            ));
         }
         let started = Instant::now();
         let _b = crate::control::busy(self, name);
@@ -656,11 +708,17 @@ impl Node {
             .block_on(m.store().get(&keys::node(to)))
             .map_err(|e| err(ErrorCode::Unavailable, format!("the cluster's control store: {e}")))?;
         if live.is_none() {
-            return Err(err(ErrorCode::NotFound, format!("node {to} is not a live node of the cluster: see `vessel node list`")));
+            return Err(err(
+                ErrorCode::NotFound,
+                format!("node {to} is not a live node of the cluster: see `vessel node list`"),
+            ));
         }
         let rec = self.record(name)?;
         if rec.rescue {
-            return Err(err(ErrorCode::Conflict, format!("VE '{name}' is in rescue mode: end it first")));
+            return Err(err(
+                ErrorCode::Conflict,
+                format!("VE '{name}' is in rescue mode: end it first"),
+            ));
         }
         let was_running = rec.status == VeStatus::Running;
         if was_running {
@@ -697,19 +755,30 @@ impl Node {
             loop {
                 match rx.recv_timeout(Duration::from_millis(500)) {
                     Ok(r) => break r,
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        progress(&format!("copying VE '{name}' to node {to}"), sent.load(Ordering::Relaxed), total)
-                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => progress(
+                        &format!("copying VE '{name}' to node {to}"),
+                        sent.load(Ordering::Relaxed),
+                        total,
+                    ),
                     Err(_) => break Err(err(ErrorCode::Internal, "the copy's thread ended without an answer")),
                 }
             }
         });
         let (bytes, new_ip) = match moved {
             Ok(Response::Moved { bytes, ip, .. }) => (bytes, ip),
-            Ok(other) => return Err(restore(err(ErrorCode::Internal, format!("node {to} answered {other:?}")))),
+            Ok(other) => {
+                return Err(restore(err(
+                    ErrorCode::Internal,
+                    format!("node {to} answered {other:?}"),
+                )))
+            }
             Err(e) => return Err(restore(e)),
         };
-        progress(&format!("copied {bytes} bytes to node {to}; switching the VE over"), bytes, total);
+        progress(
+            &format!("copied {bytes} bytes to node {to}; switching the VE over"),
+            bytes,
+            total,
+        );
         if new_ip.is_some() && new_ip != rec.spec.ip {
             progress(
                 &format!(
@@ -758,18 +827,27 @@ impl Node {
                 .await?;
             Ok::<_, vessel_cluster::ClusterError>(ok.then_some(e.generation))
         });
-        let generation = match switched {
-            Ok(Some(g)) => g,
-            Ok(None) => {
-                return Err(restore(err(
+        let generation =
+            match switched {
+                Ok(Some(g)) => g,
+                Ok(None) => return Err(restore(err(
                     ErrorCode::Conflict,
-                    "its spec or placement changed during the copy (the copy on the target is removed by that node)".to_string(),
-                )))
-            }
-            Err(e) => return Err(restore(err(ErrorCode::Unavailable, format!("the cluster's control store: {e}")))),
-        };
+                    "its spec or placement changed during the copy (the copy on the target is removed by that node)"
+                        .to_string(),
+                ))),
+                Err(e) => {
+                    return Err(restore(err(
+                        ErrorCode::Unavailable,
+                        format!("the cluster's control store: {e}"),
+                    )))
+                }
+            };
         lock(&self.moves.failed).remove(name);
-        progress(&format!("VE '{name}' is node {to}'s now; waiting for it to take over"), bytes, total);
+        progress(
+            &format!("VE '{name}' is node {to}'s now; waiting for it to take over"),
+            bytes,
+            total,
+        );
         // The target's reconcile loop applies the generation (starting it if it ran).
         let until = Instant::now() + TAKE_OVER_WAIT;
         let status_key = keys::ve(name.as_str(), "status");
@@ -975,11 +1053,15 @@ mod tests {
             rdev: 0,
         };
         assert!(entry_matches(Some(&f("aa")), &f("aa")).is_ok());
-        assert!(entry_matches(Some(&f("aa")), &f("bb")).unwrap_err().contains("content does not match"));
+        assert!(entry_matches(Some(&f("aa")), &f("bb"))
+            .unwrap_err()
+            .contains("content does not match"));
         let mut g = f("aa");
         g.mode = 0o4755;
         assert!(entry_matches(Some(&f("aa")), &g).unwrap_err().contains("mode"));
-        assert!(entry_matches(None, &f("aa")).unwrap_err().contains("not in the template's manifest"));
+        assert!(entry_matches(None, &f("aa"))
+            .unwrap_err()
+            .contains("not in the template's manifest"));
     }
 
     #[test]
@@ -987,10 +1069,19 @@ mod tests {
         let net: vessel_types::Ipv4Cidr = "10.1.2.0/24".parse().unwrap();
         let ip = |s: &str| -> vessel_types::Ipv4Cidr { s.parse().unwrap() };
         let used = vec![("10.1.2.2".parse().unwrap(), "a".to_string())];
-        assert_eq!(moved_address(&net, Some(ip("10.1.2.7/24")), &used), Ok(ip("10.1.2.7/24")));
+        assert_eq!(
+            moved_address(&net, Some(ip("10.1.2.7/24")), &used),
+            Ok(ip("10.1.2.7/24"))
+        );
         // Taken here, or another node's subnet: the next free address of this one.
-        assert_eq!(moved_address(&net, Some(ip("10.1.2.2/24")), &used), Ok(ip("10.1.2.3/24")));
-        assert_eq!(moved_address(&net, Some(ip("10.1.1.2/24")), &used), Ok(ip("10.1.2.3/24")));
+        assert_eq!(
+            moved_address(&net, Some(ip("10.1.2.2/24")), &used),
+            Ok(ip("10.1.2.3/24"))
+        );
+        assert_eq!(
+            moved_address(&net, Some(ip("10.1.1.2/24")), &used),
+            Ok(ip("10.1.2.3/24"))
+        );
         assert_eq!(moved_address(&net, None, &[]), Ok(ip("10.1.2.2/24")));
     }
 }

@@ -253,7 +253,11 @@ mod tests {
         let mut w = a("web", 3, true);
         w.move_to = Some(s("n2"));
         assert_eq!(
-            reconcile(&[w.clone(), a("db", 1, false)], &[l("web", 2, true), l("db", 1, false)], &Others::default()),
+            reconcile(
+                &[w.clone(), a("db", 1, false)],
+                &[l("web", 2, true), l("db", 1, false)],
+                &Others::default()
+            ),
             vec![Step::Move {
                 ve: s("web"),
                 to: s("n2")

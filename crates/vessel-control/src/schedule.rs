@@ -272,7 +272,12 @@ mod tests {
         // two by count), though a is emptier; a fetches only when it is the only fit.
         let s = Snapshot {
             nodes: vec![a.clone(), b.clone(), c.clone()],
-            ves: vec![tpl("v1", "busybox"), tpl("v2", "busybox"), tpl("v3", "busybox"), tpl("db", "alpine")],
+            ves: vec![
+                tpl("v1", "busybox"),
+                tpl("v2", "busybox"),
+                tpl("v3", "busybox"),
+                tpl("db", "alpine"),
+            ],
             placements: BTreeMap::new(),
         };
         assert_eq!(
@@ -280,7 +285,7 @@ mod tests {
             vec![place("db", "a"), place("v1", "b"), place("v2", "c"), place("v3", "b")]
         );
         // Nodes with the template full: the VE goes to a node that will fetch it.
-        let mut small = |n: &Node| {
+        let small = |n: &Node| {
             let mut n = n.clone();
             n.allocatable.memory = GIB;
             n

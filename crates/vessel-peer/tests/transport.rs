@@ -123,7 +123,9 @@ impl PeerHandler for TestHandler {
         _peer: &PeerIdentity,
         req: StreamRequest,
     ) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError> {
-        let StreamRequest::Logs { tail_bytes, .. } = req;
+        let StreamRequest::Logs { tail_bytes, .. } = req else {
+            return Err(ApiError::new(ErrorCode::InvalidArgument, "not served by this test"));
+        };
         let n = tail_bytes.unwrap_or(0) as usize;
         let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
         Ok((Some(n as u64), Box::new(std::io::Cursor::new(data))))

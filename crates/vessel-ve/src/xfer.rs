@@ -119,7 +119,12 @@ pub fn list(root: &Path) -> Result<Vec<Item>> {
                 }
             } else if ft.is_symlink() {
                 e.kind = EntryKind::Symlink;
-                e.target = Some(std::fs::read_link(&p).map_err(io("read link", &p))?.to_string_lossy().into_owned());
+                e.target = Some(
+                    std::fs::read_link(&p)
+                        .map_err(io("read link", &p))?
+                        .to_string_lossy()
+                        .into_owned(),
+                );
             } else if ft.is_char_device() {
                 e.kind = EntryKind::Char;
                 e.rdev = md.rdev();
@@ -249,7 +254,9 @@ fn read_frame<R: Read>(r: &mut R, limit: usize, what: &str) -> Result<Vec<u8>> {
     r.read_exact(&mut len).map_err(XferError::Stream)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > limit {
-        return Err(XferError::Bad(format!("{what} of {len} bytes is over the {limit} byte limit")));
+        return Err(XferError::Bad(format!(
+            "{what} of {len} bytes is over the {limit} byte limit"
+        )));
     }
     let mut b = vec![0u8; len];
     r.read_exact(&mut b).map_err(XferError::Stream)?;
@@ -260,7 +267,7 @@ fn read_frame<R: Read>(r: &mut R, limit: usize, what: &str) -> Result<Vec<u8>> {
 pub fn read_header<R: Read>(r: &mut R) -> Result<Vec<u8>> {
     let mut m = [0u8; 8];
     r.read_exact(&mut m).map_err(XferError::Stream)?;
-    if &m[..7] != &MAGIC[..7] {
+    if m[..7] != MAGIC[..7] {
         return Err(XferError::Bad("not a tree stream".into()));
     }
     if m[7] != MAGIC[7] {
@@ -311,7 +318,10 @@ pub fn receive<R: Read>(
         }
         let it: Item = serde_json::from_slice(&b).map_err(|e| XferError::Bad(format!("an item: {e}")))?;
         let rel = checked_path(&it.entry.path)?;
-        let parent = rel.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let parent = rel
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if !parent.is_empty() && !dirs.contains(&parent) {
             return Err(XferError::Bad(format!("{} comes before its directory", it.entry.path)));
         }
@@ -320,7 +330,10 @@ pub fn receive<R: Read>(
         match (&it.entry.kind, &it.link) {
             (EntryKind::File, Some(to)) => {
                 let Some(sha) = files.get(to).cloned() else {
-                    return Err(XferError::Bad(format!("{} links to {to}, which was not sent before", e.path)));
+                    return Err(XferError::Bad(format!(
+                        "{} links to {to}, which was not sent before",
+                        e.path
+                    )));
                 };
                 std::fs::hard_link(dest.join(to), &p).map_err(io("link", &p))?;
                 let md = std::fs::metadata(&p).map_err(io("stat", &p))?;
@@ -386,7 +399,10 @@ pub fn receive<R: Read>(
                         dir_modes.push((p, e.mode));
                     }
                     EntryKind::Symlink => {
-                        let t = e.target.as_deref().ok_or_else(|| XferError::Bad(format!("{}: a symlink without target", e.path)))?;
+                        let t = e
+                            .target
+                            .as_deref()
+                            .ok_or_else(|| XferError::Bad(format!("{}: a symlink without target", e.path)))?;
                         std::os::unix::fs::symlink(t, &p).map_err(io("symlink", &p))?;
                         std::os::unix::fs::lchown(&p, Some(e.uid), Some(e.gid)).map_err(io("chown", &p))?;
                     }
@@ -405,7 +421,8 @@ pub fn receive<R: Read>(
                             return Err(io("mknod", &p)(std::io::Error::last_os_error()));
                         }
                         std::os::unix::fs::chown(&p, Some(e.uid), Some(e.gid)).map_err(io("chown", &p))?;
-                        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(e.mode)).map_err(io("chmod", &p))?;
+                        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(e.mode))
+                            .map_err(io("chmod", &p))?;
                     }
                 }
             }
@@ -464,10 +481,15 @@ mod tests {
         let mut r = &bytes[..];
         assert_eq!(read_header(&mut r).unwrap(), b"{\"h\":1}");
         let mut seen = Vec::new();
-        let got = receive(&mut r, dst.path(), &mut |e| {
-            seen.push(e.path.clone());
-            Ok(())
-        }, &mut |_| {})
+        let got = receive(
+            &mut r,
+            dst.path(),
+            &mut |e| {
+                seen.push(e.path.clone());
+                Ok(())
+            },
+            &mut |_| {},
+        )
         .unwrap();
         assert!(r.is_empty());
         assert_eq!(seen, ["a", "a/b", "a/b/f", "a/g", "s", "z"]);
@@ -475,11 +497,18 @@ mod tests {
         assert_eq!(got.bytes, (3 << 20) + 5);
         let d = dst.path();
         assert_eq!(std::fs::read(d.join("a/b/f")).unwrap(), vec![7u8; 3 << 20]);
-        assert_eq!(std::fs::metadata(d.join("z")).unwrap().ino(), std::fs::metadata(d.join("a/g")).unwrap().ino());
+        assert_eq!(
+            std::fs::metadata(d.join("z")).unwrap().ino(),
+            std::fs::metadata(d.join("a/g")).unwrap().ino()
+        );
         assert_eq!(std::fs::read_link(d.join("s")).unwrap(), Path::new("a/g"));
         assert_eq!(std::fs::metadata(d.join("a/b")).unwrap().mode() & 0o777, 0o555);
         // The receiver's list is the same as the sender's.
-        let a: Vec<_> = list(src.path()).unwrap().into_iter().map(|i| (i.entry.path, i.link)).collect();
+        let a: Vec<_> = list(src.path())
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.entry.path, i.link))
+            .collect();
         let b: Vec<_> = list(d).unwrap().into_iter().map(|i| (i.entry.path, i.link)).collect();
         assert_eq!(a, b);
         std::fs::set_permissions(src.path().join("a/b"), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -509,7 +538,13 @@ mod tests {
         let e = receive(
             &mut r,
             dst.path(),
-            &mut |e| if e.path == "a/g" { Err("not in the manifest".into()) } else { Ok(()) },
+            &mut |e| {
+                if e.path == "a/g" {
+                    Err("not in the manifest".into())
+                } else {
+                    Ok(())
+                }
+            },
             &mut |_| {},
         )
         .unwrap_err();
@@ -541,7 +576,10 @@ mod tests {
         let dst = tempfile::tempdir().unwrap();
         let mut r = &bad[..];
         read_header(&mut r).unwrap();
-        assert!(matches!(receive(&mut r, dst.path(), &mut |_| Ok(()), &mut |_| {}), Err(XferError::Bad(_))));
+        assert!(matches!(
+            receive(&mut r, dst.path(), &mut |_| Ok(()), &mut |_| {}),
+            Err(XferError::Bad(_))
+        ));
         // A stream cut short is an error, never a complete tree.
         let src = tree();
         std::fs::set_permissions(src.path().join("a/b"), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -550,7 +588,13 @@ mod tests {
         let dst = tempfile::tempdir().unwrap();
         let mut r = cut;
         read_header(&mut r).unwrap();
-        assert!(matches!(receive(&mut r, dst.path(), &mut |_| Ok(()), &mut |_| {}), Err(XferError::Stream(_))));
-        assert!(read_header(&mut &b"VSLTREE\x07"[..]).unwrap_err().to_string().contains("version 7"));
+        assert!(matches!(
+            receive(&mut r, dst.path(), &mut |_| Ok(()), &mut |_| {}),
+            Err(XferError::Stream(_))
+        ));
+        assert!(read_header(&mut &b"VSLTREE\x07"[..])
+            .unwrap_err()
+            .to_string()
+            .contains("version 7"));
     }
 }

@@ -57,11 +57,27 @@ fn templates_are_fetched_from_peers_and_verified() {
     // Placed on node2, which lacks the template: node2 fetches it, verifies it, runs the VE.
     let v = lab.vessel_json(
         "node1",
-        &["ve", "create", "t1", "--template", "busybox", "--start", "--node", "node2"],
+        &[
+            "ve",
+            "create",
+            "t1",
+            "--template",
+            "busybox",
+            "--start",
+            "--node",
+            "node2",
+        ],
     );
-    assert_eq!((v["node"].as_str(), v["status"].as_str()), (Some("node2"), Some("running")), "{v}");
+    assert_eq!(
+        (v["node"].as_str(), v["status"].as_str()),
+        (Some("node2"), Some("running")),
+        "{v}"
+    );
     assert_eq!(template_id(&lab, "node2", "busybox").as_deref(), Some(id.as_str()));
-    assert_eq!(lab.vessel_ok("node2", &["ve", "exec", "t1", "--", "hostname"]).trim(), "t1");
+    assert_eq!(
+        lab.vessel_ok("node2", &["ve", "exec", "t1", "--", "hostname"]).trim(),
+        "t1"
+    );
 
     // node1's copy is altered on disk: a fetch from it is refused, naming the file, and
     // nothing is installed on node3.
@@ -72,18 +88,32 @@ fn templates_are_fetched_from_peers_and_verified() {
     let o = lab.vessel("node3", &["template", "fetch", "busybox", "--from", "node1"]);
     let e = err(&o);
     assert!(!o.status.success(), "a corrupted template was accepted: {}", out(&o));
-    assert!(e.contains("refused") && e.contains("etc/passwd") && e.contains("manifest"), "{e}");
+    assert!(
+        e.contains("refused") && e.contains("etc/passwd") && e.contains("manifest"),
+        "{e}"
+    );
     assert_eq!(template_id(&lab, "node3", "busybox"), None);
-    assert_eq!(scratch(&format!("{}/templates", data(&lab, "node3"))), Vec::<String>::new());
+    assert_eq!(
+        scratch(&format!("{}/templates", data(&lab, "node3"))),
+        Vec::<String>::new()
+    );
 
     // From a good copy (node2's, itself fetched) it arrives, with progress shown.
     let t0 = Instant::now();
     let o = lab.vessel("node3", &["template", "fetch", "busybox", "--from", "node2"]);
     let took = t0.elapsed();
     assert!(o.status.success(), "{}", err(&o));
-    assert!(out(&o).contains("verified") && err(&o).contains("fetching template"), "{} {}", out(&o), err(&o));
+    assert!(
+        out(&o).contains("verified") && err(&o).contains("fetching template"),
+        "{} {}",
+        out(&o),
+        err(&o)
+    );
     assert_eq!(template_id(&lab, "node3", "busybox").as_deref(), Some(id.as_str()));
-    eprintln!("MEASURE template fetch busybox (CLI, lab exec included): {} ms", took.as_millis());
+    eprintln!(
+        "MEASURE template fetch busybox (CLI, lab exec included): {} ms",
+        took.as_millis()
+    );
 }
 
 #[test]
@@ -97,15 +127,35 @@ fn ves_move_between_nodes_with_their_history_and_drain_moves_them_off() {
     // the template along (by id). m1 is not pinned (`--node`): drain may move it.
     lab.vessel_ok("node1", &["template", "build", "busybox"]);
     let v = lab.vessel_json("node2", &["ve", "create", "m1", "--template", "busybox", "--start"]);
-    assert_eq!((v["node"].as_str(), v["status"].as_str()), (Some("node1"), Some("running")), "{v}");
+    assert_eq!(
+        (v["node"].as_str(), v["status"].as_str()),
+        (Some("node1"), Some("running")),
+        "{v}"
+    );
     let ip = v["spec"]["ip"].as_str().unwrap_or_default().to_string();
     lab.vessel_ok(
         "node1",
-        &["ve", "exec", "m1", "--", "sh", "-c", "echo before-move > /root/hello && sync"],
+        &[
+            "ve",
+            "exec",
+            "m1",
+            "--",
+            "sh",
+            "-c",
+            "echo before-move > /root/hello && sync",
+        ],
     );
     lab.vessel_ok(
         "node1",
-        &["ve", "exec", "m1", "--", "sh", "-c", "dd if=/dev/zero of=/root/big bs=1M count=100 2>/dev/null && sync"],
+        &[
+            "ve",
+            "exec",
+            "m1",
+            "--",
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/root/big bs=1M count=100 2>/dev/null && sync",
+        ],
     );
     let before = lab.vessel_ok("node1", &["ve", "history", "m1", "/root/hello"]);
     assert!(before.lines().count() >= 2, "{before}");
@@ -120,36 +170,60 @@ fn ves_move_between_nodes_with_their_history_and_drain_moves_them_off() {
     std::fs::remove_file(&blocker).unwrap();
     assert_eq!(node_of(&lab, "node2", "m1"), ("node1".into(), "running".into()));
     assert_eq!(
-        lab.vessel_ok("node1", &["ve", "exec", "m1", "--", "cat", "/root/hello"]).trim(),
+        lab.vessel_ok("node1", &["ve", "exec", "m1", "--", "cat", "/root/hello"])
+            .trim(),
         "before-move"
     );
     assert_eq!(scratch(&format!("{}/ves", data(&lab, "node3"))), Vec::<String>::new());
-    assert!(lab.vessel_json("node3", &["ve", "list"]).as_array().unwrap().iter().all(|v| v["node"] != "node3"));
+    assert!(lab
+        .vessel_json("node3", &["ve", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["node"] != "node3"));
 
     // Moved from a third node's CLI: runs on node2 with its files, address and history.
     let t0 = Instant::now();
     let moved = lab.vessel_json("node3", &["ve", "move", "m1", "--to", "node2"]);
     let took = t0.elapsed();
-    assert_eq!((moved["node"].as_str(), moved["status"].as_str()), (Some("node2"), Some("running")), "{moved}");
+    assert_eq!(
+        (moved["node"].as_str(), moved["status"].as_str()),
+        (Some("node2"), Some("running")),
+        "{moved}"
+    );
     // Lab nodes have a subnet each (until cluster-wide addresses): node2's next free one.
     let moved_ip = moved["spec"]["ip"].as_str().unwrap_or_default().to_string();
     assert!(ip.starts_with("10.") && moved_ip != ip, "{moved}");
-    let sub = lab.state().unwrap()["plan"]["nodes"][1]["ve_subnet"].as_str().unwrap().to_string();
-    assert!(moved_ip.starts_with(sub.trim_end_matches("0/24")), "{moved_ip} not in {sub}");
-    eprintln!("MEASURE ve move (running busybox VE, 100 MiB written; CLI on a third node): {} ms", took.as_millis());
+    let sub = lab.state().unwrap()["plan"]["nodes"][1]["ve_subnet"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        moved_ip.starts_with(sub.trim_end_matches("0/24")),
+        "{moved_ip} not in {sub}"
+    );
+    eprintln!(
+        "MEASURE ve move (running busybox VE, 100 MiB written; CLI on a third node): {} ms",
+        took.as_millis()
+    );
     assert_eq!(
-        lab.vessel_ok("node2", &["ve", "exec", "m1", "--", "cat", "/root/hello"]).trim(),
+        lab.vessel_ok("node2", &["ve", "exec", "m1", "--", "cat", "/root/hello"])
+            .trim(),
         "before-move"
     );
     assert_eq!(
-        lab.vessel_ok("node2", &["ve", "exec", "m1", "--", "sh", "-c", "wc -c < /root/big"]).trim(),
+        lab.vessel_ok("node2", &["ve", "exec", "m1", "--", "sh", "-c", "wc -c < /root/big"])
+            .trim(),
         "104857600"
     );
     let after = lab.vessel_ok("node2", &["ve", "history", "m1", "/root/hello"]);
     assert_eq!(after, before, "history differs after the move");
     let o = lab.vessel("node1", &["ve", "exec", "m1", "--", "true"]);
     assert!(!o.status.success() && err(&o).contains("on node node2"), "{}", err(&o));
-    assert!(!Path::new(&format!("{}/ves/m1", data(&lab, "node1"))).exists(), "node1 kept its copy");
+    assert!(
+        !Path::new(&format!("{}/ves/m1", data(&lab, "node1"))).exists(),
+        "node1 kept its copy"
+    );
     // The progress went to stderr in bytes.
     let o = lab.vessel("node2", &["ve", "move", "m1", "--to", "node1"]);
     assert!(o.status.success(), "{}", err(&o));
@@ -157,7 +231,19 @@ fn ves_move_between_nodes_with_their_history_and_drain_moves_them_off() {
     assert_eq!(node_of(&lab, "node3", "m1"), ("node1".into(), "running".into()));
 
     // Drain node1: m1 moves to another node; a VE that may run only on node1 stays, saying why.
-    lab.vessel_ok("node1", &["ve", "create", "pin", "--template", "busybox", "--start", "--node", "node1"]);
+    lab.vessel_ok(
+        "node1",
+        &[
+            "ve",
+            "create",
+            "pin",
+            "--template",
+            "busybox",
+            "--start",
+            "--node",
+            "node1",
+        ],
+    );
     lab.vessel_ok("node3", &["node", "drain", "node1"]);
     wait_until("m1 moved off the draining node1", Duration::from_secs(120), || {
         let (n, s) = node_of(&lab, "node3", "m1");
@@ -165,11 +251,15 @@ fn ves_move_between_nodes_with_their_history_and_drain_moves_them_off() {
     });
     wait_until("pin says why it stays", Duration::from_secs(30), || {
         let v = lab.vessel_json("node3", &["ve", "show", "pin"]);
-        v["node"] == "node1" && v["pending"].as_str().is_some_and(|p| p.contains("draining") && p.contains("--node"))
+        v["node"] == "node1"
+            && v["pending"]
+                .as_str()
+                .is_some_and(|p| p.contains("draining") && p.contains("--node"))
     });
     let (n, _) = node_of(&lab, "node2", "m1");
     assert_eq!(
-        lab.vessel_ok(&n, &["ve", "exec", "m1", "--", "cat", "/root/hello"]).trim(),
+        lab.vessel_ok(&n, &["ve", "exec", "m1", "--", "cat", "/root/hello"])
+            .trim(),
         "before-move"
     );
     assert_eq!(node_of(&lab, "node2", "pin"), ("node1".into(), "running".into()));
