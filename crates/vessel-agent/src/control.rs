@@ -181,24 +181,37 @@ pub async fn schedule_once(store: &Store, l: &Leadership) -> Result<usize, Clust
                 Some(Placement {
                     node: Some(node),
                     pending: None,
+                    move_to: None,
                 }),
             ),
-            Action::Pending { ve, reason } => (
-                ve,
-                Some(Placement {
-                    node: None,
-                    pending: Some(reason),
-                }),
-            ),
-            // Moving a VE's files between nodes is `ve move`'s (next): until then a VE on a
-            // draining node stays where it is and says why.
+            Action::Pending { ve, reason } => {
+                // A VE on a draining node that fits nowhere else stays where it is.
+                let stays = snap
+                    .placements
+                    .get(&ve)
+                    .filter(|at| {
+                        snap.nodes
+                            .iter()
+                            .any(|n| &n.name == *at && n.state == NodeState::Draining)
+                    })
+                    .cloned();
+                (
+                    ve,
+                    Some(Placement {
+                        node: stays,
+                        pending: Some(reason),
+                        move_to: None,
+                    }),
+                )
+            }
+            // Its node is draining: that node moves it (`ve move`'s path) and switches the
+            // placement when the copy is whole (`transfer`).
             Action::Move { ve, from, to } => (
                 ve,
                 Some(Placement {
                     node: Some(from.clone()),
-                    pending: Some(format!(
-                        "its node {from} is draining; it would move to {to}, but moving VEs between nodes is not available yet: move it by hand or undrain {from}"
-                    )),
+                    pending: Some(format!("its node {from} is draining: moving to node {to}")),
+                    move_to: Some(to),
                 }),
             ),
             Action::Forget { ve } => (ve, None),
@@ -207,6 +220,7 @@ pub async fn schedule_once(store: &Store, l: &Leadership) -> Result<usize, Clust
                 Some(Placement {
                     node: Some(node),
                     pending: Some(reason),
+                    move_to: None,
                 }),
             ),
         };
@@ -263,7 +277,7 @@ pub async fn lead(store: Store, l: Leadership, changed: Arc<tokio::sync::Notify>
 
 // ---------------------------------------------------------------------- this node's side
 
-struct Busy<'a> {
+pub(crate) struct Busy<'a> {
     state: &'a ControlState,
     name: Name,
 }
@@ -278,7 +292,7 @@ impl Drop for Busy<'_> {
     }
 }
 
-fn busy<'a>(node: &'a Node, name: &Name) -> Busy<'a> {
+pub(crate) fn busy<'a>(node: &'a Node, name: &Name) -> Busy<'a> {
     node.control
         .busy
         .lock()
@@ -339,6 +353,7 @@ impl Node {
                         &Placement {
                             node: Some(m.name.clone()),
                             pending: None,
+                            move_to: None,
                         },
                     )
                     .await?;
@@ -543,6 +558,7 @@ impl Node {
 
     /// Create (and start) on this node; a failed start leaves nothing half-made.
     fn create_here(&self, spec: VeSpec, start: bool) -> NResult<VeInfo> {
+        self.ensure_template(&spec.template)?;
         let name = spec.name.clone();
         let info = self.create(spec)?;
         if !start {
@@ -906,7 +922,7 @@ impl Node {
     fn reconcile_once(&self, m: &Member) -> Result<(), ClusterError> {
         self.publish_templates();
         let ves = m.block_on(read_ves(m.store()))?;
-        let busy: BTreeSet<Name> = self.control.busy.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut busy: BTreeSet<Name> = self.control.busy.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut assigned = Vec::new();
         let mut others = Others::default();
         for (name, v) in &ves {
@@ -919,11 +935,14 @@ impl Node {
                     name: name.clone(),
                     generation: e.generation,
                     run: e.run,
+                    move_to: v.place.as_ref().and_then(|(p, _)| p.move_to.clone()),
                 });
             } else {
                 others.elsewhere.insert(name.clone());
             }
         }
+        // VEs moving out, or received and not yet assigned here (`transfer`).
+        busy.extend(self.moves().held(&|n| assigned.iter().any(|a| a.name == n)));
         let local: Vec<Local> = {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             st.ves
@@ -1050,10 +1069,12 @@ impl Node {
                     .remove(&name);
             }
             Step::Release { .. } => {
-                return Err(err(
-                    ErrorCode::Conflict,
-                    "the control center placed this VE on another node; moving VEs between nodes is not available yet, so it stays here",
-                ));
+                drop(_b);
+                self.release(m, &name)?;
+            }
+            Step::Move { to, .. } => {
+                drop(_b);
+                self.drain_move(m, &name, to)?;
             }
             Step::Adopt { .. } => {
                 tracing::info!(ve = %name, "publishing a VE the cluster did not know");
@@ -1064,6 +1085,17 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Forget what was published for a VE this node no longer has (moved away).
+    pub(crate) fn forget_published(&self, name: &Name) {
+        self.control
+            .published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+}
+
 fn step_ve(s: &Step) -> &str {
     match s {
         Step::Create { ve, .. }
@@ -1071,7 +1103,8 @@ fn step_ve(s: &Step) -> &str {
         | Step::Stop { ve }
         | Step::Release { ve }
         | Step::Destroy { ve }
-        | Step::Adopt { ve } => ve,
+        | Step::Adopt { ve }
+        | Step::Move { ve, .. } => ve,
     }
 }
 

@@ -109,6 +109,12 @@ impl Node {
     }
 
     fn connect_peer(&self, t: &Target) -> NResult<PeerClient> {
+        self.peer_client(t, CONNECT_TIMEOUT)
+    }
+
+    /// A client to node `t` with this node's certificate; `timeout` bounds the connect
+    /// and handshake (and, for `PeerClient`, each read and write after).
+    pub(crate) fn peer_client(&self, t: &Target, timeout: Duration) -> NResult<PeerClient> {
         let files = ClusterFiles::new(&self.opts.root);
         if !files.initialized() {
             return Err(err(
@@ -124,7 +130,7 @@ impl Node {
             .map_err(|e| internal("the cluster CA certificate", e))?;
         let me = files.load_node().map_err(|e| internal("this node's certificate", e))?;
         let tls = vessel_peer::tls::client_config(&ca, &me).map_err(|e| internal("TLS", e))?;
-        PeerClient::connect_node(t.addr, tls, CONNECT_TIMEOUT).map_err(|e| unreachable(t, e))
+        PeerClient::connect_node(t.addr, tls, timeout).map_err(|e| unreachable(t, e))
     }
 
     /// Carry a request for a VE on node `to` there; answers as the local dispatch does

@@ -21,5 +21,6 @@ mod repair;
 pub mod server;
 pub mod state;
 mod templates;
+pub mod transfer;
 
 pub use node::{Node, NodeOptions};

@@ -104,6 +104,8 @@ pub struct Node {
     pub(crate) control: crate::control::ControlState,
     /// The node-to-node transport (set by the daemon after the cluster).
     pub peer: std::sync::OnceLock<Arc<crate::peer::Peer>>,
+    /// VEs moving out of or into this node (`transfer`).
+    pub(crate) moves: crate::transfer::Moves,
 }
 
 /// What the root tree provider needs to know about a VE.
@@ -164,6 +166,7 @@ impl Node {
             cluster: std::sync::OnceLock::new(),
             control: Default::default(),
             peer: std::sync::OnceLock::new(),
+            moves: Default::default(),
         }))
     }
 

@@ -456,6 +456,8 @@ impl Peer {
                 templates: node.template_list(),
             },
             Request::TemplateShow { name } => Response::Template(node.template_show(&name)?),
+            Request::VeMove { name, to } => Response::Ve(Box::new(node.ve_move(&name, &to, &mut |_, _, _| {})?)),
+            Request::VeMoveIn { name, from } => node.move_in(&name, &from)?,
             Request::VeLogs { name, tail_bytes, raw } => {
                 let data = node.logs(&name, tail_bytes)?;
                 if raw {
@@ -523,11 +525,7 @@ impl PeerHandler for Peer {
         self.api_call(req).unwrap_or_else(Response::Error)
     }
 
-    fn stream(
-        &self,
-        _peer: &PeerIdentity,
-        req: StreamRequest,
-    ) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError> {
+    fn stream(&self, peer: &PeerIdentity, req: StreamRequest) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError> {
         match req {
             StreamRequest::Logs { name, tail_bytes } => {
                 let name =
@@ -540,6 +538,8 @@ impl PeerHandler for Peer {
                     vessel_types::Name::parse(&name).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
                 Ok((None, crate::peer_session::export_stream(self.node()?, name)?))
             }
+            StreamRequest::Template { name, id } => self.node()?.serve_template(&name, id.as_deref()),
+            StreamRequest::Volume { name } => self.node()?.serve_volume(&name, &peer.node),
             other => Err(err(
                 ErrorCode::InvalidArgument,
                 format!("{other:?} is a two-way stream"),

@@ -275,6 +275,16 @@ fn dispatch(
             node.rescue(&name, end)?;
             Response::Ve(Box::new(node.show(&name)?))
         }
+        Request::TemplateFetch { name, from } => {
+            Response::Template(node.template_fetch(&name, from.as_deref(), &mut progress)?)
+        }
+        Request::VeMove { name, to } => Response::Ve(Box::new(node.ve_move(&name, &to, &mut progress)?)),
+        Request::VeMoveIn { .. } => {
+            return Err(crate::node::err(
+                ErrorCode::InvalidArgument,
+                "`ve-move-in` is a call between nodes: use `vessel ve move NAME --to NODE`",
+            ))
+        }
     }))
 }
 

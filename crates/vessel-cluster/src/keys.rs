@@ -170,6 +170,9 @@ pub struct Placement {
     /// Why it is pending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<String>,
+    /// Its node is draining: the leader asks that node to move it here (`ve move`'s path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub move_to: Option<String>,
 }
 
 /// What the VE's node observed, after applying `generation` (or failing to).

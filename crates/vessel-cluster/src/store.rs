@@ -372,6 +372,29 @@ impl Store {
             .await
     }
 
+    /// `writes` in one transaction, only if every guarded key is unchanged since its
+    /// revision (0: absent); false if one changed (nothing is written then).
+    pub async fn write_if(&self, guards: &[(String, i64)], writes: Vec<Write>) -> Result<bool, ClusterError> {
+        let when = guards
+            .iter()
+            .map(|(k, r)| {
+                if *r == 0 {
+                    Compare::version(k.as_str(), CompareOp::Equal, 0)
+                } else {
+                    Compare::mod_revision(k.as_str(), CompareOp::Equal, *r)
+                }
+            })
+            .collect();
+        let ops = writes
+            .into_iter()
+            .map(|w| match w {
+                Write::Put(k, v) => TxnOp::put(k, v, None),
+                Write::Delete(k) => TxnOp::delete(k, None),
+            })
+            .collect();
+        self.txn_if(when, ops).await
+    }
+
     async fn txn_if(&self, when: Vec<Compare>, ops: Vec<TxnOp>) -> Result<bool, ClusterError> {
         Ok(self.txn(Txn::new().when(when).and_then(ops)).await?.succeeded())
     }

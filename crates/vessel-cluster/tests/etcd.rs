@@ -72,6 +72,7 @@ async fn leases_elections_and_guarded_writes_on_a_real_etcd() {
     let place = |node: &str| keys::Placement {
         node: Some(node.into()),
         pending: None,
+        move_to: None,
     };
     store
         .put_as_leader(&l1, &keys::ve("a", "place"), &place("n1"))

@@ -175,6 +175,7 @@ async fn every_call(store: &Store, l: &Leadership, round: usize) -> Duration {
     let p = |n: &str| Placement {
         node: Some(n.into()),
         pending: None,
+        move_to: None,
     };
     let names: Vec<String> = ok!("nodes", store.nodes()).into_iter().map(|n| n.name).collect();
     assert!(names.contains(&"n1".to_string()), "{}: {names:?}", ctx("n1 registered"));

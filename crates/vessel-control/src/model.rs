@@ -80,8 +80,8 @@ pub struct Ve {
     /// Only nodes with all these labels (`--label k=v`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// The template it is made from: only nodes that have it (until nodes fetch templates
-    /// from each other).
+    /// The template it is made from: nodes that have it are preferred (the others fetch it
+    /// from a node that has it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
 }

@@ -7,8 +7,10 @@
 //!   brought to, apply it and start or stop the VE as it says. Between generations the
 //!   node's own restart policy rules: a VE that powered itself off stays off until someone
 //!   asks again (a new generation).
+//! - Assigned here with a target to move to (this node is draining): move it there.
 //! - Here, not assigned: if its spec is marked deleted, stop and destroy it; if it is
-//!   assigned elsewhere, stop it and hand it over (a move); if the cluster has no spec for
+//!   assigned elsewhere, stop it and release this copy (removed once the node it is placed
+//!   on has reported it: a move that ended before its old node removed its copy); if the cluster has no spec for
 //!   it at all (made before the node joined, or the store lost it), adopt it: publish it as
 //!   this node's. A VE's files are never removed for want of a record.
 //!
@@ -23,6 +25,8 @@ pub struct Assigned {
     pub generation: u64,
     /// It should be running (else stopped).
     pub run: bool,
+    /// This node is draining: the leader asks it to move the VE to this node.
+    pub move_to: Option<String>,
 }
 
 /// A VE this node has.
@@ -65,6 +69,11 @@ pub enum Step {
     Adopt {
         ve: String,
     },
+    /// Move it to another node (`ve move`'s path: this node is draining).
+    Move {
+        ve: String,
+        to: String,
+    },
 }
 
 /// What the cluster says about VEs not assigned to this node.
@@ -92,7 +101,9 @@ pub fn reconcile(assigned: &[Assigned], local: &[Local], others: &Others) -> Vec
                 });
             }
             (Some(a), Some(l)) => {
-                if l.generation < a.generation {
+                if let Some(to) = &a.move_to {
+                    steps.push(Step::Move { ve, to: to.clone() });
+                } else if l.generation < a.generation {
                     steps.push(Step::Update {
                         ve,
                         generation: a.generation,
@@ -131,6 +142,7 @@ mod tests {
             name: name.into(),
             generation,
             run,
+            move_to: None,
         }
     }
 
@@ -233,6 +245,32 @@ mod tests {
                 // No spec anywhere: never destroyed for want of a record.
                 Step::Adopt { ve: s("unknown") },
             ]
+        );
+    }
+
+    #[test]
+    fn a_ve_to_move_off_a_draining_node_is_moved_not_updated() {
+        let mut w = a("web", 3, true);
+        w.move_to = Some(s("n2"));
+        assert_eq!(
+            reconcile(
+                &[w.clone(), a("db", 1, false)],
+                &[l("web", 2, true), l("db", 1, false)],
+                &Others::default()
+            ),
+            vec![Step::Move {
+                ve: s("web"),
+                to: s("n2")
+            }]
+        );
+        // Not here (yet): it is made here first, the move comes with the next pass.
+        assert_eq!(
+            reconcile(&[w], &[], &Others::default()),
+            vec![Step::Create {
+                ve: s("web"),
+                generation: 3,
+                start: true
+            }]
         );
     }
 }

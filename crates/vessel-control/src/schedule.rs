@@ -5,9 +5,10 @@
 //! - A VE on a draining node moves to another node that fits, if any.
 //! - An unplaced VE goes to the node that fits it best: among ready nodes that match its
 //!   `--node` and `--label`s and have room for its requests (CPU and memory up to the
-//!   overcommit ratio, disk never overcommitted), the one left least full after placing
-//!   it, then the one with the fewest VEs (VEs without requests spread by count), then by
-//!   name (the same snapshot always gives the same answer).
+//!   overcommit ratio, disk never overcommitted), one that has its template (another
+//!   fetches it first), then the one left least full after placing it, then the one with
+//!   the fewest VEs (VEs without requests spread by count), then by name (the same
+//!   snapshot always gives the same answer).
 //! - A VE that fits nowhere stays pending, with every node's reason.
 //!
 //! VEs are taken in name order and each placement counts against its node before the next.
@@ -125,7 +126,9 @@ fn best(
     p: &Policy,
     except: Option<&String>,
 ) -> Result<String, String> {
-    let mut fitting: Vec<(u64, usize, &str)> = Vec::new();
+    // (lacks the template, fullness, VE count, name): a node that has the template wins
+    // over one that would fetch it first, then the usual spread.
+    let mut fitting: Vec<(bool, u64, usize, &str)> = Vec::new();
     let mut why: Vec<String> = Vec::new();
     for (name, n) in nodes {
         if except.is_some_and(|e| e == name) {
@@ -136,20 +139,29 @@ fn best(
         }
         let l = load.get(name).copied().unwrap_or_default();
         match fit(v, n, l, p) {
-            Ok(score) => fitting.push((score, l.ves, name)),
+            Ok(score) => fitting.push((lacks_template(v, n), score, l.ves, name)),
             Err(r) => why.push(format!("{name}: {r}")),
         }
     }
-    if let Some((_, _, n)) = fitting.into_iter().min() {
+    if let Some((_, _, _, n)) = fitting.into_iter().min() {
         return Ok(n.to_string());
     }
     if why.is_empty() {
         why.push(match &v.node {
+            Some(n) if except == Some(n) => format!("it may run only on node {n} (--node)"),
             Some(n) => format!("node {n} is not in the cluster"),
             None => "the cluster has no nodes".into(),
         });
     }
     Err(why.join("; "))
+}
+
+/// Whether `n` would have to fetch `v`'s template from another node first.
+fn lacks_template(v: &Ve, n: &Node) -> bool {
+    match (&v.template, &n.templates) {
+        (Some(t), Some(has)) => !has.contains(t),
+        _ => false,
+    }
 }
 
 /// Whether `v` fits on `n` with load `l`; the score is how full the node's fullest
@@ -163,11 +175,6 @@ fn fit(v: &Ve, n: &Node, l: Load, p: &Policy) -> Result<u64, String> {
     for (k, want) in &v.labels {
         if n.labels.get(k) != Some(want) {
             return Err(format!("no label {k}={want}"));
-        }
-    }
-    if let (Some(t), Some(has)) = (&v.template, &n.templates) {
-        if !has.contains(t) {
-            return Err(format!("no template {t} (`vessel template build` it there)"));
         }
     }
     let cap = |x: u64, ratio: f64| (x as f64 * ratio) as u64;
@@ -255,30 +262,50 @@ mod tests {
     }
 
     #[test]
-    fn a_ve_goes_only_to_nodes_with_its_template() {
+    fn nodes_with_the_template_are_preferred_and_the_others_fetch_it() {
         let mut a = node("a", 4, 8);
         a.templates = Some(["debian".to_string()].into());
         let mut b = node("b", 4, 8);
         b.templates = Some(["busybox".to_string()].into());
-        let mut v = ve("web", 0, 0);
-        v.template = Some("busybox".into());
-        let mut w = ve("db", 0, 0);
-        w.template = Some("alpine".into());
+        let mut c = node("c", 4, 8);
+        c.templates = Some(["busybox".to_string()].into());
+        let tpl = |name: &str, t: &str| {
+            let mut v = ve(name, 0, 0);
+            v.template = Some(t.into());
+            v
+        };
+        // Three busybox VEs: b and c have the template and take them (spread between the
+        // two by count), though a is emptier; a fetches only when it is the only fit.
         let s = Snapshot {
-            nodes: vec![a, b],
-            ves: vec![v, w],
+            nodes: vec![a.clone(), b.clone(), c.clone()],
+            ves: vec![
+                tpl("v1", "busybox"),
+                tpl("v2", "busybox"),
+                tpl("v3", "busybox"),
+                tpl("db", "alpine"),
+            ],
             placements: BTreeMap::new(),
         };
         assert_eq!(
             schedule(&s, &Policy::default()),
-            vec![
-                Action::Pending {
-                    ve: "db".into(),
-                    reason: "no node fits: a: no template alpine (`vessel template build` it there); b: no template alpine (`vessel template build` it there)".into()
-                },
-                place("web", "b"),
-            ]
+            vec![place("db", "a"), place("v1", "b"), place("v2", "c"), place("v3", "b")]
         );
+        // Nodes with the template full: the VE goes to a node that will fetch it.
+        let small = |n: &Node| {
+            let mut n = n.clone();
+            n.allocatable.memory = GIB;
+            n
+        };
+        let s = Snapshot {
+            nodes: vec![a, small(&b), small(&c)],
+            ves: vec![{
+                let mut v = ve("big", 0, 4);
+                v.template = Some("busybox".into());
+                v
+            }],
+            placements: BTreeMap::new(),
+        };
+        assert_eq!(schedule(&s, &Policy::default()), vec![place("big", "a")]);
     }
 
     fn place(ve: &str, node: &str) -> Action {

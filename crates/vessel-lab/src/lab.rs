@@ -33,9 +33,33 @@ pub enum LabError {
     Injected(String),
     #[error("lab down left some things behind: {0}")]
     Leftovers(String),
+    #[error("the lab's cluster certificates: {0}")]
+    Certs(String),
 }
 
 type Result<T> = std::result::Result<T, LabError>;
+
+/// A lab node's key and certificate from the lab's CA under `root/cluster/` (the first
+/// node also keeps the CA key: it admits joining nodes, as the one that ran `cluster init`).
+fn node_certs(
+    ca: &vessel_peer::ca::CertKey,
+    root: &std::path::Path,
+    name: &str,
+    address: std::net::IpAddr,
+    keep_ca_key: bool,
+) -> Result<()> {
+    use vessel_peer::ca;
+    let c = |e: ca::CaError| LabError::Certs(format!("{name}: {e}"));
+    let (key_pem, csr) = ca::node_key_and_csr(name, address).map_err(c)?;
+    let cert_pem = ca::issue(ca, &csr, name, address).map_err(c)?;
+    ca::ClusterFiles::new(root)
+        .save(
+            &ca.cert_pem,
+            keep_ca_key.then_some(ca.key_pem.as_str()),
+            &ca::CertKey { cert_pem, key_pem },
+        )
+        .map_err(c)
+}
 
 /// `lab up`'s choices.
 #[derive(Debug, Clone)]
@@ -262,10 +286,9 @@ impl Lab {
         ip(&hub, &["link", "set", &p.hub_bridge, "up"])?;
         let lab_cg = self.state.lab_cgroup();
         std::fs::create_dir_all(&lab_cg).map_err(sys::io(format!("create cgroup {}", lab_cg.display())))?;
-        // One cluster CA for the lab: every node gets its certificate (as if it had joined),
-        // so the node-to-node transport serves from the start; node1 keeps the CA key.
-        let lab_err = |what: &str, e: vessel_peer::ca::CaError| SysError::Other(format!("{what}: {e}"));
-        let ca = vessel_peer::ca::make_ca(&p.prefix).map_err(|e| lab_err("the lab's cluster CA", e))?;
+        // One cluster CA for the lab (as `cluster init` + joins would make): every node has
+        // its certificate before its daemon starts, so the node-to-node port is served.
+        let ca = vessel_peer::ca::make_ca(&p.prefix).map_err(|e| LabError::Certs(e.to_string()))?;
         for n in &p.nodes {
             let root = paths.node_root(&name, &n.name);
             std::fs::create_dir_all(&root).map_err(sys::io(format!("create {}", root.display())))?;
@@ -273,15 +296,7 @@ impl Lab {
                 .map_err(sys::io(format!("make {} root-only", root.display())))?;
             std::fs::write(root.join("node.toml"), p.node_toml(n))
                 .map_err(sys::io(format!("write {}/node.toml", root.display())))?;
-            let addr = std::net::IpAddr::V4(n.address);
-            let (key_pem, csr) =
-                vessel_peer::ca::node_key_and_csr(&n.name, addr).map_err(|e| lab_err("a node key", e))?;
-            let cert_pem =
-                vessel_peer::ca::issue(&ca, &csr, &n.name, addr).map_err(|e| lab_err("a node certificate", e))?;
-            let ca_key = (n.name == p.nodes[0].name).then_some(ca.key_pem.as_str());
-            vessel_peer::ca::ClusterFiles::new(&root)
-                .save(&ca.cert_pem, ca_key, &vessel_peer::ca::CertKey { cert_pem, key_pem })
-                .map_err(|e| lab_err("the node's cluster files", e))?;
+            node_certs(&ca, &root, &n.name, n.address.into(), n.index == 1)?;
             let cg = self.state.node_cgroup(&n.name);
             std::fs::create_dir_all(&cg).map_err(sys::io(format!("create cgroup {}", cg.display())))?;
             let (net, mnt) = (paths.node_net(&name, &n.name), paths.node_mnt(&name, &n.name));

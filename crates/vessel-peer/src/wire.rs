@@ -77,6 +77,15 @@ pub enum StreamRequest {
     },
     /// Attach to a VE's console: two-way frames (`duplex`) after the answer.
     Console { name: String },
+    /// A template's files as a tree stream (`vessel_ve::xfer`): the one registered under
+    /// `name`, or with `id` the one with that content address.
+    Template {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    /// A stopped VE's volume as a tree stream, for its move to the calling node.
+    Volume { name: String },
 }
 
 impl StreamRequest {

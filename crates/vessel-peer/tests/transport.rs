@@ -127,7 +127,7 @@ impl PeerHandler for TestHandler {
         req: StreamRequest,
     ) -> Result<(Option<u64>, Box<dyn Read + Send>), ApiError> {
         let StreamRequest::Logs { tail_bytes, .. } = req else {
-            return Err(ApiError::new(ErrorCode::InvalidArgument, "not a byte stream"));
+            return Err(ApiError::new(ErrorCode::InvalidArgument, "not served by this test"));
         };
         let n = tail_bytes.unwrap_or(0) as usize;
         let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();

@@ -270,6 +270,25 @@ pub enum Request {
         #[serde(default)]
         end: bool,
     },
+    /// Fetch a template from a node that has it (`from`, else any), verify every file
+    /// against its manifest and content address, and register it here.
+    TemplateFetch {
+        name: Name,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+    },
+    /// Move a VE to another node, cold: stopped, its volume copied (history included),
+    /// started there if it ran.
+    VeMove {
+        name: Name,
+        to: String,
+    },
+    /// Node to node, during a move: take VE `name` from node `from` (pull its stopped
+    /// volume, verify it, make its record here; not started). Answered with `Moved`.
+    VeMoveIn {
+        name: Name,
+        from: String,
+    },
 }
 
 /// A point in a VE's file history.
@@ -579,6 +598,14 @@ pub enum Response {
         changed: Vec<String>,
     },
     JoinToken(JoinTokenInfo),
+    /// What a move or fetch copied.
+    Moved {
+        items: u64,
+        bytes: u64,
+        /// The VE's address on its new node.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ip: Option<crate::Ipv4Cidr>,
+    },
 }
 
 /// A join token and how to use it (`vessel cluster init|token`).

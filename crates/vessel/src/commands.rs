@@ -510,6 +510,22 @@ fn template(g: &Global, t: TemplateCmd) -> Result<i32> {
             c.call(&Request::TemplateRemove { name: name.clone() })?;
             println!("template {name} removed");
         }
+        TemplateCmd::Fetch { name, from } => {
+            let mut p = Progress::new();
+            let r = c.call_with_progress(&Request::TemplateFetch { name, from }, &mut |m, d, t| p.update(m, d, t));
+            p.finish();
+            match r? {
+                Response::Template(t) if g.json => output::json(&t),
+                Response::Template(t) => println!(
+                    "template {} here: {} files, {}, id {} (verified)",
+                    t.name,
+                    t.files,
+                    format_size(t.bytes),
+                    t.id
+                ),
+                r => bail!("unexpected reply {r:?}"),
+            }
+        }
     }
     Ok(0)
 }
@@ -824,6 +840,12 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
             ),
             r => bail!("unexpected reply {r:?}"),
         },
+        VeCmd::Move { name, to } => {
+            let mut p = Progress::new();
+            let r = c.call_with_progress(&Request::VeMove { name, to }, &mut |m, d, t| p.update(m, d, t));
+            p.finish();
+            print_ve(g, &expect_ve(r?)?, "moved")
+        }
     }
     Ok(0)
 }

@@ -247,6 +247,14 @@ pub enum TemplateCmd {
     Remove {
         name: vessel_types::Name,
     },
+    /// Fetch a template from a node of the cluster that has it (every file verified
+    /// against its manifest)
+    Fetch {
+        name: vessel_types::Name,
+        /// From this node (default: any node that has it)
+        #[arg(long)]
+        from: Option<String>,
+    },
 }
 
 #[derive(Args, Clone, Default)]
@@ -426,6 +434,14 @@ pub enum VeCmd {
         /// Return to normal boot
         #[arg(long)]
         end: bool,
+    },
+    /// Move a VE to another node (cold: stopped, its files and history copied, started
+    /// there if it ran)
+    Move {
+        name: vessel_types::Name,
+        /// The node to move it to
+        #[arg(long)]
+        to: String,
     },
 }
 
