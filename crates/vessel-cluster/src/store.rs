@@ -372,6 +372,30 @@ impl Store {
             .await
     }
 
+    /// `writes` in one transaction, only if every key of `expect` is unchanged since its
+    /// modification revision (0: absent); false if one is not. Claims of addresses and uid
+    /// slots are made with this (create-if-absent on several keys at once).
+    pub async fn write_if(&self, expect: &[(String, i64)], writes: Vec<Write>) -> Result<bool, ClusterError> {
+        let when = expect
+            .iter()
+            .map(|(k, rev)| {
+                if *rev == 0 {
+                    Compare::version(k.as_str(), CompareOp::Equal, 0)
+                } else {
+                    Compare::mod_revision(k.as_str(), CompareOp::Equal, *rev)
+                }
+            })
+            .collect();
+        let ops = writes
+            .into_iter()
+            .map(|w| match w {
+                Write::Put(k, v) => TxnOp::put(k, v, None),
+                Write::Delete(k) => TxnOp::delete(k, None),
+            })
+            .collect();
+        self.txn_if(when, ops).await
+    }
+
     async fn txn_if(&self, when: Vec<Compare>, ops: Vec<TxnOp>) -> Result<bool, ClusterError> {
         Ok(self.txn(Txn::new().when(when).and_then(ops)).await?.succeeded())
     }
