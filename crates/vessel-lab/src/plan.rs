@@ -283,7 +283,10 @@ mod tests {
         let n2 = p.node("node2").unwrap();
         assert_eq!(n2.address, Ipv4Addr::new(10, 161, 0, 2));
         assert_eq!(n2.ve_subnet, "10.161.16.0/20");
-        assert!(p.nodes.iter().all(|n| n.ve_subnet == n2.ve_subnet), "one VE network per lab");
+        assert!(
+            p.nodes.iter().all(|n| n.ve_subnet == n2.ve_subnet),
+            "one VE network per lab"
+        );
         assert_eq!(p.link_net(), "10.161.0.0/24");
         let members: Vec<&str> = p.members().map(|n| n.name.as_str()).collect();
         assert_eq!(members, ["node1", "node2", "node3"]);

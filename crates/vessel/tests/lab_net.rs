@@ -115,7 +115,10 @@ fn ves_on_different_nodes_share_one_network() {
     // A destroyed VE's address is free again: the next VE (lowest free) gets it.
     let freed = ip_of(&show(&lab, "node1", "p1"));
     lab.vessel_ok("node3", &["ve", "destroy", "p1"]);
-    let n = lab.vessel_json("node3", &["ve", "create", "n", "--template", "busybox", "--node", "node3"]);
+    let n = lab.vessel_json(
+        "node3",
+        &["ve", "create", "n", "--template", "busybox", "--node", "node3"],
+    );
     assert_eq!(ip_of(&n), freed, "{n}");
     for ve in made.iter().filter(|v| *v != "p1").chain([&"n".to_string()]) {
         lab.vessel_ok("node1", &["ve", "destroy", ve]);
@@ -127,7 +130,11 @@ fn ves_on_different_nodes_share_one_network() {
             "node1",
             &["ve", "create", ve, "--template", "busybox", "--start", "--node", node],
         );
-        assert_eq!((v["node"].as_str(), v["status"].as_str()), (Some(node), Some("running")), "{v}");
+        assert_eq!(
+            (v["node"].as_str(), v["status"].as_str()),
+            (Some(node), Some("running")),
+            "{v}"
+        );
     }
     let (a_ip, b_ip, c_ip) = (
         ip_of(&show(&lab, "node1", "a")),
@@ -138,14 +145,20 @@ fn ves_on_different_nodes_share_one_network() {
     assert!(reaches(&lab, "node2", "b", &a_ip), "b (node2) cannot ping a (node1)");
     let before = in_echos(&lab, "node3", "c");
     assert!(reaches(&lab, "node1", "a", &c_ip), "a (node1) cannot ping c (node3)");
-    assert!(in_echos(&lab, "node3", "c") > before, "c's echo counter did not count a's ping");
+    assert!(
+        in_echos(&lab, "node3", "c") > before,
+        "c's echo counter did not count a's ping"
+    );
 
     // Each VE's gateway is its own node's bridge: the same address on every node, with
     // ARP for it kept off the overlay.
     let prefix = lab.prefix();
     let gw = {
         let r = out(&exec(&lab, "node1", "a", "ip route show default"));
-        r.split_whitespace().nth(2).expect("default route via the gateway").to_string()
+        r.split_whitespace()
+            .nth(2)
+            .expect("default route via the gateway")
+            .to_string()
     };
     for (ve, node, i) in [("a", "node1", 1), ("b", "node2", 2)] {
         assert!(ping(&lab, node, ve, &gw), "{ve} cannot ping its gateway {gw}");
@@ -158,7 +171,13 @@ fn ves_on_different_nodes_share_one_network() {
 
     // a takes b's address (on another node) and pings c from it: the echo requests must
     // not arrive (a's node drops them at a's port before the overlay).
-    let plen = show(&lab, "node1", "a")["spec"]["ip"].as_str().unwrap().split_once('/').unwrap().1.to_string();
+    let plen = show(&lab, "node1", "a")["spec"]["ip"]
+        .as_str()
+        .unwrap()
+        .split_once('/')
+        .unwrap()
+        .1
+        .to_string();
     let o = exec(&lab, "node1", "a", &format!("ip addr add {b_ip}/{plen} dev eth0"));
     assert!(o.status.success(), "{}", err(&o));
     let before = in_echos(&lab, "node3", "c");
