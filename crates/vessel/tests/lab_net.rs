@@ -161,11 +161,25 @@ fn ves_on_different_nodes_share_one_network() {
             .to_string()
     };
     for (ve, node, i) in [("a", "node1", 1), ("b", "node2", 2)] {
+        let bridge_mac = link_mac(&lab, node, &format!("{prefix}v{i}"));
         assert!(ping(&lab, node, ve, &gw), "{ve} cannot ping its gateway {gw}");
         assert_eq!(
             arp_entry(&lab, node, ve, &gw),
-            Some(link_mac(&lab, node, &format!("{prefix}v{i}"))),
+            Some(bridge_mac.clone()),
             "{ve}'s gateway is not its own node's bridge"
+        );
+        // Every answer to an ARP request for the gateway comes from this node's bridge
+        // (without the overlay port's rules the other nodes' bridges answer too).
+        let o = exec(&lab, node, ve, &format!("arping -c 2 -w 3 -I eth0 {gw}"));
+        let replies: Vec<String> = out(&o)
+            .lines()
+            .filter(|l| l.contains("reply from"))
+            .filter_map(|l| Some(l.split_once('[')?.1.split_once(']')?.0.to_lowercase()))
+            .collect();
+        assert!(!replies.is_empty(), "{ve}: no ARP answer from the gateway: {}", out(&o));
+        assert!(
+            replies.iter().all(|m| *m == bridge_mac),
+            "{ve}: the gateway was answered by another node's bridge too: {replies:?} (own: {bridge_mac})"
         );
     }
 
