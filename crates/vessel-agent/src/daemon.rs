@@ -103,7 +103,14 @@ pub fn run(mut opts: NodeOptions) -> Result<(), DaemonError> {
     let network = member
         .block_on(crate::ipam::ensure_network(member.store(), &subnet))
         .map_err(|e| DaemonError::Setup(format!("the cluster's VE network: {e}")))?;
-    if let Some(local) = crate::overlay::underlay(opts.settings.cluster.address) {
+    let underlay = crate::overlay::underlay(opts.settings.cluster.address);
+    if let Err(e) = crate::ipam::check_network(&network, &subnet) {
+        if underlay.is_some() {
+            return Err(DaemonError::Setup(format!("the cluster's VE network: {e}")));
+        }
+        tracing::warn!("{e} (no overlay on this node: its VEs reach only each other)");
+    }
+    if let Some(local) = underlay {
         node.start_overlay(member.clone(), &network, local)
             .map_err(DaemonError::Setup)?;
         node.sync_bridge_filter().map_err(|e| DaemonError::Setup(e.message))?;
