@@ -1,6 +1,7 @@
-//! Pure allocation of per-VE resources on a node: host uid/gid ranges and IP addresses.
+//! Pure allocation of per-VE resources: host uid/gid ranges and IP addresses, from the
+//! set in use (a node's own VEs, or the cluster's claims in etcd: [`choose`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use vessel_types::Ipv4Cidr;
 
@@ -58,6 +59,62 @@ pub fn check_ip(subnet: &Ipv4Cidr, ip: Ipv4Cidr, used: &[(Ipv4Addr, String)]) ->
     Ok(ip)
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    #[error(transparent)]
+    Ip(#[from] IpError),
+    #[error("uid range {slot} is already held by VE '{ve}' in the cluster")]
+    SlotInUse { slot: u32, ve: String },
+    #[error("no free address left in the cluster's VE network {0}")]
+    NoAddress(Ipv4Cidr),
+    #[error("no free uid range left in the cluster")]
+    NoSlot,
+}
+
+/// A VE's address and uid slot, given what the cluster's claims hold (`ips`: address to VE,
+/// `slots`: slot to VE). `want_ip`: an address asked for (`--ip`) or already used by the VE
+/// (a VE registered after an upgrade); `want_slot`: the slot the VE already has on its
+/// node. Otherwise the lowest free of each. Claims held by `ve` itself count as free.
+pub fn choose(
+    subnet: &Ipv4Cidr,
+    ve: &str,
+    want_ip: Option<Ipv4Cidr>,
+    want_slot: Option<u32>,
+    ips: &BTreeMap<Ipv4Addr, String>,
+    slots: &BTreeMap<u32, String>,
+) -> Result<(Ipv4Cidr, u32), ClaimError> {
+    let ip = match want_ip {
+        Some(ip) => {
+            let others: Vec<(Ipv4Addr, String)> = ips
+                .iter()
+                .filter(|(_, who)| who.as_str() != ve)
+                .map(|(a, who)| (*a, who.clone()))
+                .collect();
+            check_ip(subnet, ip, &others)?
+        }
+        None => {
+            let used: BTreeSet<Ipv4Addr> = ips.keys().copied().collect();
+            alloc_ip(subnet, &used).ok_or(ClaimError::NoAddress(*subnet))?
+        }
+    };
+    let slot = match want_slot {
+        Some(s) => match slots.get(&s) {
+            Some(who) if who != ve => {
+                return Err(ClaimError::SlotInUse {
+                    slot: s,
+                    ve: who.clone(),
+                })
+            }
+            _ => s,
+        },
+        None => {
+            let used: BTreeSet<u32> = slots.keys().copied().collect();
+            alloc_slot(&used).ok_or(ClaimError::NoSlot)?
+        }
+    };
+    Ok((ip, slot))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +163,52 @@ mod tests {
             check_ip(&s, Ipv4Cidr::parse("10.5.0.9/16").unwrap(), &used),
             Err(IpError::Outside { .. })
         ));
+    }
+
+    #[test]
+    fn cluster_choice_takes_the_lowest_free_or_what_is_asked() {
+        let s = Ipv4Cidr::parse("10.5.0.0/24").unwrap();
+        let ips: BTreeMap<Ipv4Addr, String> = [
+            (Ipv4Addr::new(10, 5, 0, 2), "a".to_string()),
+            (Ipv4Addr::new(10, 5, 0, 3), "b".to_string()),
+        ]
+        .into();
+        let slots: BTreeMap<u32, String> = [(0, "a".to_string()), (2, "b".to_string())].into();
+        assert_eq!(
+            choose(&s, "c", None, None, &ips, &slots).unwrap(),
+            (Ipv4Cidr::parse("10.5.0.4/24").unwrap(), 1)
+        );
+        // An address held by another VE is refused, one held by the VE itself is its own.
+        let b_ip = Ipv4Cidr::parse("10.5.0.3/24").unwrap();
+        assert!(matches!(
+            choose(&s, "c", Some(b_ip), None, &ips, &slots),
+            Err(ClaimError::Ip(IpError::InUse(_, ref who))) if who == "b"
+        ));
+        assert_eq!(choose(&s, "b", Some(b_ip), Some(2), &ips, &slots).unwrap(), (b_ip, 2));
+        assert_eq!(
+            choose(&s, "c", None, Some(2), &ips, &slots),
+            Err(ClaimError::SlotInUse {
+                slot: 2,
+                ve: "b".into()
+            })
+        );
+        assert!(matches!(
+            choose(
+                &s,
+                "c",
+                Some(Ipv4Cidr::parse("10.6.0.3/24").unwrap()),
+                None,
+                &ips,
+                &slots
+            ),
+            Err(ClaimError::Ip(IpError::Outside { .. }))
+        ));
+        let tiny = Ipv4Cidr::parse("10.5.0.0/30").unwrap();
+        let full: BTreeMap<Ipv4Addr, String> = [(Ipv4Addr::new(10, 5, 0, 2), "a".to_string())].into();
+        assert_eq!(
+            choose(&tiny, "c", None, None, &full, &slots),
+            Err(ClaimError::NoAddress(tiny))
+        );
     }
 
     proptest! {

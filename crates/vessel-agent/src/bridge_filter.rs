@@ -36,7 +36,7 @@ impl Node {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             (st.config.bridge.clone(), ports(&st))
         };
-        netfilter::apply(&bridge, &net::host_if_prefix(&bridge), &ports)
+        netfilter::apply(&bridge, &net::host_if_prefix(&bridge), &ports, self.overlay.get())
             .map_err(|e| err(ErrorCode::Internal, format!("bridge filter of {bridge}: {e}")))
     }
 }

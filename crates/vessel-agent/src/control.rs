@@ -483,6 +483,7 @@ impl Node {
         }
         let placed = self.wait_placed(m, &place_key);
         let forget = |why: &str| {
+            crate::ipam::release_logged(m, name.as_str());
             let r = m.block_on(async {
                 if let Some(n) = m.store().get::<Placement>(&place_key).await?.and_then(|p| p.node) {
                     m.store().delete(&keys::assigned(&n, name.as_str())).await?;
@@ -1139,6 +1140,7 @@ fn digest(i: &VeInfo) -> String {
 }
 
 fn forget_keys(m: &Member, name: &Name) {
+    crate::ipam::release_logged(m, name.as_str());
     let r = m.block_on(async {
         let place: Option<Placement> = m.store().get(&keys::ve(name.as_str(), "place")).await?;
         if let Some(n) = place.and_then(|p| p.node) {

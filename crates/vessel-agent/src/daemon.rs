@@ -97,6 +97,25 @@ pub fn run(mut opts: NodeOptions) -> Result<(), DaemonError> {
     );
     tracing::info!(node = %member.name, etcd = ?member.endpoints, "in the cluster");
     let _ = node.cluster.set(member.clone());
+    // One VE network per cluster (recorded by the first node), then the overlay joining
+    // this node's bridge to the others' (with a cluster address), then the addresses and
+    // uid ranges of VEs made before the cluster knew them.
+    let network = member
+        .block_on(crate::ipam::ensure_network(member.store(), &subnet))
+        .map_err(|e| DaemonError::Setup(format!("the cluster's VE network: {e}")))?;
+    let underlay = crate::overlay::underlay(opts.settings.cluster.address);
+    if let Err(e) = crate::ipam::check_network(&network, &subnet) {
+        if underlay.is_some() {
+            return Err(DaemonError::Setup(format!("the cluster's VE network: {e}")));
+        }
+        tracing::warn!("{e} (no overlay on this node: its VEs reach only each other)");
+    }
+    if let Some(local) = underlay {
+        node.start_overlay(member.clone(), &network, local)
+            .map_err(DaemonError::Setup)?;
+        node.sync_bridge_filter().map_err(|e| DaemonError::Setup(e.message))?;
+    }
+    node.register_identities();
     // Node-to-node calls (mutual TLS), once the cluster is initialized.
     let peer = crate::peer::Peer::new(&node, member.clone());
     peer.start_if_initialized().map_err(DaemonError::Setup)?;

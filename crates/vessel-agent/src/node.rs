@@ -106,6 +106,8 @@ pub struct Node {
     pub peer: std::sync::OnceLock<Arc<crate::peer::Peer>>,
     /// VEs moving out of or into this node (`transfer`).
     pub(crate) moves: crate::transfer::Moves,
+    /// The VXLAN port that joins this node's bridge to the others' (see `overlay`).
+    pub(crate) overlay: std::sync::OnceLock<vessel_ve::netfilter::OverlayPort>,
 }
 
 /// What the root tree provider needs to know about a VE.
@@ -167,6 +169,7 @@ impl Node {
             control: Default::default(),
             peer: std::sync::OnceLock::new(),
             moves: Default::default(),
+            overlay: std::sync::OnceLock::new(),
         }))
     }
 
@@ -309,37 +312,60 @@ impl Node {
         let name = spec.name.clone();
         let vl = self.ve_lock(&name);
         let _g = lock(&vl);
+        let exists = || {
+            err(
+                ErrorCode::AlreadyExists,
+                format!("VE '{name}' already exists: pick another name or destroy it first"),
+            )
+        };
+        if lock(&self.state).ves.contains_key(&name) {
+            return Err(exists());
+        }
+        // In a cluster the address and uid range are claimed in etcd (kept on every node).
+        let claimed = self.claim_identity(&spec)?;
         let rec = {
             let mut st = lock(&self.state);
             if st.ves.contains_key(&name) {
-                return Err(err(
-                    ErrorCode::AlreadyExists,
-                    format!("VE '{name}' already exists: pick another name or destroy it first"),
-                ));
+                return Err(exists());
             }
             let tpl = st.templates.get(&spec.template).ok_or_else(|| {
                 err(ErrorCode::NotFound, format!("template '{}' not found: build it with `vessel template build {}` or see `vessel template list`", spec.template, spec.template))
             })?;
             let template_id = tpl.id.clone();
             let slots: BTreeSet<u32> = st.ves.values().map(|v| v.slot).collect();
-            let slot = alloc::alloc_slot(&slots)
-                .ok_or_else(|| err(ErrorCode::Exhausted, "no free uid range left on this node"))?;
             let subnet = st.config.subnet;
             let used: Vec<_> = st
                 .ves
                 .values()
                 .filter_map(|v| v.spec.ip.map(|ip| (ip.addr, v.spec.name.to_string())))
                 .collect();
-            spec.ip = Some(match spec.ip {
-                Some(ip) => {
-                    alloc::check_ip(&subnet, ip, &used).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?
+            let slot = match &claimed {
+                Some(id) => {
+                    // Only a VE the cluster never registered (see `register_identities`) can collide here.
+                    let here = used.iter().find(|(a, _)| *a == id.ip.addr);
+                    if slots.contains(&id.slot) || here.is_some() {
+                        return Err(err(
+                            ErrorCode::Conflict,
+                            format!("the cluster gave VE '{name}' address {} and uid range {}, but a VE of this node that the cluster does not know holds one of them: see the daemon log", id.ip, id.slot),
+                        ));
+                    }
+                    spec.ip = Some(id.ip);
+                    id.slot
                 }
                 None => {
-                    let used: BTreeSet<_> = used.iter().map(|(a, _)| *a).collect();
-                    alloc::alloc_ip(&subnet, &used)
-                        .ok_or_else(|| err(ErrorCode::Exhausted, format!("no free address left in {subnet}")))?
+                    spec.ip = Some(match spec.ip {
+                        Some(ip) => alloc::check_ip(&subnet, ip, &used)
+                            .map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?,
+                        None => {
+                            let used: BTreeSet<_> = used.iter().map(|(a, _)| *a).collect();
+                            alloc::alloc_ip(&subnet, &used)
+                                .ok_or_else(|| err(ErrorCode::Exhausted, format!("no free address left in {subnet}")))?
+                        }
+                    });
+                    alloc::alloc_slot(&slots)
+                        .ok_or_else(|| err(ErrorCode::Exhausted, "no free uid range left on this node"))?
                 }
-            });
+            };
             let rec = VeRecord {
                 spec: spec.clone(),
                 template_id,
@@ -519,6 +545,7 @@ impl Node {
             ip,
             mac: vessel_ve::net::ve_mac(ip.addr).0,
             gateway: alloc::gateway(&subnet),
+            mtu: self.overlay.get().map(|_| vessel_ve::vxlan::MTU),
         });
         let req = HelperRequest::Start {
             id: name.to_string(),

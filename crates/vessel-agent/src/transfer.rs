@@ -9,7 +9,8 @@
 //!   S: mark moving, stop it (the unmount checkpoints the volume)
 //!   S ── api ve-move-in{name, from: S} ──▶ T: (template by id if missing) ── stream volume ──▶ S
 //!        T: tree stream into ves/.move-<name>-<nonce>/volume (sha256 per file), record with
-//!           the same spec (name, address), a uid slot of its own, generation 0; held back
+//!           the same spec (name, address), its uid slot (both from its identity in the
+//!           cluster's IPAM), generation 0; held back
 //!           from its reconcile loop until the cluster assigns the VE to it (or 60 s pass)
 //!   S: one transaction guarded by the spec's and placement's revisions: generation + 1
 //!      (run as before), placement T, assigned/S → assigned/T
@@ -559,10 +560,14 @@ impl Node {
     }
 
     /// Make the record of a VE whose volume arrived at `vol`: same spec (name, address),
-    /// a uid slot of this node's, stopped, generation 0; held from the reconcile loop.
+    /// its uid slot (cluster identity; else one of this node's), stopped, generation 0;
+    /// held from the reconcile loop.
     fn adopt_moved(&self, mut rec: VeRecord, vol: &std::path::Path) -> NResult<Option<vessel_types::Ipv4Cidr>> {
         let name = rec.spec.name.clone();
         let ve = self.layout.ve(name.as_str());
+        // In a cluster the VE keeps its address and uid range: its identity in etcd (whose
+        // node the switch moves here, in the same transaction as the placement).
+        let claimed = self.network_identity(&name).ok().flatten();
         {
             let mut st = lock(&self.state);
             if st.ves.contains_key(&name) {
@@ -576,14 +581,23 @@ impl Node {
                 .values()
                 .filter_map(|v| v.spec.ip.map(|ip| (ip.addr, v.spec.name.to_string())))
                 .collect();
-            let ip = moved_address(&st.config.subnet, rec.spec.ip, &used).map_err(|e| err(ErrorCode::Exhausted, e))?;
-            if rec.spec.ip != Some(ip) {
-                tracing::info!(ve = %name, old = ?rec.spec.ip, new = %ip, "the moved VE's address is outside this node's subnet: it gets a new one");
-            }
-            rec.spec.ip = Some(ip);
             let slots: std::collections::BTreeSet<u32> = st.ves.values().map(|v| v.slot).collect();
-            rec.slot = crate::alloc::alloc_slot(&slots)
-                .ok_or_else(|| err(ErrorCode::Exhausted, "no free uid range left on this node"))?;
+            match &claimed {
+                Some(id) if !slots.contains(&id.slot) && !used.iter().any(|(a, _)| *a == id.ip.addr) => {
+                    rec.spec.ip = Some(id.ip);
+                    rec.slot = id.slot;
+                }
+                _ => {
+                    let ip = moved_address(&st.config.subnet, rec.spec.ip, &used)
+                        .map_err(|e| err(ErrorCode::Exhausted, e))?;
+                    if rec.spec.ip != Some(ip) {
+                        tracing::info!(ve = %name, old = ?rec.spec.ip, new = %ip, "the moved VE's address is outside this node's subnet: it gets a new one");
+                    }
+                    rec.spec.ip = Some(ip);
+                    rec.slot = crate::alloc::alloc_slot(&slots)
+                        .ok_or_else(|| err(ErrorCode::Exhausted, "no free uid range left on this node"))?;
+                }
+            }
             rec.status = VeStatus::Stopped;
             rec.pid = None;
             rec.pid_start = None;
@@ -785,15 +799,21 @@ impl Node {
                 pending: None,
                 move_to: None,
             };
-            let writes = vec![
+            let mut writes = vec![
                 Write::Put(spec_key.clone(), keys::encode(&e)),
                 Write::Put(place_key.clone(), keys::encode(&place)),
                 Write::Delete(keys::assigned(&m.name, name.as_str())),
                 Write::Put(keys::assigned(to, name.as_str()), keys::encode(&name.as_str())),
             ];
-            let ok = st
-                .write_if(&[(spec_key.clone(), erev), (place_key.clone(), prev_rev)], writes)
-                .await?;
+            let mut guards = vec![(spec_key.clone(), erev), (place_key.clone(), prev_rev)];
+            // The VE's network identity follows it (the overlay's entries point there).
+            let net_key = keys::ve_net(name.as_str());
+            if let Some((mut id, rev)) = st.get_rev::<keys::NetIdentity>(&net_key).await? {
+                id.node = to.to_string();
+                writes.push(Write::Put(net_key.clone(), keys::encode(&id)));
+                guards.push((net_key, rev));
+            }
+            let ok = st.write_if(&guards, writes).await?;
             Ok::<_, vessel_cluster::ClusterError>(ok.then_some(e.generation))
         });
         let generation =

@@ -13,6 +13,10 @@
 //! /vessel/v1/join-tokens/<id>    a join token: its secret's hash, expiry, used (vessel-peer)
 //! /vessel/v1/certs/<node>        CertRecord: the certificate the cluster CA issued to the node
 //! /vessel/v1/revoked/<sha256>    Revoked: a removed node's certificate, refused by every node
+//! /vessel/v1/network             the VE network of the cluster: subnet, VXLAN id (first node)
+//! /vessel/v1/ips/<ip>            the VE that holds this address (created only if absent)
+//! /vessel/v1/uid-slots/<n>       the VE that holds this uid range (created only if absent)
+//! /vessel/v1/ve-net/<ve>         the VE's network identity: address, uid slot, its node
 //! ```
 //! Every value is JSON `{"v": 1, "value": ...}`; a reader refuses another version with an
 //! error that names the key.
@@ -84,6 +88,61 @@ pub fn revoked(sha256: &str) -> String {
 
 pub fn revoked_all() -> String {
     format!("{PREFIX}revoked/")
+}
+
+/// The cluster's VE network (`/vessel/v1/network`).
+pub fn network() -> String {
+    format!("{PREFIX}network")
+}
+
+/// The claim of a VE address (`/vessel/v1/ips/<ip>`).
+pub fn ip(addr: std::net::Ipv4Addr) -> String {
+    format!("{PREFIX}ips/{addr}")
+}
+
+pub fn ips() -> String {
+    format!("{PREFIX}ips/")
+}
+
+/// The claim of a uid range (`/vessel/v1/uid-slots/<n>`).
+pub fn uid_slot(slot: u32) -> String {
+    format!("{PREFIX}uid-slots/{slot}")
+}
+
+pub fn uid_slots() -> String {
+    format!("{PREFIX}uid-slots/")
+}
+
+/// A VE's network identity (`/vessel/v1/ve-net/<ve>`).
+pub fn ve_net(ve: &str) -> String {
+    format!("{PREFIX}ve-net/{ve}")
+}
+
+pub fn ve_nets() -> String {
+    format!("{PREFIX}ve-net/")
+}
+
+/// The cluster's VE network: one subnet (the same gateway address on every node's bridge)
+/// and the VXLAN id of the overlay that joins the nodes' bridges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub subnet: vessel_types::Ipv4Cidr,
+    pub vni: u32,
+}
+
+/// Who holds an address or a uid slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub ve: String,
+}
+
+/// A VE's network identity: it keeps it on whichever node it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetIdentity {
+    pub ip: vessel_types::Ipv4Cidr,
+    pub slot: u32,
+    /// The node that has the VE (where its MAC is reached over the overlay).
+    pub node: String,
 }
 
 pub fn election() -> String {

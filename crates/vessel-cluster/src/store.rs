@@ -372,16 +372,17 @@ impl Store {
             .await
     }
 
-    /// `writes` in one transaction, only if every guarded key is unchanged since its
-    /// revision (0: absent); false if one changed (nothing is written then).
-    pub async fn write_if(&self, guards: &[(String, i64)], writes: Vec<Write>) -> Result<bool, ClusterError> {
-        let when = guards
+    /// `writes` in one transaction, only if every key of `expect` is unchanged since its
+    /// modification revision (0: absent); false if one is not. Claims of addresses and uid
+    /// slots are made with this (create-if-absent on several keys at once).
+    pub async fn write_if(&self, expect: &[(String, i64)], writes: Vec<Write>) -> Result<bool, ClusterError> {
+        let when = expect
             .iter()
-            .map(|(k, r)| {
-                if *r == 0 {
+            .map(|(k, rev)| {
+                if *rev == 0 {
                     Compare::version(k.as_str(), CompareOp::Equal, 0)
                 } else {
-                    Compare::mod_revision(k.as_str(), CompareOp::Equal, *r)
+                    Compare::mod_revision(k.as_str(), CompareOp::Equal, *rev)
                 }
             })
             .collect();

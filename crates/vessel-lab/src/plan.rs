@@ -4,13 +4,15 @@
 //! Address plan of a lab with net index X (a /16 picked free, see [`pick_net`]):
 //! ```text
 //! 10.X.0.0/24     the lab link: node i is 10.X.0.i on the hub bridge
-//! 10.X.i.0/24     node i's VE subnet (its own VE bridge, inside its network namespace)
+//! 10.X.16.0/20    the cluster's one VE network: every node's VE bridge (inside its network
+//!                 namespace) holds the gateway 10.X.16.1, and the bridges are joined by the
+//!                 VXLAN overlay over the lab link (a VE keeps its address on every node)
 //! ```
 
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
-/// Most nodes a lab has (node i's VE subnet is 10.X.i.0/24).
+/// Most nodes a lab has.
 pub const MAX_NODES: usize = 64;
 /// etcd members are odd and few.
 pub const MAX_ETCD_MEMBERS: usize = 7;
@@ -68,7 +70,8 @@ pub struct NodePlan {
     pub index: u8,
     /// Its address on the lab link (10.X.0.i).
     pub address: Ipv4Addr,
-    /// Its VE subnet (10.X.i.0/24) and VE bridge (inside its network namespace).
+    /// The VE network (10.X.16.0/20, the same on every node: the cluster's) and its VE
+    /// bridge (inside its network namespace).
     pub ve_subnet: String,
     pub ve_bridge: String,
     /// The hub end of its veth (in the hub namespace); its own end is `eth0`.
@@ -115,7 +118,7 @@ impl Plan {
                 name: format!("node{i}"),
                 index: i,
                 address: Ipv4Addr::new(10, net, 0, i),
-                ve_subnet: format!("10.{net}.{i}.0/24"),
+                ve_subnet: format!("10.{net}.16.0/20"),
                 ve_bridge: format!("{prefix}v{i}"),
                 hub_veth: format!("{prefix}n{i}"),
                 etcd_member: (i as usize) <= members,
@@ -279,7 +282,11 @@ mod tests {
         let p = Plan::new("t1", "vl00000", 161, 4, 3).unwrap();
         let n2 = p.node("node2").unwrap();
         assert_eq!(n2.address, Ipv4Addr::new(10, 161, 0, 2));
-        assert_eq!(n2.ve_subnet, "10.161.2.0/24");
+        assert_eq!(n2.ve_subnet, "10.161.16.0/20");
+        assert!(
+            p.nodes.iter().all(|n| n.ve_subnet == n2.ve_subnet),
+            "one VE network per lab"
+        );
         assert_eq!(p.link_net(), "10.161.0.0/24");
         let members: Vec<&str> = p.members().map(|n| n.name.as_str()).collect();
         assert_eq!(members, ["node1", "node2", "node3"]);

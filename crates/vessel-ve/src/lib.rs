@@ -16,6 +16,7 @@ pub mod runtime;
 pub mod store;
 pub mod sys;
 pub mod template;
+pub mod vxlan;
 pub mod xfer;
 
 pub use layout::{Layout, VeLayout};

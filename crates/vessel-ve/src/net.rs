@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use vessel_types::Ipv4Cidr;
 
 /// An Ethernet address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Mac(pub [u8; 6]);
 
 impl fmt::Display for Mac {
@@ -99,13 +99,22 @@ pub fn delete_link(name: &str) -> Result<()> {
 }
 
 /// Give the VE whose init is `pid` its `eth0` on `bridge` with address `ip` and MAC `mac`,
-/// loopback up and a default route through `gateway`.
-pub fn attach_ve(host_if: &str, bridge: &str, pid: i32, ip: Ipv4Cidr, mac: Mac, gateway: Ipv4Addr) -> Result<()> {
+/// loopback up and a default route through `gateway`. `mtu`: both ends' MTU (None: the
+/// kernel's 1500; the overlay needs less, see [`crate::vxlan::MTU`]).
+pub fn attach_ve(
+    host_if: &str,
+    bridge: &str,
+    pid: i32,
+    ip: Ipv4Cidr,
+    mac: Mac,
+    gateway: Ipv4Addr,
+    mtu: Option<u32>,
+) -> Result<()> {
     let mut host = ctx("netlink socket", Rtnl::new())?;
     let _ = host.delete_link(host_if); // a stale end from a crashed start
     ctx(
         format!("create veth {host_if}"),
-        host.create_veth(host_if, "eth0", mac.0, pid),
+        host.create_veth(host_if, "eth0", mac.0, pid, mtu),
     )?;
     let inside = (|| {
         let bridge_index =

@@ -26,6 +26,19 @@
 //! VEs that the table does not know (e.g. a VE whose rules could not be written) match the
 //! prefix rule and are dropped: the filter fails closed.
 //!
+//! With the overlay ([`crate::vxlan`]) the bridge has one more port, the VXLAN device, whose
+//! frames come from other nodes' VE ports (filtered there the same way). Its chains:
+//!
+//! * every node's bridge holds the same gateway address (a distributed gateway: a VE's
+//!   traffic leaves through its own node), so ARP for or from the gateway must not cross
+//!   the overlay (else a VE could learn another node's bridge as its gateway): ARP with the
+//!   gateway's address as sender or target is dropped in and out of the VXLAN port;
+//! * frames from the overlay with a source MAC of one of this node's VEs are dropped (the
+//!   bridge would otherwise move that VE's MAC to the overlay port);
+//! * VE ports may not send to UDP port 4789: a VE could otherwise hand a node's VXLAN
+//!   socket (which accepts from any source) a frame of its own making, spoofed addresses
+//!   and all, that would enter the bridge behind the filter.
+//!
 //! A bridge-family table sees the frames of every bridge on the host; this kernel has no
 //! `meta ibrname` (`NFT_BRIDGE_META`), so rules match the VE ports' names, which carry a
 //! hash of this bridge's name ([`crate::net::host_if_prefix`]). Rules exist for every VE
@@ -69,6 +82,13 @@ pub enum FilterError {
     Timeout { table: String, limit: Duration },
 }
 
+/// The overlay's port on the bridge: the VXLAN device and the (distributed) gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayPort {
+    pub ifname: String,
+    pub gateway: Ipv4Addr,
+}
+
 /// Name of the table that filters `bridge`'s VE ports.
 pub fn table_name(bridge: &str) -> Result<String, FilterError> {
     let ok = !bridge.is_empty()
@@ -95,11 +115,19 @@ fn check_ifname(name: &str) -> Result<(), FilterError> {
 /// The nft script that replaces `bridge`'s table with rules for `ports`. `port_prefix` is
 /// what every VE port of this bridge is called (see the module doc: unknown ports with it
 /// are dropped). Creating the table, deleting it and defining it again is one transaction.
-pub fn render(bridge: &str, port_prefix: &str, ports: &[Port]) -> Result<String, FilterError> {
+pub fn render(
+    bridge: &str,
+    port_prefix: &str,
+    ports: &[Port],
+    overlay: Option<&OverlayPort>,
+) -> Result<String, FilterError> {
     let table = table_name(bridge)?;
     check_ifname(port_prefix)?;
     for p in ports {
         check_ifname(&p.ifname)?;
+    }
+    if let Some(o) = overlay {
+        check_ifname(&o.ifname)?;
     }
     let mut s = format!(
         "# vessel: anti-spoofing on the VE ports of bridge {bridge} (generated; replaced as a whole)\n\
@@ -113,7 +141,36 @@ pub fn render(bridge: &str, port_prefix: &str, ports: &[Port]) -> Result<String,
         let entries: Vec<String> = ports.iter().map(|p| format!("\"{0}\" : goto {0}", p.ifname)).collect();
         s.push_str(&format!("\t\tiifname vmap {{ {} }}\n", entries.join(", ")));
     }
+    if let Some(o) = overlay {
+        s.push_str(&format!("\t\tiifname \"{}\" goto overlay_in\n", o.ifname));
+    }
     s.push_str(&format!("\t\tiifname \"{port_prefix}*\" drop\n\t}}\n"));
+    if let Some(o) = overlay {
+        let (vx, gw) = (&o.ifname, o.gateway);
+        s.push_str(&format!(
+            "\tchain overlay_in {{\n\
+             \t\tarp saddr ip {gw} drop\n\
+             \t\tarp daddr ip {gw} drop\n"
+        ));
+        if !ports.is_empty() {
+            let macs: Vec<String> = ports.iter().map(|p| p.mac.to_string()).collect();
+            s.push_str(&format!("\t\tether saddr {{ {} }} drop\n", macs.join(", ")));
+        }
+        s.push_str(&format!(
+            "\t\taccept\n\
+             \t}}\n\
+             \tchain postrouting {{\n\
+             \t\ttype filter hook postrouting priority -200; policy accept;\n\
+             \t\toifname \"{vx}\" arp saddr ip {gw} drop\n\
+             \t\toifname \"{vx}\" arp daddr ip {gw} drop\n\
+             \t}}\n"
+        ));
+    }
+    let no_vxlan = if overlay.is_some() {
+        format!("\t\tudp dport {} drop\n", crate::vxlan::VXLAN_PORT)
+    } else {
+        String::new()
+    };
     for p in ports {
         let (name, mac, ip) = (&p.ifname, p.mac, p.ip);
         s.push_str(&format!(
@@ -127,6 +184,7 @@ pub fn render(bridge: &str, port_prefix: &str, ports: &[Port]) -> Result<String,
              \t\tarp saddr ip != {ip} drop\n\
              \t\tether type arp accept\n\
              \t\tip saddr != {ip} drop\n\
+             {no_vxlan}\
              \t\tether type ip accept\n\
              \t\tdrop\n\
              \t}}\n"
@@ -143,8 +201,13 @@ pub fn render_remove(bridge: &str) -> Result<String, FilterError> {
 }
 
 /// Replace `bridge`'s table with rules for `ports`.
-pub fn apply(bridge: &str, port_prefix: &str, ports: &[Port]) -> Result<(), FilterError> {
-    run_nft(&table_name(bridge)?, &render(bridge, port_prefix, ports)?)
+pub fn apply(
+    bridge: &str,
+    port_prefix: &str,
+    ports: &[Port],
+    overlay: Option<&OverlayPort>,
+) -> Result<(), FilterError> {
+    run_nft(&table_name(bridge)?, &render(bridge, port_prefix, ports, overlay)?)
 }
 
 /// Remove `bridge`'s table (nothing to do if there is none).
@@ -241,6 +304,7 @@ mod tests {
             "br0",
             "vabc123_",
             &[port(1, [10, 254, 20, 2]), port(7, [10, 254, 20, 9])],
+            None,
         )
         .unwrap();
         let expected = "\
@@ -279,7 +343,7 @@ table bridge vessel_br0 {
 
     #[test]
     fn no_ports_still_drops_unknown_ports() {
-        let s = render("vt1", "vabc123_", &[]).unwrap();
+        let s = render("vt1", "vabc123_", &[], None).unwrap();
         assert!(!s.contains("vmap"), "{s}");
         assert!(s.contains("\t\tiifname \"vabc123_*\" drop\n"));
         assert!(s.contains("delete table bridge vessel_vt1\n"));
@@ -291,15 +355,47 @@ table bridge vessel_br0 {
         assert_eq!(table_name("br-lab.1").unwrap(), "vessel_br-lab.1");
         for bad in ["", "br 0", "br\"0", "br;0", "br}0", "brü"] {
             assert!(matches!(table_name(bad), Err(FilterError::BadBridgeName(_))), "{bad:?}");
-            assert!(render(bad, "v_", &[]).is_err());
+            assert!(render(bad, "v_", &[], None).is_err());
         }
         let mut p = port(1, [10, 0, 0, 2]);
         p.ifname = "x\" drop; accept".into();
         assert!(matches!(
-            render("br0", "vabc123_", &[p]),
+            render("br0", "vabc123_", &[p], None),
             Err(FilterError::BadPortName(_))
         ));
-        assert!(matches!(render("br0", "1abc", &[]), Err(FilterError::BadPortName(_))));
+        assert!(matches!(
+            render("br0", "1abc", &[], None),
+            Err(FilterError::BadPortName(_))
+        ));
+    }
+
+    #[test]
+    fn overlay_port_keeps_gateway_arp_home_and_local_macs_local() {
+        let o = OverlayPort {
+            ifname: "xabc123".into(),
+            gateway: Ipv4Addr::new(10, 254, 20, 1),
+        };
+        let s = render("br0", "vabc123_", &[port(1, [10, 254, 20, 2])], Some(&o)).unwrap();
+        assert!(
+            s.contains("\t\tiifname \"xabc123\" goto overlay_in\n\t\tiifname \"vabc123_*\" drop\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "\tchain overlay_in {\n\
+             \t\tarp saddr ip 10.254.20.1 drop\n\
+             \t\tarp daddr ip 10.254.20.1 drop\n\
+             \t\tether saddr { 02:56:0a:fe:14:02 } drop\n\
+             \t\taccept\n\t}\n"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("\t\toifname \"xabc123\" arp saddr ip 10.254.20.1 drop\n"));
+        assert!(s.contains("\t\toifname \"xabc123\" arp daddr ip 10.254.20.1 drop\n"));
+        assert!(s.contains("\t\tip saddr != 10.254.20.2 drop\n\t\tudp dport 4789 drop\n\t\tether type ip accept\n"));
+        // Without the overlay, nothing of it.
+        let plain = render("br0", "vabc123_", &[port(1, [10, 254, 20, 2])], None).unwrap();
+        assert!(!plain.contains("overlay") && !plain.contains("4789"), "{plain}");
     }
 
     #[test]

@@ -115,12 +115,23 @@ impl Rtnl {
 
     /// A veth pair: `host` here, `peer` with address `peer_mac` created directly in the
     /// netns of process `pid`.
-    pub fn create_veth(&mut self, host: &str, peer: &str, peer_mac: [u8; 6], pid: i32) -> io::Result<()> {
+    pub fn create_veth(
+        &mut self,
+        host: &str,
+        peer: &str,
+        peer_mac: [u8; 6],
+        pid: i32,
+        mtu: Option<u32>,
+    ) -> io::Result<()> {
         let mut p = LinkMessage::default();
         p.attributes.push(LinkAttribute::IfName(peer.to_string()));
         p.attributes.push(LinkAttribute::Address(peer_mac.to_vec()));
         p.attributes.push(LinkAttribute::NetNsPid(pid as u32));
         let mut m = LinkMessage::default();
+        if let Some(mtu) = mtu {
+            p.attributes.push(LinkAttribute::Mtu(mtu));
+            m.attributes.push(LinkAttribute::Mtu(mtu));
+        }
         m.attributes.push(LinkAttribute::IfName(host.to_string()));
         m.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),

@@ -34,6 +34,9 @@ pub struct NetPlan {
     /// MAC of the VE's `eth0` ([`net::ve_mac`]): the only one its bridge port admits.
     pub mac: [u8; 6],
     pub gateway: std::net::Ipv4Addr,
+    /// MTU of the veth (None: 1500; the overlay's is [`crate::vxlan::MTU`]).
+    #[serde(default)]
+    pub mtu: Option<u32>,
 }
 
 /// Where the helper shows a VE's root (and bind sources) to libcontainer. The node root is
@@ -323,7 +326,7 @@ fn start(id: &str, root: &Path, bundle: &Path, net: Option<&NetPlan>) -> Result<
             .ok_or_else(|| RuntimeError::Helper("VE has no init pid".into()))?
             .as_raw();
         if let Some(n) = net {
-            net::attach_ve(&n.host_if, &n.bridge, pid, n.ip, net::Mac(n.mac), n.gateway)
+            net::attach_ve(&n.host_if, &n.bridge, pid, n.ip, net::Mac(n.mac), n.gateway, n.mtu)
                 .map_err(|e| RuntimeError::Helper(e.to_string()))?;
         }
         let t_net = t0.elapsed();

@@ -1,6 +1,6 @@
 //! Between nodes on a 3-node lab: a node without a VE's template fetches it from a node
 //! that has it (every file verified; a corrupted copy is refused and nothing is
-//! installed); `ve move` of a running VE keeps its files and history, runs it on the
+//! installed); `ve move` of a running VE keeps its files, history, address and uid range, runs it on the
 //! target only and removes the source's copy; a move that fails leaves the VE where it
 //! was, running; draining a node moves its VEs off, and a VE that may run nowhere else
 //! stays with the reason.
@@ -133,6 +133,8 @@ fn ves_move_between_nodes_with_their_history_and_drain_moves_them_off() {
         "{v}"
     );
     let ip = v["spec"]["ip"].as_str().unwrap_or_default().to_string();
+    let uid_base = v["uid_base"].clone();
+    assert!(uid_base.as_u64().is_some(), "{v}");
     lab.vessel_ok(
         "node1",
         &[
@@ -191,17 +193,10 @@ fn ves_move_between_nodes_with_their_history_and_drain_moves_them_off() {
         (Some("node2"), Some("running")),
         "{moved}"
     );
-    // Lab nodes have a subnet each (until cluster-wide addresses): node2's next free one.
+    // The VE keeps its address and uid range (its identity in the cluster's IPAM).
     let moved_ip = moved["spec"]["ip"].as_str().unwrap_or_default().to_string();
-    assert!(ip.starts_with("10.") && moved_ip != ip, "{moved}");
-    let sub = lab.state().unwrap()["plan"]["nodes"][1]["ve_subnet"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        moved_ip.starts_with(sub.trim_end_matches("0/24")),
-        "{moved_ip} not in {sub}"
-    );
+    assert!(ip.starts_with("10.") && moved_ip == ip, "{moved}");
+    assert_eq!(moved["uid_base"], uid_base, "{moved}");
     eprintln!(
         "MEASURE ve move (running busybox VE, 100 MiB written; CLI on a third node): {} ms",
         took.as_millis()
@@ -218,8 +213,13 @@ fn ves_move_between_nodes_with_their_history_and_drain_moves_them_off() {
     );
     let after = lab.vessel_ok("node2", &["ve", "history", "m1", "/root/hello"]);
     assert_eq!(after, before, "history differs after the move");
-    let o = lab.vessel("node1", &["ve", "exec", "m1", "--", "true"]);
-    assert!(!o.status.success() && err(&o).contains("on node node2"), "{}", err(&o));
+    // From the old node the VE is reached on its new one (the call is carried there).
+    assert_eq!(lab.vessel_json("node1", &["ve", "show", "m1"])["node"], "node2");
+    assert_eq!(
+        lab.vessel_ok("node1", &["ve", "exec", "m1", "--", "cat", "/root/hello"])
+            .trim(),
+        "before-move"
+    );
     assert!(
         !Path::new(&format!("{}/ves/m1", data(&lab, "node1"))).exists(),
         "node1 kept its copy"
