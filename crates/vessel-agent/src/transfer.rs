@@ -200,6 +200,34 @@ impl Node {
         self.peer_client(&t, timeout)
     }
 
+    /// A tree stream from `node` and its header (of our version).
+    fn open_tree_stream<H: serde::de::DeserializeOwned>(
+        &self,
+        node: &str,
+        req: StreamRequest,
+        what: &str,
+        version: impl Fn(&H) -> u32,
+    ) -> NResult<(vessel_peer::PeerStream, H)> {
+        let c = self.connect_to(node, PEER_TIMEOUT)?;
+        let mut s = c.call_stream(&PeerRequest::Stream(req)).map_err(|e| match e {
+            vessel_peer::PeerError::Api(e) => err(e.code, format!("node {node}: {}", e.message)),
+            e => peer_err(node, e),
+        })?;
+        let h = xfer::read_header(&mut s).map_err(|e| xfer_err(what, e))?;
+        let h: H =
+            serde_json::from_slice(&h).map_err(|e| err(ErrorCode::Conflict, format!("{what}: bad header: {e}")))?;
+        if version(&h) != HEADER_VERSION {
+            return Err(err(
+                ErrorCode::VersionMismatch,
+                format!(
+                    "{what}: header version {}: run the same vessel version on every node",
+                    version(&h)
+                ),
+            ));
+        }
+        Ok((s, h))
+    }
+
     fn api_on(&self, node: &str, req: Request, timeout: Duration) -> NResult<Response> {
         let mut c = self.connect_to(node, timeout)?;
         match c.call(&PeerRequest::Api(Box::new(req))) {
@@ -333,29 +361,16 @@ impl Node {
                 )
             })?;
         progress(&format!("fetching template '{name}' from node {node}"), 0, 0);
-        let c = self.connect_to(node, PEER_TIMEOUT)?;
-        let mut s = c
-            .call_stream(&PeerRequest::Stream(StreamRequest::Template {
+        let what = format!("template '{name}' from node {node}");
+        let (mut s, h): (_, TemplateHeader) = self.open_tree_stream(
+            node,
+            StreamRequest::Template {
                 name: name.to_string(),
                 id: id.map(str::to_string),
-            }))
-            .map_err(|e| match e {
-                vessel_peer::PeerError::Api(e) => err(e.code, format!("node {node}: {}", e.message)),
-                e => peer_err(node, e),
-            })?;
-        let what = format!("template '{name}' from node {node}");
-        let h = xfer::read_header(&mut s).map_err(|e| xfer_err(&what, e))?;
-        let h: TemplateHeader =
-            serde_json::from_slice(&h).map_err(|e| err(ErrorCode::Conflict, format!("{what}: bad header: {e}")))?;
-        if h.version != HEADER_VERSION {
-            return Err(err(
-                ErrorCode::VersionMismatch,
-                format!(
-                    "{what}: header version {}: run the same vessel version on every node",
-                    h.version
-                ),
-            ));
-        }
+            },
+            &what,
+            |h: &TemplateHeader| h.version,
+        )?;
         let refused = |why: String| {
             err(
                 ErrorCode::Conflict,
@@ -498,26 +513,13 @@ impl Node {
             ));
         }
         let started = Instant::now();
-        let c = self.connect_to(from, PEER_TIMEOUT)?;
-        let mut s = c
-            .call_stream(&PeerRequest::Stream(StreamRequest::Volume { name: name.to_string() }))
-            .map_err(|e| match e {
-                vessel_peer::PeerError::Api(e) => err(e.code, format!("node {from}: {}", e.message)),
-                e => peer_err(from, e),
-            })?;
         let what = format!("the volume of VE '{name}' from node {from}");
-        let h = xfer::read_header(&mut s).map_err(|e| xfer_err(&what, e))?;
-        let h: VolumeHeader =
-            serde_json::from_slice(&h).map_err(|e| err(ErrorCode::Conflict, format!("{what}: bad header: {e}")))?;
-        if h.version != HEADER_VERSION {
-            return Err(err(
-                ErrorCode::VersionMismatch,
-                format!(
-                    "{what}: header version {}: run the same vessel version on every node",
-                    h.version
-                ),
-            ));
-        }
+        let (mut s, h): (_, VolumeHeader) = self.open_tree_stream(
+            from,
+            StreamRequest::Volume { name: name.to_string() },
+            &what,
+            |h: &VolumeHeader| h.version,
+        )?;
         let rec = h.record;
         if &rec.spec.name != name {
             return Err(err(

@@ -130,6 +130,28 @@ pub fn scan(root: &Path) -> Result<Manifest> {
     })
 }
 
+/// The kind of an entry that is neither a directory nor a regular file (a symlink with its
+/// target, a device with its number, a fifo or a socket), from its `lstat`.
+pub(crate) fn set_special(e: &mut Entry, md: &std::fs::Metadata, p: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let ft = md.file_type();
+    if ft.is_symlink() {
+        e.kind = EntryKind::Symlink;
+        e.target = Some(std::fs::read_link(p)?.to_string_lossy().into_owned());
+    } else if ft.is_char_device() {
+        e.kind = EntryKind::Char;
+        e.rdev = md.rdev();
+    } else if ft.is_block_device() {
+        e.kind = EntryKind::Block;
+        e.rdev = md.rdev();
+    } else if ft.is_fifo() {
+        e.kind = EntryKind::Fifo;
+    } else {
+        e.kind = EntryKind::Socket;
+    }
+    Ok(())
+}
+
 fn walk(root: &Path, rel: &Path, out: &mut Vec<Entry>) -> Result<()> {
     let dir = root.join(rel);
     let mut names: Vec<_> = std::fs::read_dir(&dir)
@@ -143,7 +165,6 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<Entry>) -> Result<()> {
         let p = root.join(&r);
         let md = std::fs::symlink_metadata(&p).map_err(io("stat", &p))?;
         let ft = md.file_type();
-        use std::os::unix::fs::FileTypeExt;
         let mut e = Entry {
             path: r.to_string_lossy().into_owned(),
             kind: EntryKind::Dir,
@@ -163,24 +184,8 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<Entry>) -> Result<()> {
             e.kind = EntryKind::File;
             e.size = md.len();
             e.sha256 = Some(hash_file(&p)?);
-        } else if ft.is_symlink() {
-            e.kind = EntryKind::Symlink;
-            e.target = Some(
-                std::fs::read_link(&p)
-                    .map_err(io("read link", &p))?
-                    .to_string_lossy()
-                    .into_owned(),
-            );
-        } else if ft.is_char_device() {
-            e.kind = EntryKind::Char;
-            e.rdev = md.rdev();
-        } else if ft.is_block_device() {
-            e.kind = EntryKind::Block;
-            e.rdev = md.rdev();
-        } else if ft.is_fifo() {
-            e.kind = EntryKind::Fifo;
         } else {
-            e.kind = EntryKind::Socket;
+            set_special(&mut e, &md, &p).map_err(io("read link", &p))?;
         }
         out.push(e);
     }

@@ -97,7 +97,6 @@ pub fn list(root: &Path) -> Result<Vec<Item>> {
             let p = root.join(&r);
             let md = std::fs::symlink_metadata(&p).map_err(io("stat", &p))?;
             let ft = md.file_type();
-            use std::os::unix::fs::FileTypeExt;
             let mut e = Entry {
                 path: r.to_string_lossy().into_owned(),
                 kind: EntryKind::Dir,
@@ -117,24 +116,8 @@ pub fn list(root: &Path) -> Result<Vec<Item>> {
                 if md.nlink() > 1 {
                     key = Some((md.dev(), md.ino()));
                 }
-            } else if ft.is_symlink() {
-                e.kind = EntryKind::Symlink;
-                e.target = Some(
-                    std::fs::read_link(&p)
-                        .map_err(io("read link", &p))?
-                        .to_string_lossy()
-                        .into_owned(),
-                );
-            } else if ft.is_char_device() {
-                e.kind = EntryKind::Char;
-                e.rdev = md.rdev();
-            } else if ft.is_block_device() {
-                e.kind = EntryKind::Block;
-                e.rdev = md.rdev();
-            } else if ft.is_fifo() {
-                e.kind = EntryKind::Fifo;
             } else {
-                e.kind = EntryKind::Socket;
+                crate::template::set_special(&mut e, &md, &p).map_err(io("read link", &p))?;
             }
             out.push((Item { entry: e, link: None }, key));
         }
