@@ -220,17 +220,7 @@ impl Node {
         cwd: Option<String>,
         fds: Vec<OwnedFd>,
     ) -> NResult<()> {
-        let stdio: Option<[OwnedFd; 3]> = if tty {
-            None
-        } else {
-            let n = fds.len();
-            Some(fds.try_into().map_err(|_| {
-                err(
-                    ErrorCode::InvalidArgument,
-                    format!("exec without a tty needs 3 fds (stdin, stdout, stderr), got {n}"),
-                )
-            })?)
-        };
+        let stdio = crate::interactive::exec_stdio(tty, fds)?;
         let req = PeerRequest::Stream(StreamRequest::Exec {
             name: name.to_string(),
             argv,
@@ -253,7 +243,8 @@ impl Node {
             None => {
                 let pty = nix::pty::openpty(None, None).map_err(|e| internal("a terminal for exec", e))?;
                 raw_mode(&pty.slave).map_err(|e| internal("a terminal for exec", e))?;
-                set_nonblocking(pty.slave.as_raw_fd()).map_err(|e| internal("a terminal for exec", e))?;
+                crate::peer_session::nonblocking(pty.slave.as_raw_fd())
+                    .map_err(|e| internal("a terminal for exec", e))?;
                 write_frame(conn.as_raw_fd(), &Response::ExecStarted, &[pty.master.as_raw_fd()])
                     .map_err(|e| internal("exec", e))?;
                 drop(pty.master);
@@ -323,22 +314,6 @@ fn raw_mode(fd: &OwnedFd) -> nix::Result<()> {
     let mut t = tcgetattr(fd)?;
     cfmakeraw(&mut t);
     tcsetattr(fd, SetArg::TCSANOW, &t)
-}
-
-fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl on an fd this node owns; F_GETFL/F_SETFL take no pointers.
-    let rc = unsafe {
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        if fl < 0 {
-            fl
-        } else {
-            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK)
-        }
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn winsize(fd: RawFd) -> Option<(u16, u16)> {

@@ -39,17 +39,7 @@ impl Node {
     ) -> NResult<()> {
         check_exec(&argv, &env)?;
         self.require_running(name)?;
-        let stdio: Option<[OwnedFd; 3]> = if tty {
-            None
-        } else {
-            let n = fds.len();
-            Some(fds.try_into().map_err(|_| {
-                err(
-                    ErrorCode::InvalidArgument,
-                    format!("exec without a tty needs 3 fds (stdin, stdout, stderr), got {n}"),
-                )
-            })?)
-        };
+        let stdio = exec_stdio(tty, fds)?;
         let mut started = self.exec_start(name, argv, tty, env, cwd, stdio)?;
         let raw: Vec<i32> = started.master.iter().map(|f| f.as_raw_fd()).collect();
         let _ = write_frame(conn.as_raw_fd(), &Response::ExecStarted, &raw);
@@ -188,4 +178,18 @@ impl Started {
             other => Err(internal("exec", format!("unexpected report {other:?}"))),
         }
     }
+}
+
+/// The client's stdin, stdout and stderr for an exec without a tty (none with one).
+pub(crate) fn exec_stdio(tty: bool, fds: Vec<OwnedFd>) -> NResult<Option<[OwnedFd; 3]>> {
+    if tty {
+        return Ok(None);
+    }
+    let n = fds.len();
+    fds.try_into().map(Some).map_err(|_| {
+        err(
+            ErrorCode::InvalidArgument,
+            format!("exec without a tty needs 3 fds (stdin, stdout, stderr), got {n}"),
+        )
+    })
 }

@@ -27,8 +27,9 @@ const OUT_LIMIT: usize = 256 << 10;
 /// Stop taking frames while this much stdin waits for the command.
 const IN_LIMIT: usize = 1 << 20;
 
-fn nonblocking(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl on an fd this session owns; F_GETFL/F_SETFL take no pointers.
+/// Make `fd` non-blocking (an fd of this node's: a pipe, a pty, a socket).
+pub(crate) fn nonblocking(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on an fd this node owns; F_GETFL/F_SETFL take no pointers.
     let rc = unsafe {
         let fl = libc::fcntl(fd, libc::F_GETFL);
         if fl < 0 {
