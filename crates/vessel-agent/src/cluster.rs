@@ -6,6 +6,7 @@
 //! `keys::node` (under its lease): a member without a live record is lost. The store's work runs on a small tokio runtime
 //! of its own; the daemon's threads call in with [`Member::block_on`].
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -293,13 +294,40 @@ impl Member {
 
     /// The cluster as the store shows it now.
     pub fn view(&self) -> Result<ClusterView, String> {
-        let (members, alive, leader) = self
+        let (members, alive, leader, load, heartbeats) = self
             .rt
             .block_on(async {
                 let members: Vec<NodeRecord> = self.store.list(&keys::members()).await?;
                 let alive = self.store.nodes().await?;
                 let leader = self.store.leader().await?;
-                Ok::<_, vessel_cluster::ClusterError>((members, alive, leader))
+                // What is placed on each node, and what it requests.
+                let mut memory_low: BTreeMap<String, u64> = BTreeMap::new();
+                for kv in self.store.list_raw(&keys::ves()).await? {
+                    if let Some((ve, "spec")) = keys::ve_part(&kv.key) {
+                        if let Ok(e) = keys::decode::<keys::VeEntry>(&kv.key, &kv.value) {
+                            memory_low.insert(ve.to_string(), e.spec.limits.memory_low.unwrap_or(0));
+                        }
+                    }
+                }
+                let mut load: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+                for kv in self.store.list_raw(&keys::assigned_to("")).await? {
+                    let rest = kv.key.trim_start_matches(&keys::assigned_to(""));
+                    if let Some((node, ve)) = rest.split_once('/') {
+                        let l = load.entry(node.to_string()).or_default();
+                        l.0 += 1;
+                        l.1 += memory_low.get(ve).copied().unwrap_or(0);
+                    }
+                }
+                let mut heartbeats: BTreeMap<String, i64> = BTreeMap::new();
+                for kv in self.store.list_raw(&keys::nodes()).await? {
+                    if kv.lease != 0 {
+                        if let Ok(Some((granted, left))) = self.store.lease_ttl(kv.lease).await {
+                            let name = kv.key.trim_start_matches(&keys::nodes()).to_string();
+                            heartbeats.insert(name, (granted - left).max(0));
+                        }
+                    }
+                }
+                Ok::<_, vessel_cluster::ClusterError>((members, alive, leader, load, heartbeats))
             })
             .map_err(|e| e.to_string())?;
         let mut nodes: Vec<ClusterNode> = members
@@ -310,9 +338,13 @@ impl Member {
                 let state = vessel_control::model::NodeState::of(live.is_some(), m.draining).as_str();
                 let mut node = live.cloned().unwrap_or_else(|| m.clone());
                 node.draining = m.draining;
+                let (ves, memory_requested) = load.get(&node.name).copied().unwrap_or_default();
                 ClusterNode {
                     leader: leader.as_deref() == Some(node.name.as_str()),
                     state: state.to_string(),
+                    ves,
+                    memory_requested,
+                    heartbeat_secs_ago: live.and_then(|_| heartbeats.get(&node.name).copied()),
                     node,
                 }
             })

@@ -37,6 +37,8 @@ pub struct RawKv {
     pub key: String,
     pub value: Vec<u8>,
     pub mod_revision: i64,
+    /// The lease the key is attached to (0: none).
+    pub lease: i64,
 }
 
 /// A connection to the control store (to each of its members).
@@ -331,6 +333,7 @@ impl Store {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),
                 value: kv.value().to_vec(),
                 mod_revision: kv.mod_revision(),
+                lease: kv.lease(),
             }));
             match r.kvs().last() {
                 Some(last) if r.more() => {
@@ -450,6 +453,15 @@ impl Store {
     }
 
     /// End a lease now (a node leaving: its record and leadership go at once).
+    /// A lease's granted TTL and the seconds it has left (None: expired or unknown).
+    pub async fn lease_ttl(&self, lease: i64) -> Result<Option<(i64, i64)>, ClusterError> {
+        let r = self
+            .pool
+            .call(|mut c| async move { c.lease_time_to_live(lease, None).await })
+            .await?;
+        Ok((r.ttl() >= 0).then(|| (r.granted_ttl(), r.ttl())))
+    }
+
     pub async fn revoke(&self, lease: i64) -> Result<(), ClusterError> {
         let mut tries = 0;
         let r = self

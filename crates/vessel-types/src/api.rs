@@ -489,6 +489,15 @@ pub struct ClusterNode {
     /// ready, draining or lost (its lease expired).
     pub state: String,
     pub leader: bool,
+    /// VEs placed on it.
+    #[serde(default)]
+    pub ves: usize,
+    /// The memory its VEs request (`--memory-low`), against its `memory`.
+    #[serde(default)]
+    pub memory_requested: u64,
+    /// Seconds since its lease was last renewed (a live node only; etcd counts in seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_secs_ago: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

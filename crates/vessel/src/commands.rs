@@ -399,16 +399,29 @@ fn node(g: &Global, n: NodeCmd) -> Result<i32> {
                         n.node.name.clone(),
                         n.state.clone(),
                         if n.leader { "*".into() } else { String::new() },
+                        n.ves.to_string(),
                         n.node.cpus.to_string(),
-                        format_size(n.node.memory),
+                        format!("{}/{}", format_size(n.memory_requested), format_size(n.node.memory)),
                         format_size(n.node.disk),
+                        heartbeat(n),
                         n.node.version.clone(),
                         since(n.node.since_ns),
                     ]
                 })
                 .collect();
             output::table(
-                &["NAME", "STATE", "LEADER", "CPUS", "MEMORY", "DISK", "VERSION", "SINCE"],
+                &[
+                    "NAME",
+                    "STATE",
+                    "LEADER",
+                    "VES",
+                    "CPUS",
+                    "MEMORY REQ/ALLOC",
+                    "DISK",
+                    "HEARTBEAT",
+                    "VERSION",
+                    "SINCE",
+                ],
                 &rows,
             );
             if let Some(p) = &view.problem {
@@ -429,8 +442,14 @@ fn node(g: &Global, n: NodeCmd) -> Result<i32> {
                 println!("name:     {}", n.node.name);
                 println!("state:    {}", n.state);
                 println!("leader:   {}", if n.leader { "yes" } else { "no" });
+                println!("heartbeat: {}", heartbeat(n));
+                println!("ves:      {}", n.ves);
                 println!("cpus:     {}", n.node.cpus);
-                println!("memory:   {}", format_size(n.node.memory));
+                println!(
+                    "memory:   {} requested by its VEs of {}",
+                    format_size(n.memory_requested),
+                    format_size(n.node.memory)
+                );
                 println!("disk:     {}", format_size(n.node.disk));
                 println!("version:  {}", n.node.version);
                 println!("since:    {}", since(n.node.since_ns));
@@ -449,6 +468,16 @@ fn node(g: &Global, n: NodeCmd) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// When a node last renewed its lease, as `node list` shows it.
+fn heartbeat(n: &vessel_types::api::ClusterNode) -> String {
+    match n.heartbeat_secs_ago {
+        Some(0) => "<1s ago".into(),
+        Some(s) => format!("{s}s ago"),
+        None if n.state == "lost" => "none (lost)".into(),
+        None => "-".into(),
+    }
 }
 
 fn template(g: &Global, t: TemplateCmd) -> Result<i32> {

@@ -156,6 +156,17 @@ fn three_nodes_elect_fail_over_partition_heal_and_leave_nothing() {
     lab.wait_list("a new leader, the old one lost", other, |v| {
         leader(v).is_some_and(|l| l != old) && state_of(v, &old).as_deref() == Some("lost")
     });
+    let v = lab.node_list(other).unwrap();
+    let lost = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == old.as_str())
+        .unwrap();
+    assert!(
+        lost["heartbeat_secs_ago"].is_null(),
+        "a lost node has no heartbeat: {v}"
+    );
     // Creates keep working under the new leader (placed by it, on a live node).
     lab.ok(&["exec", other, "--", "vessel", "template", "build", "busybox"]);
     let made = lab.ok(&[

@@ -59,6 +59,8 @@ fn ves_are_placed_across_nodes_and_reached_from_every_node() {
             "--start",
             "--node",
             "node3",
+            "--memory-low",
+            "64M",
         ],
     );
     assert_eq!(b["node"], "node3", "{b}");
@@ -82,6 +84,16 @@ fn ves_are_placed_across_nodes_and_reached_from_every_node() {
             "{table}"
         );
     }
+    // `node list`: each node's VEs, the memory they request, a recent heartbeat.
+    let v = lab.node_list("node1").unwrap();
+    let listed = v["nodes"].as_array().unwrap();
+    assert_eq!(listed.iter().map(|n| n["ves"].as_u64().unwrap()).sum::<u64>(), 3, "{v}");
+    let n3 = listed.iter().find(|n| n["name"] == "node3").unwrap();
+    assert!(n3["memory_requested"].as_u64().unwrap() >= 64 << 20, "{v}");
+    assert!(listed.iter().all(|n| n["heartbeat_secs_ago"].is_i64()), "{v}");
+    let table = lab.vessel_ok("node1", &["node", "list"]);
+    assert!(table.contains("HEARTBEAT") && table.contains(" ago"), "{table}");
+
     // Each VE runs on its node; exec from another node reaches it there.
     assert_eq!(
         lab.vessel_ok("node3", &["ve", "exec", "b", "--", "hostname"]).trim(),
