@@ -310,8 +310,8 @@ impl Member {
                     }
                 }
                 let mut load: BTreeMap<String, (usize, u64)> = BTreeMap::new();
-                for kv in self.store.list_raw(&keys::assigned_to("")).await? {
-                    let rest = kv.key.trim_start_matches(&keys::assigned_to(""));
+                for kv in self.store.list_raw(&keys::assigned_all()).await? {
+                    let rest = kv.key.trim_start_matches(&keys::assigned_all());
                     if let Some((node, ve)) = rest.split_once('/') {
                         let l = load.entry(node.to_string()).or_default();
                         l.0 += 1;

@@ -67,6 +67,11 @@ pub fn assigned_to(node: &str) -> String {
     format!("{PREFIX}assigned/{node}/")
 }
 
+/// The whole index: every node's assigned VEs.
+pub fn assigned_all() -> String {
+    format!("{PREFIX}assigned/")
+}
+
 pub fn join_token(id: &str) -> String {
     format!("{PREFIX}join-tokens/{id}")
 }
