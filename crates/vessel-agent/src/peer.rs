@@ -447,6 +447,9 @@ impl Peer {
 
     fn api_call(&self, req: Request) -> NResult<Response> {
         let node = self.node()?;
+        if let Some(r) = crate::server::ve_call(&node, &req) {
+            return r;
+        }
         Ok(match req {
             Request::Status => Response::Status(node.status()),
             Request::NodeList => Response::Cluster(node.cluster_view()?),
@@ -458,35 +461,6 @@ impl Peer {
             Request::TemplateShow { name } => Response::Template(node.template_show(&name)?),
             Request::VeMove { name, to } => Response::Ve(Box::new(node.ve_move(&name, &to, &mut |_, _, _| {})?)),
             Request::VeMoveIn { name, from } => node.move_in(&name, &from)?,
-            Request::VeLogs { name, tail_bytes, raw } => {
-                let data = node.logs(&name, tail_bytes)?;
-                if raw {
-                    Response::LogBytes { data }
-                } else {
-                    Response::Logs {
-                        text: String::from_utf8_lossy(&data).into_owned(),
-                    }
-                }
-            }
-            Request::VeRestart { name, timeout_secs } => {
-                Response::Ve(Box::new(node.restart(&name, Duration::from_secs(timeout_secs))?))
-            }
-            Request::VeDiff { name, path } => Response::Diff {
-                entries: node.diff(&name, path.as_deref())?,
-            },
-            Request::VeHistory { name, path } => Response::History {
-                entries: node.history(&name, &path)?,
-            },
-            Request::VeRevert { name, path, to } => Response::Reverted {
-                changed: node.revert(&name, &path, to)?,
-            },
-            Request::VeRollback { name, to } => Response::Reverted {
-                changed: node.rollback(&name, to)?,
-            },
-            Request::VeRescue { name, end } => {
-                node.rescue(&name, end)?;
-                Response::Ve(Box::new(node.show(&name)?))
-            }
             other => {
                 let op = serde_json::to_value(&other)
                     .ok()

@@ -205,9 +205,6 @@ fn dispatch(
         Request::VeStop { name, timeout_secs } => {
             Response::Ve(Box::new(node.cluster_stop(&name, Duration::from_secs(timeout_secs))?))
         }
-        Request::VeRestart { name, timeout_secs } => {
-            Response::Ve(Box::new(node.restart(&name, Duration::from_secs(timeout_secs))?))
-        }
         Request::VeDestroy { name, force } => {
             node.cluster_destroy(&name, force)?;
             Response::Ok
@@ -227,32 +224,6 @@ fn dispatch(
             node.console(conn, &name)?;
             return Ok(None);
         }
-        Request::VeLogs {
-            name,
-            tail_bytes,
-            raw: false,
-        } => Response::Logs {
-            text: String::from_utf8_lossy(&node.logs(&name, tail_bytes)?).into_owned(),
-        },
-        Request::VeLogs {
-            name,
-            tail_bytes,
-            raw: true,
-        } => Response::LogBytes {
-            data: node.logs(&name, tail_bytes)?,
-        },
-        Request::VeDiff { name, path } => Response::Diff {
-            entries: node.diff(&name, path.as_deref())?,
-        },
-        Request::VeHistory { name, path } => Response::History {
-            entries: node.history(&name, &path)?,
-        },
-        Request::VeRevert { name, path, to } => Response::Reverted {
-            changed: node.revert(&name, &path, to)?,
-        },
-        Request::VeRollback { name, to } => Response::Reverted {
-            changed: node.rollback(&name, to)?,
-        },
         Request::VeExport { name } => {
             let fd = fds
                 .into_iter()
@@ -271,10 +242,6 @@ fn dispatch(
                 .ok_or_else(|| crate::node::err(ErrorCode::InvalidArgument, "import needs the input as an fd"))?;
             Response::Ve(Box::new(node.cluster_import(name, start, fd)?))
         }
-        Request::VeRescue { name, end } => {
-            node.rescue(&name, end)?;
-            Response::Ve(Box::new(node.show(&name)?))
-        }
         Request::TemplateFetch { name, from } => {
             Response::Template(node.template_fetch(&name, from.as_deref(), &mut progress)?)
         }
@@ -285,7 +252,46 @@ fn dispatch(
                 "`ve-move-in` is a call between nodes: use `vessel ve move NAME --to NODE`",
             ))
         }
+        // restart, logs, diff, history, revert, rollback, rescue: as for other nodes' calls.
+        other => ve_call(node, &other).unwrap_or_else(|| {
+            Err(crate::node::err(
+                ErrorCode::Internal,
+                format!("no handler for {other:?}"),
+            ))
+        })?,
     }))
+}
+
+/// The requests on a VE of this node that are answered at once (no fds, no stream): this
+/// node's API and other nodes' calls serve them alike (`None` for any other request).
+pub(crate) fn ve_call(node: &Node, req: &Request) -> Option<Result<Response, ApiError>> {
+    Some(match req {
+        Request::VeRestart { name, timeout_secs } => node
+            .restart(name, Duration::from_secs(*timeout_secs))
+            .map(|i| Response::Ve(Box::new(i))),
+        Request::VeLogs { name, tail_bytes, raw } => node.logs(name, *tail_bytes).map(|data| {
+            if *raw {
+                Response::LogBytes { data }
+            } else {
+                Response::Logs {
+                    text: String::from_utf8_lossy(&data).into_owned(),
+                }
+            }
+        }),
+        Request::VeDiff { name, path } => node
+            .diff(name, path.as_deref())
+            .map(|entries| Response::Diff { entries }),
+        Request::VeHistory { name, path } => node.history(name, path).map(|entries| Response::History { entries }),
+        Request::VeRevert { name, path, to } => node
+            .revert(name, path, *to)
+            .map(|changed| Response::Reverted { changed }),
+        Request::VeRollback { name, to } => node.rollback(name, *to).map(|changed| Response::Reverted { changed }),
+        Request::VeRescue { name, end } => node
+            .rescue(name, *end)
+            .and_then(|()| node.show(name))
+            .map(|i| Response::Ve(Box::new(i))),
+        _ => return None,
+    })
 }
 
 /// Requests the VE's own node serves: carried there (`forward`) for a VE on another node.
