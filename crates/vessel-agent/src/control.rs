@@ -813,12 +813,49 @@ impl Node {
                 ));
             }
         }
-        let info = {
-            let _g = Importing::new(&self.control);
-            self.import(name, start, input)?
+        let _g = Importing::new(&self.control);
+        let info = self.import(name, start, input)?;
+        let name = info.spec.name.clone();
+        let _b = busy(self, &name);
+        // The name may be a destroyed VE's: its tombstone goes (it would have the new VE
+        // destroyed), unless that VE is still being removed from another node.
+        let old = m
+            .block_on(async {
+                let st = m.store();
+                let e: Option<VeEntry> = st.get(&keys::ve(name.as_str(), "spec")).await?;
+                let p: Option<Placement> = st.get(&keys::ve(name.as_str(), "place")).await?;
+                Ok::<_, ClusterError>((e, p))
+            })
+            .map_err(unavailable);
+        let refuse = match &old {
+            Ok((Some(e), place)) => {
+                let there = place.as_ref().and_then(|p| p.node.clone()).filter(|n| *n != m.name);
+                match (e.deleted, there) {
+                    (true, None) => {
+                        forget_keys(m, &name);
+                        None
+                    }
+                    (true, Some(n)) => Some(err(
+                        ErrorCode::Conflict,
+                        format!("VE '{name}' is still being destroyed on node {n}: import it again when `vessel ve list` no longer shows it"),
+                    )),
+                    (false, _) => Some(err(
+                        ErrorCode::AlreadyExists,
+                        format!("VE '{name}' already exists in the cluster: pick another name (--name) or destroy it first"),
+                    )),
+                }
+            }
+            Ok((None, _)) => None,
+            Err(e) => Some(e.clone()),
         };
-        self.publish(m, &info.spec.name);
-        self.local_info(&info.spec.name)
+        if let Some(why) = refuse {
+            if let Err(e) = self.destroy(&name, true) {
+                tracing::warn!(ve = %name, "removing the refused import: {}", e.message);
+            }
+            return Err(why);
+        }
+        self.publish(m, &name);
+        self.local_info(&name)
     }
 
     /// Every VE of the cluster: this node's, then the others' as their nodes reported them.
@@ -968,11 +1005,24 @@ impl Node {
         for step in reconcile(&assigned, &local, &others) {
             let ve = step_ve(&step);
             let Ok(name) = Name::parse(ve) else { continue };
-            if busy.contains(&name) {
+            // The busy set now, not only as it was when the store was read: a request
+            // may have taken the VE since.
+            if busy.contains(&name)
+                || self
+                    .control
+                    .busy
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&name)
+            {
                 continue;
             }
-            if matches!(step, Step::Adopt { .. })
-                && self.control.importing.load(std::sync::atomic::Ordering::SeqCst) > 0
+            // An import makes a VE the store may know only as the tombstone of one
+            // destroyed before: nothing unassigned is touched while one runs.
+            if matches!(
+                step,
+                Step::Adopt { .. } | Step::Stop { .. } | Step::Destroy { .. } | Step::Release { .. }
+            ) && self.control.importing.load(std::sync::atomic::Ordering::SeqCst) > 0
             {
                 continue;
             }
@@ -1029,6 +1079,12 @@ impl Node {
     fn carry_out(&self, m: &Member, step: &Step, entry: Option<&VeEntry>) -> NResult<()> {
         let name = Name::parse(step_ve(step)).map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
         let _b = busy(self, &name);
+        if matches!(step, Step::Stop { .. } | Step::Destroy { .. } | Step::Release { .. })
+            && !still_unwanted(m, &name, step)?
+        {
+            tracing::debug!(ve = %name, ?step, "the store changed since it was read: step dropped");
+            return Ok(());
+        }
         match step {
             Step::Create { generation, start, .. } => {
                 let e = entry.ok_or_else(|| err(ErrorCode::NotFound, "no spec"))?;
@@ -1137,6 +1193,32 @@ fn digest(i: &VeInfo) -> String {
         i.spec
     ])
     .to_string()
+}
+
+/// Whether a step that stops or removes a VE not assigned here still holds when read
+/// afresh: the snapshot it came from may predate an import or a create under the same
+/// name (a destroyed VE's tombstone, replaced since).
+fn still_unwanted(m: &Member, name: &Name, step: &Step) -> NResult<bool> {
+    let (entry, place) = m
+        .block_on(async {
+            let st = m.store();
+            let e: Option<VeEntry> = st.get(&keys::ve(name.as_str(), "spec")).await?;
+            let p: Option<Placement> = st.get(&keys::ve(name.as_str(), "place")).await?;
+            Ok::<_, ClusterError>((e, p))
+        })
+        .map_err(unavailable)?;
+    let deleted = entry.as_ref().is_some_and(|e| e.deleted);
+    let elsewhere = entry.is_some()
+        && !deleted
+        && place
+            .as_ref()
+            .and_then(|p| p.node.as_deref())
+            .is_none_or(|n| n != m.name.as_str());
+    Ok(match step {
+        Step::Destroy { .. } => deleted,
+        Step::Release { .. } => elsewhere,
+        _ => deleted || elsewhere,
+    })
 }
 
 fn forget_keys(m: &Member, name: &Name) {
