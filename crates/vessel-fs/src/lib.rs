@@ -17,6 +17,7 @@ pub mod ack;
 pub mod apply;
 pub mod archive;
 pub mod codec;
+pub mod epochs;
 pub mod fuse;
 pub mod history;
 pub mod lower;
