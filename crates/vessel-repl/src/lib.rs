@@ -12,3 +12,9 @@
 //! - The protocol: [`wire`] (framed, versioned, CRC-checked), [`writer`] (the volume's
 //!   [`vessel_fs::ack::Acks`]: senders, acknowledgements, removal), [`replica`] (applies
 //!   a stream to its own copy).
+
+pub mod diverge;
+pub mod replica;
+mod vol;
+pub mod wire;
+pub mod writer;

@@ -50,20 +50,35 @@ impl Volume {
     /// changes. Its seq must be the next one; an older epoch than the promised one is
     /// refused, a newer one is promised first.
     pub fn append_replicated(&self, tx: &Tx) -> Result<()> {
-        if tx.epoch > self.epoch() {
-            self.raise_epoch(tx.epoch)?;
+        self.append_replicated_from(tx.epoch, tx)
+    }
+
+    /// [`Volume::append_replicated`] for a transaction sent by the writer of
+    /// `writer_epoch`: the writer's epoch is what is fenced (it must not be older than the
+    /// promised one, checked under the volume's lock with the append), while the
+    /// transaction keeps the epoch it was written in (a catch-up sends old ones), which
+    /// may not be newer than its writer's.
+    pub fn append_replicated_from(&self, writer_epoch: u64, tx: &Tx) -> Result<()> {
+        if writer_epoch > self.epoch() {
+            self.raise_epoch(writer_epoch)?;
         }
         let mut st = self.lock();
         let op_err = |m: String| VolumeError::Op(m, self.name.clone());
         if self.broken.load(Ordering::SeqCst) {
             return Err(op_err("an earlier write failed; reopen the volume".into()));
         }
-        if tx.epoch < st.epoch {
+        if writer_epoch < st.epoch {
             return Err(VolumeError::StaleEpoch {
                 volume: self.name.clone(),
                 current: st.epoch,
-                got: tx.epoch,
+                got: writer_epoch,
             });
+        }
+        if tx.epoch > writer_epoch {
+            return Err(op_err(format!(
+                "transaction {} is of epoch {}, newer than its writer's {writer_epoch}",
+                tx.seq, tx.epoch
+            )));
         }
         if tx.seq != st.tree.applied + 1 {
             return Err(op_err(format!(

@@ -1,0 +1,110 @@
+//! The replica's end of a replication stream: check the writer's epoch against the one
+//! this copy promised, tell the writer where this copy stands, cut a divergent tail when
+//! asked, then append and apply every batch of transactions, make it durable (one
+//! fdatasync per batch) and acknowledge it.
+//!
+//! A frame from an older epoch than the promised one is refused and ends the stream: a
+//! replaced writer never gets anything acknowledged again.
+
+use crate::wire::{self, Frame, State, WireError, WIRE_VERSION};
+use std::io::{Read, Write};
+use std::sync::Arc;
+use vessel_fs::Volume;
+
+/// Where the replica's copies live (the node agent; a directory in tests).
+pub trait ReplicaHost: Send + Sync {
+    /// This node's copy of `volume`, open, to append to. Refuse (with the reason the
+    /// writer will see) when this node may not be a replica of it now, e.g. it runs the VE.
+    fn open(&self, volume: &str) -> Result<Arc<Volume>, String>;
+
+    /// Cut this node's copy of `volume` after `after` (its log and its live state), and
+    /// give it back open. `vol` is the open copy: the host closes it first.
+    fn cut(&self, volume: &str, vol: Arc<Volume>, after: u64) -> Result<Arc<Volume>, String>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("replica of '{volume}': {reason}")]
+    Refused { volume: String, reason: String },
+}
+
+fn state(vol: &Volume) -> Frame {
+    Frame::State(State {
+        version: WIRE_VERSION,
+        epoch: vol.epoch(),
+        last_seq: crate::vol::last_seq(vol),
+        history: crate::vol::history(vol),
+    })
+}
+
+/// Serve one stream from a writer until it ends. Returns the volume's name and the last
+/// durable seq on a clean end.
+pub fn serve(r: &mut impl Read, w: &mut impl Write, host: &dyn ReplicaHost) -> Result<(String, u64), ReplicaError> {
+    let hello = match wire::read(r)? {
+        Frame::Hello(h) => h,
+        other => return Err(WireError::Unexpected(format!("{other:?} before hello")).into()),
+    };
+    let volume = hello.volume.clone();
+    let refuse = |w: &mut dyn Write, reason: String| -> ReplicaError {
+        let mut w = w;
+        let _ = wire::write(&mut w, &Frame::Refuse(reason.clone())).and_then(|_| Ok(w.flush()?));
+        ReplicaError::Refused {
+            volume: volume.clone(),
+            reason,
+        }
+    };
+    let mut vol = match host.open(&volume) {
+        Ok(v) => v,
+        Err(reason) => return Err(refuse(w, reason)),
+    };
+    if let Err(e) = vol.raise_epoch(hello.epoch) {
+        return Err(refuse(
+            w,
+            format!("writer {} of epoch {}: {e}", hello.writer, hello.epoch),
+        ));
+    }
+    wire::write(w, &state(&vol))?;
+    w.flush().map_err(WireError::from)?;
+    loop {
+        let f = match wire::read(r) {
+            Ok(f) => f,
+            Err(WireError::Closed) => return Ok((volume, vol.durable_through())),
+            Err(e) => return Err(e.into()),
+        };
+        match f {
+            Frame::Cut { after } => {
+                tracing::info!(volume, after, "cutting the divergent tail of this replica");
+                vol = match host.cut(&volume, vol, after) {
+                    Ok(v) => v,
+                    Err(reason) => return Err(refuse(w, reason)),
+                };
+                wire::write(w, &state(&vol))?;
+                w.flush().map_err(WireError::from)?;
+            }
+            Frame::Txs { txs, .. } => {
+                let last = crate::vol::last_seq(&vol);
+                for tx in txs.iter().filter(|t| t.seq > last) {
+                    if let Err(e) = vol.append_replicated_from(hello.epoch, tx) {
+                        return Err(refuse(w, format!("transaction {} (epoch {}): {e}", tx.seq, tx.epoch)));
+                    }
+                }
+                if vol.sync().is_err() {
+                    return Err(refuse(w, "the replica's log could not be made durable".into()));
+                }
+                wire::write(
+                    w,
+                    &Frame::Ack {
+                        durable: vol.durable_through(),
+                    },
+                )?;
+                w.flush().map_err(WireError::from)?;
+            }
+            Frame::Refuse(reason) => {
+                return Err(ReplicaError::Refused { volume, reason });
+            }
+            other => return Err(WireError::Unexpected(format!("{other:?} from the writer")).into()),
+        }
+    }
+}

@@ -1,0 +1,763 @@
+//! The writer's side: a [`Replicator`] is the volume's [`Acks`]. Every committed
+//! transaction goes into a bounded in-memory queue; one sender thread per replica streams
+//! it (batched, pipelined: it does not wait for an acknowledgement before sending the
+//! next batch, within a window) and one reader thread per replica takes the
+//! acknowledgements. A replica whose copy is behind what the queue still holds is fed
+//! from the volume's log.
+//!
+//! A sync of seq `s` returns when every replica in the in-sync set has acknowledged `s`
+//! durably and the set has at least `min` copies. A replica that has left data
+//! unacknowledged (or been unreachable) for longer than the ack timeout is first taken out
+//! of the in-sync set in the control store by the [`Master`] (a compare-and-swap on the
+//! volume's record); only then does a sync go on without it. When the store says the
+//! epoch has moved on, this writer has been replaced: every sync fails from then on.
+//! A replica that is out of the set and has caught up with every committed transaction is
+//! put back by the same compare-and-swap.
+
+use crate::wire::{self, Frame, Hello, WireError, WIRE_VERSION};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{Read, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+use vessel_fs::ack::{AckError, Acks};
+use vessel_fs::tx::Tx;
+use vessel_fs::Volume;
+
+/// A stream to another node's replica server.
+pub type Stream = (Box<dyn Read + Send>, Box<dyn Write + Send>);
+
+/// How the writer reaches replicas (the cluster's mutual-TLS transport; sockets in tests).
+pub trait Link: Send + Sync {
+    /// A replication stream to `node` (its far end runs [`crate::replica::serve`]).
+    fn connect(&self, node: &str) -> std::io::Result<Stream>;
+}
+
+/// The configuration master (the control store): in-sync set changes, each a
+/// compare-and-swap on the volume's record at this writer's epoch.
+pub trait Master: Send + Sync {
+    /// Take `node` out of the in-sync set. `Ok(true)`: it is out (or was); `Ok(false)`: the
+    /// record is at another epoch (this writer was replaced).
+    fn remove_in_sync(&self, node: &str, epoch: u64, reason: &str) -> Result<bool, String>;
+    /// Put `node` back into the in-sync set (same answers).
+    fn add_in_sync(&self, node: &str, epoch: u64) -> Result<bool, String>;
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Unacknowledged data (or no connection) for this long takes a replica out of the
+    /// in-sync set before the next sync is acknowledged.
+    pub ack_timeout: Duration,
+    /// Encoded transactions kept in memory for the senders (older ones come from the log).
+    pub queue_bytes: usize,
+    /// Bytes a sender may have in flight without an acknowledgement.
+    pub window_bytes: usize,
+    /// An idle stream sends an empty batch this often (the replica answers: liveness).
+    pub keepalive: Duration,
+    /// Wait between connection attempts to an unreachable replica.
+    pub retry: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ack_timeout: Duration::from_secs(2),
+            queue_bytes: 64 << 20,
+            window_bytes: 16 << 20,
+            keepalive: Duration::from_millis(500),
+            retry: Duration::from_millis(200),
+        }
+    }
+}
+
+/// How one replica is doing, for `ve show`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub node: String,
+    pub in_sync: bool,
+    /// "streaming", "catching up", "connecting", or why it is down.
+    pub state: String,
+    /// The last seq it holds durably.
+    pub acked: u64,
+    pub lag_txs: u64,
+    pub lag_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Peer {
+    in_sync: bool,
+    connected: bool,
+    state: String,
+    acked: u64,
+    /// The highest seq sent on the current connection.
+    sent: u64,
+    /// Since when data has been sent and not acknowledged, or the replica unreachable.
+    waiting_since: Option<Instant>,
+    /// Changes of the in-sync set under way (one at a time).
+    changing: bool,
+    /// Bumped to make its threads start over (a new connection).
+    conn: u64,
+}
+
+struct State {
+    epoch: u64,
+    /// The last seq committed locally.
+    committed: u64,
+    queue: VecDeque<(u64, Arc<Vec<u8>>)>,
+    queue_bytes: usize,
+    peers: BTreeMap<String, Peer>,
+    min: usize,
+    deposed: Option<String>,
+    stopped: bool,
+}
+
+struct Shared {
+    me: String,
+    volume: String,
+    vol: Weak<Volume>,
+    link: Arc<dyn Link>,
+    master: Arc<dyn Master>,
+    opts: Options,
+    st: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A volume's replication from its writer: set it as the volume's acks
+/// (`vol.set_acks(replicator.clone())`), [`Replicator::stop`] it before closing.
+pub struct Replicator {
+    sh: Arc<Shared>,
+}
+
+impl Replicator {
+    /// Start replicating `vol` (this node, `me`, is its writer at the volume's epoch) to
+    /// `replicas` (node, whether the store has it in the in-sync set).
+    pub fn start(
+        vol: &Arc<Volume>,
+        me: &str,
+        replicas: &[(String, bool)],
+        min: usize,
+        link: Arc<dyn Link>,
+        master: Arc<dyn Master>,
+        opts: Options,
+    ) -> Arc<Replicator> {
+        let peers = replicas
+            .iter()
+            .filter(|(n, _)| n != me)
+            .map(|(n, in_sync)| {
+                (
+                    n.clone(),
+                    Peer {
+                        in_sync: *in_sync,
+                        connected: false,
+                        state: "connecting".into(),
+                        acked: 0,
+                        sent: 0,
+                        waiting_since: Some(Instant::now()),
+                        changing: false,
+                        conn: 0,
+                    },
+                )
+            })
+            .collect::<BTreeMap<_, _>>();
+        let names: Vec<String> = peers.keys().cloned().collect();
+        let sh = Arc::new(Shared {
+            me: me.to_string(),
+            volume: vol.name().to_string(),
+            vol: Arc::downgrade(vol),
+            link,
+            master,
+            opts,
+            st: Mutex::new(State {
+                epoch: vol.epoch(),
+                committed: crate::vol::last_seq(vol),
+                queue: VecDeque::new(),
+                queue_bytes: 0,
+                peers,
+                min: min.max(1),
+                deposed: None,
+                stopped: false,
+            }),
+            cv: Condvar::new(),
+        });
+        for n in names {
+            spawn_sender(&sh, n);
+        }
+        Arc::new(Replicator { sh })
+    }
+
+    /// Stop every sender; syncs fail from now on.
+    pub fn stop(&self) {
+        let mut st = self.sh.lock();
+        st.stopped = true;
+        drop(st);
+        self.sh.cv.notify_all();
+    }
+
+    /// Change the minimum number of in-sync copies a sync needs.
+    pub fn set_min(&self, min: usize) {
+        self.sh.lock().min = min.max(1);
+        self.sh.cv.notify_all();
+    }
+
+    /// Each replica's state (the writer itself is not listed).
+    pub fn status(&self) -> Vec<ReplicaStatus> {
+        let st = self.sh.lock();
+        st.peers
+            .iter()
+            .map(|(n, p)| {
+                let lag_bytes = st
+                    .queue
+                    .iter()
+                    .filter(|(s, _)| *s > p.acked)
+                    .map(|(_, b)| b.len() as u64)
+                    .sum();
+                ReplicaStatus {
+                    node: n.clone(),
+                    in_sync: p.in_sync,
+                    state: p.state.clone(),
+                    acked: p.acked,
+                    lag_txs: st.committed.saturating_sub(p.acked),
+                    lag_bytes,
+                }
+            })
+            .collect()
+    }
+
+    /// Why this writer may no longer acknowledge anything, if so.
+    pub fn deposed(&self) -> Option<String> {
+        self.sh.lock().deposed.clone()
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Acks for Replicator {
+    fn committed(&self, tx: &Tx) {
+        let enc = Arc::new(tx.encode());
+        let mut st = self.sh.lock();
+        st.committed = tx.seq;
+        st.queue_bytes += enc.len();
+        st.queue.push_back((tx.seq, enc));
+        while st.queue_bytes > self.sh.opts.queue_bytes && st.queue.len() > 1 {
+            if let Some((_, b)) = st.queue.pop_front() {
+                st.queue_bytes -= b.len();
+            }
+        }
+        drop(st);
+        self.sh.cv.notify_all();
+    }
+
+    fn wait(&self, seq: u64, timeout: Duration) -> Result<(), AckError> {
+        let sh = &self.sh;
+        let deadline = Instant::now() + timeout;
+        let mut st = sh.lock();
+        loop {
+            if let Some(why) = &st.deposed {
+                return Err(AckError::Failed {
+                    seq,
+                    reason: why.clone(),
+                });
+            }
+            if st.stopped {
+                return Err(AckError::Failed {
+                    seq,
+                    reason: "replication stopped".into(),
+                });
+            }
+            let copies = 1 + st.peers.values().filter(|p| p.in_sync).count();
+            let behind: Vec<&String> = st
+                .peers
+                .iter()
+                .filter(|(_, p)| p.in_sync && p.acked < seq)
+                .map(|(n, _)| n)
+                .collect();
+            if behind.is_empty() && copies >= st.min {
+                return Ok(());
+            }
+            // Replicas that hold the sync up for longer than the ack timeout leave the set
+            // (in the store first).
+            let now = Instant::now();
+            let slow: Vec<String> = st
+                .peers
+                .iter()
+                .filter(|(_, p)| {
+                    p.in_sync
+                        && p.acked < seq
+                        && !p.changing
+                        && p.waiting_since
+                            .is_some_and(|t| now.duration_since(t) >= sh.opts.ack_timeout)
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            if !slow.is_empty() {
+                let epoch = st.epoch;
+                for n in &slow {
+                    if let Some(p) = st.peers.get_mut(n) {
+                        p.changing = true;
+                    }
+                }
+                drop(st);
+                for n in slow {
+                    let why = format!("no acknowledgement within {} ms", sh.opts.ack_timeout.as_millis());
+                    let r = sh.master.remove_in_sync(&n, epoch, &why);
+                    let mut st = sh.lock();
+                    if let Some(p) = st.peers.get_mut(&n) {
+                        p.changing = false;
+                    }
+                    match r {
+                        Ok(true) => {
+                            tracing::warn!(volume = sh.volume, node = n, "replica out of the in-sync set: {why}");
+                            if let Some(p) = st.peers.get_mut(&n) {
+                                p.in_sync = false;
+                            }
+                        }
+                        Ok(false) => {
+                            st.deposed = Some(format!(
+                                "the volume's epoch moved past {epoch}: another node is its writer now"
+                            ));
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                volume = sh.volume,
+                                node = n,
+                                "taking a replica out of the in-sync set: {e}"
+                            );
+                        }
+                    }
+                }
+                st = sh.lock();
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let why = if copies < st.min {
+                    format!("{copies} of the {} copies a sync needs are in sync", st.min)
+                } else {
+                    format!("waiting for {}", behind_names(&st, seq))
+                };
+                return Err(AckError::Timeout {
+                    seq,
+                    waited_ms: timeout.as_millis() as u64,
+                    why,
+                });
+            }
+            let step = (deadline - now).min(Duration::from_millis(50));
+            st = sh.cv.wait_timeout(st, step).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+fn behind_names(st: &State, seq: u64) -> String {
+    st.peers
+        .iter()
+        .filter(|(_, p)| p.in_sync && p.acked < seq)
+        .map(|(n, p)| format!("{n} ({})", p.state))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The last seq through which two logs agree (same epoch for every seq), from their
+/// epoch histories and last seqs.
+fn agree_through(
+    w: &vessel_fs::epochs::EpochHistory,
+    w_last: u64,
+    r: &vessel_fs::epochs::EpochHistory,
+    r_last: u64,
+) -> u64 {
+    crate::diverge::divergence(w, w_last, r, r_last)
+}
+
+fn spawn_sender(sh: &Arc<Shared>, node: String) {
+    let sh = sh.clone();
+    let _ = std::thread::Builder::new()
+        .name(format!("vessel-repl-{node}"))
+        .spawn(move || sender(&sh, &node));
+}
+
+fn set_state(sh: &Shared, node: &str, f: impl FnOnce(&mut Peer)) {
+    let mut st = sh.lock();
+    if let Some(p) = st.peers.get_mut(node) {
+        f(p);
+    }
+    drop(st);
+    sh.cv.notify_all();
+}
+
+fn sender(sh: &Arc<Shared>, node: &str) {
+    loop {
+        {
+            let st = sh.lock();
+            if st.stopped || st.deposed.is_some() || !st.peers.contains_key(node) {
+                return;
+            }
+        }
+        let r = stream_once(sh, node);
+        let why = match r {
+            Ok(()) => continue,
+            Err(e) => e.to_string(),
+        };
+        tracing::debug!(volume = sh.volume, node, "replication stream: {why}");
+        set_state(sh, node, |p| {
+            p.connected = false;
+            p.conn += 1;
+            p.state = why;
+            p.waiting_since.get_or_insert_with(Instant::now);
+        });
+        let st = sh.lock();
+        let _ = sh.cv.wait_timeout(st, sh.opts.retry);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("unreachable: {0}")]
+    Connect(std::io::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One connection: handshake, cut if needed, then stream until something fails.
+fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
+    let vol = sh
+        .vol
+        .upgrade()
+        .ok_or_else(|| SendError::Other("the volume is closed".into()))?;
+    let (mut r, mut w) = sh.link.connect(node).map_err(SendError::Connect)?;
+    let epoch = sh.lock().epoch;
+    let history = crate::vol::history(&vol);
+    let hello = Hello {
+        version: WIRE_VERSION,
+        volume: sh.volume.clone(),
+        epoch,
+        writer: sh.me.clone(),
+        history: history.clone(),
+        last_seq: crate::vol::last_seq(&vol),
+        first_seq: crate::vol::first_seq(&vol),
+    };
+    wire::write(&mut w, &Frame::Hello(hello.clone()))?;
+    w.flush().map_err(WireError::from)?;
+    let mut state = match wire::read(&mut r)? {
+        Frame::State(s) => s,
+        Frame::Refuse(why) => return Err(WireError::Refused(why).into()),
+        other => return Err(WireError::Unexpected(format!("{other:?} in answer to hello")).into()),
+    };
+    if state.epoch > epoch {
+        let mut st = sh.lock();
+        st.deposed = Some(format!(
+            "replica {node} promised epoch {}, past this writer's {epoch}",
+            state.epoch
+        ));
+        drop(st);
+        sh.cv.notify_all();
+        return Err(SendError::Other("replaced by a newer writer".into()));
+    }
+    let agree = agree_through(&history, hello.last_seq, &state.history, state.last_seq);
+    if agree < state.last_seq {
+        tracing::info!(
+            volume = sh.volume,
+            node,
+            agree,
+            their_last = state.last_seq,
+            "cutting a replica's divergent tail"
+        );
+        wire::write(&mut w, &Frame::Cut { after: agree })?;
+        w.flush().map_err(WireError::from)?;
+        state = match wire::read(&mut r)? {
+            Frame::State(s) => s,
+            Frame::Refuse(why) => return Err(WireError::Refused(why).into()),
+            other => return Err(WireError::Unexpected(format!("{other:?} in answer to a cut")).into()),
+        };
+        if state.last_seq != agree {
+            return Err(SendError::Other(format!(
+                "the replica's log ends at {} after a cut to {agree}",
+                state.last_seq
+            )));
+        }
+    }
+    if agree + 1 < hello.first_seq {
+        return Err(SendError::Other(format!(
+            "needs a snapshot: it holds seq {agree}, this writer's log starts at {}",
+            hello.first_seq
+        )));
+    }
+    let conn = {
+        let mut st = sh.lock();
+        let Some(p) = st.peers.get_mut(node) else {
+            return Ok(());
+        };
+        p.connected = true;
+        p.acked = agree;
+        p.sent = agree;
+        p.state = "catching up".into();
+        p.conn += 1;
+        p.conn
+    };
+    sh.cv.notify_all();
+    // Acknowledgements come back on their own thread (the sender never waits for one
+    // except when its window is full).
+    let acks = {
+        let sh = sh.clone();
+        let node = node.to_string();
+        std::thread::Builder::new()
+            .name(format!("vessel-repl-ack-{node}"))
+            .spawn(move || read_acks(&sh, &node, conn, &mut r))
+            .map_err(|e| SendError::Other(format!("start the acknowledgement reader: {e}")))?
+    };
+    let r = send_loop(sh, node, conn, &vol, agree + 1, &mut w);
+    drop(w);
+    let _ = acks.join();
+    r
+}
+
+fn read_acks(sh: &Shared, node: &str, conn: u64, r: &mut Box<dyn Read + Send>) {
+    loop {
+        let f = wire::read(r);
+        let mut st = sh.lock();
+        let committed = st.committed;
+        let epoch = st.epoch;
+        let Some(p) = st.peers.get_mut(node) else { return };
+        if p.conn != conn {
+            return;
+        }
+        match f {
+            Ok(Frame::Ack { durable }) => {
+                p.acked = p.acked.max(durable);
+                if p.acked >= p.sent {
+                    p.waiting_since = None;
+                } else {
+                    p.waiting_since = Some(Instant::now());
+                }
+                let caught_up = p.acked >= committed;
+                if caught_up {
+                    p.state = "streaming".into();
+                }
+                if caught_up && !p.in_sync && !p.changing {
+                    p.changing = true;
+                    drop(st);
+                    let r = sh.master.add_in_sync(node, epoch);
+                    let mut st = sh.lock();
+                    if let Some(p) = st.peers.get_mut(node) {
+                        p.changing = false;
+                        match r {
+                            Ok(true) => {
+                                tracing::info!(volume = sh.volume, node, "replica back in the in-sync set");
+                                p.in_sync = true;
+                            }
+                            Ok(false) => {
+                                st.deposed = Some(format!(
+                                    "the volume's epoch moved past {epoch}: another node is its writer now"
+                                ))
+                            }
+                            Err(e) => tracing::warn!(volume = sh.volume, node, "putting a replica back in sync: {e}"),
+                        }
+                    }
+                    drop(st);
+                }
+            }
+            Ok(Frame::Refuse(why)) => {
+                p.state = format!("refused: {why}");
+                p.conn += 1;
+                p.connected = false;
+                p.waiting_since.get_or_insert_with(Instant::now);
+                if why.contains("epoch") {
+                    tracing::warn!(volume = sh.volume, node, "replica refused this writer: {why}");
+                }
+                drop(st);
+                sh.cv.notify_all();
+                return;
+            }
+            Ok(other) => {
+                p.state = format!("unexpected {other:?}");
+                p.conn += 1;
+                p.connected = false;
+                drop(st);
+                sh.cv.notify_all();
+                return;
+            }
+            Err(e) => {
+                p.state = e.to_string();
+                p.conn += 1;
+                p.connected = false;
+                p.waiting_since.get_or_insert_with(Instant::now);
+                drop(st);
+                sh.cv.notify_all();
+                return;
+            }
+        }
+        sh.cv.notify_all();
+    }
+}
+
+/// What to send next, taken under the lock: transactions from the queue, or a note that
+/// they must come from the log.
+enum Next {
+    Queue(Vec<(u64, Arc<Vec<u8>>)>),
+    Log { through: u64 },
+    Idle,
+    Stop,
+}
+
+fn send_loop(
+    sh: &Shared,
+    node: &str,
+    conn: u64,
+    vol: &Volume,
+    mut next: u64,
+    w: &mut Box<dyn Write + Send>,
+) -> Result<(), SendError> {
+    let mut last_send = Instant::now();
+    loop {
+        let (todo, commit) = {
+            let mut st = sh.lock();
+            loop {
+                let Some(p) = st.peers.get(node) else {
+                    break (Next::Stop, 0);
+                };
+                if st.stopped || st.deposed.is_some() || p.conn != conn {
+                    break (Next::Stop, 0);
+                }
+                let in_flight: usize = st
+                    .queue
+                    .iter()
+                    .filter(|(s, _)| *s > p.acked && *s < next)
+                    .map(|(_, b)| b.len())
+                    .sum();
+                let commit = commit_point(&st);
+                if next <= st.committed && in_flight < sh.opts.window_bytes {
+                    let front = st.queue.front().map_or(u64::MAX, |(s, _)| *s);
+                    if next < front {
+                        break (Next::Log { through: st.committed }, commit);
+                    }
+                    let mut batch = Vec::new();
+                    let mut bytes = 0;
+                    for (s, b) in st.queue.iter().skip((next - front) as usize) {
+                        if bytes >= wire::BATCH_BYTES {
+                            break;
+                        }
+                        bytes += b.len();
+                        batch.push((*s, b.clone()));
+                    }
+                    break (Next::Queue(batch), commit);
+                }
+                if last_send.elapsed() >= sh.opts.keepalive {
+                    break (Next::Idle, commit);
+                }
+                st = sh
+                    .cv
+                    .wait_timeout(st, sh.opts.keepalive)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        };
+        match todo {
+            Next::Stop => return Ok(()),
+            Next::Idle => {
+                wire::write_txs(w, commit, &[])?;
+                w.flush().map_err(WireError::from)?;
+            }
+            Next::Queue(batch) => {
+                let refs: Vec<&[u8]> = batch.iter().map(|(_, b)| b.as_slice().as_ref()).collect();
+                wire::write_txs(w, commit, &refs)?;
+                w.flush().map_err(WireError::from)?;
+                next = batch.last().map_or(next, |(s, _)| s + 1);
+                mark_sent(sh, node, next - 1);
+            }
+            Next::Log { through } => {
+                next = send_from_log(sh, node, vol, next, through, commit, w)?;
+            }
+        }
+        last_send = Instant::now();
+    }
+}
+
+fn commit_point(st: &State) -> u64 {
+    st.peers
+        .values()
+        .filter(|p| p.in_sync)
+        .map(|p| p.acked)
+        .min()
+        .unwrap_or(st.committed)
+        .min(st.committed)
+}
+
+fn mark_sent(sh: &Shared, node: &str, seq: u64) {
+    let mut st = sh.lock();
+    if let Some(p) = st.peers.get_mut(node) {
+        if seq > p.sent {
+            if p.acked >= p.sent {
+                p.waiting_since = Some(Instant::now());
+            }
+            p.sent = seq;
+        }
+    }
+}
+
+/// Catch up from the volume's log: batches from `from` through `through`; returns the
+/// next seq to send.
+fn send_from_log(
+    sh: &Shared,
+    node: &str,
+    vol: &Volume,
+    from: u64,
+    through: u64,
+    commit: u64,
+    w: &mut Box<dyn Write + Send>,
+) -> Result<u64, SendError> {
+    let _history = vol.history_guard();
+    let reader = vol
+        .log_reader()
+        .map_err(|e| SendError::Other(format!("read the log to catch a replica up: {e}")))?;
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut bytes = 0usize;
+    let mut next = from;
+    let mut flush = |batch: &mut Vec<Vec<u8>>, bytes: &mut usize, next: u64| -> Result<(), SendError> {
+        let refs: Vec<&[u8]> = batch.iter().map(|b| b.as_slice()).collect();
+        wire::write_txs(w, commit, &refs)?;
+        w.flush().map_err(WireError::from)?;
+        batch.clear();
+        *bytes = 0;
+        mark_sent(sh, node, next - 1);
+        Ok(())
+    };
+    let r = reader.for_each::<SendError>(from, through, |tx, _| {
+        let e = tx.encode();
+        bytes += e.len();
+        batch.push(e);
+        next = tx.seq + 1;
+        if bytes >= wire::BATCH_BYTES {
+            flush(&mut batch, &mut bytes, next)?;
+        }
+        Ok(true)
+    });
+    match r {
+        Ok(()) => {}
+        Err(SendError::Other(m)) => return Err(SendError::Other(m)),
+        Err(e) => return Err(e),
+    }
+    if !batch.is_empty() {
+        flush(&mut batch, &mut bytes, next)?;
+    }
+    if next == from {
+        return Err(SendError::Other(format!(
+            "the log no longer holds seq {from}: the replica needs a snapshot"
+        )));
+    }
+    Ok(next)
+}
+
+impl From<vessel_fs::TxLogError> for SendError {
+    fn from(e: vessel_fs::TxLogError) -> Self {
+        SendError::Other(format!("read the log: {e}"))
+    }
+}

@@ -1,0 +1,249 @@
+//! The replication stream end to end on real volumes (in temp dirs), over socket pairs:
+//! a writer's syncs return only when the in-sync replicas have the transactions durably,
+//! an unreachable replica leaves the in-sync set through the master before a sync goes
+//! on without it and comes back once it has caught up, a writer of an old epoch gets
+//! nothing acknowledged, and too few copies make syncs fail rather than succeed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vessel_fs::tree::ROOT;
+use vessel_fs::tx::FileKind;
+use vessel_fs::Volume;
+use vessel_repl::replica::{self, ReplicaHost};
+use vessel_repl::writer::{Link, Master, Options, Replicator, Stream};
+
+/// One node's replica copies: one volume directory each, kept open while streamed to.
+struct DirHost {
+    dir: PathBuf,
+    open: Mutex<BTreeMap<String, Arc<Volume>>>,
+}
+
+impl DirHost {
+    fn new(dir: &Path) -> Arc<DirHost> {
+        std::fs::create_dir_all(dir).unwrap();
+        Arc::new(DirHost {
+            dir: dir.to_path_buf(),
+            open: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn vol(&self, name: &str) -> Arc<Volume> {
+        self.open(name).unwrap()
+    }
+}
+
+impl ReplicaHost for DirHost {
+    fn open(&self, volume: &str) -> Result<Arc<Volume>, String> {
+        let mut open = self.open.lock().unwrap();
+        if let Some(v) = open.get(volume) {
+            return Ok(v.clone());
+        }
+        let d = self.dir.join(volume);
+        if !d.join("volume.json").exists() {
+            Volume::create(&d, volume, None).map_err(|e| e.to_string())?;
+        }
+        let v = Arc::new(Volume::open(&d, None).map_err(|e| e.to_string())?);
+        open.insert(volume.to_string(), v.clone());
+        Ok(v)
+    }
+
+    fn cut(&self, _volume: &str, _vol: Arc<Volume>, after: u64) -> Result<Arc<Volume>, String> {
+        Err(format!("cutting after {after}: not in this test"))
+    }
+}
+
+/// Socket pairs to in-process replica servers; a node can be made unreachable.
+struct Pairs {
+    hosts: BTreeMap<String, Arc<DirHost>>,
+    down: Mutex<BTreeSet<String>>,
+}
+
+impl Link for Pairs {
+    fn connect(&self, node: &str) -> std::io::Result<Stream> {
+        if self.down.lock().unwrap().contains(node) {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "node down"));
+        }
+        let host = self.hosts.get(node).cloned().ok_or(std::io::ErrorKind::NotFound)?;
+        let (a, b) = UnixStream::pair()?;
+        std::thread::spawn(move || {
+            let mut r = b.try_clone().unwrap();
+            let mut w = b;
+            let _ = replica::serve(&mut r, &mut w, &*host);
+        });
+        Ok((Box::new(a.try_clone()?), Box::new(a)))
+    }
+}
+
+/// The store's record of the volume: epoch and in-sync set, changed by CAS on the epoch.
+struct MemMaster {
+    rec: Mutex<(u64, BTreeSet<String>)>,
+}
+
+impl Master for MemMaster {
+    fn remove_in_sync(&self, node: &str, epoch: u64, _reason: &str) -> Result<bool, String> {
+        let mut r = self.rec.lock().unwrap();
+        if r.0 != epoch {
+            return Ok(false);
+        }
+        r.1.remove(node);
+        Ok(true)
+    }
+
+    fn add_in_sync(&self, node: &str, epoch: u64) -> Result<bool, String> {
+        let mut r = self.rec.lock().unwrap();
+        if r.0 != epoch {
+            return Ok(false);
+        }
+        r.1.insert(node.to_string());
+        Ok(true)
+    }
+}
+
+struct Cluster {
+    _tmp: tempfile::TempDir,
+    writer: Arc<Volume>,
+    repl: Arc<Replicator>,
+    link: Arc<Pairs>,
+    master: Arc<MemMaster>,
+}
+
+fn opts() -> Options {
+    Options {
+        ack_timeout: Duration::from_millis(300),
+        keepalive: Duration::from_millis(100),
+        retry: Duration::from_millis(50),
+        ..Options::default()
+    }
+}
+
+fn cluster(replicas: &[&str], min: usize, down: &[&str]) -> Cluster {
+    let tmp = tempfile::tempdir().unwrap();
+    let wd = tmp.path().join("a").join("web");
+    Volume::create(&wd, "web", None).unwrap();
+    let writer = Arc::new(Volume::open(&wd, None).unwrap());
+    let hosts = replicas
+        .iter()
+        .map(|n| (n.to_string(), DirHost::new(&tmp.path().join(n))))
+        .collect();
+    let link = Arc::new(Pairs {
+        hosts,
+        down: Mutex::new(down.iter().map(|s| s.to_string()).collect()),
+    });
+    let mut set: BTreeSet<String> = replicas.iter().map(|s| s.to_string()).collect();
+    set.insert("a".into());
+    let master = Arc::new(MemMaster {
+        rec: Mutex::new((writer.epoch(), set)),
+    });
+    let members: Vec<(String, bool)> = replicas.iter().map(|n| (n.to_string(), true)).collect();
+    let repl = Replicator::start(&writer, "a", &members, min, link.clone(), master.clone(), opts());
+    writer.set_acks(repl.clone());
+    writer.set_ack_timeout(Duration::from_secs(3));
+    Cluster {
+        _tmp: tmp,
+        writer,
+        repl,
+        link,
+        master,
+    }
+}
+
+fn write_file(v: &Volume, name: &str, data: &[u8]) {
+    let a = v
+        .mknod(ROOT, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0, b"")
+        .unwrap();
+    v.open_file(a.ino, true, false).unwrap();
+    v.write(a.ino, 0, data).unwrap();
+    v.release(a.ino);
+}
+
+fn content(v: &Volume, name: &str) -> Vec<u8> {
+    let a = v.lookup(ROOT, name.as_bytes()).unwrap();
+    v.read(a.ino, 0, a.size as u32).unwrap()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{what}: not within {:?}", t.elapsed());
+}
+
+#[test]
+fn a_sync_returns_once_every_in_sync_replica_has_it_durably() {
+    let c = cluster(&["b", "c"], 2, &[]);
+    for i in 0..50 {
+        write_file(&c.writer, &format!("f{i}"), format!("record {i}").as_bytes());
+    }
+    c.writer.sync().unwrap();
+    let last = c.writer.log_status().0;
+    for n in ["b", "c"] {
+        let v = c.link.hosts[n].vol("web");
+        assert!(v.durable_through() >= last, "{n} has {} of {last}", v.durable_through());
+        assert_eq!(content(&v, "f49"), b"record 49");
+        assert_eq!(v.log_status().0, last);
+    }
+    let st = c.repl.status();
+    assert!(st.iter().all(|s| s.in_sync && s.acked >= last), "{st:?}");
+}
+
+#[test]
+fn an_unreachable_replica_leaves_the_set_first_and_comes_back_caught_up() {
+    let c = cluster(&["b", "c"], 2, &["c"]);
+    write_file(&c.writer, "one", b"1");
+    // The sync goes on without c only once the master has taken c out of the set.
+    c.writer.sync().unwrap();
+    assert!(!c.master.rec.lock().unwrap().1.contains("c"));
+    assert!(c.master.rec.lock().unwrap().1.contains("b"));
+    for i in 0..20 {
+        write_file(&c.writer, &format!("g{i}"), b"more");
+    }
+    c.writer.sync().unwrap();
+    c.link.down.lock().unwrap().clear();
+    wait_until("c back in the in-sync set", || {
+        c.master.rec.lock().unwrap().1.contains("c")
+    });
+    let last = c.writer.log_status().0;
+    let v = c.link.hosts["c"].vol("web");
+    wait_until("c durable through the writer's last seq", || {
+        v.durable_through() >= last
+    });
+    assert_eq!(content(&v, "g19"), b"more");
+    assert_eq!(content(&v, "one"), b"1");
+}
+
+#[test]
+fn too_few_copies_make_a_sync_fail_not_succeed() {
+    let c = cluster(&["b", "c"], 3, &["c"]);
+    write_file(&c.writer, "x", b"x");
+    c.writer.set_ack_timeout(Duration::from_millis(800));
+    assert_eq!(c.writer.sync(), Err(libc_eio()));
+    assert!(!c.master.rec.lock().unwrap().1.contains("c"));
+    // With the minimum lowered, the same data syncs.
+    c.repl.set_min(2);
+    c.writer.sync().unwrap();
+}
+
+#[test]
+fn a_writer_of_an_old_epoch_gets_nothing_acknowledged() {
+    let c = cluster(&["b"], 2, &["b"]);
+    // b promised a newer writer's epoch meanwhile, and the store moved on.
+    let b = c.link.hosts["b"].vol("web");
+    b.raise_epoch(c.writer.epoch() + 1).unwrap();
+    c.master.rec.lock().unwrap().0 += 1;
+    c.link.down.lock().unwrap().clear();
+    write_file(&c.writer, "late", b"never acknowledged");
+    assert_eq!(c.writer.sync(), Err(libc_eio()));
+    assert!(c.repl.deposed().is_some());
+    assert_eq!(b.log_status().0, 0, "nothing of the old writer reached b");
+}
+
+fn libc_eio() -> i32 {
+    5
+}
