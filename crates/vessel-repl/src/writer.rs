@@ -667,7 +667,7 @@ fn send_loop(
                 w.flush().map_err(WireError::from)?;
             }
             Next::Queue(batch) => {
-                let refs: Vec<&[u8]> = batch.iter().map(|(_, b)| b.as_slice().as_ref()).collect();
+                let refs: Vec<&[u8]> = batch.iter().map(|(_, b)| b.as_slice()).collect();
                 wire::write_txs(w, commit, &refs)?;
                 w.flush().map_err(WireError::from)?;
                 next = batch.last().map_or(next, |(s, _)| s + 1);
