@@ -86,12 +86,23 @@ pub enum StreamRequest {
     },
     /// A stopped VE's volume as a tree stream, for its move to the calling node.
     Volume { name: String },
+    /// The replication stream of a VE's volume from its writer (the caller) to this
+    /// node's copy (`vessel_repl::wire`, carried by [`crate::bridge`]). `template` is the
+    /// content address of the volume's template layer (the copy is made on it).
+    Replicate {
+        volume: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template: Option<String>,
+    },
 }
 
 impl StreamRequest {
     /// Both sides write after the answer (frames of `duplex`), not only the server.
     pub fn is_duplex(&self) -> bool {
-        matches!(self, StreamRequest::Exec { .. } | StreamRequest::Console { .. })
+        matches!(
+            self,
+            StreamRequest::Exec { .. } | StreamRequest::Console { .. } | StreamRequest::Replicate { .. }
+        )
     }
 }
 

@@ -17,19 +17,18 @@
 use crate::wire::{self, Frame, Hello, WireError, WIRE_VERSION};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use vessel_fs::ack::{AckError, Acks};
 use vessel_fs::tx::Tx;
 use vessel_fs::Volume;
 
-/// A stream to another node's replica server.
-pub type Stream = (Box<dyn Read + Send>, Box<dyn Write + Send>);
-
 /// How the writer reaches replicas (the cluster's mutual-TLS transport; sockets in tests).
 pub trait Link: Send + Sync {
-    /// A replication stream to `node` (its far end runs [`crate::replica::serve`]).
-    fn connect(&self, node: &str) -> std::io::Result<Stream>;
+    /// A replication stream to `node` (its far end runs [`crate::replica::serve`]): one
+    /// end of a socket pair, which the link carries to the other node.
+    fn connect(&self, node: &str) -> std::io::Result<UnixStream>;
 }
 
 /// The configuration master (the control store): in-sync set changes, each a
@@ -433,7 +432,9 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
         .vol
         .upgrade()
         .ok_or_else(|| SendError::Other("the volume is closed".into()))?;
-    let (mut r, mut w) = sh.link.connect(node).map_err(SendError::Connect)?;
+    let sock = sh.link.connect(node).map_err(SendError::Connect)?;
+    let mut r = std::io::BufReader::new(sock.try_clone().map_err(SendError::Connect)?);
+    let mut w = std::io::BufWriter::with_capacity(256 << 10, sock.try_clone().map_err(SendError::Connect)?);
     let epoch = sh.lock().epoch;
     let history = crate::vol::history(&vol);
     let hello = Hello {
@@ -515,12 +516,14 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
             .map_err(|e| SendError::Other(format!("start the acknowledgement reader: {e}")))?
     };
     let r = send_loop(sh, node, conn, &vol, agree + 1, &mut w);
+    // The reader's blocking read ends with the socket.
+    let _ = sock.shutdown(std::net::Shutdown::Both);
     drop(w);
     let _ = acks.join();
     r
 }
 
-fn read_acks(sh: &Shared, node: &str, conn: u64, r: &mut Box<dyn Read + Send>) {
+fn read_acks(sh: &Shared, node: &str, conn: u64, r: &mut impl Read) {
     loop {
         let f = wire::read(r);
         let mut st = sh.lock();
@@ -614,7 +617,7 @@ fn send_loop(
     conn: u64,
     vol: &Volume,
     mut next: u64,
-    w: &mut Box<dyn Write + Send>,
+    w: &mut impl Write,
 ) -> Result<(), SendError> {
     let mut last_send = Instant::now();
     loop {
@@ -712,7 +715,7 @@ fn send_from_log(
     from: u64,
     through: u64,
     commit: u64,
-    w: &mut Box<dyn Write + Send>,
+    w: &mut impl Write,
 ) -> Result<u64, SendError> {
     let _history = vol.history_guard();
     let reader = vol
