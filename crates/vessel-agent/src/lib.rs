@@ -20,6 +20,7 @@ pub mod overlay;
 pub mod peer;
 mod peer_session;
 mod repair;
+pub mod replicate;
 pub mod server;
 pub mod state;
 mod templates;

@@ -106,6 +106,8 @@ pub struct Node {
     pub peer: std::sync::OnceLock<Arc<crate::peer::Peer>>,
     /// VEs moving out of or into this node (`transfer`).
     pub(crate) moves: crate::transfer::Moves,
+    /// Copies of other nodes' VE volumes this node is a replica of (`replicate`).
+    pub(crate) replicas: crate::replicate::Replicas,
     /// The VXLAN port that joins this node's bridge to the others' (see `overlay`).
     pub(crate) overlay: std::sync::OnceLock<vessel_ve::netfilter::OverlayPort>,
 }
@@ -169,6 +171,7 @@ impl Node {
             control: Default::default(),
             peer: std::sync::OnceLock::new(),
             moves: Default::default(),
+            replicas: Default::default(),
             overlay: std::sync::OnceLock::new(),
         }))
     }

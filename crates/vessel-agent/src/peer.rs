@@ -534,6 +534,17 @@ impl PeerHandler for Peer {
                 cwd,
             } => node.exec_for_peer(&parse(&name)?, argv, tty, env, cwd)?,
             StreamRequest::Console { name } => node.console_for_peer(&parse(&name)?)?,
+            StreamRequest::Replicate {
+                volume,
+                template,
+                template_name,
+            } => {
+                return Ok(Box::new(node.replicate_for_peer(
+                    &peer.node,
+                    &volume,
+                    template_name.zip(template),
+                )?))
+            }
             other => {
                 return Err(err(
                     ErrorCode::InvalidArgument,

@@ -339,7 +339,7 @@ impl Node {
 
     /// Fetch one template (by name, or the one with `id`) from `node`: verified, then in the
     /// store; registered under its name if that name is free here. Returns its id.
-    fn fetch_template_from(
+    pub(crate) fn fetch_template_from(
         &self,
         node: &str,
         name: &str,

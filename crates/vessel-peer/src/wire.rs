@@ -93,6 +93,9 @@ pub enum StreamRequest {
         volume: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         template: Option<String>,
+        /// The template's name (to fetch it by, if the replica's node lacks it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template_name: Option<String>,
     },
 }
 
