@@ -1178,6 +1178,8 @@ fn full_change(old: &VeSpec, new: &VeSpec) -> VeChange {
         env: (new.env != old.env).then(|| new.env.clone()),
         restart: Some(new.restart),
         dns: Some(new.dns.clone()),
+        replicas: new.replicas,
+        min_replicas: new.min_replicas,
     }
 }
 

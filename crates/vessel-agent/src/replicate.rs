@@ -125,7 +125,10 @@ impl Node {
         if self.record(&name).is_ok() {
             return Err(err(
                 ErrorCode::Conflict,
-                format!("node {} has VE '{volume}' as its own: it is not a replica of it", self.node_name()),
+                format!(
+                    "node {} has VE '{volume}' as its own: it is not a replica of it",
+                    self.node_name()
+                ),
             ));
         }
         if let Some((tname, id)) = &template {

@@ -67,6 +67,10 @@ pub struct VeChange {
     pub restart: Option<RestartPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_replicas: Option<u8>,
 }
 
 impl VeChange {
@@ -91,6 +95,12 @@ impl VeChange {
         }
         if let Some(d) = &self.dns {
             s.dns = d.clone();
+        }
+        if let Some(n) = self.replicas {
+            s.replicas = Some(n);
+        }
+        if let Some(m) = self.min_replicas {
+            s.min_replicas = Some(m);
         }
         s
     }

@@ -41,6 +41,13 @@ pub struct VeSpec {
     /// DNS servers written to /etc/resolv.conf.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<String>,
+    /// Copies of the VE's volume on distinct nodes (1-5; `None`: 2 on a cluster of two or
+    /// more nodes, 1 on one node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u8>,
+    /// In-sync copies a sync needs before it is acknowledged (`None`: N - N/2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_replicas: Option<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -57,6 +64,10 @@ pub enum SpecError {
     SshKey(String),
     #[error("dns server '{0}' is not an IP address")]
     Dns(String),
+    #[error("--replicas {0} is out of range: a VE's volume has 1 to 5 copies")]
+    Replicas(u8),
+    #[error("--min-replicas {min} must be between 1 and the number of copies ({replicas})")]
+    MinReplicas { min: u8, replicas: u8 },
 }
 
 impl VeSpec {
@@ -72,6 +83,8 @@ impl VeSpec {
             env: Vec::new(),
             restart: RestartPolicy::default(),
             dns: Vec::new(),
+            replicas: None,
+            min_replicas: None,
         }
     }
 
@@ -107,11 +120,35 @@ impl VeSpec {
                 return Err(SpecError::Dns(d.clone()));
             }
         }
+        if let Some(n) = self.replicas {
+            if !(1..=5).contains(&n) {
+                return Err(SpecError::Replicas(n));
+            }
+        }
+        if let Some(min) = self.min_replicas {
+            let replicas = self.replicas.unwrap_or(5);
+            if min < 1 || min > replicas {
+                return Err(SpecError::MinReplicas { min, replicas });
+            }
+        }
         Ok(())
     }
 
     pub fn hostname(&self) -> &str {
         self.hostname.as_deref().unwrap_or(self.name.as_str())
+    }
+
+    /// The copies this VE's volume has on a cluster of `nodes` nodes.
+    pub fn replicas_on(&self, nodes: usize) -> u8 {
+        self.replicas.unwrap_or(if nodes >= 2 { 2 } else { 1 })
+    }
+
+    /// The in-sync copies a sync needs, for `replicas` copies (Ceph's min_size rule).
+    pub fn min_replicas_of(&self, replicas: u8) -> u8 {
+        self.min_replicas
+            .unwrap_or(replicas - replicas / 2)
+            .min(replicas)
+            .max(1)
     }
 }
 

@@ -642,6 +642,8 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
             s.ssh_keys = ssh_keys(&spec.ssh_key)?;
             s.env = spec.env;
             s.dns = spec.dns;
+            s.replicas = spec.replicas;
+            s.min_replicas = spec.min_replicas;
             if let Some(r) = spec.restart {
                 s.restart = r;
             }
@@ -731,6 +733,8 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
                 env: if spec.env.is_empty() { None } else { Some(spec.env) },
                 restart: spec.restart,
                 dns: if spec.dns.is_empty() { None } else { Some(spec.dns) },
+                replicas: spec.replicas,
+                min_replicas: spec.min_replicas,
             };
             if change == VeChange::default() {
                 bail!("nothing to change: give at least one option, e.g. --memory 512M (see `vessel ve set --help`)");

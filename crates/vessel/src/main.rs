@@ -301,6 +301,12 @@ pub struct SpecArgs {
     /// Restart policy: no, on-failure, always (always = also start with the node)
     #[arg(long)]
     pub restart: Option<vessel_types::RestartPolicy>,
+    /// Copies of the VE's files on distinct nodes, 1-5 (default: 2 on a cluster, 1 on one node)
+    #[arg(long)]
+    pub replicas: Option<u8>,
+    /// Copies that must be in sync before a sync inside the VE returns (default: N - N/2)
+    #[arg(long)]
+    pub min_replicas: Option<u8>,
 }
 
 #[derive(Subcommand)]

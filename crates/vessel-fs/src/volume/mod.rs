@@ -50,6 +50,8 @@ pub const VOLUME_VERSION: u32 = 1;
 pub const CHECKPOINT_BYTES: u64 = 256 << 20;
 /// History kept by default (older transactions are compacted into the base).
 pub const DEFAULT_RETENTION_SECS: u64 = 24 * 3600;
+/// Tries (50 ms apart) to take a volume's lock from a holder that is letting go.
+const LOCK_TRIES: u32 = 60;
 /// Version of `base/meta.json`.
 pub const BASE_VERSION: u32 = 1;
 
@@ -382,13 +384,24 @@ impl Volume {
                 path: lock_path.clone(),
                 source,
             })?;
-        let lockf = match nix::fcntl::Flock::lock(lockf, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err(_) => {
-                return Err(VolumeError::Op(
-                    "the volume is in use (mounted by a daemon or being repaired): stop the VE or wait".into(),
-                    name,
-                ))
+        // A holder that is going away (a FUSE session ending, a child forked while the
+        // file was open and not yet exec'd) lets go within moments: wait a bounded while.
+        let mut lockf = lockf;
+        let mut tries = 0;
+        let lockf = loop {
+            match nix::fcntl::Flock::lock(lockf, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(l) => break l,
+                Err((f, _)) if tries < LOCK_TRIES => {
+                    lockf = f;
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(_) => {
+                    return Err(VolumeError::Op(
+                        "the volume is in use (mounted by a daemon or being repaired): stop the VE or wait".into(),
+                        name,
+                    ))
+                }
             }
         };
         let base = read_base_meta(dir, &name)?;
