@@ -12,3 +12,8 @@
 //! - The protocol: [`wire`] (framed, versioned, CRC-checked), [`writer`] (the volume's
 //!   [`vessel_fs::ack::Acks`]: senders, acknowledgements, removal), [`replica`] (applies
 //!   a stream to its own copy).
+
+pub mod catchup;
+pub mod config;
+pub mod decide;
+pub mod diverge;
