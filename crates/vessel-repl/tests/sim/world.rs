@@ -1,0 +1,587 @@
+//! The simulated cluster: nodes with in-memory logs, a config master with CAS, a network
+//! that drops, delays, reorders, duplicates and partitions, crashes and restarts, planned
+//! writer moves and failovers, clients writing and syncing. Every decision is taken by the
+//! real code in `vessel_repl` (decide, diverge, catchup, config).
+
+use crate::check::Checker;
+use crate::rng::Rng;
+use crate::writer::WriterState;
+use std::collections::BTreeSet;
+use vessel_fs::epochs::EpochHistory;
+use vessel_repl::config::{default_min, VolumeConfig};
+use vessel_repl::decide::{choose_writer, Candidate};
+
+/// A replica removed after this long without an answer.
+pub const ACK_MS: u64 = 2_000;
+/// A sync fails after this long.
+pub const SYNC_MS: u64 = 10_000;
+/// The writer resends (go-back-N, hello) after this long without progress.
+pub const RESEND_MS: u64 = 300;
+/// The control center replaces a writer not acting for this long.
+pub const FAILOVER_MS: u64 = 3_000;
+/// Transactions per append frame.
+pub const BATCH: u64 = 8;
+
+/// A copy's storage: the log (the epoch of each seq, seq = index + 1), how much of it is
+/// durable, its epoch history, base (compacted through), promised and joined epochs (both
+/// durable, as `epoch.json`).
+#[derive(Debug, Clone, Default)]
+pub struct Disk {
+    pub log: Vec<u64>,
+    pub durable: usize,
+    pub hist: EpochHistory,
+    pub base: u64,
+    pub promised: u64,
+    /// The epoch whose writer this copy reconciled with: appends are accepted only in it.
+    pub joined: u64,
+}
+
+impl Disk {
+    pub fn last(&self) -> u64 {
+        self.log.len() as u64
+    }
+
+    pub fn append(&mut self, epoch: u64) {
+        self.log.push(epoch);
+        let seq = self.last();
+        self.hist.note(epoch, seq);
+    }
+
+    pub fn flush(&mut self) {
+        self.durable = self.log.len();
+    }
+
+    /// A crash: the part not yet durable is gone.
+    pub fn crash(&mut self) {
+        self.log.truncate(self.durable);
+        self.hist.cut_after(self.durable as u64);
+    }
+
+    /// Truncate after `s` (durably).
+    pub fn cut_after(&mut self, s: u64) {
+        if self.last() > s {
+            self.log.truncate(s as usize);
+            self.hist.cut_after(s);
+        }
+        self.flush();
+    }
+
+    pub fn epoch_at(&self, seq: u64) -> u64 {
+        if seq == 0 {
+            0
+        } else {
+            self.log[seq as usize - 1]
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Msg {
+    /// Writer -> replica: promise `epoch`, tell me where your log stands.
+    Hello { epoch: u64 },
+    /// Replica -> writer: its history and last seq.
+    State {
+        epoch: u64,
+        hist: EpochHistory,
+        last: u64,
+        base: u64,
+    },
+    /// Writer -> replica: cut after `after`, then take my transactions in `epoch`.
+    Join { epoch: u64, after: u64 },
+    /// Writer -> replica: transactions `(epoch, seq)` following `prev`.
+    Append {
+        epoch: u64,
+        prev: u64,
+        prev_epoch: u64,
+        txs: Vec<(u64, u64)>,
+    },
+    /// Writer -> replica: install this log (base + tail) as your copy.
+    Snapshot {
+        epoch: u64,
+        log: Vec<u64>,
+        hist: EpochHistory,
+        base: u64,
+    },
+    /// Replica -> writer: durable through `durable` in `epoch`.
+    Ack { epoch: u64, durable: u64 },
+    /// Replica -> writer: an append in an epoch it did not join; start over.
+    NotJoined { epoch: u64 },
+    /// Replica -> writer: your epoch is over.
+    Refuse { promised: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub at: u64,
+    pub id: u64,
+    pub from: usize,
+    pub to: usize,
+    pub msg: Msg,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub alive: bool,
+    pub disk: Disk,
+    /// The config as this node's watch last delivered it.
+    pub known: VolumeConfig,
+    pub known_rev: u64,
+    pub writer: Option<WriterState>,
+    /// Where to send acks (volatile): (writer node, epoch).
+    pub ack_to: Option<(usize, u64)>,
+}
+
+/// Fault rates of one schedule, per mille per step unless said otherwise.
+#[derive(Debug, Clone)]
+pub struct Faults {
+    pub drop: u64,
+    pub dup: u64,
+    pub max_delay_ms: u64,
+    pub crash: u64,
+    pub restart: u64,
+    pub partition: u64,
+    pub heal: u64,
+    pub moves: u64,
+    pub compact: u64,
+    pub write: u64,
+    pub sync: u64,
+}
+
+impl Faults {
+    pub fn random(rng: &mut Rng) -> Self {
+        Faults {
+            drop: rng.range(0, 150),
+            dup: rng.range(0, 80),
+            max_delay_ms: rng.range(1, 400),
+            crash: rng.range(0, 25),
+            restart: rng.range(5, 300),
+            partition: rng.range(0, 40),
+            heal: rng.range(5, 200),
+            moves: rng.range(0, 15),
+            compact: rng.range(0, 60),
+            write: rng.range(300, 900),
+            sync: rng.range(100, 600),
+        }
+    }
+
+    pub fn none() -> Self {
+        Faults {
+            drop: 0,
+            dup: 0,
+            max_delay_ms: 20,
+            crash: 0,
+            restart: 1000,
+            partition: 0,
+            heal: 1000,
+            moves: 0,
+            compact: 0,
+            write: 0,
+            sync: 0,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub steps: u64,
+    pub sent: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub crashes: u64,
+    pub partitions: u64,
+    pub moves: u64,
+    pub failovers: u64,
+    pub deposed: u64,
+    pub writes: u64,
+    pub syncs_acked: u64,
+    pub syncs_failed: u64,
+    pub removals: u64,
+    pub additions: u64,
+    pub cuts: u64,
+    pub seeds: u64,
+    pub compactions: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.steps += o.steps;
+        self.sent += o.sent;
+        self.dropped += o.dropped;
+        self.duplicated += o.duplicated;
+        self.crashes += o.crashes;
+        self.partitions += o.partitions;
+        self.moves += o.moves;
+        self.failovers += o.failovers;
+        self.deposed += o.deposed;
+        self.writes += o.writes;
+        self.syncs_acked += o.syncs_acked;
+        self.syncs_failed += o.syncs_failed;
+        self.removals += o.removals;
+        self.additions += o.additions;
+        self.cuts += o.cuts;
+        self.seeds += o.seeds;
+        self.compactions += o.compactions;
+    }
+}
+
+pub struct World {
+    pub rng: Rng,
+    pub now: u64,
+    pub nodes: Vec<Node>,
+    pub master: VolumeConfig,
+    pub master_rev: u64,
+    pub net: Vec<InFlight>,
+    pub next_id: u64,
+    pub blocked: BTreeSet<(usize, usize)>,
+    pub faults: Faults,
+    pub stats: Stats,
+    pub check: Checker,
+    pub writer_missing_since: Option<u64>,
+}
+
+pub fn idx(name: &str) -> usize {
+    name[1..].parse().unwrap_or(usize::MAX)
+}
+
+impl World {
+    pub fn new(seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let n = rng.range(3, 5) as usize;
+        let want = n;
+        let min = if rng.chance(500) {
+            default_min(n)
+        } else {
+            rng.range(1, n as u64) as usize
+        };
+        let names: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
+        let mut master = VolumeConfig::new(&names[0], min, want);
+        for nm in &names[1..] {
+            master = master.with_replica(nm).unwrap();
+            master = master.with_in_sync(nm).unwrap();
+        }
+        master.validate().unwrap();
+        let faults = Faults::random(&mut rng);
+        let nodes = names
+            .iter()
+            .map(|nm| Node {
+                name: nm.clone(),
+                alive: true,
+                disk: Disk {
+                    hist: EpochHistory::new(),
+                    ..Disk::default()
+                },
+                known: master.clone(),
+                known_rev: 0,
+                writer: None,
+                ack_to: None,
+            })
+            .collect();
+        World {
+            rng,
+            now: 0,
+            nodes,
+            master,
+            master_rev: 1,
+            net: Vec::new(),
+            next_id: 0,
+            blocked: BTreeSet::new(),
+            faults,
+            stats: Stats::default(),
+            check: Checker::new(n),
+            writer_missing_since: None,
+        }
+    }
+
+    pub fn is_blocked(&self, a: usize, b: usize) -> bool {
+        self.blocked.contains(&(a.min(b), a.max(b)))
+    }
+
+    /// Compare-and-swap on the master: Err(current) when it changed.
+    pub fn cas(&mut self, expected: &VolumeConfig, next: VolumeConfig) -> Result<(), VolumeConfig> {
+        if self.master != *expected {
+            return Err(self.master.clone());
+        }
+        next.validate().expect("a next config from config.rs validates");
+        self.master = next;
+        self.master_rev += 1;
+        Ok(())
+    }
+
+    pub fn send(&mut self, from: usize, to: usize, msg: Msg) {
+        self.stats.sent += 1;
+        if self.is_blocked(from, to) || self.rng.chance(self.faults.drop) {
+            self.stats.dropped += 1;
+            return;
+        }
+        let copies = if self.rng.chance(self.faults.dup) {
+            self.stats.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let at = self.now + self.rng.range(1, self.faults.max_delay_ms);
+            self.next_id += 1;
+            self.net.push(InFlight {
+                at,
+                id: self.next_id,
+                from,
+                to,
+                msg: msg.clone(),
+            });
+        }
+    }
+
+    /// One step of the schedule.
+    pub fn step(&mut self) {
+        self.stats.steps += 1;
+        self.now += self.rng.range(5, 60);
+        self.faults_step();
+        self.deliver();
+        self.watch();
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].alive {
+                continue;
+            }
+            crate::replica::tick(self, i);
+            crate::writer::tick(self, i);
+        }
+        self.control_center();
+        self.clients();
+        let violations = self.check.after_step(&self.nodes, &self.master);
+        self.check.violations.extend(violations);
+    }
+
+    fn deliver(&mut self) {
+        let now = self.now;
+        let (mut due, rest): (Vec<_>, Vec<_>) = self.net.drain(..).partition(|m| m.at <= now);
+        self.net = rest;
+        due.sort_by_key(|m| (m.at, m.id));
+        for m in due {
+            if !self.nodes[m.to].alive || self.is_blocked(m.from, m.to) {
+                self.stats.dropped += 1;
+                continue;
+            }
+            match m.msg {
+                Msg::State { .. } | Msg::Ack { .. } | Msg::NotJoined { .. } | Msg::Refuse { .. } => {
+                    crate::writer::receive(self, m.to, m.from, m.msg)
+                }
+                _ => crate::replica::receive(self, m.to, m.from, m.msg),
+            }
+        }
+    }
+
+    fn faults_step(&mut self) {
+        let n = self.nodes.len();
+        let f = self.faults.clone();
+        if self.rng.chance(f.crash) {
+            let alive: Vec<usize> = (0..n).filter(|&i| self.nodes[i].alive).collect();
+            if let Some(i) = self.rng.pick(&alive) {
+                self.crash(i);
+            }
+        }
+        for i in 0..n {
+            if !self.nodes[i].alive && self.rng.chance(f.restart) {
+                self.restart(i);
+            }
+        }
+        if self.rng.chance(f.partition) {
+            let a = self.rng.below(n as u64) as usize;
+            let b = self.rng.below(n as u64) as usize;
+            if a != b {
+                self.blocked.insert((a.min(b), a.max(b)));
+                self.stats.partitions += 1;
+            }
+        }
+        if self.rng.chance(f.heal) {
+            let pairs: Vec<(usize, usize)> = self.blocked.iter().copied().collect();
+            if let Some(p) = self.rng.pick(&pairs) {
+                self.blocked.remove(&p);
+            }
+        }
+        if self.rng.chance(f.moves) {
+            let targets: Vec<usize> = self
+                .master
+                .in_sync
+                .iter()
+                .map(|s| idx(s))
+                .filter(|&i| self.nodes[i].alive && self.nodes[i].name != self.master.writer)
+                .collect();
+            if let Some(t) = self.rng.pick(&targets) {
+                let next = self.master.with_writer(&self.nodes[t].name).unwrap();
+                let cur = self.master.clone();
+                if self.cas(&cur, next).is_ok() {
+                    self.stats.moves += 1;
+                }
+            }
+        }
+        if self.rng.chance(f.compact) {
+            let i = self.rng.below(n as u64) as usize;
+            let alive = self.nodes[i].alive;
+            let d = &mut self.nodes[i].disk;
+            if alive && d.compactable() {
+                let hi = d.durable as u64;
+                d.base = self.rng.range(d.base, hi);
+                self.stats.compactions += 1;
+            }
+        }
+    }
+
+    pub fn crash(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.alive = false;
+        node.disk.crash();
+        node.writer = None;
+        node.ack_to = None;
+        self.stats.crashes += 1;
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.alive = true;
+        node.known = self.master.clone();
+        node.known_rev = self.master_rev;
+    }
+
+    /// Each node's watch delivers the master's config after a random delay.
+    fn watch(&mut self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].alive && self.nodes[i].known_rev < self.master_rev && self.rng.chance(400) {
+                self.nodes[i].known = self.master.clone();
+                self.nodes[i].known_rev = self.master_rev;
+                crate::writer::on_config(self, i);
+            }
+        }
+        // A restarted node named writer learns it through the same path.
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].alive && self.nodes[i].writer.is_none() {
+                crate::writer::on_config(self, i);
+            }
+        }
+    }
+
+    fn acting_writer(&self) -> bool {
+        let w = idx(&self.master.writer);
+        let n = &self.nodes[w];
+        n.alive
+            && n.writer
+                .as_ref()
+                .is_some_and(|ws| ws.epoch == self.master.epoch && !ws.deposed)
+    }
+
+    /// The control center: a writer not acting for FAILOVER_MS is replaced by the rule in
+    /// `decide::choose_writer` (the epoch is raised by CAS first).
+    fn control_center(&mut self) {
+        if self.acting_writer() {
+            self.writer_missing_since = None;
+            return;
+        }
+        let since = *self.writer_missing_since.get_or_insert(self.now);
+        if self.now - since < FAILOVER_MS {
+            return;
+        }
+        let cands: Vec<Candidate> = self
+            .nodes
+            .iter()
+            .map(|n| Candidate {
+                node: n.name.clone(),
+                reachable: n.alive,
+                last_epoch: n.disk.hist.last_epoch(),
+                last_seq: n.disk.last(),
+            })
+            .collect();
+        if let Some(w) = choose_writer(&self.master, &cands) {
+            let cur = self.master.clone();
+            let next = cur.with_writer(&w).unwrap();
+            if self.cas(&cur, next).is_ok() {
+                self.stats.failovers += 1;
+            }
+        }
+        self.writer_missing_since = Some(self.now);
+    }
+
+    /// Clients of every node acting as writer (a deposed one that does not know yet too).
+    fn clients(&mut self) {
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].alive {
+                continue;
+            }
+            let Some(epoch) = self.nodes[i].writer.as_ref().filter(|w| !w.deposed).map(|w| w.epoch) else {
+                continue;
+            };
+            if self.rng.chance(self.faults.write) {
+                let k = self.rng.range(1, 3);
+                for _ in 0..k {
+                    self.nodes[i].disk.append(epoch);
+                    self.stats.writes += 1;
+                }
+            }
+            if self.rng.chance(100) {
+                self.nodes[i].disk.flush();
+            }
+            if self.rng.chance(self.faults.sync) {
+                crate::writer::sync(self, i);
+            }
+        }
+    }
+
+    /// Heal everything, restart everyone, stop faults and run until the replicas converge
+    /// (bounded); then a last sync must be acknowledged.
+    pub fn quiesce(&mut self) -> Result<u64, String> {
+        self.faults = Faults::none();
+        self.blocked.clear();
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].alive {
+                self.restart(i);
+            }
+        }
+        for round in 0..4_000u64 {
+            self.step();
+            if let Some(v) = self.check.violations.first() {
+                return Err(v.clone());
+            }
+            if round % 50 == 49 {
+                if let Some(w) = self.nodes.iter().position(|n| {
+                    n.writer
+                        .as_ref()
+                        .is_some_and(|ws| ws.epoch == self.master.epoch && !ws.deposed)
+                }) {
+                    crate::writer::sync(self, w);
+                }
+            }
+            if self.converged() {
+                return Ok(round);
+            }
+        }
+        Err(format!(
+            "no convergence after quiesce: master {:?}, logs {:?}",
+            self.master,
+            self.nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.disk.durable, n.disk.log.len()))
+                .collect::<Vec<_>>()
+        ))
+    }
+
+    fn converged(&self) -> bool {
+        if !self.acting_writer() {
+            return false;
+        }
+        let w = &self.nodes[idx(&self.master.writer)];
+        let ws = w.writer.as_ref().unwrap();
+        let all_in = self.master.replicas.iter().all(|r| self.master.is_in_sync(r));
+        all_in
+            && ws.syncs.is_empty()
+            && self
+                .nodes
+                .iter()
+                .all(|n| n.disk.log == w.disk.log && n.disk.durable == n.disk.log.len())
+    }
+}
+
+impl Disk {
+    fn compactable(&self) -> bool {
+        self.durable as u64 > self.base
+    }
+}
