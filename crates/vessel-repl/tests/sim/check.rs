@@ -3,17 +3,18 @@
 //! 2. ... and on every later writer (checked when a node takes over);
 //! 3. no two writers acknowledge in the same epoch, and acknowledged logs never conflict;
 //! 4. a replica never accepts an older epoch than one it accepted before;
-//! 5. a cut never removes an acknowledged transaction;
+//! 5. a cut never removes an acknowledged transaction; an acknowledged sync had at least
+//!    min_replicas durable copies; (epoch, seq) names one transaction (replica.rs);
 //! 6. (after heal + quiesce, in `World::quiesce`) all copies hold identical logs.
 
-use crate::world::{idx, Disk, Node};
+use crate::world::{idx, Disk, Entry, Node};
 use std::collections::BTreeMap;
 use vessel_repl::config::VolumeConfig;
 
 #[derive(Debug, Default)]
 pub struct Checker {
     /// The acknowledged prefix: the epoch of each seq 1..=len.
-    pub acked: Vec<u64>,
+    pub acked: Vec<Entry>,
     /// Which node acknowledged in each epoch.
     ack_writer: BTreeMap<u64, usize>,
     /// The highest epoch each node accepted (never forgotten, crash or not).
@@ -29,7 +30,7 @@ impl Checker {
         }
     }
 
-    pub fn on_ack(&mut self, node: usize, epoch: u64, log: &[u64]) {
+    pub fn on_ack(&mut self, node: usize, epoch: u64, log: &[Entry]) {
         if let Some(&other) = self.ack_writer.get(&epoch) {
             if other != node {
                 self.violations.push(format!(
@@ -68,7 +69,7 @@ impl Checker {
         }
     }
 
-    pub fn on_cut(&mut self, node: usize, after: u64, log: &[u64]) {
+    pub fn on_cut(&mut self, node: usize, after: u64, log: &[Entry]) {
         let hi = log.len().min(self.acked.len());
         let lo = (after as usize).min(hi);
         if lo < hi && log[lo..hi] == self.acked[lo..hi] {
@@ -87,7 +88,7 @@ impl Checker {
         (d.log[..n] != self.acked[..]).then(|| {
             let s = (0..n).find(|&k| d.log[k] != self.acked[k]).unwrap_or(0) + 1;
             format!(
-                "seq {s} is epoch {} not acknowledged epoch {}",
+                "seq {s} is {:?} not the acknowledged {:?}",
                 d.log[s - 1],
                 self.acked[s - 1]
             )

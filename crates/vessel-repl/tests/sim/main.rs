@@ -43,7 +43,9 @@ fn randomized_schedules() {
     let mut total = Stats::default();
     let mut failed = Vec::new();
     for seed in 0..n {
-        match run(seed, steps_for(seed)) {
+        let r = std::panic::catch_unwind(|| run(seed, steps_for(seed)))
+            .unwrap_or_else(|p| Err(format!("panicked: {:?}", p.downcast_ref::<String>())));
+        match r {
             Ok(s) => total.add(&s),
             Err(e) => {
                 eprintln!("seed {seed} failed: {e}\n  replay: VESSEL_SIM_SEED={seed} cargo test --release -p vessel-repl --test sim replay");

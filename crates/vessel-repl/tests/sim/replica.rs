@@ -88,11 +88,17 @@ pub fn receive(w: &mut World, j: usize, i: usize, msg: Msg) {
                 for (e, s) in txs {
                     let d = &mut w.nodes[j].disk;
                     if s <= d.last() {
-                        if d.epoch_at(s) != e {
-                            let v = format!(
-                                "node {j} holds ({}, {s}) where its writer of epoch {epoch} sent ({e}, {s})",
-                                d.epoch_at(s)
-                            );
+                        // The protocol compares (epoch, seq); the checker also the id.
+                        let mine = d.log[s as usize - 1];
+                        if mine != e {
+                            let v = if mine.0 == e.0 {
+                                format!("two transactions named ({}, {s}): ids {} and {}", e.0, mine.1, e.1)
+                            } else {
+                                format!(
+                                    "node {j} holds ({}, {s}) where its writer of epoch {epoch} sent ({}, {s})",
+                                    mine.0, e.0
+                                )
+                            };
                             w.check.violations.push(v);
                             return;
                         }

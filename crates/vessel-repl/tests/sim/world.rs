@@ -22,12 +22,17 @@ pub const FAILOVER_MS: u64 = 3_000;
 /// Transactions per append frame.
 pub const BATCH: u64 = 8;
 
-/// A copy's storage: the log (the epoch of each seq, seq = index + 1), how much of it is
+/// A transaction as the simulation knows it: (epoch, unique id). The protocol sees only the
+/// epoch and the seq (its index + 1); the id lets the checker see two different
+/// transactions under one (epoch, seq).
+pub type Entry = (u64, u64);
+
+/// A copy's storage: the log (an [`Entry`] per seq, seq = index + 1), how much of it is
 /// durable, its epoch history, base (compacted through), promised and joined epochs (both
 /// durable, as `epoch.json`).
 #[derive(Debug, Clone, Default)]
 pub struct Disk {
-    pub log: Vec<u64>,
+    pub log: Vec<Entry>,
     pub durable: usize,
     pub hist: EpochHistory,
     pub base: u64,
@@ -41,8 +46,8 @@ impl Disk {
         self.log.len() as u64
     }
 
-    pub fn append(&mut self, epoch: u64) {
-        self.log.push(epoch);
+    pub fn append(&mut self, (epoch, id): Entry) {
+        self.log.push((epoch, id));
         let seq = self.last();
         self.hist.note(epoch, seq);
     }
@@ -70,7 +75,7 @@ impl Disk {
         if seq == 0 {
             0
         } else {
-            self.log[seq as usize - 1]
+            self.log[seq as usize - 1].0
         }
     }
 }
@@ -88,17 +93,17 @@ pub enum Msg {
     },
     /// Writer -> replica: cut after `after`, then take my transactions in `epoch`.
     Join { epoch: u64, after: u64 },
-    /// Writer -> replica: transactions `(epoch, seq)` following `prev`.
+    /// Writer -> replica: transactions (entry, seq) following `prev`.
     Append {
         epoch: u64,
         prev: u64,
         prev_epoch: u64,
-        txs: Vec<(u64, u64)>,
+        txs: Vec<(Entry, u64)>,
     },
     /// Writer -> replica: install this log (base + tail) as your copy.
     Snapshot {
         epoch: u64,
-        log: Vec<u64>,
+        log: Vec<Entry>,
         hist: EpochHistory,
         base: u64,
     },
@@ -238,6 +243,7 @@ pub struct World {
     pub stats: Stats,
     pub check: Checker,
     pub writer_missing_since: Option<u64>,
+    pub next_tx: u64,
 }
 
 pub fn idx(name: &str) -> usize {
@@ -290,6 +296,7 @@ impl World {
             stats: Stats::default(),
             check: Checker::new(n),
             writer_missing_since: None,
+            next_tx: 0,
         }
     }
 
@@ -513,7 +520,8 @@ impl World {
             if self.rng.chance(self.faults.write) {
                 let k = self.rng.range(1, 3);
                 for _ in 0..k {
-                    self.nodes[i].disk.append(epoch);
+                    self.next_tx += 1;
+                    self.nodes[i].disk.append((epoch, self.next_tx));
                     self.stats.writes += 1;
                 }
             }

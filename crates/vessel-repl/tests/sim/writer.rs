@@ -3,7 +3,7 @@
 //! `vessel_repl::decide` (CAS on the master before anything is acknowledged without a
 //! replica).
 
-use crate::world::{idx, Msg, World, ACK_MS, BATCH, RESEND_MS, SYNC_MS};
+use crate::world::{idx, Entry, Msg, World, ACK_MS, BATCH, RESEND_MS, SYNC_MS};
 use std::collections::BTreeMap;
 use vessel_repl::catchup::{plan, Plan};
 use vessel_repl::config::VolumeConfig;
@@ -174,7 +174,7 @@ fn send_to(w: &mut World, i: usize, ws: &mut WriterState, j: usize) {
                 }
                 let end = committed.min(next + BATCH - 1);
                 let d = &w.nodes[i].disk;
-                let txs: Vec<(u64, u64)> = (next..=end).map(|s| (d.epoch_at(s), s)).collect();
+                let txs: Vec<(Entry, u64)> = (next..=end).map(|s| (d.log[s as usize - 1], s)).collect();
                 let msg = Msg::Append {
                     epoch,
                     prev: next - 1,
@@ -262,6 +262,17 @@ fn decide(w: &mut World, i: usize, ws: &mut WriterState) {
             AckDecision::Ack => {
                 w.stats.syncs_acked += 1;
                 let log = w.nodes[i].disk.log[..seq as usize].to_vec();
+                let copies = w
+                    .nodes
+                    .iter()
+                    .filter(|n| n.disk.durable >= log.len() && n.disk.log[..log.len()] == log[..])
+                    .count();
+                if copies < ws.config.min_replicas {
+                    w.check.violations.push(format!(
+                        "n{i} acknowledged seq {seq} with {copies} durable copies, min {}",
+                        ws.config.min_replicas
+                    ));
+                }
                 w.check.on_ack(i, ws.epoch, &log);
             }
             AckDecision::Fail { .. } => w.stats.syncs_failed += 1,
