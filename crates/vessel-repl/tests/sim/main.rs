@@ -79,3 +79,62 @@ fn same_seed_same_schedule() {
     let b = run(7, 300).map(|s| format!("{s:?}"));
     assert_eq!(a, b);
 }
+
+/// Run schedules that must pass; each of these failed while the named bug was planted
+/// (mutation runs: the rule undone in the code, 2,000 schedules, the first failing seeds
+/// kept), so they fail again if the rule is lost.
+fn regression(seeds: &[u64]) {
+    for &seed in seeds {
+        if let Err(e) = run(seed, steps_for(seed)) {
+            panic!("seed {seed}: {e}");
+        }
+    }
+}
+
+/// Planted: a sync acknowledged without every in-sync replica's ack.
+#[test]
+fn regression_ack_waits_for_every_in_sync_replica() {
+    regression(&[0, 1, 2]);
+}
+
+/// Planted: the divergence point by the high watermark, not the epoch histories.
+#[test]
+fn regression_divergence_by_epoch_history_not_length() {
+    regression(&[0, 1, 2, 3]);
+}
+
+/// Planted: a late snapshot replaces a log that already follows the writer (shorter).
+#[test]
+fn regression_late_snapshot_never_shortens_a_joined_log() {
+    regression(&[740, 1013, 1027, 1444, 1891]);
+}
+
+/// Planted: a replica re-added to in_sync up to 3 transactions behind.
+#[test]
+fn regression_add_to_in_sync_only_when_caught_up() {
+    regression(&[229, 1788, 1959, 1971]);
+}
+
+/// Planted: a writer that restarted resumes writing in its old epoch.
+#[test]
+fn regression_restarted_writer_waits_for_a_new_epoch() {
+    regression(&[15, 24, 52]);
+}
+
+/// Planted: min_replicas ignored by the ack decision.
+#[test]
+fn regression_sync_needs_min_replicas_in_sync() {
+    regression(&[25, 33, 81]);
+}
+
+/// Planted: a removal applied to the writer's view without the CAS in the store.
+#[test]
+fn regression_removal_goes_through_the_store() {
+    regression(&[4, 11, 13]);
+}
+
+/// Planted: a repeated join in an epoch already joined cuts again.
+#[test]
+fn regression_second_join_in_an_epoch_does_not_cut() {
+    regression(&[0, 2, 3]);
+}

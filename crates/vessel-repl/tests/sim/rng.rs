@@ -5,7 +5,7 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x5EED_0F_7E55E1)
+        Rng(seed ^ 0x5EED_0F7E_55E1)
     }
 
     pub fn next_u64(&mut self) -> u64 {

@@ -365,20 +365,14 @@ fn on_msg(w: &mut World, i: usize, ws: &mut WriterState, j: usize, msg: Msg) {
                 p.prog.waiting_since = Some(now);
             }
         }
-        Msg::NotJoined { epoch } => {
-            if epoch == ws.epoch {
-                let p = ws.peers.get_mut(&j).unwrap();
-                if matches!(p.phase, Phase::Stream { .. }) {
-                    p.phase = Phase::Hello;
-                    p.last_send = None;
-                }
+        Msg::NotJoined { epoch } if epoch == ws.epoch => {
+            let p = ws.peers.get_mut(&j).unwrap();
+            if matches!(p.phase, Phase::Stream { .. }) {
+                p.phase = Phase::Hello;
+                p.last_send = None;
             }
         }
-        Msg::Refuse { promised } => {
-            if promised > ws.epoch {
-                ws.deposed = true;
-            }
-        }
+        Msg::Refuse { promised } if promised > ws.epoch => ws.deposed = true,
         _ => {}
     }
 }
