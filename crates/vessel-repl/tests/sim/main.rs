@@ -8,6 +8,7 @@
 //! schedule with its stats; `VESSEL_SIM_SEEDS=n` changes how many the suite runs.
 
 mod check;
+mod replace;
 mod replica;
 mod rng;
 mod world;
@@ -19,7 +20,12 @@ const DEFAULT_SEEDS: u64 = 2_000;
 
 /// Run one schedule: `steps` random steps, then heal + quiesce. Err names the violation.
 fn run(seed: u64, steps: u64) -> Result<Stats, String> {
-    let mut w = World::new(seed);
+    run_with(seed, steps, false)
+}
+
+/// `spare`: a schedule with one node outside the replicas that replaces lost ones.
+fn run_with(seed: u64, steps: u64, spare: bool) -> Result<Stats, String> {
+    let mut w = World::build(seed, spare);
     for _ in 0..steps {
         w.step();
         if let Some(v) = w.check.violations.first() {
@@ -36,29 +42,45 @@ fn steps_for(seed: u64) -> u64 {
 
 #[test]
 fn randomized_schedules() {
-    let n: u64 = std::env::var("VESSEL_SIM_SEEDS")
+    schedules(seeds(DEFAULT_SEEDS), false);
+}
+
+/// Lost replicas replaced by a spare node (seeded, then added to the in-sync set).
+#[test]
+fn randomized_schedules_with_a_spare() {
+    let total = schedules(seeds(DEFAULT_SEEDS / 2), true);
+    assert!(total.replacements > 0 && total.seeds > 0);
+}
+
+fn seeds(default: u64) -> u64 {
+    std::env::var("VESSEL_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_SEEDS);
+        .unwrap_or(default)
+}
+
+fn schedules(n: u64, spare: bool) -> Stats {
+    let sp = if spare { " VESSEL_SIM_SPARE=1" } else { "" };
     let mut total = Stats::default();
     let mut failed = Vec::new();
     for seed in 0..n {
-        let r = std::panic::catch_unwind(|| run(seed, steps_for(seed)))
+        let r = std::panic::catch_unwind(|| run_with(seed, steps_for(seed), spare))
             .unwrap_or_else(|p| Err(format!("panicked: {:?}", p.downcast_ref::<String>())));
         match r {
             Ok(s) => total.add(&s),
             Err(e) => {
-                eprintln!("seed {seed} failed: {e}\n  replay: VESSEL_SIM_SEED={seed} cargo test --release -p vessel-repl --test sim replay");
+                eprintln!("seed {seed} failed: {e}\n  replay: VESSEL_SIM_SEED={seed}{sp} cargo test --release -p vessel-repl --test sim replay");
                 failed.push(seed);
             }
         }
     }
-    eprintln!("{n} schedules: {total:?}");
+    eprintln!("{n} schedules{sp}: {total:?}");
     assert!(failed.is_empty(), "{} schedules failed: seeds {failed:?}", failed.len());
     // The faults did happen (a simulation that injects nothing proves nothing).
     assert!(total.crashes > 0 && total.dropped > 0 && total.duplicated > 0);
     assert!(total.moves > 0 && total.failovers > 0 && total.removals > 0);
     assert!(total.cuts > 0 && total.seeds > 0 && total.syncs_acked > 0);
+    total
 }
 
 #[test]
@@ -67,7 +89,8 @@ fn replay() {
         eprintln!("VESSEL_SIM_SEED not set: nothing to replay");
         return;
     };
-    match run(seed, steps_for(seed)) {
+    let spare = std::env::var("VESSEL_SIM_SPARE").is_ok_and(|v| v == "1");
+    match run_with(seed, steps_for(seed), spare) {
         Ok(s) => eprintln!("seed {seed}: ok {s:?}"),
         Err(e) => panic!("seed {seed}: {e}"),
     }

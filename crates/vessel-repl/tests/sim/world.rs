@@ -206,6 +206,7 @@ pub struct Stats {
     pub cuts: u64,
     pub seeds: u64,
     pub compactions: u64,
+    pub replacements: u64,
 }
 
 impl Stats {
@@ -227,6 +228,7 @@ impl Stats {
         self.cuts += o.cuts;
         self.seeds += o.seeds;
         self.compactions += o.compactions;
+        self.replacements += o.replacements;
     }
 }
 
@@ -244,6 +246,9 @@ pub struct World {
     pub check: Checker,
     pub writer_missing_since: Option<u64>,
     pub next_tx: u64,
+    /// With a spare node: the draws for replacing lost replicas (a separate stream, so the
+    /// schedules without one stay as they were).
+    pub extra: Option<Rng>,
 }
 
 pub fn idx(name: &str) -> usize {
@@ -251,7 +256,8 @@ pub fn idx(name: &str) -> usize {
 }
 
 impl World {
-    pub fn new(seed: u64) -> Self {
+    /// `spare`: one more node outside the replicas, used to replace a lost one.
+    pub fn build(seed: u64, spare: bool) -> Self {
         let mut rng = Rng::new(seed);
         let n = rng.range(3, 5) as usize;
         let want = n;
@@ -268,10 +274,11 @@ impl World {
         }
         master.validate().unwrap();
         let faults = Faults::random(&mut rng);
-        let nodes = names
-            .iter()
+        let total = n + usize::from(spare);
+        let nodes = (0..total)
+            .map(|i| format!("n{i}"))
             .map(|nm| Node {
-                name: nm.clone(),
+                name: nm,
                 alive: true,
                 disk: Disk {
                     hist: EpochHistory::new(),
@@ -294,9 +301,10 @@ impl World {
             blocked: BTreeSet::new(),
             faults,
             stats: Stats::default(),
-            check: Checker::new(n),
+            check: Checker::new(total),
             writer_missing_since: None,
             next_tx: 0,
+            extra: spare.then(|| Rng::new(seed ^ 0xA5A5_A5A5)),
         }
     }
 
@@ -433,6 +441,7 @@ impl World {
                 self.stats.compactions += 1;
             }
         }
+        crate::replace::step(self);
     }
 
     pub fn crash(&mut self, i: usize) {
@@ -584,6 +593,7 @@ impl World {
             && self
                 .nodes
                 .iter()
+                .filter(|n| self.master.is_replica(&n.name))
                 .all(|n| n.disk.log == w.disk.log && n.disk.durable == n.disk.log.len())
     }
 }

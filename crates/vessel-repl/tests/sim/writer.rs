@@ -107,6 +107,7 @@ pub fn tick(w: &mut World, i: usize) {
         return;
     };
     if !ws.deposed {
+        follow_replicas(w, &mut ws);
         connectivity(w, i, &mut ws);
         let ids: Vec<usize> = ws.peers.keys().copied().collect();
         for j in ids {
@@ -120,6 +121,21 @@ pub fn tick(w: &mut World, i: usize) {
         return; // steps down: now a replica
     }
     w.nodes[i].writer = Some(ws);
+}
+
+/// Talk to exactly the config's replicas (one was replaced: a new peer, a dropped one).
+fn follow_replicas(w: &World, ws: &mut WriterState) {
+    let c = &ws.config;
+    ws.peers.retain(|&j, _| c.is_replica(&w.nodes[j].name));
+    for r in c.replicas.iter().filter(|r| **r != c.writer) {
+        ws.peers.entry(idx(r)).or_insert_with(|| Peer {
+            prog: Progress::new(r),
+            phase: Phase::Hello,
+            sent_max: 0,
+            last_send: None,
+            last_progress: w.now,
+        });
+    }
 }
 
 fn connectivity(w: &mut World, i: usize, ws: &mut WriterState) {
