@@ -195,6 +195,18 @@ impl VolumeConfig {
         Ok(next)
     }
 
+    /// The next config with other copy counts (`ve set --replicas/--min-replicas`); same
+    /// epoch. The writer learns it like any change; until then it decides by the old ones.
+    pub fn with_counts(&self, min_replicas: usize, want_replicas: usize) -> Result<Self, ConfigError> {
+        let next = VolumeConfig {
+            min_replicas,
+            want_replicas,
+            ..self.clone()
+        };
+        next.validate()?;
+        Ok(next)
+    }
+
     /// The next config with `node` as writer in epoch + 1. `node` must be in sync (it has
     /// every acknowledged transaction); the in-sync set is kept: the old writer, if alive,
     /// stays a replica and is removed like any other if it does not follow.
@@ -332,5 +344,19 @@ mod tests {
         assert_eq!(c.with_writer("c"), Err(ConfigError::NotInSync { node: "c".into() }));
         // The same node again (a writer that restarted): a new epoch all the same.
         assert_eq!(c.with_writer("a").unwrap().epoch, 4);
+    }
+
+    #[test]
+    fn counts_change_within_the_epoch_and_are_checked() {
+        let c = abc().with_counts(1, 2).unwrap();
+        assert_eq!((c.min_replicas, c.want_replicas, c.epoch), (1, 2, 3));
+        assert_eq!(
+            abc().with_counts(3, 2),
+            Err(ConfigError::Counts {
+                min: 3,
+                want: 2,
+                max: 5
+            })
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! schedule with its stats; `VESSEL_SIM_SEEDS=n` changes how many the suite runs.
 
 mod check;
-mod replace;
+mod control;
+mod extra;
 mod replica;
 mod rng;
 mod world;

@@ -249,7 +249,7 @@ fn decide(w: &mut World, i: usize, ws: &mut WriterState) {
             other => panic!("tick decided {other:?}"),
         }
         .expect("a valid next config");
-        match w.cas(&ws.config, next.clone()) {
+        match w.cas_as(i, &ws.config, next.clone()) {
             Ok(()) => {
                 ws.config = next;
                 match a {
@@ -257,11 +257,13 @@ fn decide(w: &mut World, i: usize, ws: &mut WriterState) {
                     _ => w.stats.additions += 1,
                 }
             }
-            Err(cur) if cur.epoch != ws.epoch => {
+            Err(Some(cur)) if cur.epoch != ws.epoch => {
                 ws.deposed = true;
                 return;
             }
-            Err(cur) => ws.config = cur,
+            Err(Some(cur)) => ws.config = cur,
+            // The store is out of reach: nothing changes, syncs keep waiting.
+            Err(None) => break,
         }
     }
     let progress: Vec<Progress> = ws.peers.values().map(|p| p.prog.clone()).collect();
