@@ -162,3 +162,14 @@ fn regression_removal_goes_through_the_store() {
 fn regression_second_join_in_an_epoch_does_not_cut() {
     regression(&[0, 2, 3]);
 }
+
+/// Planted (schedules with a spare): a writer cut off from the store applies a removal to
+/// its own view anyway.
+#[test]
+fn regression_writer_cut_off_from_the_store_removes_nobody() {
+    for seed in [456, 732, 936] {
+        if let Err(e) = run_with(seed, steps_for(seed), true) {
+            panic!("seed {seed} (spare): {e}");
+        }
+    }
+}
