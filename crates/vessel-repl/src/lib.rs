@@ -13,6 +13,9 @@
 //!   [`vessel_fs::ack::Acks`]: senders, acknowledgements, removal), [`replica`] (applies
 //!   a stream to its own copy).
 
+pub mod catchup;
+pub mod config;
+pub mod decide;
 pub mod diverge;
 pub mod replica;
 mod vol;
