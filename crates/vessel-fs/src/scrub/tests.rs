@@ -367,6 +367,32 @@ fn a_differing_unlink_is_reported_at_its_path() {
 }
 
 #[test]
+fn a_hard_link_on_one_copy_only_shows_as_the_new_name_and_the_link_count() {
+    let p = pair();
+    let link = Op::Link {
+        ino: p.f,
+        parent: p.sub,
+        name: b"h".to_vec(),
+    };
+    // The other side touches the same times: a rename of `f` onto itself sets f's ctime
+    // and the directory's times as a link does.
+    let d = diverge(&p, link, touch_by_rename(p.sub, b"f"));
+    assert_eq!(
+        d,
+        vec![
+            ("/sub/f".to_string(), What::Nlink { a: 2, b: 1 }),
+            (
+                "/sub/h".to_string(),
+                What::OnlyOn {
+                    side: Side::A,
+                    entry: "file".into()
+                }
+            ),
+        ]
+    );
+}
+
+#[test]
 fn copies_at_different_seqs_say_so() {
     let p = pair();
     p.a.append_replicated(&Tx {
