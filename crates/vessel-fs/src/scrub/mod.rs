@@ -375,7 +375,6 @@ pub fn hash_tree(vol: &Volume, progress: &mut dyn FnMut(Progress)) -> Result<Scr
     }
     progress(p);
     let mut buf = vec![0u8; READ_BUF];
-    let mut missing = false;
     for job in &jobs {
         if let Some(c) = done.get(&job.ino).filter(|c| **c != Content::Pending) {
             if let Entry::Private(m) = &mut nodes[job.node as usize].entry {
@@ -393,10 +392,7 @@ pub fn hash_tree(vol: &Volume, progress: &mut dyn FnMut(Progress)) -> Result<Scr
                 ino: job.ino,
                 source,
             })?,
-            Err(libc::ENOENT) => {
-                missing = true;
-                Content::Missing
-            }
+            Err(libc::ENOENT) => Content::Missing,
             Err(e) => {
                 return Err(ScrubError::Read {
                     volume,
@@ -412,13 +408,16 @@ pub fn hash_tree(vol: &Volume, progress: &mut dyn FnMut(Progress)) -> Result<Scr
         p.files += 1;
         progress(p);
     }
-    let now = vol.with_tree(|t, _| t.applied);
+    let hashed: HashSet<Ino> = done.into_keys().collect();
+    // A hashed file freed meanwhile may have lost its data file before it was opened, or
+    // been written as an open unlinked file (which makes no transaction).
+    let (now, freed) = vol.with_tree(|t, _| (t.applied, hashed.iter().any(|i| !t.inodes.contains_key(i))));
     if now != seq {
-        let hashed: HashSet<Ino> = done.into_keys().collect();
-        let changed = contents_changed(vol, seq, now, &hashed, missing).map_err(|source| ScrubError::Log {
-            volume: volume.clone(),
-            source: Box::new(source),
-        })?;
+        let changed = freed
+            || contents_changed(vol, seq, now, &hashed).map_err(|source| ScrubError::Log {
+                volume: volume.clone(),
+                source: Box::new(source),
+            })?;
         if changed {
             return Err(ScrubError::Changed {
                 volume,
@@ -431,22 +430,14 @@ pub fn hash_tree(vol: &Volume, progress: &mut dyn FnMut(Progress)) -> Result<Scr
     Ok(ScrubTree { seq, template, nodes })
 }
 
-/// Whether transactions `from+1..=to` may have changed what was read of `hashed` files:
-/// a data change of one of them, or (if a data file was missing) any unlink or rename,
-/// which can remove a data file before it was opened.
-fn contents_changed(
-    vol: &Volume,
-    from: u64,
-    to: u64,
-    hashed: &HashSet<Ino>,
-    missing: bool,
-) -> Result<bool, VolumeError> {
+/// Whether transactions `from+1..=to` changed the contents of one of the `hashed` files
+/// (or the log no longer reaches that far, which proves nothing).
+fn contents_changed(vol: &Volume, from: u64, to: u64, hashed: &HashSet<Ino>) -> Result<bool, VolumeError> {
     let mut changed = false;
     let mut seen = from;
     vol.log_reader()?.for_each::<VolumeError>(from + 1, to, |tx, _| {
         seen = tx.seq;
-        changed = crate::apply::data_op_ino(&tx.op).is_some_and(|i| hashed.contains(&i))
-            || (missing && matches!(tx.op, crate::tx::Op::Unlink { .. } | crate::tx::Op::Rename { .. }));
+        changed = crate::apply::data_op_ino(&tx.op).is_some_and(|i| hashed.contains(&i));
         Ok(!changed)
     })?;
     // A log that no longer reaches `to` proves nothing.
