@@ -22,6 +22,7 @@ pub mod fuse;
 pub mod history;
 pub mod lower;
 pub mod pagecache;
+pub mod scrub;
 pub mod sparse;
 pub mod stats;
 pub mod tree;
