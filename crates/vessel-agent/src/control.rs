@@ -101,7 +101,7 @@ pub async fn read_ves(store: &Store) -> Result<BTreeMap<String, ClusterVe>, Clus
 
 /// The nodes as the scheduler sees them: members, ready or draining while their lease
 /// lives, lost otherwise.
-async fn read_nodes(store: &Store) -> Result<Vec<CNode>, ClusterError> {
+pub(crate) async fn read_nodes(store: &Store) -> Result<Vec<CNode>, ClusterError> {
     let members: Vec<NodeRecord> = store.list(&keys::members()).await?;
     let alive = store.nodes().await?;
     let mut templates: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();

@@ -95,6 +95,28 @@ fn peer_err(t: &Target, e: PeerError) -> vessel_types::api::ApiError {
     }
 }
 
+/// A client to node `t` with the certificate of the node whose root is `root`;
+/// `timeout` bounds the connect and handshake (and, for `PeerClient`, each read and
+/// write after).
+pub(crate) fn peer_client_at(root: &std::path::Path, t: &Target, timeout: Duration) -> NResult<PeerClient> {
+    let files = ClusterFiles::new(root);
+    if !files.initialized() {
+        return Err(err(
+            ErrorCode::Unavailable,
+            format!(
+                "VE is on node {}, and this node has no node-to-node transport (no cluster certificate): run the command on node {}",
+                t.node, t.node
+            ),
+        ));
+    }
+    let ca = files
+        .load_ca_cert()
+        .map_err(|e| internal("the cluster CA certificate", e))?;
+    let me = files.load_node().map_err(|e| internal("this node's certificate", e))?;
+    let tls = vessel_peer::tls::client_config(&ca, &me).map_err(|e| internal("TLS", e))?;
+    PeerClient::connect_node(t.addr, tls, timeout).map_err(|e| unreachable(t, e))
+}
+
 impl Node {
     /// Where VE `name`, placed on `node`, is reached.
     pub fn target_of(&self, node: &str) -> NResult<Target> {
@@ -115,22 +137,7 @@ impl Node {
     /// A client to node `t` with this node's certificate; `timeout` bounds the connect
     /// and handshake (and, for `PeerClient`, each read and write after).
     pub(crate) fn peer_client(&self, t: &Target, timeout: Duration) -> NResult<PeerClient> {
-        let files = ClusterFiles::new(&self.opts.root);
-        if !files.initialized() {
-            return Err(err(
-                ErrorCode::Unavailable,
-                format!(
-                    "VE is on node {}, and this node has no node-to-node transport (no cluster certificate): run the command on node {}",
-                    t.node, t.node
-                ),
-            ));
-        }
-        let ca = files
-            .load_ca_cert()
-            .map_err(|e| internal("the cluster CA certificate", e))?;
-        let me = files.load_node().map_err(|e| internal("this node's certificate", e))?;
-        let tls = vessel_peer::tls::client_config(&ca, &me).map_err(|e| internal("TLS", e))?;
-        PeerClient::connect_node(t.addr, tls, timeout).map_err(|e| unreachable(t, e))
+        peer_client_at(&self.opts.root, t, timeout)
     }
 
     /// Carry a request for a VE on node `to` there; answers as the local dispatch does

@@ -507,6 +507,14 @@ impl Node {
         let req = rootfs_request(rec, &ve, &tpl_root);
         let t0 = Instant::now();
         let mut rootfs = self.rootfs.mount(&req).map_err(|e| internal("mount VE root", e))?;
+        if let Some(vol) = self.rootfs.volume(&ve) {
+            let template = (rec.spec.template.to_string(), rec.template_id.clone());
+            if let Err(e) = self.start_writer(&rec.spec, template, &vol) {
+                drop(vol);
+                let _ = self.rootfs.unmount(&ve);
+                return Err(e);
+            }
+        }
         let t_mount = t0.elapsed();
         let mut binds = Vec::new();
         if rec.rescue {
@@ -585,6 +593,7 @@ impl Node {
         if let Err(e) = vessel_ve::rootfs::OverlayRootFs.unmount(&rescue) {
             tracing::warn!(ve = name, "unmount rescue root: {e}");
         }
+        self.stop_writer(name);
         if let Err(e) = self.rootfs.unmount(&self.layout.ve(name)) {
             tracing::warn!(ve = name, "unmount: {e}");
         }

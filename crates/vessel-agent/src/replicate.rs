@@ -13,15 +13,20 @@
 //! A node never serves as a replica of a VE it has as its own (it is that VE's writer, or
 //! the VE's files here are not a copy to stream into).
 
+use crate::cluster::Member;
 use crate::node::{err, NResult, Node};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufReader, BufWriter};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use vessel_fs::Volume;
 use vessel_peer::{Channel, DuplexSession, Frame, PeerRequest, StreamRequest};
+use vessel_cluster::{keys, ClusterError};
+use vessel_repl::config::VolumeConfig;
 use vessel_repl::replica::{self, ReplicaHost};
+use vessel_repl::writer::{Master, Options, Replicator};
+use vessel_types::VeSpec;
 use vessel_types::api::ErrorCode;
 use vessel_types::Name;
 
@@ -32,9 +37,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub struct Replicas {
     open: Mutex<HashMap<String, Arc<Volume>>>,
+    /// The replicated volumes this node writes.
+    writers: Mutex<HashMap<String, Writer>>,
 }
 
 impl Replicas {
+    pub(crate) fn writers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Writer>> {
+        self.writers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Volume>>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -183,15 +194,25 @@ impl DuplexSession for ReplicaSession {
 
 /// How a writer on this node reaches its replicas.
 pub struct PeerLink {
-    node: Weak<Node>,
+    root: std::path::PathBuf,
+    port: u16,
+    m: Arc<Member>,
     volume: String,
     template: Option<(String, String)>,
 }
 
 impl PeerLink {
-    pub fn new(node: &Arc<Node>, volume: &str, template: Option<(String, String)>) -> PeerLink {
+    pub fn new(
+        root: &std::path::Path,
+        port: u16,
+        m: &Arc<Member>,
+        volume: &str,
+        template: Option<(String, String)>,
+    ) -> PeerLink {
         PeerLink {
-            node: Arc::downgrade(node),
+            root: root.to_path_buf(),
+            port,
+            m: m.clone(),
             volume: volume.to_string(),
             template,
         }
@@ -200,13 +221,12 @@ impl PeerLink {
 
 impl vessel_repl::writer::Link for PeerLink {
     fn connect(&self, to: &str) -> std::io::Result<UnixStream> {
-        let node = self
-            .node
-            .upgrade()
-            .ok_or_else(|| std::io::Error::other("the node is shutting down"))?;
-        let t = node.target_of(to).map_err(|e| std::io::Error::other(e.message))?;
-        let client = node
-            .peer_client(&t, CONNECT_TIMEOUT)
+        let rec: Option<vessel_cluster::keys::NodeRecord> = self
+            .m
+            .block_on(self.m.store().get(&keys::node(to)))
+            .map_err(|e| std::io::Error::other(format!("the cluster's control store: {e}")))?;
+        let t = crate::forward::target(to, rec.as_ref(), self.port).map_err(std::io::Error::other)?;
+        let client = crate::forward::peer_client_at(&self.root, &t, CONNECT_TIMEOUT)
             .map_err(|e| std::io::Error::other(e.message))?;
         let req = PeerRequest::Stream(StreamRequest::Replicate {
             volume: self.volume.clone(),
@@ -225,5 +245,257 @@ impl vessel_repl::writer::Link for PeerLink {
                 }
             })?;
         Ok(mine)
+    }
+}
+
+// ------------------------------------------------------------------ the writer's side
+
+/// The store's record of a VE's volume (`VolumeConfig`: epoch, writer, copies, in-sync).
+pub fn volume_key(ve: &str) -> String {
+    keys::ve(ve, "volume")
+}
+
+/// How often a writer re-reads its volume's record (new copies, changed counts, a newer
+/// epoch that deposes it).
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// Tries of a compare-and-swap on a volume's record that others keep changing.
+const CAS_TRIES: usize = 8;
+
+/// The configuration master in etcd: in-sync changes by compare-and-swap on the volume's
+/// record, only at this writer's epoch.
+pub struct EtcdMaster {
+    m: Arc<Member>,
+    ve: String,
+}
+
+impl EtcdMaster {
+    fn change(
+        &self,
+        epoch: u64,
+        f: impl Fn(&VolumeConfig) -> Result<Option<VolumeConfig>, String>,
+    ) -> Result<bool, String> {
+        let key = volume_key(&self.ve);
+        for _ in 0..CAS_TRIES {
+            let got: Option<(VolumeConfig, i64)> = self
+                .m
+                .block_on(self.m.store().get_rev(&key))
+                .map_err(|e| format!("the cluster's control store: {e}"))?;
+            let Some((cfg, rev)) = got else {
+                return Err(format!("the volume of VE '{}' has no record in the store", self.ve));
+            };
+            if cfg.epoch != epoch {
+                return Ok(false);
+            }
+            let Some(next) = f(&cfg)? else { return Ok(true) };
+            if self
+                .m
+                .block_on(self.m.store().put_if(&key, &next, rev))
+                .map_err(|e| format!("the cluster's control store: {e}"))?
+            {
+                return Ok(true);
+            }
+        }
+        Err(format!("the volume record of VE '{}' changed on every try", self.ve))
+    }
+}
+
+impl Master for EtcdMaster {
+    fn remove_in_sync(&self, node: &str, epoch: u64, reason: &str) -> Result<bool, String> {
+        tracing::info!(ve = self.ve, node, reason, "taking a replica out of the in-sync set");
+        self.change(epoch, |c| {
+            if !c.is_in_sync(node) {
+                return Ok(None);
+            }
+            c.without(node).map(Some).map_err(|e| e.to_string())
+        })
+    }
+
+    fn add_in_sync(&self, node: &str, epoch: u64) -> Result<bool, String> {
+        self.change(epoch, |c| {
+            if c.is_in_sync(node) {
+                return Ok(None);
+            }
+            c.with_in_sync(node).map(Some).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// A volume this node writes, replicated.
+pub(crate) struct Writer {
+    pub repl: Arc<Replicator>,
+    epoch: u64,
+}
+
+fn peers_of(cfg: &VolumeConfig, me: &str) -> Vec<(String, bool)> {
+    cfg.replicas
+        .iter()
+        .filter(|n| *n != me)
+        .map(|n| (n.clone(), cfg.is_in_sync(n)))
+        .collect()
+}
+
+impl Node {
+    /// The VE's volume is mounted here to run it: take the writer's part. The first start
+    /// makes the volume's record; every start is a new epoch (a writer that restarts never
+    /// writes again in its old one: what it wrote last may be on replicas and not here).
+    /// Without a cluster, or with one copy wanted and held, nothing more happens.
+    pub(crate) fn start_writer(&self, spec: &VeSpec, template: (String, String), vol: &Arc<Volume>) -> NResult<()> {
+        let Some(m) = self.cluster.get().cloned() else { return Ok(()) };
+        let name = spec.name.to_string();
+        let key = volume_key(&name);
+        let unavailable = |e: ClusterError| {
+            err(
+                ErrorCode::Unavailable,
+                format!("VE '{name}' needs its volume's record from the cluster's control store: {e}"),
+            )
+        };
+        let nodes = match m.block_on(crate::control::read_nodes(m.store())) {
+            Ok(n) => n,
+            // A VE that asks for one copy runs while the store is away (its node keeps
+            // serving); one that asks for more waits for it.
+            Err(e) if spec.replicas.unwrap_or(1) <= 1 => {
+                tracing::warn!(ve = name, "starting without the volume's record (the control store does not answer: {e})");
+                return Ok(());
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let want = spec.replicas_on(nodes.len()) as usize;
+        let min = spec.min_replicas_of(want as u8) as usize;
+        let mut next = None;
+        for _ in 0..CAS_TRIES {
+            let got: Option<(VolumeConfig, i64)> = m.block_on(m.store().get_rev(&key)).map_err(unavailable)?;
+            let Some((cfg, rev)) = got else {
+                let first = VolumeConfig::new(&m.name, min, want);
+                if m.block_on(m.store().create(&key, &first)).map_err(unavailable)? {
+                    next = Some(first);
+                    break;
+                }
+                continue;
+            };
+            let cfg = cfg.with_counts(min, want).unwrap_or(cfg);
+            let n = cfg.with_writer(&m.name).map_err(|e| {
+                err(
+                    ErrorCode::Conflict,
+                    format!(
+                        "VE '{name}' cannot run on node {}: {e} (its writer is node {}, epoch {})",
+                        m.name, cfg.writer, cfg.epoch
+                    ),
+                )
+            })?;
+            if m.block_on(m.store().put_if(&key, &n, rev)).map_err(unavailable)? {
+                next = Some(n);
+                break;
+            }
+        }
+        let cfg = next.ok_or_else(|| {
+            err(
+                ErrorCode::Conflict,
+                format!("VE '{name}': its volume's record changed on every try: try again"),
+            )
+        })?;
+        vol.raise_epoch(cfg.epoch)
+            .map_err(|e| err(ErrorCode::Conflict, format!("VE '{name}': {e}")))?;
+        if cfg.want_replicas <= 1 && cfg.replicas.len() <= 1 {
+            return Ok(());
+        }
+        let link = Arc::new(PeerLink::new(&self.opts.root, self.opts.settings.cluster.port, &m, &name, Some(template)));
+        let master = Arc::new(EtcdMaster {
+            m: m.clone(),
+            ve: name.clone(),
+        });
+        let repl = Replicator::start(
+            vol,
+            &m.name,
+            &peers_of(&cfg, &m.name),
+            cfg.min_replicas,
+            link,
+            master,
+            Options::default(),
+        );
+        vol.set_acks(repl.clone());
+        tracing::info!(ve = name, epoch = cfg.epoch, replicas = ?cfg.replicas, in_sync = ?cfg.in_sync, "writing the VE's volume, replicated");
+        self.replicas.writers().insert(
+            name.clone(),
+            Writer {
+                repl: repl.clone(),
+                epoch: cfg.epoch,
+            },
+        );
+        watch_config(m, name, cfg.epoch, Arc::downgrade(&repl), spec.template.to_string());
+        Ok(())
+    }
+
+    /// The VE's volume is about to be unmounted here: the writer's part ends.
+    pub(crate) fn stop_writer(&self, name: &str) {
+        if let Some(w) = self.replicas.writers().remove(name) {
+            tracing::info!(ve = name, epoch = w.epoch, "no longer writing the VE's volume");
+            w.repl.stop();
+        }
+    }
+
+    /// The replicas of a VE this node writes, as the writer sees them.
+    pub fn replica_status(&self, name: &str) -> Option<Vec<vessel_repl::writer::ReplicaStatus>> {
+        self.replicas.writers().get(name).map(|w| w.repl.status())
+    }
+}
+
+/// Follow the volume's record while this node writes it: new copies (and their nodes
+/// picked here when more are wanted than listed), changed counts, a newer epoch (another
+/// node writes it now: this writer stops acknowledging anything).
+fn watch_config(m: Arc<Member>, ve: String, epoch: u64, repl: Weak<Replicator>, template: String) {
+    let _ = std::thread::Builder::new()
+        .name(format!("vessel-repl-watch-{ve}"))
+        .spawn(move || loop {
+            std::thread::sleep(WATCH_EVERY);
+            let Some(r) = repl.upgrade() else { return };
+            if r.deposed().is_some() || r.is_stopped() {
+                return;
+            }
+            let got: Result<Option<(VolumeConfig, i64)>, _> = m.block_on(m.store().get_rev(&volume_key(&ve)));
+            let Ok(Some((cfg, rev))) = got else { continue };
+            if cfg.epoch != epoch {
+                tracing::warn!(ve, epoch, now = cfg.epoch, "the volume has a newer writer: this one stops");
+                r.depose(format!("the volume's epoch is {} now (writer {})", cfg.epoch, cfg.writer));
+                return;
+            }
+            r.set_min(cfg.min_replicas);
+            r.set_replicas(&peers_of(&cfg, &m.name));
+            if cfg.replicas.len() < cfg.want_replicas {
+                add_copies(&m, &ve, &cfg, rev, &template);
+            }
+        });
+}
+
+/// Pick nodes for the copies the record wants and lacks, and list them (by CAS): the
+/// writer's senders then seed them.
+fn add_copies(m: &Member, ve: &str, cfg: &VolumeConfig, rev: i64, template: &str) {
+    let r = m.block_on(async {
+        let nodes = crate::control::read_nodes(m.store()).await?;
+        let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+        for kv in m.store().list_raw(&keys::ves()).await? {
+            if keys::ve_part(&kv.key).is_some_and(|(_, p)| p == "volume") {
+                if let Ok(c) = keys::decode::<VolumeConfig>(&kv.key, &kv.value) {
+                    for n in c.replicas {
+                        *copies.entry(n).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let picked = vessel_control::replicas::pick(&nodes, &cfg.replicas, cfg.want_replicas, template, &copies);
+        let mut next = cfg.clone();
+        for n in &picked {
+            next = match next.with_replica(n) {
+                Ok(c) => c,
+                Err(_) => break,
+            };
+        }
+        if next != *cfg {
+            tracing::info!(ve, new = ?picked, "new copies of the VE's volume");
+            m.store().put_if(&volume_key(ve), &next, rev).await?;
+        }
+        Ok::<_, ClusterError>(())
+    });
+    if let Err(e) = r {
+        tracing::debug!(ve, "adding copies: {e}");
     }
 }

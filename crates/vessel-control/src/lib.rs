@@ -6,9 +6,11 @@
 //!   (requests, constraints) and where each VE is placed.
 //! - [`schedule`]: the leader's scheduler: places pending VEs, moves VEs off draining
 //!   nodes, keeps the rest where they are.
+//! - [`replicas`]: which nodes get a volume's further copies.
 //! - [`reconcile`]: one node's agent: from the VEs assigned to it and what runs there, the
 //!   steps that make the node match.
 
 pub mod model;
 pub mod reconcile;
+pub mod replicas;
 pub mod schedule;

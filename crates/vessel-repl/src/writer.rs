@@ -95,6 +95,26 @@ struct Peer {
     changing: bool,
     /// Bumped to make its threads start over (a new connection).
     conn: u64,
+    /// Which sender thread serves it (a replica removed and added again gets a new one).
+    id: u64,
+}
+
+static PEER_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl Peer {
+    fn new(in_sync: bool) -> Peer {
+        Peer {
+            in_sync,
+            connected: false,
+            state: "connecting".into(),
+            acked: 0,
+            sent: 0,
+            waiting_since: Some(Instant::now()),
+            changing: false,
+            conn: 0,
+            id: PEER_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
 }
 
 struct State {
@@ -147,21 +167,7 @@ impl Replicator {
         let peers = replicas
             .iter()
             .filter(|(n, _)| n != me)
-            .map(|(n, in_sync)| {
-                (
-                    n.clone(),
-                    Peer {
-                        in_sync: *in_sync,
-                        connected: false,
-                        state: "connecting".into(),
-                        acked: 0,
-                        sent: 0,
-                        waiting_since: Some(Instant::now()),
-                        changing: false,
-                        conn: 0,
-                    },
-                )
-            })
+            .map(|(n, in_sync)| (n.clone(), Peer::new(*in_sync)))
             .collect::<BTreeMap<_, _>>();
         let names: Vec<String> = peers.keys().cloned().collect();
         let sh = Arc::new(Shared {
@@ -197,6 +203,32 @@ impl Replicator {
         self.sh.cv.notify_all();
     }
 
+    /// The volume's copies changed in the store: senders start for new replicas and end
+    /// for removed ones; the in-sync marks follow the store's.
+    pub fn set_replicas(&self, replicas: &[(String, bool)]) {
+        let mut st = self.sh.lock();
+        st.peers.retain(|n, _| replicas.iter().any(|(r, _)| r == n));
+        let mut new = Vec::new();
+        for (n, in_sync) in replicas.iter().filter(|(n, _)| *n != self.sh.me) {
+            match st.peers.get_mut(n) {
+                Some(p) => {
+                    if !p.changing {
+                        p.in_sync = *in_sync;
+                    }
+                }
+                None => {
+                    st.peers.insert(n.clone(), Peer::new(*in_sync));
+                    new.push(n.clone());
+                }
+            }
+        }
+        drop(st);
+        self.sh.cv.notify_all();
+        for n in new {
+            spawn_sender(&self.sh, n);
+        }
+    }
+
     /// Change the minimum number of in-sync copies a sync needs.
     pub fn set_min(&self, min: usize) {
         self.sh.lock().min = min.max(1);
@@ -225,6 +257,16 @@ impl Replicator {
                 }
             })
             .collect()
+    }
+
+    /// The store says another node writes the volume now: nothing more is acknowledged.
+    pub fn depose(&self, why: String) {
+        self.sh.lock().deposed.get_or_insert(why);
+        self.sh.cv.notify_all();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.sh.lock().stopped
     }
 
     /// Why this writer may no longer acknowledge anything, if so.
@@ -376,10 +418,11 @@ fn agree_through(
 }
 
 fn spawn_sender(sh: &Arc<Shared>, node: String) {
+    let Some(id) = sh.lock().peers.get(&node).map(|p| p.id) else { return };
     let sh = sh.clone();
     let _ = std::thread::Builder::new()
         .name(format!("vessel-repl-{node}"))
-        .spawn(move || sender(&sh, &node));
+        .spawn(move || sender(&sh, &node, id));
 }
 
 fn set_state(sh: &Shared, node: &str, f: impl FnOnce(&mut Peer)) {
@@ -391,11 +434,11 @@ fn set_state(sh: &Shared, node: &str, f: impl FnOnce(&mut Peer)) {
     sh.cv.notify_all();
 }
 
-fn sender(sh: &Arc<Shared>, node: &str) {
+fn sender(sh: &Arc<Shared>, node: &str, id: u64) {
     loop {
         {
             let st = sh.lock();
-            if st.stopped || st.deposed.is_some() || !st.peers.contains_key(node) {
+            if st.stopped || st.deposed.is_some() || st.peers.get(node).is_none_or(|p| p.id != id) {
                 return;
             }
         }
@@ -501,7 +544,8 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
         p.acked = agree;
         p.sent = agree;
         p.state = "catching up".into();
-        p.conn += 1;
+        // Unique across peers and re-adds: a thread of an older connection never matches.
+        p.conn = PEER_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         p.conn
     };
     sh.cv.notify_all();
