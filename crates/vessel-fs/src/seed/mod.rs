@@ -246,7 +246,7 @@ pub fn write_snapshot(vol: &Volume, out: &mut impl Write, mut progress: impl FnM
             let (head, tail) = tx.encode_split();
             o.frame(TX, &[&head, tail])?;
             p.txs += 1;
-            if p.txs % TXS_PER_REPORT == 0 {
+            if p.txs.is_multiple_of(TXS_PER_REPORT) {
                 progress(&p);
             }
             Ok(true)
@@ -357,7 +357,13 @@ impl Drop for Staging {
 /// returns the last seq it carried. The copy is whole or absent: a cut or damaged stream
 /// leaves nothing and says what went wrong. Open it with [`Volume::open`] (which replays
 /// the log after the base) and go on with the live stream from the returned seq + 1.
-pub fn install(dir: &Path, r: &mut impl Read, mut progress: impl FnMut(&SeedProgress)) -> Result<u64> {
+pub fn install(dir: &Path, r: &mut impl Read) -> Result<u64> {
+    install_with(dir, r, |_| {})
+}
+
+/// [`install`], calling `progress` after each file and every [`TXS_PER_REPORT`]
+/// transactions.
+pub fn install_with(dir: &Path, r: &mut impl Read, mut progress: impl FnMut(&SeedProgress)) -> Result<u64> {
     let dir_name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -405,6 +411,13 @@ pub fn install(dir: &Path, r: &mut impl Read, mut progress: impl FnMut(&SeedProg
         return Err(input.damaged(format!(
             "header version {} (this build reads {SEED_VERSION})",
             header.version
+        )));
+    }
+    if header.volume.meta.version != crate::volume::VOLUME_VERSION {
+        return Err(input.damaged(format!(
+            "volume format version {} (this build reads {})",
+            header.volume.meta.version,
+            crate::volume::VOLUME_VERSION
         )));
     }
     let base = header.volume.base;
@@ -516,6 +529,12 @@ pub fn install(dir: &Path, r: &mut impl Read, mut progress: impl FnMut(&SeedProg
                     log = Some(TxLog::create_at(&s.join("txlog"), &name, next_seq)?);
                 }
                 let tx = Tx::decode(&body).map_err(|e| input.damaged(format!("undecodable transaction: {e}")))?;
+                if tx.epoch > header.volume.epoch {
+                    return Err(input.damaged(format!(
+                        "transaction {} of epoch {} is past the promised epoch {}",
+                        tx.seq, tx.epoch, header.volume.epoch
+                    )));
+                }
                 if tx.seq != next_seq || tx.seq > header.last_seq {
                     return Err(input.damaged(format!(
                         "transaction {} where {next_seq} belongs (the stream ends at {})",
@@ -525,7 +544,7 @@ pub fn install(dir: &Path, r: &mut impl Read, mut progress: impl FnMut(&SeedProg
                 log.as_mut().expect("created above").append(&tx)?;
                 next_seq += 1;
                 p.txs += 1;
-                if p.txs % TXS_PER_REPORT == 0 {
+                if p.txs.is_multiple_of(TXS_PER_REPORT) {
                     progress(&p);
                 }
             }

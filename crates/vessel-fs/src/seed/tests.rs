@@ -16,8 +16,11 @@ fn file(v: &Volume, parent: Ino, name: &str) -> Ino {
         .ino
 }
 
+/// A path with its size, contents and xattrs.
+type Entry = (Vec<u8>, u64, Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>);
+
 /// Every path with its kind, size, contents, xattrs; plus the tree's own encoding.
-fn contents(v: &Volume) -> (Vec<(Vec<u8>, u64, Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>, Vec<u8>) {
+fn contents(v: &Volume) -> (Vec<Entry>, Vec<u8>) {
     let mut out = Vec::new();
     let mut stack = vec![(ROOT, Vec::new())];
     while let Some((dir, path)) = stack.pop() {
@@ -138,7 +141,9 @@ fn a_seeded_copy_is_the_same_volume_with_the_same_history() {
     let last = write_snapshot(&v, &mut stream, |p| reports.push(*p)).unwrap();
     assert_eq!(last, v.last_seq());
     assert!(stream.len() < 1 << 20, "holes are not sent ({} bytes)", stream.len());
-    let got = install(&d.path().join("copy"), &mut &stream[..], |_| {}).unwrap();
+    let mut got_reports = Vec::new();
+    let got = install_with(&d.path().join("copy"), &mut &stream[..], |p| got_reports.push(*p)).unwrap();
+    assert_eq!(got_reports.last(), reports.last(), "both ends count alike");
     assert_eq!(got, last);
     assert!(reports
         .last()
@@ -164,7 +169,7 @@ fn a_seeded_copy_is_the_same_volume_with_the_same_history() {
     c.append_replicated_batch(&next).unwrap();
     assert_eq!(contents(&c), contents(&v));
     // A target that exists is refused.
-    let e = install(&d.path().join("copy"), &mut &stream[..], |_| {}).unwrap_err();
+    let e = install(&d.path().join("copy"), &mut &stream[..]).unwrap_err();
     assert!(matches!(e, SeedError::Exists(_)), "{e}");
 }
 
@@ -181,7 +186,7 @@ fn a_damaged_or_cut_stream_installs_nothing() {
     for at in (0..stream.len()).step_by(step).chain([stream.len() - 1, 5, 20]) {
         let mut bad = stream.clone();
         bad[at] ^= 0x40;
-        let e = install(&target, &mut &bad[..], |_| {}).unwrap_err();
+        let e = install(&target, &mut &bad[..]).unwrap_err();
         assert!(
             matches!(e, SeedError::Damaged { .. } | SeedError::Truncated(_)),
             "byte {at}: {e}"
@@ -192,7 +197,7 @@ fn a_damaged_or_cut_stream_installs_nothing() {
     assert!(flips > 90);
     // Cut short anywhere.
     for len in (0..stream.len()).step_by(step) {
-        let e = install(&target, &mut &stream[..len], |_| {}).unwrap_err();
+        let e = install(&target, &mut &stream[..len]).unwrap_err();
         assert!(matches!(e, SeedError::Truncated(_)), "cut at {len}: {e}");
         assert!(!target.exists() && leftovers(d.path()).is_empty());
     }
@@ -200,7 +205,7 @@ fn a_damaged_or_cut_stream_installs_nothing() {
     let mut more = stream.clone();
     more.extend_from_slice(b"live stream follows");
     let mut r = &more[..];
-    install(&target, &mut r, |_| {}).unwrap();
+    install(&target, &mut r).unwrap();
     assert_eq!(r, b"live stream follows");
 }
 
@@ -233,7 +238,7 @@ fn a_snapshot_taken_while_the_volume_is_written_has_the_base_as_it_was() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().unwrap();
     let target = d.path().join("copy");
-    install(&target, &mut &stream[..], |_| {}).unwrap();
+    install(&target, &mut &stream[..]).unwrap();
     let c = Volume::open_with(&target, None, OPTS).unwrap();
     for (i, w) in base_files.iter().zip(&want) {
         let mut b = Vec::new();
@@ -244,4 +249,32 @@ fn a_snapshot_taken_while_the_volume_is_written_has_the_base_as_it_was() {
     assert_eq!(contents(&c).0.len(), contents(&c).0.len());
     c.append_replicated_batch(&all_txs(&v, last + 1)).unwrap();
     assert_eq!(contents(&c), contents(&v));
+}
+
+#[test]
+fn a_base_file_shared_with_the_live_one_is_read_as_of_the_base_after_a_live_write() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let v = source(d.path());
+    let dir = v.dir().to_path_buf();
+    let shared: Vec<Ino> = v
+        .base_files()
+        .into_iter()
+        .filter(|i| {
+            let b = std::fs::metadata(dir.join("base/data").join(data_name(*i))).unwrap();
+            let l = std::fs::metadata(dir.join("data").join(data_name(*i)));
+            l.is_ok_and(|l| l.ino() == b.ino())
+        })
+        .collect();
+    assert!(!shared.is_empty(), "compaction shares unchanged files");
+    for ino in shared {
+        let mut f = v.open_base_file(ino).unwrap();
+        let mut before = vec![0u8; 16];
+        crate::sparse::read_at_padded(&f.file, 0, &mut before).unwrap();
+        // The VE writes the file while the snapshot has it open.
+        v.write(ino, 0, b"changed after the base").unwrap();
+        let mut got = vec![0u8; 16];
+        v.read_base_file(&mut f, 0, &mut got).unwrap();
+        assert_eq!(got, before, "file {ino}");
+    }
 }

@@ -73,8 +73,12 @@ pub(super) fn store(p: &Path, h: &EpochHistory) -> std::io::Result<()> {
 
 impl Volume {
     /// This copy's epoch history: for each epoch, the first seq written in it.
+    /// (An epoch noted for a transaction that then did not apply is not reported.)
     pub fn epoch_history(&self) -> EpochHistory {
-        self.lock().epochs.clone()
+        let st = self.lock();
+        let mut h = st.epochs.clone();
+        h.cut_after(st.log.last_seq());
+        h
     }
 
     /// Seq of the last transaction in the log (durable or not: see

@@ -8,6 +8,7 @@
 //! <dir>/epoch.json       the highest epoch this copy has promised (appends below it are
 //!                         refused: a fenced writer)
 //! <dir>/epochs.json     the epoch history: each epoch's first seq (see `epochfile`)
+//! <dir>/cut.json        a cut of the log's tail in progress (see `cut`)
 //! <dir>/txlog/*.seg      the transaction log
 //! <dir>/checkpoint       the tree as of some seq (data files synced up to it)
 //! <dir>/data/<ino:x>     contents of private regular files

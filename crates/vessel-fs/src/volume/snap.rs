@@ -34,7 +34,11 @@ impl Volume {
         Ok(SeedView {
             meta,
             epoch: st.epoch,
-            history: st.epochs.clone(),
+            history: {
+                let mut h = st.epochs.clone();
+                h.cut_after(st.log.last_seq());
+                h
+            },
             base: st.base,
             reader: st.log.reader()?,
         })
