@@ -49,8 +49,8 @@ mod tests;
 pub use cut::{CUT_FILE, CUT_VERSION};
 pub use epochfile::EPOCHS_FILE;
 pub use maint::{Maintainer, FLUSH_INTERVAL};
-pub use snap::{BaseFile, SeedMeta, SeedView};
 pub(crate) use snap::{seed_live_from_base, write_seed_meta};
+pub use snap::{BaseFile, SeedMeta, SeedView};
 
 pub(crate) use crate::apply::op_ino;
 pub(crate) use read::read_at;

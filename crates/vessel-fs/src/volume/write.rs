@@ -59,7 +59,11 @@ impl Volume {
     /// changes), accounting. Returns the inodes the transaction frees.
     pub(super) fn record(&self, st: &mut State, tx: &Tx) -> FsResult<Vec<(Ino, Inode)>> {
         if let Err(e) = self.note_epoch(st, tx) {
-            eprintln!("vessel-fs: volume '{}': writing {}: {e}", self.name, epochfile::EPOCHS_FILE);
+            eprintln!(
+                "vessel-fs: volume '{}': writing {}: {e}",
+                self.name,
+                epochfile::EPOCHS_FILE
+            );
             return Err(libc::EIO);
         }
         let freed = freed_by(&st.tree, &tx.op);
