@@ -303,3 +303,28 @@ fn an_interrupted_cut_is_finished_at_the_next_open() {
         assert!(!dir.join(CUT_FILE).exists(), "crash point {point}");
     }
 }
+
+#[test]
+fn a_cut_at_every_seq_of_a_workload_leaves_that_prefix() {
+    let d = tempfile::tempdir().unwrap();
+    let w = empty(d.path(), "w");
+    let f = prefix_workload(&w);
+    w.raise_epoch(2).unwrap();
+    tail_workload(&w, &f);
+    let txs = all_txs(&w, 1);
+    let last = w.last_seq();
+    for s in 0..last {
+        // A replica holding the whole log, cut back to `s`.
+        let name = format!("r{s}");
+        let r = empty(d.path(), &name);
+        r.append_replicated_batch(&txs).unwrap();
+        drop(r);
+        let (r, cut) = Volume::cut_after(&d.path().join(&name), None, s).unwrap();
+        assert_eq!(cut, last - s);
+        let p = prefix_copy(d.path(), &format!("p{s}"), &txs, s);
+        assert_same(&r, &p);
+        drop((r, p));
+        std::fs::remove_dir_all(d.path().join(&name)).unwrap();
+        std::fs::remove_dir_all(d.path().join(format!("p{s}"))).unwrap();
+    }
+}
