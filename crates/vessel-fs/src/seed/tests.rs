@@ -278,3 +278,35 @@ fn a_base_file_shared_with_the_live_one_is_read_as_of_the_base_after_a_live_writ
         assert_eq!(got, before, "file {ino}");
     }
 }
+
+#[test]
+fn upkeep_does_not_wait_for_a_snapshot_in_progress() {
+    let d = tempfile::tempdir().unwrap();
+    let v = Arc::new(source(d.path()));
+    let f = file(&v, ROOT, "more");
+    for i in 0..40u64 {
+        v.write(f, i * 700, &[i as u8; 700]).unwrap();
+    }
+    let base = v.base_meta().seq;
+    {
+        // What a snapshot holds while it streams; the upkeep runs on its own thread (a
+        // compaction that waited would never return: the wait is bounded only to fail
+        // rather than hang).
+        let _reading = v.history_guard();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let upkeep = {
+            let v = v.clone();
+            std::thread::spawn(move || tx.send(v.compact(now() + 1_000_000_000).unwrap()))
+        };
+        let freed = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("compaction waited for the snapshot");
+        assert_eq!(freed, 0, "skipped");
+        upkeep.join().unwrap().unwrap();
+        assert_eq!(v.base_meta().seq, base);
+    }
+    assert!(
+        v.compact(now() + 1_000_000_000).unwrap() > 0,
+        "compacts once the reader is gone"
+    );
+}
