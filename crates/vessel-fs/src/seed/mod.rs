@@ -375,7 +375,7 @@ pub fn install_with(dir: &Path, r: &mut impl Read, mut progress: impl FnMut(&See
     let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    let staging = Staging {
+    let mut staging = Staging {
         path: parent.join(format!(".{dir_name}.seed-{}-{nonce}", std::process::id())),
         keep: false,
     };
@@ -581,11 +581,10 @@ pub fn install_with(dir: &Path, r: &mut impl Read, mut progress: impl FnMut(&See
         return Err(io("syncfs", &s)(std::io::Error::last_os_error()));
     }
     std::fs::rename(&s, dir).map_err(io("rename into place", dir))?;
+    staging.keep = true;
     File::open(parent)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync", parent))?;
-    let mut staging = staging;
-    staging.keep = true;
     progress(&p);
     Ok(header.last_seq)
 }
