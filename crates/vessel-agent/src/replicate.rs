@@ -20,15 +20,15 @@ use std::io::{BufReader, BufWriter};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use vessel_cluster::{keys, ClusterError};
 use vessel_fs::Volume;
 use vessel_peer::{Channel, DuplexSession, Frame, PeerRequest, StreamRequest};
-use vessel_cluster::{keys, ClusterError};
 use vessel_repl::config::VolumeConfig;
 use vessel_repl::replica::{self, ReplicaHost};
 use vessel_repl::writer::{Master, Options, Replicator};
-use vessel_types::VeSpec;
 use vessel_types::api::ErrorCode;
 use vessel_types::Name;
+use vessel_types::VeSpec;
 
 /// How long a writer waits for a replica's node to take a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -110,10 +110,21 @@ impl ReplicaHost for Host<'_> {
     }
 
     fn cut(&self, volume: &str, vol: Arc<Volume>, after: u64) -> Result<Arc<Volume>, String> {
+        let mut open = self.node.replicas.lock();
+        open.remove(volume);
+        if Arc::strong_count(&vol) > 1 {
+            open.insert(volume.to_string(), vol);
+            return Err(format!(
+                "this node's copy of '{volume}' is in use by another stream: its divergent tail after seq {after} is cut at the next connection"
+            ));
+        }
+        let dir = vol.dir().to_path_buf();
         drop(vol);
-        Err(format!(
-            "this node's copy of '{volume}' has a divergent tail after seq {after}: cutting it needs the volume cut of vessel-fs, which this build lacks"
-        ))
+        let (v, cut) = Volume::cut_after(&dir, self.lower()?, after).map_err(|e| format!("cut the copy: {e}"))?;
+        tracing::info!(volume, after, cut, "cut this copy's divergent tail");
+        let v = Arc::new(v);
+        open.insert(volume.to_string(), v.clone());
+        Ok(v)
     }
 }
 
@@ -340,7 +351,9 @@ impl Node {
     /// writes again in its old one: what it wrote last may be on replicas and not here).
     /// Without a cluster, or with one copy wanted and held, nothing more happens.
     pub(crate) fn start_writer(&self, spec: &VeSpec, template: (String, String), vol: &Arc<Volume>) -> NResult<()> {
-        let Some(m) = self.cluster.get().cloned() else { return Ok(()) };
+        let Some(m) = self.cluster.get().cloned() else {
+            return Ok(());
+        };
         let name = spec.name.to_string();
         let key = volume_key(&name);
         let unavailable = |e: ClusterError| {
@@ -354,12 +367,17 @@ impl Node {
             // A VE that asks for one copy runs while the store is away (its node keeps
             // serving); one that asks for more waits for it.
             Err(e) if spec.replicas.unwrap_or(1) <= 1 => {
-                tracing::warn!(ve = name, "starting without the volume's record (the control store does not answer: {e})");
+                tracing::warn!(
+                    ve = name,
+                    "starting without the volume's record (the control store does not answer: {e})"
+                );
                 return Ok(());
             }
             Err(e) => return Err(unavailable(e)),
         };
-        let want = spec.replicas_on(nodes.len()) as usize;
+        // One copy unless asked (`--replicas`): the default of two on a cluster comes once
+        // moves and failover change writers among copies.
+        let want = spec.replicas.unwrap_or(1).min(nodes.len().max(1) as u8) as usize;
         let min = spec.min_replicas_of(want as u8) as usize;
         let mut next = None;
         for _ in 0..CAS_TRIES {
@@ -373,6 +391,15 @@ impl Node {
                 continue;
             };
             let cfg = cfg.with_counts(min, want).unwrap_or(cfg);
+            // A volume with one copy moved here whole (`ve move`): its record follows it.
+            let cfg = if cfg.writer != m.name && cfg.replicas.len() <= 1 && !cfg.is_replica(&m.name) {
+                VolumeConfig {
+                    epoch: cfg.epoch,
+                    ..VolumeConfig::new(&m.name, min, want)
+                }
+            } else {
+                cfg
+            };
             let n = cfg.with_writer(&m.name).map_err(|e| {
                 err(
                     ErrorCode::Conflict,
@@ -398,7 +425,13 @@ impl Node {
         if cfg.want_replicas <= 1 && cfg.replicas.len() <= 1 {
             return Ok(());
         }
-        let link = Arc::new(PeerLink::new(&self.opts.root, self.opts.settings.cluster.port, &m, &name, Some(template)));
+        let link = Arc::new(PeerLink::new(
+            &self.opts.root,
+            self.opts.settings.cluster.port,
+            &m,
+            &name,
+            Some(template),
+        ));
         let master = Arc::new(EtcdMaster {
             m: m.clone(),
             ve: name.clone(),
@@ -454,8 +487,16 @@ fn watch_config(m: Arc<Member>, ve: String, epoch: u64, repl: Weak<Replicator>, 
             let got: Result<Option<(VolumeConfig, i64)>, _> = m.block_on(m.store().get_rev(&volume_key(&ve)));
             let Ok(Some((cfg, rev))) = got else { continue };
             if cfg.epoch != epoch {
-                tracing::warn!(ve, epoch, now = cfg.epoch, "the volume has a newer writer: this one stops");
-                r.depose(format!("the volume's epoch is {} now (writer {})", cfg.epoch, cfg.writer));
+                tracing::warn!(
+                    ve,
+                    epoch,
+                    now = cfg.epoch,
+                    "the volume has a newer writer: this one stops"
+                );
+                r.depose(format!(
+                    "the volume's epoch is {} now (writer {})",
+                    cfg.epoch, cfg.writer
+                ));
                 return;
             }
             r.set_min(cfg.min_replicas);

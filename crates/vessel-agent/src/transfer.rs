@@ -645,7 +645,16 @@ impl Node {
         progress: &mut vessel_ve::Progress,
     ) -> NResult<vessel_types::api::VeInfo> {
         let m = self.transfer_member()?;
-        if lock(&self.state).ves.contains_key(name) {
+        let copies = lock(&self.state).ves.get(name).map(|r| r.spec.replicas.unwrap_or(1));
+        if let Some(copies) = copies {
+            if copies > 1 {
+                return Err(err(
+                    ErrorCode::Conflict,
+                    format!(
+                        "VE '{name}' has {copies} copies: moving a replicated VE (a writer change to a copy) is not built yet; `vessel ve set {name} --replicas 1` first"
+                    ),
+                ));
+            }
             return self.move_out(m, name, to, progress);
         }
         let place: Option<Placement> = m

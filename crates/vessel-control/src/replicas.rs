@@ -61,6 +61,15 @@ mod tests {
         // Enough copies already: nothing.
         assert!(pick(&nodes, &["a".into(), "b".into()], 2, "deb", &copies).is_empty());
         // Never a lost or draining node, even when short.
-        assert_eq!(pick(&nodes, &["a".into(), "b".into(), "c".into(), "f".into()], 5, "deb", &copies), Vec::<String>::new());
+        assert_eq!(
+            pick(
+                &nodes,
+                &["a".into(), "b".into(), "c".into(), "f".into()],
+                5,
+                "deb",
+                &copies
+            ),
+            Vec::<String>::new()
+        );
     }
 }

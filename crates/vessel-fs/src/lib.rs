@@ -12,6 +12,7 @@
 //! - [`history`]: diff against the template, history of a path, state as of a time.
 //! - [`archive`]: export and import; [`xattr`]: the rules for what a VE's files may carry
 //!   (shared by the FUSE path and import); [`sparse`]: files with holes.
+//! - [`seed`]: a volume's snapshot (base + log) as a stream, to seed a new replica.
 
 pub mod ack;
 pub mod apply;
@@ -23,6 +24,7 @@ pub mod history;
 pub mod lower;
 pub mod pagecache;
 pub mod scrub;
+pub mod seed;
 pub mod sparse;
 pub mod stats;
 pub mod tree;

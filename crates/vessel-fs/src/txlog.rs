@@ -494,6 +494,24 @@ impl TxLog {
         Ok(cut)
     }
 
+    /// Start an empty log in `dir` (which holds no segment) whose first transaction will
+    /// be `first_seq` (a copy seeded from a base at `first_seq - 1`), and open it.
+    pub fn create_at(dir: &Path, volume: &str, first_seq: u64) -> Result<TxLog> {
+        let io = |what, path: &Path| io_err(volume, what, path);
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        if !segments(dir).map_err(io("list", dir))?.is_empty() {
+            return Err(TxLogError::OutOfOrder {
+                volume: volume.to_string(),
+                expected: 1,
+                got: first_seq,
+            });
+        }
+        let p = dir.join(seg_name(first_seq.max(1)));
+        std::fs::write(&p, header(first_seq.max(1))).map_err(io("create", &p))?;
+        sync_dir(dir);
+        Ok(TxLog::open(dir, volume)?.0)
+    }
+
     /// Seq of the oldest transaction the log still holds (last_seq + 1 if none).
     pub fn first_seq(&self) -> u64 {
         segments(&self.dir)

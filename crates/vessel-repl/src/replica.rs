@@ -84,21 +84,20 @@ pub fn serve(r: &mut impl Read, w: &mut impl Write, host: &dyn ReplicaHost) -> R
                 w.flush().map_err(WireError::from)?;
             }
             Frame::Txs { txs, .. } => {
+                // Duplicates of what this copy has (a resent batch) are skipped; the rest
+                // must follow on, from a writer whose epoch is still the promised one.
                 let last = crate::vol::last_seq(&vol);
-                for tx in txs.iter().filter(|t| t.seq > last) {
-                    if let Err(e) = vol.append_replicated_from(hello.epoch, tx) {
-                        return Err(refuse(w, format!("transaction {} (epoch {}): {e}", tx.seq, tx.epoch)));
+                let fresh: Vec<_> = txs.into_iter().filter(|t| t.seq > last).collect();
+                let durable = match vol.append_replicated_batch_from(hello.epoch, &fresh) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        return Err(refuse(
+                            w,
+                            format!("a batch from writer {} (epoch {}): {e}", hello.writer, hello.epoch),
+                        ))
                     }
-                }
-                if vol.sync().is_err() {
-                    return Err(refuse(w, "the replica's log could not be made durable".into()));
-                }
-                wire::write(
-                    w,
-                    &Frame::Ack {
-                        durable: vol.durable_through(),
-                    },
-                )?;
+                };
+                wire::write(w, &Frame::Ack { durable })?;
                 w.flush().map_err(WireError::from)?;
             }
             Frame::Refuse(reason) => {

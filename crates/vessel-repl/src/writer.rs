@@ -418,7 +418,9 @@ fn agree_through(
 }
 
 fn spawn_sender(sh: &Arc<Shared>, node: String) {
-    let Some(id) = sh.lock().peers.get(&node).map(|p| p.id) else { return };
+    let Some(id) = sh.lock().peers.get(&node).map(|p| p.id) else {
+        return;
+    };
     let sh = sh.clone();
     let _ = std::thread::Builder::new()
         .name(format!("vessel-repl-{node}"))

@@ -50,8 +50,15 @@ impl ReplicaHost for DirHost {
         Ok(v)
     }
 
-    fn cut(&self, _volume: &str, _vol: Arc<Volume>, after: u64) -> Result<Arc<Volume>, String> {
-        Err(format!("cutting after {after}: not in this test"))
+    fn cut(&self, volume: &str, vol: Arc<Volume>, after: u64) -> Result<Arc<Volume>, String> {
+        let mut open = self.open.lock().unwrap();
+        open.remove(volume);
+        let dir = vol.dir().to_path_buf();
+        drop(vol);
+        let (v, _) = Volume::cut_after(&dir, None, after).map_err(|e| e.to_string())?;
+        let v = Arc::new(v);
+        open.insert(volume.to_string(), v.clone());
+        Ok(v)
     }
 }
 
@@ -261,4 +268,75 @@ fn a_writer_of_an_old_epoch_gets_nothing_acknowledged() {
 
 fn libc_eio() -> i32 {
     5
+}
+
+fn txs_of(v: &Volume, from: u64, to: u64) -> Vec<vessel_fs::Tx> {
+    let mut out = Vec::new();
+    v.log_reader()
+        .unwrap()
+        .for_each::<vessel_fs::VolumeError>(from, to, |t, _| {
+            out.push(t);
+            Ok(true)
+        })
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_new_writers_log_wins_and_a_replicas_divergent_tail_is_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The old writer a wrote 10 files in epoch 1; b got all of them, c only the first 5.
+    let ad = tmp.path().join("a").join("web");
+    Volume::create(&ad, "web", None).unwrap();
+    let a = Volume::open(&ad, None).unwrap();
+    for i in 0..10 {
+        write_file(&a, &format!("old{i}"), b"epoch 1");
+    }
+    let all = txs_of(&a, 1, u64::MAX);
+    let hosts: BTreeMap<String, Arc<DirHost>> = ["b"]
+        .iter()
+        .map(|n| (n.to_string(), DirHost::new(&tmp.path().join(n))))
+        .collect();
+    let b = hosts["b"].vol("web");
+    b.append_replicated_batch(&all).unwrap();
+    let cut_at = all
+        .iter()
+        .find(|t| matches!(t.op, vessel_fs::Op::Create { ref name, .. } if name == b"old5"))
+        .unwrap()
+        .seq
+        - 1;
+    let cd = tmp.path().join("c").join("web");
+    Volume::create(&cd, "web", None).unwrap();
+    let c = Arc::new(Volume::open(&cd, None).unwrap());
+    c.append_replicated_batch(&all[..cut_at as usize]).unwrap();
+    drop(b);
+    // c becomes the writer in epoch 2 and writes on.
+    c.raise_epoch(2).unwrap();
+    let link = Arc::new(Pairs {
+        hosts,
+        down: Mutex::new(BTreeSet::new()),
+    });
+    let master = Arc::new(MemMaster {
+        rec: Mutex::new((2, ["b", "c"].iter().map(|s| s.to_string()).collect())),
+    });
+    let repl = Replicator::start(&c, "c", &[("b".into(), true)], 2, link.clone(), master.clone(), opts());
+    c.set_acks(repl.clone());
+    c.set_ack_timeout(Duration::from_secs(20));
+    for i in 0..3 {
+        write_file(&c, &format!("new{i}"), b"epoch 2");
+    }
+    c.sync().unwrap();
+    let b = link.hosts["b"].vol("web");
+    wait_until("b in sync and caught up", || {
+        master.rec.lock().unwrap().1.contains("b") && b.durable_through() >= c.last_seq()
+    });
+    assert_eq!(b.last_seq(), c.last_seq());
+    assert_eq!(content(&b, "new2"), b"epoch 2");
+    assert_eq!(content(&b, "old4"), b"epoch 1");
+    assert!(
+        b.lookup(ROOT, b"old5").is_err(),
+        "the divergent tail (old5..old9) is gone from b"
+    );
+    assert_eq!(b.epoch_history(), c.epoch_history());
+    assert_eq!(txs_of(&b, 1, u64::MAX), txs_of(&c, 1, u64::MAX));
 }

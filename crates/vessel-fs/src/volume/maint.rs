@@ -143,7 +143,8 @@ impl Volume {
         (self.lock().retention_ns / 1_000_000_000) as u64
     }
 
-    /// Held while reading history (compaction waits for readers).
+    /// Held while reading history (compaction waits for readers; the retention-driven
+    /// one skips its round while any reader holds it).
     pub fn history_guard(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.history_lock.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -212,7 +213,15 @@ impl Volume {
         if through <= self.lock().base.seq {
             return Ok(0);
         }
-        self.compact_through(through)
+        // A long reader of history (a seeding snapshot streams for as long as the network
+        // takes) holds the guard: compact at a later round rather than stall the upkeep
+        // (and every new reader) behind it.
+        let history = match self.history_lock.try_write() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
+        };
+        self.compact_through_locked(through, history)
     }
 
     pub(super) fn write_base_meta(&self, meta: &BaseMeta) -> Result<()> {
@@ -227,9 +236,14 @@ impl Volume {
     /// built from the log without the volume's lock; the VE's file system waits only while
     /// unchanged live files are linked in, a batch at a time.
     pub(super) fn compact_through(&self, through: u64) -> Result<u64> {
+        let history = self.history_lock.write().unwrap_or_else(|p| p.into_inner());
+        self.compact_through_locked(through, history)
+    }
+
+    /// [`Volume::compact_through`] with the history held exclusively.
+    fn compact_through_locked(&self, through: u64, _history: std::sync::RwLockWriteGuard<'_, ()>) -> Result<u64> {
         // The live checkpoint must be past what the log drops.
         self.checkpoint()?;
-        let _history = self.history_lock.write().unwrap_or_else(|p| p.into_inner());
         let (reader, base) = {
             let mut st = self.lock();
             // From here on, commits note the files they change (see `link_base`).

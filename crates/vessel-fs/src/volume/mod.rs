@@ -7,6 +7,8 @@
 //! <dir>/volume.json      VolumeMeta (format version, name, template)
 //! <dir>/epoch.json       the highest epoch this copy has promised (appends below it are
 //!                         refused: a fenced writer)
+//! <dir>/epochs.json     the epoch history: each epoch's first seq (see `epochfile`)
+//! <dir>/cut.json        a cut of the log's tail in progress (see `cut`)
 //! <dir>/txlog/*.seg      the transaction log
 //! <dir>/checkpoint       the tree as of some seq (data files synced up to it)
 //! <dir>/data/<ino:x>     contents of private regular files
@@ -31,15 +33,24 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod cut;
+mod epochfile;
 mod maint;
 mod read;
 mod repl;
+mod snap;
 mod write;
 
 #[cfg(test)]
+mod store_tests;
+#[cfg(test)]
 mod tests;
 
+pub use cut::{CUT_FILE, CUT_VERSION};
+pub use epochfile::EPOCHS_FILE;
 pub use maint::{Maintainer, FLUSH_INTERVAL};
+pub(crate) use snap::{seed_live_from_base, write_seed_meta};
+pub use snap::{BaseFile, SeedMeta, SeedView};
 
 pub(crate) use crate::apply::op_ino;
 pub(crate) use read::read_at;
@@ -286,6 +297,8 @@ struct State {
     /// How long a sync waits for acknowledgements.
     ack_timeout: std::time::Duration,
     last_compact: std::time::Instant,
+    /// Each epoch's first seq in this copy's log (persisted in `epochs.json`).
+    epochs: crate::epochs::EpochHistory,
 }
 
 impl Volume {
@@ -371,7 +384,7 @@ impl Volume {
                 source,
             }
         })?;
-        let (log, _rec) = TxLog::open_with(&dir.join("txlog"), &name, opts.segment_bytes)?;
+        let (mut log, _rec) = TxLog::open_with(&dir.join("txlog"), &name, opts.segment_bytes)?;
         let lock_path = dir.join("lock");
         let lockf = std::fs::OpenOptions::new()
             .create(true)
@@ -412,6 +425,8 @@ impl Volume {
         if meta.template.is_some() != lower.is_some() {
             return Err(corrupt("the volume's template layer is missing".into()));
         }
+        // An interrupted cut of the log's tail is finished first (see `cut`).
+        let cut = cut::redo(dir, &name, &mut log, &base)?;
         let ck = dir.join("checkpoint");
         let mut tree = match std::fs::read(&ck) {
             Ok(b) => Tree::from_checkpoint(&b)
@@ -434,6 +449,7 @@ impl Volume {
             )));
         }
         let promised = read_epoch(dir, &name)?;
+        let epochs = epochfile::load(dir, &name, &log, promised)?;
         let durable = log.durable_handle();
         let vol = Volume {
             name: name.clone(),
@@ -458,6 +474,7 @@ impl Volume {
                 acks: Arc::new(crate::ack::LocalOnly),
                 ack_timeout: crate::ack::DEFAULT_ACK_TIMEOUT,
                 last_compact: std::time::Instant::now(),
+                epochs,
             }),
             durable,
             sync_lock: Mutex::new(()),
@@ -506,8 +523,11 @@ impl Volume {
             // Replayed contents are on disk only once the checkpoint after replay syncs them.
             st.dirty.extend(replayed);
         }
-        if replayed_txs > 0 {
+        if replayed_txs > 0 || cut {
             vol.checkpoint()?;
+        }
+        if cut {
+            cut::finish(dir, &name)?;
         }
         let base = vol.lock().base;
         if base.pending > base.seq {

@@ -107,4 +107,34 @@ impl Volume {
         st.next_ino = st.next_ino.max(st.tree.max_ino + 1);
         Ok(())
     }
+
+    /// Append and apply a batch of transactions the writer committed (each as
+    /// [`Volume::append_replicated`]), then make the log durable once (one fdatasync for
+    /// the batch, shared with any sync running meanwhile); returns the seq the log is
+    /// durable through, which the replica acknowledges. On an error the transactions
+    /// before the failing one stay appended (not yet durable: the next batch or sync
+    /// covers them).
+    pub fn append_replicated_batch(&self, txs: &[Tx]) -> Result<u64> {
+        let writer_epoch = txs.iter().map(|t| t.epoch).max().unwrap_or(0);
+        self.append_replicated_batch_from(writer_epoch, txs)
+    }
+
+    /// [`Volume::append_replicated_batch`] for transactions sent by the writer of
+    /// `writer_epoch` (see [`Volume::append_replicated_from`]): the batch of a
+    /// replication stream. An empty batch makes nothing new durable and answers the
+    /// durable seq.
+    pub fn append_replicated_batch_from(&self, writer_epoch: u64, txs: &[Tx]) -> Result<u64> {
+        for tx in txs {
+            self.append_replicated_from(writer_epoch, tx)?;
+        }
+        let target = self.lock().tree.applied;
+        if self.durable.load(Ordering::Acquire) < target {
+            let _g = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.sync_locked(target).map_err(|errno| {
+                let p = self.dir.join("txlog");
+                self.io("fdatasync", &p)(std::io::Error::from_raw_os_error(errno))
+            })?;
+        }
+        Ok(self.durable_through())
+    }
 }

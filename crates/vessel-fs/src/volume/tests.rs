@@ -8,19 +8,19 @@ use crate::tree::ROOT;
 use std::sync::Condvar;
 use std::time::Duration;
 
-fn empty(dir: &Path, name: &str) -> Volume {
+pub(super) fn empty(dir: &Path, name: &str) -> Volume {
     let d = dir.join(name);
     Volume::create(&d, name, None).unwrap();
     Volume::open(&d, None).unwrap()
 }
 
-fn file(v: &Volume, name: &str) -> Ino {
+pub(super) fn file(v: &Volume, name: &str) -> Ino {
     v.mknod(ROOT, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0, b"")
         .unwrap()
         .ino
 }
 
-fn all_txs(v: &Volume, from: u64) -> Vec<Tx> {
+pub(super) fn all_txs(v: &Volume, from: u64) -> Vec<Tx> {
     let mut out = Vec::new();
     v.log_reader()
         .unwrap()
@@ -33,7 +33,7 @@ fn all_txs(v: &Volume, from: u64) -> Vec<Tx> {
 }
 
 /// Every name, kind, size and content of a volume's tree, for comparing copies.
-fn snapshot(v: &Volume) -> Vec<(Vec<u8>, FileKind, u64, Vec<u8>)> {
+pub(super) fn snapshot(v: &Volume) -> Vec<(Vec<u8>, FileKind, u64, Vec<u8>)> {
     // FileKind has no order: sort by path (unique).
     let mut out = Vec::new();
     let mut stack = vec![(ROOT, Vec::new())];

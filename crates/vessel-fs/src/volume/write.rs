@@ -58,6 +58,14 @@ impl Volume {
     /// What a commit and a replica's append share: the tree, the log (before any file
     /// changes), accounting. Returns the inodes the transaction frees.
     pub(super) fn record(&self, st: &mut State, tx: &Tx) -> FsResult<Vec<(Ino, Inode)>> {
+        if let Err(e) = self.note_epoch(st, tx) {
+            eprintln!(
+                "vessel-fs: volume '{}': writing {}: {e}",
+                self.name,
+                epochfile::EPOCHS_FILE
+            );
+            return Err(libc::EIO);
+        }
         let freed = freed_by(&st.tree, &tx.op);
         let before = usage_delta_base(&st.tree, &tx.op);
         st.tree.apply(tx).map_err(tree_err)?;
