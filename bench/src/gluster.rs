@@ -233,6 +233,13 @@ impl Gluster {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         g.cli_ok(&args)?;
         g.cli_ok(&["volume", "start", VOLUME])?;
+        let info = g.cli_ok(&["volume", "info", VOLUME])?;
+        for l in info
+            .lines()
+            .filter(|l| l.starts_with("Type") || l.starts_with("Number") || l.starts_with("Brick"))
+        {
+            eprintln!("repl: glusterfs {l}");
+        }
         std::fs::create_dir_all(&g.mnt).map_err(|e| format!("create {}: {e}", g.mnt.display()))?;
         // The client: node1's cgroup and network, the bench's own mount namespace.
         let me = format!("/proc/{}/ns/mnt", std::process::id());

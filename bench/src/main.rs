@@ -138,7 +138,7 @@ fn main() {
              | fs-ve [--runs N] [--seq-mib N] [--debian 0|1] [--only untar|fsync|seq|history] \
              | control [--nodes N] [--ves N] [--writers N] [--runs N] [--lab 0|1] [--timeout S] \
              | forward [--runs N] [--mib N] \
-             | repl [--quick] [--runs N] [--files N] [--fsync-ops N] [--seq-mib N] [--targets ext4,rf1,rf2,rf3,gluster]"
+             | repl [--quick] [--runs N] [--files N] [--fsync-ops N] [--seq-mib N] [--targets ext4,rf1,rf2,rf3,gluster] [--warmup 0|1]"
         );
         std::process::exit(2);
     }
