@@ -249,6 +249,12 @@ fn worker(lab: &TestLab, t: &Target, op: &str, file: &str, n: usize) -> f64 {
 
 /// Create a Debian VE on `node` (with `--replicas rf` when the CLI offers it), start it and
 /// put the worker into it. Err: why the row is skipped.
+///
+/// HOOK (issue 10, RF 2 and RF 3): this is the code path of the replicated rows. It runs
+/// as soon as `vessel ve create --help` offers `--replicas`; until then RF > 1 is skipped
+/// with a note. RF 1 passes `--replicas 1` explicitly once the flag exists (the default on
+/// a cluster of 2+ nodes will be 2). Before measuring, it waits (bounded) until `ve show`
+/// lists every replica in sync, so seeding is not billed to the first workload.
 fn make_ve(lab: &TestLab, node: &str, ve: &str, rf: usize, replicas_flag: bool) -> Result<(), String> {
     let rf_s = rf.to_string();
     let mut args = vec!["ve", "create", ve, "--template", "debian", "--start", "--node", node];
@@ -267,10 +273,50 @@ fn make_ve(lab: &TestLab, node: &str, ve: &str, rf: usize, replicas_flag: bool) 
             String::from_utf8_lossy(&o.stderr).trim()
         ));
     }
+    if replicas_flag && rf > 1 {
+        wait_in_sync(lab, node, ve, rf)?;
+    }
     let me = std::env::current_exe().expect("current exe");
     let script = format!("cat > {WORKER} && chmod 755 {WORKER} && mkdir -p /root/bench");
     ve_ok(lab, node, ve, &["sh", "-c", &script], Some(&me));
     Ok(())
+}
+
+/// Whether `ve show --json` lists `rf` replicas, all in sync: None when it lists no
+/// replicas at all (a `ve show` from before replication: nothing to wait for).
+pub fn replicas_in_sync(show: &serde_json::Value, rf: usize) -> Option<bool> {
+    let reps = show["replicas"].as_array()?;
+    let synced = reps
+        .iter()
+        .filter(|r| {
+            r["state"]
+                .as_str()
+                .is_some_and(|s| s.replace(['-', '_', ' '], "").eq_ignore_ascii_case("insync"))
+        })
+        .count();
+    Some(reps.len() >= rf && synced >= rf)
+}
+
+/// Wait (at most 5 minutes) until the VE's `rf` replicas are in sync.
+fn wait_in_sync(lab: &TestLab, node: &str, ve: &str, rf: usize) -> Result<(), String> {
+    let t = Instant::now();
+    let mut last = serde_json::Value::Null;
+    for _ in 0..600 {
+        let o = lab.vessel(node, &["ve", "show", ve, "--json"]);
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+            match replicas_in_sync(&v, rf) {
+                None | Some(true) => return Ok(()),
+                Some(false) => last = v["replicas"].clone(),
+            }
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err(format!(
+        "RF {rf}: skipped: replicas not in sync within 5 minutes: {last}"
+    ))
 }
 
 /// The lab addresses of the nodes (from the lab's state), node1 first.
@@ -540,6 +586,19 @@ mod tests {
         let r = ratios(&t, &ext4);
         assert_eq!((r.untar, r.fsync), (4.0, 0.5));
         assert!((r.seqw - 1.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn waits_for_every_replica_in_sync_and_not_for_a_show_without_replicas() {
+        let v = |states: &[&str]| serde_json::json!({"replicas": states.iter().map(|s| serde_json::json!({"node": "n", "state": s})).collect::<Vec<_>>()});
+        assert_eq!(replicas_in_sync(&v(&["in-sync", "in-sync", "in-sync"]), 3), Some(true));
+        assert_eq!(
+            replicas_in_sync(&v(&["in-sync", "catching up", "in-sync"]), 3),
+            Some(false)
+        );
+        assert_eq!(replicas_in_sync(&v(&["in-sync", "in-sync"]), 3), Some(false));
+        assert_eq!(replicas_in_sync(&v(&["InSync", "in_sync"]), 2), Some(true));
+        assert_eq!(replicas_in_sync(&serde_json::json!({"name": "rf1"}), 2), None);
     }
 
     #[test]
