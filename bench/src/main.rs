@@ -1,6 +1,6 @@
 //! `vessel-bench ve-start [--runs N] [--density N]`, `vessel-bench fs [--runs N] [--in-ve 0|1]`,
-//! `vessel-bench fs-ve` and `vessel-bench control` (the control center at scale: see
-//! `control.rs`): run as root after `cargo build --release`. See `fsbench.rs` for
+//! `vessel-bench fs-ve`, `vessel-bench control` (the control center at scale: see
+//! `control.rs`) and `vessel-bench repl` (replicated file systems: see `repl.rs`): run as root after `cargo build --release`. See `fsbench.rs` for
 //! the file system benchmark from the host, `fsve.rs` for its part inside real VEs.
 //!
 //! ve-start:
@@ -18,6 +18,8 @@ mod control;
 mod forward;
 mod fsbench;
 mod fsve;
+mod gluster;
+mod repl;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -128,14 +130,15 @@ fn main() {
     }
     if !matches!(
         cmd.as_deref(),
-        Some("ve-start") | Some("fs") | Some("fs-ve") | Some("control") | Some("forward")
+        Some("ve-start") | Some("fs") | Some("fs-ve") | Some("control") | Some("forward") | Some("repl")
     ) {
         eprintln!(
             "usage: vessel-bench ve-start [--runs N] [--density N] \
              | fs [--runs N] [--seq-mib N] [--mounts N] [--in-ve 0|1] [--debian 0|1] \
              | fs-ve [--runs N] [--seq-mib N] [--debian 0|1] [--only untar|fsync|seq|history] \
              | control [--nodes N] [--ves N] [--writers N] [--runs N] [--lab 0|1] [--timeout S] \
-             | forward [--runs N] [--mib N]"
+             | forward [--runs N] [--mib N] \
+             | repl [--quick] [--runs N] [--files N] [--fsync-ops N] [--seq-mib N] [--targets ext4,rf1,rf2,rf3,gluster] [--warmup 0|1]"
         );
         std::process::exit(2);
     }
@@ -146,6 +149,10 @@ fn main() {
     }
     if cmd.as_deref() == Some("control") {
         control::run();
+        return;
+    }
+    if cmd.as_deref() == Some("repl") {
+        repl::run();
         return;
     }
     if cmd.as_deref() == Some("forward") {
