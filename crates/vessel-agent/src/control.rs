@@ -1279,6 +1279,7 @@ fn pending_info(spec: &VeSpec, generation: u64, reason: &str) -> VeInfo {
         mac: String::new(),
         rescue: false,
         fs: None,
+        replicas: Vec::new(),
         node: String::new(),
         pending: Some(reason.to_string()),
         generation,

@@ -287,6 +287,23 @@ impl Node {
             i.memory_used = self.cgroup(&rec.spec.name).memory_used();
             i.console_lost = lock(&self.live).get(&rec.spec.name).is_none_or(|l| !l.console);
             i.fs = self.fs_info(&rec.spec.name);
+            i.replicas = self
+                .replica_status(rec.spec.name.as_str())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| vessel_types::api::ReplicaInfo {
+                    state: if r.in_sync && r.lag_txs == 0 {
+                        "in-sync".into()
+                    } else {
+                        r.state
+                    },
+                    node: r.node,
+                    in_sync: r.in_sync,
+                    durable_seq: r.acked,
+                    lag_txs: r.lag_txs,
+                    lag_bytes: r.lag_bytes,
+                })
+                .collect();
         }
         i
     }

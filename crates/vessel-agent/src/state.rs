@@ -176,6 +176,7 @@ impl VeRecord {
             mac: String::new(),
             rescue: self.rescue,
             fs: None,
+            replicas: Vec::new(),
             node: String::new(),
             pending: None,
             generation: self.generation,

@@ -571,6 +571,24 @@ pub struct VeInfo {
     /// The generation of its spec in the cluster that its node last applied.
     #[serde(default)]
     pub generation: u64,
+    /// The other copies of its volume, as its writer sees them (running, replicated VEs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// One copy of a VE's volume on another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub node: String,
+    /// "in-sync", "catching up", or why it is not (e.g. "unreachable: ...").
+    pub state: String,
+    pub in_sync: bool,
+    /// The last transaction it holds durably.
+    pub durable_seq: u64,
+    /// How far it trails the writer, in transactions and in bytes (of those the writer
+    /// still holds in memory).
+    pub lag_txs: u64,
+    pub lag_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

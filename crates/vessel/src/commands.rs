@@ -983,6 +983,30 @@ fn show_ve(v: &VeInfo) {
                 .unwrap_or_else(|| "the template (no changes yet)".into())
         );
     }
+    if let Some(n) = v.spec.replicas.filter(|n| *n > 1) {
+        println!(
+            "copies:      {n} wanted, {} needed in sync for a sync to return",
+            v.spec.min_replicas_of(n)
+        );
+    }
+    if !v.replicas.is_empty() {
+        let rows: Vec<Vec<String>> = v
+            .replicas
+            .iter()
+            .map(|r| {
+                vec![
+                    r.node.clone(),
+                    if r.in_sync { "yes".into() } else { "no".into() },
+                    r.state.clone(),
+                    r.durable_seq.to_string(),
+                    r.lag_txs.to_string(),
+                    format_size(r.lag_bytes),
+                ]
+            })
+            .collect();
+        println!("replicas:");
+        output::table(&["NODE", "IN-SYNC", "STATE", "DURABLE SEQ", "LAG TXS", "LAG"], &rows);
+    }
     if v.rescue {
         println!("rescue:      yes (pristine template root; own files at /mnt/ve)");
     }

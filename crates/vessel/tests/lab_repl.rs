@@ -1,0 +1,136 @@
+//! A replicated VE on a 3-node lab: `--replicas 3` puts copies of its volume on the two
+//! other nodes (which fetch the template from the writer's node); every record the VE
+//! wrote and synced is on each copy that was in sync (read back from the copies
+//! themselves after the VE stopped); a killed replica node leaves the in-sync set, syncs in
+//! the VE go on with the copies left (2 of 3 needed), and `ve show` says so.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use vessel_fs::tree::ROOT;
+use vessel_fs::Volume;
+use vessel_testkit::lab::TestLab;
+
+fn show(lab: &TestLab, ve: &str) -> serde_json::Value {
+    lab.vessel_json("node1", &["ve", "show", ve])
+}
+
+fn wait_show(lab: &TestLab, ve: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let t = Instant::now();
+    let mut last = serde_json::Value::Null;
+    for _ in 0..240 {
+        last = show(lab, ve);
+        if pred(&last) {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("{what}: not within {:?}; last: {last}", t.elapsed());
+}
+
+fn replica<'a>(v: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::Value> {
+    v["replicas"].as_array()?.iter().find(|r| r["node"] == node)
+}
+
+fn node_root(lab: &TestLab, node: &str) -> PathBuf {
+    lab.socket(node).parent().expect("a node root").to_path_buf()
+}
+
+/// The records of a copy of VE `ve` on `node`, read from the copy's own volume (an error
+/// while a daemon still holds it open).
+fn records_on(lab: &TestLab, node: &str, ve: &str, template_id: &str, n: usize) -> Result<Vec<Option<String>>, String> {
+    let root = node_root(lab, node);
+    let lower = vessel_fs::lower::shared(&root.join("templates").join(template_id).join("rootfs"))
+        .map_err(|e| e.to_string())?;
+    let dir = root.join("ves").join(ve).join("volume");
+    let v = Volume::open(&dir, Some(lower)).map_err(|e| format!("open {}: {e}", dir.display()))?;
+    let data = v.lookup(ROOT, b"data").ok();
+    Ok((1..=n)
+        .map(|i| {
+            let d = data.as_ref()?;
+            let a = v.lookup(d.ino, format!("r{i}").as_bytes()).ok()?;
+            Some(String::from_utf8_lossy(&v.read(a.ino, 0, a.size as u32).ok()?).into_owned())
+        })
+        .collect())
+}
+
+/// [`records_on`] once the copy is closed (bounded wait).
+fn closed_records(lab: &TestLab, node: &str, ve: &str, template_id: &str, n: usize) -> Vec<Option<String>> {
+    let mut last = String::new();
+    for _ in 0..20 {
+        match records_on(lab, node, ve, template_id, n) {
+            Ok(r) => return r,
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("the copy on {node}: {last}");
+}
+
+#[test]
+fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
+    if !need_root("synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set") {
+        return;
+    }
+    let lab = TestLab::new(&vessel_bin());
+    lab.ok(&["up", "--nodes", "3"]);
+    // Only node1 has the template: the copies' nodes fetch it.
+    lab.vessel_ok("node1", &["template", "build", "busybox"]);
+    let v = lab.vessel_json(
+        "node1",
+        &[
+            "ve", "create", "web", "-t", "busybox", "--node", "node1", "--replicas", "3", "--start",
+        ],
+    );
+    assert_eq!(v["status"], "running", "{v}");
+    let tid = v["template_id"].as_str().unwrap().to_string();
+    // Numbered records, each synced (fsync through the file) before the next: an
+    // acknowledged record is one whose command returned.
+    let write = |from: usize, to: usize| {
+        lab.vessel_ok(
+            "node1",
+            &[
+                "ve",
+                "exec",
+                "web",
+                "--",
+                "sh",
+                "-c",
+                &format!(
+                    "mkdir -p /data && for i in $(seq {from} {to}); do echo record-$i > /data/r$i.tmp && \
+                     dd if=/data/r$i.tmp of=/data/r$i conv=fsync 2>/dev/null && rm /data/r$i.tmp; done"
+                ),
+            ],
+        );
+    };
+    write(1, 40);
+    let s = wait_show(&lab, "web", "both copies in sync", |v| {
+        ["node2", "node3"].iter().all(|n| {
+            replica(v, n).is_some_and(|r| r["in_sync"] == true && r["lag_txs"] == 0)
+        })
+    });
+    let last = s["fs"]["last_seq"].as_u64().unwrap();
+    for n in ["node2", "node3"] {
+        assert!(replica(&s, n).unwrap()["durable_seq"].as_u64().unwrap() >= last, "{s}");
+    }
+    let table = lab.vessel_ok("node1", &["ve", "show", "web"]);
+    assert!(table.contains("replicas:") && table.contains("node2") && table.contains("in-sync"), "{table}");
+
+    // node3 dies: the next syncs go on with node1 and node2 (2 of 3 needed), once node3
+    // is out of the in-sync set.
+    lab.ok(&["kill", "node3"]);
+    write(41, 60);
+    let s = wait_show(&lab, "web", "node3 out of the set", |v| {
+        replica(v, "node3").is_some_and(|r| r["in_sync"] == false)
+    });
+    assert_eq!(replica(&s, "node2").unwrap()["in_sync"], true, "{s}");
+
+    // Stopped, the VE's copies are closed: every acknowledged record is on node1 and
+    // node2 (in sync throughout), and records 1-40 on node3 (in sync until it died).
+    lab.vessel_ok("node1", &["ve", "stop", "web"]);
+    let want = |n: usize| -> Vec<Option<String>> { (1..=n).map(|i| Some(format!("record-{i}\n"))).collect() };
+    assert_eq!(closed_records(&lab, "node1", "web", &tid, 60), want(60), "the writer's own copy");
+    assert_eq!(closed_records(&lab, "node2", "web", &tid, 60), want(60), "node2 (in sync throughout)");
+    assert_eq!(closed_records(&lab, "node3", "web", &tid, 40), want(40), "node3 (in sync until it died)");
+}
