@@ -282,8 +282,8 @@ fn make_ve(lab: &TestLab, node: &str, ve: &str, rf: usize, replicas_flag: bool) 
     Ok(())
 }
 
-/// Whether `ve show --json` lists `rf` replicas, all in sync: None when it lists no
-/// replicas at all (a `ve show` from before replication: nothing to wait for).
+/// Whether `ve show --json` lists the `rf - 1` other copies (the writer's own is not
+/// listed), all in sync: None when it lists no replicas at all (nothing to wait for).
 pub fn replicas_in_sync(show: &serde_json::Value, rf: usize) -> Option<bool> {
     let reps = show["replicas"].as_array()?;
     let synced = reps
@@ -294,7 +294,8 @@ pub fn replicas_in_sync(show: &serde_json::Value, rf: usize) -> Option<bool> {
                 .is_some_and(|s| s.replace(['-', '_', ' '], "").eq_ignore_ascii_case("insync"))
         })
         .count();
-    Some(reps.len() >= rf && synced >= rf)
+    let others = rf.saturating_sub(1);
+    Some(reps.len() >= others && synced >= others)
 }
 
 /// Wait (at most 5 minutes) until the VE's `rf` replicas are in sync.
@@ -591,13 +592,10 @@ mod tests {
     #[test]
     fn waits_for_every_replica_in_sync_and_not_for_a_show_without_replicas() {
         let v = |states: &[&str]| serde_json::json!({"replicas": states.iter().map(|s| serde_json::json!({"node": "n", "state": s})).collect::<Vec<_>>()});
-        assert_eq!(replicas_in_sync(&v(&["in-sync", "in-sync", "in-sync"]), 3), Some(true));
-        assert_eq!(
-            replicas_in_sync(&v(&["in-sync", "catching up", "in-sync"]), 3),
-            Some(false)
-        );
-        assert_eq!(replicas_in_sync(&v(&["in-sync", "in-sync"]), 3), Some(false));
-        assert_eq!(replicas_in_sync(&v(&["InSync", "in_sync"]), 2), Some(true));
+        assert_eq!(replicas_in_sync(&v(&["in-sync", "in-sync"]), 3), Some(true));
+        assert_eq!(replicas_in_sync(&v(&["in-sync", "catching up"]), 3), Some(false));
+        assert_eq!(replicas_in_sync(&v(&["in-sync"]), 3), Some(false));
+        assert_eq!(replicas_in_sync(&v(&["InSync"]), 2), Some(true));
         assert_eq!(replicas_in_sync(&serde_json::json!({"name": "rf1"}), 2), None);
     }
 
