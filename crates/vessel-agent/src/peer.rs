@@ -514,6 +514,7 @@ impl PeerHandler for Peer {
             }
             StreamRequest::Template { name, id } => self.node()?.serve_template(&name, id.as_deref()),
             StreamRequest::Volume { name } => self.node()?.serve_volume(&name, &peer.node),
+            StreamRequest::ScrubTree { volume, template } => self.node()?.scrub_tree_for_peer(&volume, template),
             other => Err(err(
                 ErrorCode::InvalidArgument,
                 format!("{other:?} is a two-way stream"),

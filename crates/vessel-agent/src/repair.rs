@@ -61,7 +61,7 @@ struct ExportMeta {
 impl Node {
     /// The VE's volume: the mounted one if it runs, else opened for this call (the caller
     /// holds the VE lock, so nothing mounts it meanwhile).
-    fn volume_of(&self, name: &Name) -> NResult<Arc<Volume>> {
+    pub(crate) fn volume_of(&self, name: &Name) -> NResult<Arc<Volume>> {
         let rec = self.record(name)?;
         let ve = self.layout.ve(name.as_str());
         if let Some(v) = self.rootfs.volume(&ve) {

@@ -16,17 +16,20 @@
 use crate::cluster::Member;
 use crate::node::{err, NResult, Node};
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::io::{BufReader, BufWriter};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use vessel_cluster::{keys, ClusterError};
+use vessel_fs::scrub::ScrubTree;
 use vessel_fs::Volume;
 use vessel_peer::{Channel, DuplexSession, Frame, PeerRequest, StreamRequest};
 use vessel_repl::config::VolumeConfig;
 use vessel_repl::replica::{self, ReplicaHost};
 use vessel_repl::writer::{Master, Options, Replicator};
 use vessel_types::api::ErrorCode;
+use vessel_types::api::ScrubCopy;
 use vessel_types::Name;
 use vessel_types::VeSpec;
 
@@ -538,5 +541,145 @@ fn add_copies(m: &Member, ve: &str, cfg: &VolumeConfig, rev: i64, template: &str
     });
     if let Err(e) = r {
         tracing::debug!(ve, "adding copies: {e}");
+    }
+}
+
+// ------------------------------------------------------------------ scrub
+
+/// Tries of a scrub while the VE keeps writing (the copies' trees at different seqs).
+const SCRUB_TRIES: usize = 10;
+/// The largest hash tree taken from another node (about 130 bytes per file).
+const SCRUB_TREE_MAX: u64 = 512 << 20;
+/// Differences listed per copy.
+const SCRUB_LIST: usize = 100;
+
+fn hash(vol: &Volume) -> Result<ScrubTree, String> {
+    let mut last = String::new();
+    for _ in 0..SCRUB_TRIES {
+        match vessel_fs::scrub::hash_tree(vol, &mut |_| {}) {
+            Ok(t) => return Ok(t),
+            // Contents changed while they were read: again.
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(last)
+}
+
+impl Node {
+    /// `ve scrub`: the hash tree of the writer's copy (this node's) against every other
+    /// copy's, taken on its node. Copies are compared at one seq: while the VE writes, a
+    /// copy a little behind is asked again (bounded).
+    pub fn scrub(&self, name: &Name) -> NResult<Vec<ScrubCopy>> {
+        let vol = self.volume_of(name)?;
+        let rec = self.record(name)?;
+        let me = self.node_name();
+        let others: Vec<String> = match self.cluster.get() {
+            Some(m) => {
+                let cfg: Option<VolumeConfig> = m
+                    .block_on(m.store().get(&volume_key(name.as_str())))
+                    .map_err(|e| err(ErrorCode::Unavailable, format!("the cluster's control store: {e}")))?;
+                cfg.map(|c| c.replicas.into_iter().filter(|n| *n != m.name).collect())
+                    .unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        let mut mine = hash(&vol).map_err(|e| err(ErrorCode::Internal, format!("hashing this node's copy: {e}")))?;
+        let mut out = vec![ScrubCopy {
+            node: me,
+            seq: mine.seq,
+            root: mine.root_hex(),
+            differences: Vec::new(),
+            error: None,
+        }];
+        for n in others {
+            let mut copy = ScrubCopy {
+                node: n.clone(),
+                seq: 0,
+                root: String::new(),
+                differences: Vec::new(),
+                error: None,
+            };
+            for attempt in 0..SCRUB_TRIES {
+                match self.scrub_tree_of(&n, name.as_str(), &rec.template_id) {
+                    Ok(t) if t.seq != mine.seq && attempt + 1 < SCRUB_TRIES => {
+                        // The VE wrote meanwhile (or the copy is catching up): both again.
+                        std::thread::sleep(Duration::from_millis(300));
+                        if let Ok(m2) = hash(&vol) {
+                            mine = m2;
+                        }
+                        copy.seq = t.seq;
+                    }
+                    Ok(t) => {
+                        copy.seq = t.seq;
+                        copy.root = t.root_hex();
+                        let d = vessel_fs::scrub::compare(&mine, &t);
+                        copy.differences = d.iter().take(SCRUB_LIST).map(|d| d.to_string()).collect();
+                        if d.len() > SCRUB_LIST {
+                            copy.differences.push(format!("... and {} more", d.len() - SCRUB_LIST));
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        copy.error = Some(e);
+                        break;
+                    }
+                }
+            }
+            out.push(copy);
+        }
+        // The writer's row shows the tree the copies were compared with.
+        out[0].seq = mine.seq;
+        out[0].root = mine.root_hex();
+        Ok(out)
+    }
+
+    fn scrub_tree_of(&self, node: &str, volume: &str, template_id: &str) -> Result<ScrubTree, String> {
+        let t = self.target_of(node).map_err(|e| e.message)?;
+        let mut c = self.peer_client(&t, CONNECT_TIMEOUT).map_err(|e| e.message)?;
+        // Hashing a large copy takes a while on its node.
+        c.set_timeout(Duration::from_secs(300));
+        let mut s = c
+            .call_stream(&PeerRequest::Stream(StreamRequest::ScrubTree {
+                volume: volume.to_string(),
+                template: Some(template_id.to_string()),
+            }))
+            .map_err(|e| format!("node {node}: {e}"))?;
+        let mut bytes = Vec::new();
+        std::io::Read::take(&mut s, SCRUB_TREE_MAX)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("node {node}: reading its hash tree: {e}"))?;
+        ScrubTree::from_bytes(&bytes).map_err(|e| format!("node {node}: its hash tree: {e}"))
+    }
+
+    /// The hash tree of this node's copy of `volume`, for the writer's `ve scrub`.
+    pub(crate) fn scrub_tree_for_peer(
+        &self,
+        volume: &str,
+        template: Option<String>,
+    ) -> NResult<(Option<u64>, Box<dyn std::io::Read + Send>)> {
+        let host = Host {
+            node: self,
+            layer: template.map(|id| Layer { id }),
+        };
+        let dir = self.layout.ve(volume).volume();
+        if !dir.join("volume.json").exists() {
+            return Err(err(
+                ErrorCode::NotFound,
+                format!("node {} has no copy of VE '{volume}'", self.node_name()),
+            ));
+        }
+        let vol = host.open(volume).map_err(|e| err(ErrorCode::Conflict, e))?;
+        let r = hash(&vol);
+        drop(vol);
+        self.replicas.release(volume);
+        let tree = r.map_err(|e| {
+            err(
+                ErrorCode::Internal,
+                format!("hashing this node's copy of '{volume}': {e}"),
+            )
+        })?;
+        let bytes = tree.to_bytes();
+        Ok((Some(bytes.len() as u64), Box::new(std::io::Cursor::new(bytes))))
     }
 }

@@ -290,6 +290,7 @@ pub(crate) fn ve_call(node: &Node, req: &Request) -> Option<Result<Response, Api
             .rescue(name, *end)
             .and_then(|()| node.show(name))
             .map(|i| Response::Ve(Box::new(i))),
+        Request::VeScrub { name } => node.scrub(name).map(|copies| Response::Scrubbed { copies }),
         _ => return None,
     })
 }
@@ -307,6 +308,7 @@ fn served_by_the_ves_node(req: &Request) -> Option<(&vessel_types::Name, &'stati
         Request::VeRollback { name, .. } => (name, "rollback"),
         Request::VeExport { name } => (name, "export"),
         Request::VeRescue { name, .. } => (name, "rescue"),
+        Request::VeScrub { name } => (name, "scrub"),
         _ => return None,
     })
 }

@@ -97,6 +97,13 @@ pub enum StreamRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         template_name: Option<String>,
     },
+    /// The hash tree of this node's copy of a VE's volume (`vessel_fs::scrub`, its wire
+    /// form), for `ve scrub` on the writer's node.
+    ScrubTree {
+        volume: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template: Option<String>,
+    },
 }
 
 impl StreamRequest {

@@ -280,6 +280,10 @@ pub enum Request {
         #[serde(default)]
         end: bool,
     },
+    /// Compare the copies of a VE's volume (a hash tree over each copy's tree and contents).
+    VeScrub {
+        name: Name,
+    },
     /// Fetch a template from a node that has it (`from`, else any), verify every file
     /// against its manifest and content address, and register it here.
     TemplateFetch {
@@ -576,6 +580,22 @@ pub struct VeInfo {
     pub replicas: Vec<ReplicaInfo>,
 }
 
+/// One copy of a VE's volume, as `ve scrub` compared it with the writer's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubCopy {
+    pub node: String,
+    /// The transaction the copy's hash tree was taken at.
+    pub seq: u64,
+    /// The root of its hash tree (hex).
+    pub root: String,
+    /// How it differs from the writer's copy (empty: the same).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<String>,
+    /// Why it could not be compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// One copy of a VE's volume on another node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaInfo {
@@ -633,6 +653,10 @@ pub enum Response {
     /// What a revert or rollback changed.
     Reverted {
         changed: Vec<String>,
+    },
+    /// Each copy of a VE's volume as a scrub found it (the writer's first).
+    Scrubbed {
+        copies: Vec<ScrubCopy>,
     },
     JoinToken(JoinTokenInfo),
     /// What a move or fetch copied.

@@ -816,6 +816,46 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
             }
             r => bail!("unexpected reply {r:?}"),
         },
+        VeCmd::Scrub { name } => match c.call(&Request::VeScrub { name: name.clone() })? {
+            Response::Scrubbed { copies } => {
+                if g.json {
+                    output::json(&copies);
+                } else {
+                    let rows: Vec<Vec<String>> = copies
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            let verdict = match (&c.error, c.differences.len(), i) {
+                                (Some(e), _, _) => format!("not compared: {e}"),
+                                (None, _, 0) => "writer".to_string(),
+                                (None, 0, _) => "same".to_string(),
+                                (None, n, _) => format!("{n} differences"),
+                            };
+                            vec![c.node.clone(), c.seq.to_string(), c.root.chars().take(16).collect(), verdict]
+                        })
+                        .collect();
+                    output::table(&["NODE", "SEQ", "ROOT", "COPY"], &rows);
+                    for c in copies.iter().filter(|c| !c.differences.is_empty()) {
+                        println!("{}:", output::escape(&c.node));
+                        for d in &c.differences {
+                            println!("  {}", output::escape(d));
+                        }
+                    }
+                }
+                let bad: Vec<&str> = copies
+                    .iter()
+                    .filter(|c| !c.differences.is_empty() || c.error.is_some())
+                    .map(|c| c.node.as_str())
+                    .collect();
+                if !bad.is_empty() {
+                    bail!(
+                        "VE {name}: the copies on {} differ from the writer's or could not be compared",
+                        bad.join(", ")
+                    );
+                }
+            }
+            r => bail!("unexpected reply {r:?}"),
+        },
         VeCmd::Revert {
             name,
             path,

@@ -402,6 +402,10 @@ pub enum VeCmd {
         name: vessel_types::Name,
         path: String,
     },
+    /// Compare the copies of a replicated VE's files (hash trees of each copy; fails when one differs)
+    Scrub {
+        name: vessel_types::Name,
+    },
     /// Bring one file or directory back (the VE may keep running)
     #[command(group(clap::ArgGroup::new("point").required(true).args(["to", "template"])))]
     Revert {

@@ -80,7 +80,16 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
     let v = lab.vessel_json(
         "node1",
         &[
-            "ve", "create", "web", "-t", "busybox", "--node", "node1", "--replicas", "3", "--start",
+            "ve",
+            "create",
+            "web",
+            "-t",
+            "busybox",
+            "--node",
+            "node1",
+            "--replicas",
+            "3",
+            "--start",
         ],
     );
     assert_eq!(v["status"], "running", "{v}");
@@ -106,16 +115,27 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
     };
     write(1, 40);
     let s = wait_show(&lab, "web", "both copies in sync", |v| {
-        ["node2", "node3"].iter().all(|n| {
-            replica(v, n).is_some_and(|r| r["in_sync"] == true && r["lag_txs"] == 0)
-        })
+        ["node2", "node3"]
+            .iter()
+            .all(|n| replica(v, n).is_some_and(|r| r["in_sync"] == true && r["lag_txs"] == 0))
     });
     let last = s["fs"]["last_seq"].as_u64().unwrap();
     for n in ["node2", "node3"] {
         assert!(replica(&s, n).unwrap()["durable_seq"].as_u64().unwrap() >= last, "{s}");
     }
     let table = lab.vessel_ok("node1", &["ve", "show", "web"]);
-    assert!(table.contains("replicas:") && table.contains("node2") && table.contains("in-sync"), "{table}");
+    assert!(
+        table.contains("replicas:") && table.contains("node2") && table.contains("in-sync"),
+        "{table}"
+    );
+    // The copies' hash trees are the writer's (asked from another node: carried to node1).
+    let scrub = lab.vessel_json("node2", &["ve", "scrub", "web"]);
+    let copies = scrub.as_array().unwrap();
+    assert_eq!(copies.len(), 3, "{scrub}");
+    for c in copies {
+        assert_eq!(c["root"], copies[0]["root"], "{scrub}");
+        assert!(c.get("differences").is_none() && c.get("error").is_none(), "{scrub}");
+    }
 
     // node3 dies: the next syncs go on with node1 and node2 (2 of 3 needed), once node3
     // is out of the in-sync set.
@@ -130,7 +150,40 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
     // node2 (in sync throughout), and records 1-40 on node3 (in sync until it died).
     lab.vessel_ok("node1", &["ve", "stop", "web"]);
     let want = |n: usize| -> Vec<Option<String>> { (1..=n).map(|i| Some(format!("record-{i}\n"))).collect() };
-    assert_eq!(closed_records(&lab, "node1", "web", &tid, 60), want(60), "the writer's own copy");
-    assert_eq!(closed_records(&lab, "node2", "web", &tid, 60), want(60), "node2 (in sync throughout)");
-    assert_eq!(closed_records(&lab, "node3", "web", &tid, 40), want(40), "node3 (in sync until it died)");
+    assert_eq!(
+        closed_records(&lab, "node1", "web", &tid, 60),
+        want(60),
+        "the writer's own copy"
+    );
+    assert_eq!(
+        closed_records(&lab, "node2", "web", &tid, 60),
+        want(60),
+        "node2 (in sync throughout)"
+    );
+    assert_eq!(
+        closed_records(&lab, "node3", "web", &tid, 40),
+        want(40),
+        "node3 (in sync until it died)"
+    );
+
+    // A byte flipped in node2's copy of record 5 (under vessel-fs, as a bad disk would):
+    // the scrub names the file and fails.
+    let root = node_root(&lab, "node2");
+    let file = {
+        let lower = vessel_fs::lower::shared(&root.join("templates").join(&tid).join("rootfs")).unwrap();
+        let v = Volume::open(&root.join("ves/web/volume"), Some(lower)).unwrap();
+        let d = v.lookup(ROOT, b"data").unwrap();
+        let a = v.lookup(d.ino, b"r5").unwrap();
+        root.join("ves/web/volume/data")
+            .join(vessel_fs::volume::data_name(a.ino))
+    };
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(&file, &bytes).unwrap();
+    let o = lab.vessel("node1", &["ve", "scrub", "web"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let errs = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{out}");
+    assert!(out.contains("/data/r5") && out.contains("content differs"), "{out}");
+    assert!(errs.contains("node2"), "{errs}");
 }
