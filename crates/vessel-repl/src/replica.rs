@@ -1,7 +1,8 @@
 //! The replica's end of a replication stream: check the writer's epoch against the one
 //! this copy promised, tell the writer where this copy stands, cut a divergent tail when
-//! asked, then append and apply every batch of transactions, make it durable (one
-//! fdatasync per batch) and acknowledge it.
+//! asked, then append and apply every batch of transactions and acknowledge it as
+//! received; make it durable when the writer asks (a sync waits for it) or the stream is
+//! idle, one fdatasync for everything received, and acknowledge that.
 //!
 //! A frame from an older epoch than the promised one is refused and ends the stream: a
 //! replaced writer never gets anything acknowledged again.
@@ -37,6 +38,17 @@ fn state(vol: &Volume) -> Frame {
         last_seq: crate::vol::last_seq(vol),
         history: crate::vol::history(vol),
     })
+}
+
+fn ack(w: &mut impl Write, vol: &Volume) -> Result<(), WireError> {
+    wire::write(
+        w,
+        &Frame::Ack {
+            received: crate::vol::last_seq(vol),
+            durable: vol.durable_through(),
+        },
+    )?;
+    w.flush().map_err(WireError::from)
 }
 
 /// Serve one stream from a writer until it ends. Returns the volume's name and the last
@@ -86,19 +98,25 @@ pub fn serve(r: &mut impl Read, w: &mut impl Write, host: &dyn ReplicaHost) -> R
             Frame::Txs { txs, .. } => {
                 // Duplicates of what this copy has (a resent batch) are skipped; the rest
                 // must follow on, from a writer whose epoch is still the promised one.
+                // Appended and applied now, made durable when the writer asks (a sync
+                // waits) or the stream is idle (an empty batch): one fdatasync serves all.
                 let last = crate::vol::last_seq(&vol);
-                let fresh: Vec<_> = txs.into_iter().filter(|t| t.seq > last).collect();
-                let durable = match vol.append_replicated_batch_from(hello.epoch, &fresh) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        return Err(refuse(
-                            w,
-                            format!("a batch from writer {} (epoch {}): {e}", hello.writer, hello.epoch),
-                        ))
+                let idle = txs.is_empty();
+                for tx in txs.iter().filter(|t| t.seq > last) {
+                    if let Err(e) = vol.append_replicated_from(hello.epoch, tx) {
+                        return Err(refuse(w, format!("transaction {} (epoch {}): {e}", tx.seq, tx.epoch)));
                     }
-                };
-                wire::write(w, &Frame::Ack { durable })?;
-                w.flush().map_err(WireError::from)?;
+                }
+                if idle && vol.durable_through() < crate::vol::last_seq(&vol) && vol.sync().is_err() {
+                    return Err(refuse(w, "the replica's log could not be made durable".into()));
+                }
+                ack(w, &vol)?;
+            }
+            Frame::Flush { .. } => {
+                if vol.sync().is_err() {
+                    return Err(refuse(w, "the replica's log could not be made durable".into()));
+                }
+                ack(w, &vol)?;
             }
             Frame::Refuse(reason) => {
                 return Err(ReplicaError::Refused { volume, reason });

@@ -7,7 +7,9 @@
 //! replica -> State {version, epoch, last_seq, history} | Refuse {reason}
 //! writer  -> Cut {after}                       (divergent tail: replica answers State)
 //! writer  -> Txs {commit, txs...}              (pipelined; count 0 = keep-alive)
-//! replica -> Ack {durable}                     (after one fdatasync per batch)
+//! writer  -> Flush {through}                   (a sync waits: make it durable)
+//! replica -> Ack {received, durable}           (after each batch; durable after a flush,
+//!                                               or an idle moment)
 //! either  -> Refuse {reason}                   (then closes)
 //! ```
 //!
@@ -90,8 +92,15 @@ pub enum Frame {
         commit: u64,
         txs: Vec<Tx>,
     },
+    /// `received`: the last seq appended (liveness); `durable`: on disk (what a sync
+    /// counts).
     Ack {
+        received: u64,
         durable: u64,
+    },
+    /// Make everything through `through` durable and say so.
+    Flush {
+        through: u64,
     },
 }
 
@@ -101,6 +110,7 @@ const K_REFUSE: u8 = 3;
 const K_CUT: u8 = 4;
 const K_TXS: u8 = 5;
 const K_ACK: u8 = 6;
+const K_FLUSH: u8 = 7;
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("serializable")
@@ -169,7 +179,8 @@ pub fn write(w: &mut impl Write, f: &Frame) -> Result<(), WireError> {
             let refs: Vec<&[u8]> = enc.iter().map(|e| e.as_slice()).collect();
             write_txs(w, *commit, &refs)
         }
-        Frame::Ack { durable } => write_raw(w, K_ACK, &[&durable.to_le_bytes()]),
+        Frame::Ack { received, durable } => write_raw(w, K_ACK, &[&received.to_le_bytes(), &durable.to_le_bytes()]),
+        Frame::Flush { through } => write_raw(w, K_FLUSH, &[&through.to_le_bytes()]),
     }
 }
 
@@ -259,9 +270,19 @@ pub fn read(r: &mut impl Read) -> Result<Frame, WireError> {
             }
             Frame::Txs { commit, txs }
         }
-        K_ACK => Frame::Ack {
-            durable: u64_at(&p, 0)?,
+        K_ACK if p.len() == 16 => Frame::Ack {
+            received: u64_at(&p, 0)?,
+            durable: u64_at(&p, 8)?,
         },
+        K_FLUSH if p.len() == 8 => Frame::Flush {
+            through: u64_at(&p, 0)?,
+        },
+        K_ACK | K_FLUSH => {
+            return Err(WireError::Corrupt(format!(
+                "a frame of kind {kind} with {} bytes",
+                p.len()
+            )))
+        }
         k => return Err(WireError::Corrupt(format!("unknown frame kind {k}"))),
     })
 }
@@ -309,7 +330,11 @@ mod tests {
                 txs: vec![tx(5), tx(6)],
             },
             Frame::Txs { commit: 6, txs: vec![] },
-            Frame::Ack { durable: 6 },
+            Frame::Ack {
+                received: 7,
+                durable: 6,
+            },
+            Frame::Flush { through: 7 },
         ];
         let mut buf = Vec::new();
         for f in &frames {
@@ -346,7 +371,14 @@ mod tests {
     #[test]
     fn a_cut_stream_is_an_error_and_a_newer_version_is_named() {
         let mut buf = Vec::new();
-        write(&mut buf, &Frame::Ack { durable: 1 }).unwrap();
+        write(
+            &mut buf,
+            &Frame::Ack {
+                received: 1,
+                durable: 1,
+            },
+        )
+        .unwrap();
         assert!(matches!(read(&mut &buf[..buf.len() - 1]), Err(WireError::Corrupt(_))));
         let mut buf = Vec::new();
         write_raw(&mut buf, K_CUT, &[br#"{"version":9,"after":1}"#]).unwrap();

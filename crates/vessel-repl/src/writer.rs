@@ -86,9 +86,15 @@ struct Peer {
     in_sync: bool,
     connected: bool,
     state: String,
+    /// The last seq it holds durably (what a sync counts).
     acked: u64,
+    /// The last seq it has appended (what liveness counts).
+    received: u64,
     /// The highest seq sent on the current connection.
     sent: u64,
+    /// The highest seq it was asked to make durable, and since when it has not.
+    flush_sent: u64,
+    flush_since: Option<Instant>,
     /// Since when data has been sent and not acknowledged, or the replica unreachable.
     waiting_since: Option<Instant>,
     /// Changes of the in-sync set under way (one at a time).
@@ -108,7 +114,10 @@ impl Peer {
             connected: false,
             state: "connecting".into(),
             acked: 0,
+            received: 0,
             sent: 0,
+            flush_sent: 0,
+            flush_since: None,
             waiting_since: Some(Instant::now()),
             changing: false,
             conn: 0,
@@ -121,6 +130,8 @@ struct State {
     epoch: u64,
     /// The last seq committed locally.
     committed: u64,
+    /// The highest seq a sync waits to have durable on the in-sync replicas.
+    want_durable: u64,
     queue: VecDeque<(u64, Arc<Vec<u8>>)>,
     queue_bytes: usize,
     peers: BTreeMap<String, Peer>,
@@ -180,6 +191,7 @@ impl Replicator {
             st: Mutex::new(State {
                 epoch: vol.epoch(),
                 committed: crate::vol::last_seq(vol),
+                want_durable: 0,
                 queue: VecDeque::new(),
                 queue_bytes: 0,
                 peers,
@@ -301,6 +313,10 @@ impl Acks for Replicator {
         let sh = &self.sh;
         let deadline = Instant::now() + timeout;
         let mut st = sh.lock();
+        if seq > st.want_durable {
+            st.want_durable = seq;
+            sh.cv.notify_all();
+        }
         loop {
             if let Some(why) = &st.deposed {
                 return Err(AckError::Failed {
@@ -331,11 +347,8 @@ impl Acks for Replicator {
                 .peers
                 .iter()
                 .filter(|(_, p)| {
-                    p.in_sync
-                        && p.acked < seq
-                        && !p.changing
-                        && p.waiting_since
-                            .is_some_and(|t| now.duration_since(t) >= sh.opts.ack_timeout)
+                    let late = |t: Option<Instant>| t.is_some_and(|t| now.duration_since(t) >= sh.opts.ack_timeout);
+                    p.in_sync && p.acked < seq && !p.changing && (late(p.waiting_since) || late(p.flush_since))
                 })
                 .map(|(n, _)| n.clone())
                 .collect();
@@ -544,7 +557,10 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
         };
         p.connected = true;
         p.acked = agree;
+        p.received = agree;
         p.sent = agree;
+        p.flush_sent = agree;
+        p.flush_since = None;
         p.state = "catching up".into();
         // Unique across peers and re-adds: a thread of an older connection never matches.
         p.conn = PEER_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -580,13 +596,12 @@ fn read_acks(sh: &Shared, node: &str, conn: u64, r: &mut impl Read) {
             return;
         }
         match f {
-            Ok(Frame::Ack { durable }) => {
+            Ok(Frame::Ack { received, durable }) => {
                 p.acked = p.acked.max(durable);
-                if p.acked >= p.sent {
-                    p.waiting_since = None;
-                } else {
-                    p.waiting_since = Some(Instant::now());
-                }
+                p.received = p.received.max(received);
+                // Each answer is progress: the timers start again (or stop when all is in).
+                p.waiting_since = (p.received < p.sent).then(Instant::now);
+                p.flush_since = (p.acked < p.flush_sent).then(Instant::now);
                 let caught_up = p.acked >= committed;
                 if caught_up {
                     p.state = "streaming".into();
@@ -652,7 +667,11 @@ fn read_acks(sh: &Shared, node: &str, conn: u64, r: &mut impl Read) {
 /// they must come from the log.
 enum Next {
     Queue(Vec<(u64, Arc<Vec<u8>>)>),
-    Log { through: u64 },
+    /// Ask it to make everything through this seq durable.
+    Flush(u64),
+    Log {
+        through: u64,
+    },
     Idle,
     Stop,
 }
@@ -679,10 +698,20 @@ fn send_loop(
                 let in_flight: usize = st
                     .queue
                     .iter()
-                    .filter(|(s, _)| *s > p.acked && *s < next)
+                    .filter(|(s, _)| *s > p.received && *s < next)
                     .map(|(_, b)| b.len())
                     .sum();
                 let commit = commit_point(&st);
+                // A sync waits for what was sent: durable first, then more data. A copy
+                // out of the set that has everything is asked too (then it may rejoin).
+                let target = st.want_durable.max(if !p.in_sync && next > st.committed {
+                    st.committed
+                } else {
+                    0
+                });
+                if target > p.flush_sent && next > target {
+                    break (Next::Flush(target), commit);
+                }
                 if next <= st.committed && in_flight < sh.opts.window_bytes {
                     let front = st.queue.front().map_or(u64::MAX, |(s, _)| *s);
                     if next < front {
@@ -715,6 +744,17 @@ fn send_loop(
                 wire::write_txs(w, commit, &[])?;
                 w.flush().map_err(WireError::from)?;
             }
+            Next::Flush(through) => {
+                wire::write(w, &Frame::Flush { through })?;
+                w.flush().map_err(WireError::from)?;
+                let mut st = sh.lock();
+                if let Some(p) = st.peers.get_mut(node) {
+                    p.flush_sent = through;
+                    if p.acked < through {
+                        p.flush_since.get_or_insert_with(Instant::now);
+                    }
+                }
+            }
             Next::Queue(batch) => {
                 let refs: Vec<&[u8]> = batch.iter().map(|(_, b)| b.as_slice()).collect();
                 wire::write_txs(w, commit, &refs)?;
@@ -744,7 +784,7 @@ fn mark_sent(sh: &Shared, node: &str, seq: u64) {
     let mut st = sh.lock();
     if let Some(p) = st.peers.get_mut(node) {
         if seq > p.sent {
-            if p.acked >= p.sent {
+            if p.received >= p.sent {
                 p.waiting_since = Some(Instant::now());
             }
             p.sent = seq;
