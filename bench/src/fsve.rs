@@ -50,14 +50,14 @@ pub fn worker(args: &[String]) -> i32 {
     0
 }
 
-struct Dir(PathBuf);
+pub(crate) struct Dir(pub(crate) PathBuf);
 impl Drop for Dir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
 
-fn num(o: &std::process::Output, what: &str) -> f64 {
+pub(crate) fn num(o: &std::process::Output, what: &str) -> f64 {
     let s = String::from_utf8_lossy(&o.stdout);
     s.trim().parse().unwrap_or_else(|_| {
         panic!(

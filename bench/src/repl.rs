@@ -162,23 +162,7 @@ impl Target {
     }
 }
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn figure(o: &std::process::Output, what: &str) -> f64 {
-    let s = String::from_utf8_lossy(&o.stdout);
-    s.trim().parse().unwrap_or_else(|_| {
-        panic!(
-            "{what}: no figure ({}; stderr: {})",
-            s.trim(),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })
-}
+use crate::fsve::Dir;
 
 /// `vessel ve exec VE -- ARGV` on `node`, stdin from `stdin`: its output (bounded).
 fn ve_exec(lab: &TestLab, node: &str, ve: &str, argv: &[&str], stdin: Option<&Path>) -> std::process::Output {
@@ -237,12 +221,12 @@ fn worker(lab: &TestLab, t: &Target, op: &str, file: &str, n: usize) -> f64 {
             let me = std::env::current_exe().expect("current exe");
             let p = d.join(file).display().to_string();
             let o = host_ok(&[&me.display().to_string(), "fs-worker", op, &p, &n.to_string()], None);
-            figure(&o, &what)
+            crate::fsve::num(&o, &what)
         }
         Place::Ve { node, ve } => {
             let p = format!("/root/bench/{file}");
             let o = ve_ok(lab, node, ve, &[WORKER, "fs-worker", op, &p, &n.to_string()], None);
-            figure(&o, &what)
+            crate::fsve::num(&o, &what)
         }
     }
 }
