@@ -959,6 +959,7 @@ impl Node {
 
     fn reconcile_once(&self, m: &Member) -> Result<(), ClusterError> {
         self.publish_templates();
+        self.sweep_replicas(m);
         let ves = m.block_on(read_ves(m.store()))?;
         let mut busy: BTreeSet<Name> = self.control.busy.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut assigned = Vec::new();

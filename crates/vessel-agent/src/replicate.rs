@@ -2,10 +2,11 @@
 //!
 //! - as a replica: a writer on another node opens a `Replicate` two-way stream to this
 //!   node's peer server; [`Node::replicate_for_peer`] checks it and the session runs
-//!   `vessel_repl::replica::serve` on this node's copy, at the very place the VE's volume
-//!   would be if the VE ran here (`ves/<name>/volume`), so that a move or a failover to
-//!   this node finds the volume in place. The copy is made on the same content-addressed
-//!   template (fetched from the writer's node if this node lacks it).
+//!   `vessel_repl::replica::serve` on this node's copy (`replicas/<name>/volume`, apart
+//!   from `ves/`: a VE made here later under that name never starts from it; a writer
+//!   change to this node will take it over). The copy is made on the same
+//!   content-addressed template (fetched from the writer's node if this node lacks it).
+//!   Copies the store no longer lists for this node are removed (`sweep_replicas`).
 //! - as a writer: [`PeerLink`] opens such a stream to a replica's node with this node's
 //!   certificate and hands the replicator one end of a socket pair (`vessel_peer::bridge`
 //!   carries it over the TLS connection).
@@ -102,7 +103,7 @@ impl ReplicaHost for Host<'_> {
         if let Some(v) = open.get(volume) {
             return Ok(v.clone());
         }
-        let dir = self.node.layout.ve(volume).volume();
+        let dir = self.node.layout.replica_volume(volume);
         if !dir.join("volume.json").exists() {
             Volume::create(&dir, volume, self.layer.as_ref().map(|l| l.id.as_str()))
                 .map_err(|e| format!("make the copy: {e}"))?;
@@ -662,7 +663,7 @@ impl Node {
             node: self,
             layer: template.map(|id| Layer { id }),
         };
-        let dir = self.layout.ve(volume).volume();
+        let dir = self.layout.replica_volume(volume);
         if !dir.join("volume.json").exists() {
             return Err(err(
                 ErrorCode::NotFound,
@@ -681,5 +682,34 @@ impl Node {
         })?;
         let bytes = tree.to_bytes();
         Ok((Some(bytes.len() as u64), Box::new(std::io::Cursor::new(bytes))))
+    }
+}
+
+impl Node {
+    /// Remove this node's copies of volumes the store no longer lists it for (the VE was
+    /// destroyed, or the copy was dropped), unless a stream has one open. Run by the
+    /// reconcile loop; an unreachable store removes nothing.
+    pub(crate) fn sweep_replicas(&self, m: &Member) {
+        let Ok(rd) = std::fs::read_dir(self.layout.replicas()) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if self.replicas.is_open(&name) {
+                continue;
+            }
+            let cfg: Result<Option<VolumeConfig>, _> = m.block_on(m.store().get(&volume_key(&name)));
+            let keep = match cfg {
+                Ok(Some(c)) => c.is_replica(&m.name) && c.writer != m.name,
+                Ok(None) => false,
+                Err(_) => true,
+            };
+            if !keep {
+                tracing::info!(ve = name, "removing this node's copy: the cluster no longer lists it");
+                if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                    tracing::warn!(ve = name, "removing a dropped copy: {err}");
+                }
+            }
+        }
     }
 }

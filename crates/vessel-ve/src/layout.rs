@@ -46,6 +46,15 @@ impl Layout {
             dir: self.ves().join(name),
         }
     }
+    /// Copies of other nodes' VE volumes this node keeps as a replica, one directory per
+    /// VE (`replicas/<name>/volume`); apart from `ves/` so that a VE made here later under
+    /// the same name never starts from another VE's copy.
+    pub fn replicas(&self) -> PathBuf {
+        self.root.join("replicas")
+    }
+    pub fn replica_volume(&self, name: &str) -> PathBuf {
+        self.replicas().join(name).join("volume")
+    }
     pub fn run(&self) -> PathBuf {
         self.root.join("run")
     }

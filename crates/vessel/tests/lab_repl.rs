@@ -43,7 +43,11 @@ fn records_on(lab: &TestLab, node: &str, ve: &str, template_id: &str, n: usize) 
     let root = node_root(lab, node);
     let lower = vessel_fs::lower::shared(&root.join("templates").join(template_id).join("rootfs"))
         .map_err(|e| e.to_string())?;
-    let dir = root.join("ves").join(ve).join("volume");
+    let dir = if node == "node1" {
+        root.join("ves").join(ve).join("volume")
+    } else {
+        root.join("replicas").join(ve).join("volume")
+    };
     let v = Volume::open(&dir, Some(lower)).map_err(|e| format!("open {}: {e}", dir.display()))?;
     let data = v.lookup(ROOT, b"data").ok();
     Ok((1..=n)
@@ -171,10 +175,10 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
     let root = node_root(&lab, "node2");
     let file = {
         let lower = vessel_fs::lower::shared(&root.join("templates").join(&tid).join("rootfs")).unwrap();
-        let v = Volume::open(&root.join("ves/web/volume"), Some(lower)).unwrap();
+        let v = Volume::open(&root.join("replicas/web/volume"), Some(lower)).unwrap();
         let d = v.lookup(ROOT, b"data").unwrap();
         let a = v.lookup(d.ino, b"r5").unwrap();
-        root.join("ves/web/volume/data")
+        root.join("replicas/web/volume/data")
             .join(vessel_fs::volume::data_name(a.ino))
     };
     let mut bytes = std::fs::read(&file).unwrap();
@@ -186,4 +190,13 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
     assert!(!o.status.success(), "{out}");
     assert!(out.contains("/data/r5") && out.contains("content differs"), "{out}");
     assert!(errs.contains("node2"), "{errs}");
+
+    // Destroyed, the VE's copies go from the nodes that kept them (node2 is alive).
+    lab.vessel_ok("node1", &["ve", "destroy", "--force", "web"]);
+    let copy = node_root(&lab, "node2").join("replicas").join("web");
+    let t = Instant::now();
+    while copy.exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "{} still there", copy.display());
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
