@@ -819,14 +819,7 @@ impl Node {
         let _b = busy(self, &name);
         // The name may be a destroyed VE's: its tombstone goes (it would have the new VE
         // destroyed), unless that VE is still being removed from another node.
-        let old = m
-            .block_on(async {
-                let st = m.store();
-                let e: Option<VeEntry> = st.get(&keys::ve(name.as_str(), "spec")).await?;
-                let p: Option<Placement> = st.get(&keys::ve(name.as_str(), "place")).await?;
-                Ok::<_, ClusterError>((e, p))
-            })
-            .map_err(unavailable);
+        let old = spec_and_place(m, &name);
         let refuse = match &old {
             Ok((Some(e), place)) => {
                 let there = place.as_ref().and_then(|p| p.node.clone()).filter(|n| *n != m.name);
@@ -1198,18 +1191,22 @@ fn digest(i: &VeInfo) -> String {
     .to_string()
 }
 
+/// A VE's spec and placement as the store holds them now.
+fn spec_and_place(m: &Member, name: &Name) -> NResult<(Option<VeEntry>, Option<Placement>)> {
+    m.block_on(async {
+        let st = m.store();
+        let e: Option<VeEntry> = st.get(&keys::ve(name.as_str(), "spec")).await?;
+        let p: Option<Placement> = st.get(&keys::ve(name.as_str(), "place")).await?;
+        Ok::<_, ClusterError>((e, p))
+    })
+    .map_err(unavailable)
+}
+
 /// Whether a step that stops or removes a VE not assigned here still holds when read
 /// afresh: the snapshot it came from may predate an import or a create under the same
 /// name (a destroyed VE's tombstone, replaced since).
 fn still_unwanted(m: &Member, name: &Name, step: &Step) -> NResult<bool> {
-    let (entry, place) = m
-        .block_on(async {
-            let st = m.store();
-            let e: Option<VeEntry> = st.get(&keys::ve(name.as_str(), "spec")).await?;
-            let p: Option<Placement> = st.get(&keys::ve(name.as_str(), "place")).await?;
-            Ok::<_, ClusterError>((e, p))
-        })
-        .map_err(unavailable)?;
+    let (entry, place) = spec_and_place(m, name)?;
     let deleted = entry.as_ref().is_some_and(|e| e.deleted);
     let elsewhere = entry.is_some()
         && !deleted

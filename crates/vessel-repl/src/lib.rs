@@ -18,6 +18,5 @@ pub mod config;
 pub mod decide;
 pub mod diverge;
 pub mod replica;
-mod vol;
 pub mod wire;
 pub mod writer;

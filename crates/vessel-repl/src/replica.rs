@@ -35,8 +35,8 @@ fn state(vol: &Volume) -> Frame {
     Frame::State(State {
         version: WIRE_VERSION,
         epoch: vol.epoch(),
-        last_seq: crate::vol::last_seq(vol),
-        history: crate::vol::history(vol),
+        last_seq: vol.last_seq(),
+        history: vol.epoch_history(),
     })
 }
 
@@ -44,7 +44,7 @@ fn ack(w: &mut impl Write, vol: &Volume) -> Result<(), WireError> {
     wire::write(
         w,
         &Frame::Ack {
-            received: crate::vol::last_seq(vol),
+            received: vol.last_seq(),
             durable: vol.durable_through(),
         },
     )?;
@@ -100,14 +100,14 @@ pub fn serve(r: &mut impl Read, w: &mut impl Write, host: &dyn ReplicaHost) -> R
                 // must follow on, from a writer whose epoch is still the promised one.
                 // Appended and applied now, made durable when the writer asks (a sync
                 // waits) or the stream is idle (an empty batch): one fdatasync serves all.
-                let last = crate::vol::last_seq(&vol);
+                let last = vol.last_seq();
                 let idle = txs.is_empty();
                 for tx in txs.iter().filter(|t| t.seq > last) {
                     if let Err(e) = vol.append_replicated_from(hello.epoch, tx) {
                         return Err(refuse(w, format!("transaction {} (epoch {}): {e}", tx.seq, tx.epoch)));
                     }
                 }
-                if idle && vol.durable_through() < crate::vol::last_seq(&vol) && vol.sync().is_err() {
+                if idle && vol.durable_through() < vol.last_seq() && vol.sync().is_err() {
                     return Err(refuse(w, "the replica's log could not be made durable".into()));
                 }
                 ack(w, &vol)?;

@@ -190,7 +190,7 @@ impl Replicator {
             opts,
             st: Mutex::new(State {
                 epoch: vol.epoch(),
-                committed: crate::vol::last_seq(vol),
+                committed: vol.last_seq(),
                 want_durable: 0,
                 queue: VecDeque::new(),
                 queue_bytes: 0,
@@ -494,15 +494,15 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
     let mut r = std::io::BufReader::new(sock.try_clone().map_err(SendError::Connect)?);
     let mut w = std::io::BufWriter::with_capacity(256 << 10, sock.try_clone().map_err(SendError::Connect)?);
     let epoch = sh.lock().epoch;
-    let history = crate::vol::history(&vol);
+    let history = vol.epoch_history();
     let hello = Hello {
         version: WIRE_VERSION,
         volume: sh.volume.clone(),
         epoch,
         writer: sh.me.clone(),
         history: history.clone(),
-        last_seq: crate::vol::last_seq(&vol),
-        first_seq: crate::vol::first_seq(&vol),
+        last_seq: vol.last_seq(),
+        first_seq: vol.first_retained_seq(),
     };
     wire::write(&mut w, &Frame::Hello(hello.clone()))?;
     w.flush().map_err(WireError::from)?;

@@ -41,8 +41,8 @@ pub struct VeSpec {
     /// DNS servers written to /etc/resolv.conf.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<String>,
-    /// Copies of the VE's volume on distinct nodes (1-5; `None`: 2 on a cluster of two or
-    /// more nodes, 1 on one node).
+    /// Copies of the VE's volume on distinct nodes (1-5; `None`: one, until writer changes
+    /// among copies let a cluster default to two).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u8>,
     /// In-sync copies a sync needs before it is acknowledged (`None`: N - N/2).
@@ -136,11 +136,6 @@ impl VeSpec {
 
     pub fn hostname(&self) -> &str {
         self.hostname.as_deref().unwrap_or(self.name.as_str())
-    }
-
-    /// The copies this VE's volume has on a cluster of `nodes` nodes.
-    pub fn replicas_on(&self, nodes: usize) -> u8 {
-        self.replicas.unwrap_or(if nodes >= 2 { 2 } else { 1 })
     }
 
     /// The in-sync copies a sync needs, for `replicas` copies (Ceph's min_size rule).
