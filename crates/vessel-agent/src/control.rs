@@ -1278,6 +1278,7 @@ fn pending_info(spec: &VeSpec, generation: u64, reason: &str) -> VeInfo {
         rescue: false,
         fs: None,
         replicas: Vec::new(),
+        last_scrub: None,
         node: String::new(),
         pending: Some(reason.to_string()),
         generation,

@@ -125,6 +125,7 @@ pub fn run(mut opts: NodeOptions) -> Result<(), DaemonError> {
         crate::server::bind(&opts.socket).map_err(|e| setup(&format!("socket {}", opts.socket.display()), &e))?;
     node.recover();
     node.start_reconciler();
+    node.start_scrubber();
     let n = node.clone();
     std::thread::Builder::new()
         .name("vessel-api".into())

@@ -21,6 +21,7 @@ pub mod peer;
 mod peer_session;
 mod repair;
 pub mod replicate;
+pub mod scrubbing;
 pub mod server;
 pub mod state;
 mod templates;

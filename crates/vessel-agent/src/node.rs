@@ -108,6 +108,7 @@ pub struct Node {
     pub(crate) moves: crate::transfer::Moves,
     /// Copies of other nodes' VE volumes this node is a replica of (`replicate`).
     pub(crate) replicas: crate::replicate::Replicas,
+    pub(crate) scrubs: crate::scrubbing::Scrubs,
     /// The VXLAN port that joins this node's bridge to the others' (see `overlay`).
     pub(crate) overlay: std::sync::OnceLock<vessel_ve::netfilter::OverlayPort>,
 }
@@ -172,6 +173,7 @@ impl Node {
             peer: std::sync::OnceLock::new(),
             moves: Default::default(),
             replicas: Default::default(),
+            scrubs: Default::default(),
             overlay: std::sync::OnceLock::new(),
         }))
     }
@@ -305,6 +307,7 @@ impl Node {
                 })
                 .collect();
         }
+        i.last_scrub = self.scrubs.last(rec.spec.name.as_str());
         i
     }
 

@@ -554,11 +554,12 @@ const SCRUB_TREE_MAX: u64 = 512 << 20;
 /// Differences listed per copy.
 const SCRUB_LIST: usize = 100;
 
-fn hash(vol: &Volume) -> Result<ScrubTree, String> {
+fn hash(vol: &Volume, stop: &dyn Fn() -> bool) -> Result<ScrubTree, String> {
     let mut last = String::new();
     for _ in 0..SCRUB_TRIES {
-        match vessel_fs::scrub::hash_tree(vol, &mut |_| {}) {
+        match vessel_fs::scrub::hash_tree_or_stop(vol, &mut |_| {}, stop) {
             Ok(t) => return Ok(t),
+            Err(e @ vessel_fs::scrub::ScrubError::Stopped { .. }) => return Err(e.to_string()),
             // Contents changed while they were read: again.
             Err(e) => last = e.to_string(),
         }
@@ -570,8 +571,9 @@ fn hash(vol: &Volume) -> Result<ScrubTree, String> {
 impl Node {
     /// `ve scrub`: the hash tree of the writer's copy (this node's) against every other
     /// copy's, taken on its node. Copies are compared at one seq: while the VE writes, a
-    /// copy a little behind is asked again (bounded).
-    pub fn scrub(&self, name: &Name) -> NResult<Vec<ScrubCopy>> {
+    /// copy a little behind is asked again (bounded). `stop` ends the writer's hashing
+    /// early (a scheduled scrub gives way to the VE stopping).
+    pub fn scrub(&self, name: &Name, stop: &dyn Fn() -> bool) -> NResult<Vec<ScrubCopy>> {
         let vol = self.volume_of(name)?;
         let rec = self.record(name)?;
         let me = self.node_name();
@@ -585,7 +587,8 @@ impl Node {
             }
             None => Vec::new(),
         };
-        let mut mine = hash(&vol).map_err(|e| err(ErrorCode::Internal, format!("hashing this node's copy: {e}")))?;
+        let mut mine =
+            hash(&vol, stop).map_err(|e| err(ErrorCode::Internal, format!("hashing this node's copy: {e}")))?;
         let mut out = vec![ScrubCopy {
             node: me,
             seq: mine.seq,
@@ -606,7 +609,7 @@ impl Node {
                     Ok(t) if t.seq != mine.seq && attempt + 1 < SCRUB_TRIES => {
                         // The VE wrote meanwhile (or the copy is catching up): both again.
                         std::thread::sleep(Duration::from_millis(300));
-                        if let Ok(m2) = hash(&vol) {
+                        if let Ok(m2) = hash(&vol, stop) {
                             mine = m2;
                         }
                         copy.seq = t.seq;
@@ -671,7 +674,7 @@ impl Node {
             ));
         }
         let vol = host.open(volume).map_err(|e| err(ErrorCode::Conflict, e))?;
-        let r = hash(&vol);
+        let r = hash(&vol, &|| false);
         drop(vol);
         self.replicas.release(volume);
         let tree = r.map_err(|e| {

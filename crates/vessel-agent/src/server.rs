@@ -290,7 +290,9 @@ pub(crate) fn ve_call(node: &Node, req: &Request) -> Option<Result<Response, Api
             .rescue(name, *end)
             .and_then(|()| node.show(name))
             .map(|i| Response::Ve(Box::new(i))),
-        Request::VeScrub { name } => node.scrub(name).map(|copies| Response::Scrubbed { copies }),
+        Request::VeScrub { name } => node
+            .scrub_and_record(name, false)
+            .map(|r| Response::Scrubbed { copies: r.copies }),
         _ => return None,
     })
 }

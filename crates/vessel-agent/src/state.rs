@@ -177,6 +177,7 @@ impl VeRecord {
             rescue: self.rescue,
             fs: None,
             replicas: Vec::new(),
+            last_scrub: None,
             node: String::new(),
             pending: None,
             generation: self.generation,

@@ -578,6 +578,50 @@ pub struct VeInfo {
     /// The other copies of its volume, as its writer sees them (running, replicated VEs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<ReplicaInfo>,
+    /// The last comparison of its copies (`ve scrub`, by hand or on the writer's schedule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scrub: Option<ScrubReport>,
+}
+
+/// Version of [`ScrubReport`] as the control store keeps it (`/vessel/v1/ves/<ve>/scrub`).
+pub const SCRUB_REPORT_VERSION: u32 = 1;
+
+/// The outcome of one scrub of a VE's copies, kept in the control store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubReport {
+    pub version: u32,
+    /// When it finished (seconds since the epoch).
+    pub at_unix: u64,
+    /// Run by the writer's schedule (`[replication] scrub_interval`), not by hand.
+    pub scheduled: bool,
+    /// The writer's copy first.
+    pub copies: Vec<ScrubCopy>,
+}
+
+impl ScrubReport {
+    /// The copies that differ from the writer's or could not be compared.
+    pub fn bad(&self) -> Vec<&str> {
+        self.copies
+            .iter()
+            .filter(|c| !c.differences.is_empty() || c.error.is_some())
+            .map(|c| c.node.as_str())
+            .collect()
+    }
+
+    /// One line for people: "all 3 copies the same" or what is wrong.
+    pub fn verdict(&self) -> String {
+        let bad = self.bad();
+        if bad.is_empty() {
+            format!("all {} copies the same", self.copies.len())
+        } else {
+            format!(
+                "{} of {} copies differ or were not compared ({})",
+                bad.len(),
+                self.copies.len(),
+                bad.join(", ")
+            )
+        }
+    }
 }
 
 /// One copy of a VE's volume, as `ve scrub` compared it with the writer's.

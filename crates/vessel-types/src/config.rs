@@ -32,6 +32,10 @@
 //! address = "10.0.0.5"      # where other nodes reach this one (default 127.0.0.1)
 //! port = 7150               # the node-to-node port (mutual TLS), served once the
 //!                           #   cluster is initialized (`vessel cluster init` or a join)
+//!
+//! [replication]
+//! scrub_interval = "7d"     # compare the copies of each replicated VE this node writes
+//!                           #   this often (`vessel ve scrub` on a schedule); 0: never
 //! ```
 //!
 //! Keys in `[defaults]` and `[max]`: memory, memory_low, cpus, cpu_weight, pids, disk,
@@ -124,12 +128,33 @@ impl Default for ClusterSettings {
     }
 }
 
+/// How this node looks after the replicated volumes it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicationSettings {
+    /// Seconds between two scheduled scrubs of one VE (0: no scheduled scrub).
+    pub scrub_interval_secs: u64,
+}
+
+/// Default scrub interval: a week, as Ceph's deep scrub. A scrub reads every byte of every
+/// copy, so it is a background cost; a week finds silent corruption long before a second
+/// failure is likely to meet it, and an operator can ask for one any time (`ve scrub`).
+pub const DEFAULT_SCRUB_INTERVAL_SECS: u64 = 7 * 86_400;
+
+impl Default for ReplicationSettings {
+    fn default() -> Self {
+        ReplicationSettings {
+            scrub_interval_secs: DEFAULT_SCRUB_INTERVAL_SECS,
+        }
+    }
+}
+
 /// Everything `node.toml` sets.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeSettings {
     pub limits: LimitPolicy,
     pub api: ApiSettings,
     pub cluster: ClusterSettings,
+    pub replication: ReplicationSettings,
 }
 
 impl Default for NodeSettings {
@@ -141,6 +166,7 @@ impl Default for NodeSettings {
             },
             api: ApiSettings::default(),
             cluster: ClusterSettings::default(),
+            replication: ReplicationSettings::default(),
         }
     }
 }
@@ -387,6 +413,28 @@ impl Parser<'_> {
     }
 }
 
+impl Parser<'_> {
+    fn replication(&self, t: &dyn TableLike) -> Result<ReplicationSettings, ConfigError> {
+        let mut r = ReplicationSettings::default();
+        for (key, item) in t.iter() {
+            let path = format!("replication.{key}");
+            let bad = |m: &str| self.err(t, key, &path, m.to_string());
+            match key {
+                "scrub_interval" => {
+                    r.scrub_interval_secs = match item.as_integer() {
+                        Some(0) => 0,
+                        _ => duration(item).ok().flatten().filter(|s| *s >= 1).ok_or_else(|| {
+                            bad("must be a duration like \"7d\" or \"12h\", or 0 for no scheduled scrub")
+                        })?,
+                    };
+                }
+                _ => return Err(bad("unknown setting: [replication] has scrub_interval")),
+            }
+        }
+        Ok(r)
+    }
+}
+
 /// A duration: whole seconds or a string like "30s"; `None` for "unlimited".
 fn duration(item: &Item) -> Result<Option<u64>, String> {
     if let Some(n) = item.as_integer() {
@@ -470,12 +518,12 @@ pub fn parse(text: &str) -> Result<NodeSettings, ConfigError> {
         Some(_) => return Err(p.err(root, "version", "version", format!("must be {CONFIG_VERSION}"))),
     }
     for (key, _) in root.iter() {
-        if !matches!(key, "version" | "defaults" | "max" | "api" | "cluster") {
+        if !matches!(key, "version" | "defaults" | "max" | "api" | "cluster" | "replication") {
             return Err(p.err(
                 root,
                 key,
                 key,
-                "unknown setting: the node config has version, [defaults], [max], [api] and [cluster]",
+                "unknown setting: the node config has version, [defaults], [max], [api], [cluster] and [replication]",
             ));
         }
     }
@@ -492,6 +540,9 @@ pub fn parse(text: &str) -> Result<NodeSettings, ConfigError> {
     }
     if let Some(t) = p.table(root, "cluster")? {
         s.cluster = p.cluster(t)?;
+    }
+    if let Some(t) = p.table(root, "replication")? {
+        s.replication = p.replication(t)?;
     }
     // A built-in default above the operator's maximum gives way to the maximum; a default
     // the operator wrote must fit under it (blame the default's line).
@@ -551,6 +602,37 @@ mod tests {
         assert_eq!(d.history, Some(86_400));
         assert_eq!(d.cpus, None);
         assert_eq!(d.validate(), Ok(()));
+    }
+
+    #[test]
+    fn replication_scrub_interval() {
+        assert_eq!(
+            NodeSettings::default().replication.scrub_interval_secs,
+            DEFAULT_SCRUB_INTERVAL_SECS
+        );
+        let s = parse("version = 1\n[replication]\nscrub_interval = \"12h\"\n").unwrap();
+        assert_eq!(s.replication.scrub_interval_secs, 12 * 3600);
+        let s = parse("version = 1\n[replication]\nscrub_interval = 0\n").unwrap();
+        assert_eq!(s.replication.scrub_interval_secs, 0);
+        for (text, key) in [
+            (
+                "version = 1\n[replication]\nscrub_interval = \"soon\"\n",
+                "replication.scrub_interval",
+            ),
+            (
+                "version = 1\n[replication]\nscrub_interval = \"unlimited\"\n",
+                "replication.scrub_interval",
+            ),
+            (
+                "version = 1\n[replication]\nscrub_every = \"1d\"\n",
+                "replication.scrub_every",
+            ),
+            ("version = 1\nreplication = 3\n", "replication"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
+            assert_eq!(e.line, if key == "replication" { 2 } else { 3 }, "{text}: {e}");
+        }
     }
 
     #[test]

@@ -1047,6 +1047,14 @@ fn show_ve(v: &VeInfo) {
         println!("replicas:");
         output::table(&["NODE", "IN-SYNC", "STATE", "DURABLE SEQ", "LAG TXS", "LAG"], &rows);
     }
+    if let Some(r) = &v.last_scrub {
+        println!(
+            "last scrub:  {} ({}): {}",
+            output::ago(r.at_unix),
+            if r.scheduled { "scheduled" } else { "by hand" },
+            output::escape(&r.verdict())
+        );
+    }
     if v.rescue {
         println!("rescue:      yes (pristine template root; own files at /mnt/ve)");
     }

@@ -2,7 +2,8 @@
 //! other nodes (which fetch the template from the writer's node); every record the VE
 //! wrote and synced is on each copy that was in sync (read back from the copies
 //! themselves after the VE stopped); a killed replica node leaves the in-sync set, syncs in
-//! the VE go on with the copies left (2 of 3 needed), and `ve show` says so.
+//! the VE go on with the copies left (2 of 3 needed), and `ve show` says so. The writer
+//! scrubs on its schedule (`[replication] scrub_interval`) and `ve show` keeps the outcome.
 
 mod common;
 use common::*;
@@ -79,6 +80,14 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
     }
     let lab = TestLab::new(&vessel_bin());
     lab.ok(&["up", "--nodes", "3"]);
+    // node1, the writer, scrubs its replicated VEs every 2 s (a week by default): its
+    // daemon restarted on the changed node.toml.
+    let toml = node_root(&lab, "node1").join("node.toml");
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    text.push_str("\n[replication]\nscrub_interval = \"2s\"\n");
+    lab.ok(&["kill", "node1"]);
+    std::fs::write(&toml, text).unwrap();
+    lab.ok(&["start", "node1"]);
     // Only node1 has the template: the copies' nodes fetch it.
     lab.vessel_ok("node1", &["template", "build", "busybox"]);
     let v = lab.vessel_json(
@@ -140,6 +149,20 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
         assert_eq!(c["root"], copies[0]["root"], "{scrub}");
         assert!(c.get("differences").is_none() && c.get("error").is_none(), "{scrub}");
     }
+    // The writer's schedule compares the copies too, and `ve show` keeps the outcome.
+    let s = wait_show(&lab, "web", "a scheduled scrub", |v| {
+        v["last_scrub"]["scheduled"] == true
+    });
+    let copies = s["last_scrub"]["copies"].as_array().unwrap();
+    assert_eq!(copies.len(), 3, "{s}");
+    for c in copies {
+        assert!(c.get("differences").is_none() && c.get("error").is_none(), "{s}");
+    }
+    let table = lab.vessel_ok("node1", &["ve", "show", "web"]);
+    assert!(
+        table.contains("last scrub:") && table.contains("(scheduled): all 3 copies the same"),
+        "{table}"
+    );
 
     // node3 dies: the next syncs go on with node1 and node2 (2 of 3 needed), once node3
     // is out of the in-sync set.

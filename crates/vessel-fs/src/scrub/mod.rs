@@ -72,6 +72,8 @@ pub enum ScrubError {
          scrub again, or take the tree while the copy applies nothing"
     )]
     Changed { volume: String, from: u64, to: u64 },
+    #[error("volume '{volume}': the scrub was stopped (its VE stopped or moved); scrub again")]
+    Stopped { volume: String },
     #[error("volume '{volume}': read its log after the scrub: {source}")]
     Log { volume: String, source: Box<VolumeError> },
     #[error("volume '{volume}': {source}")]
@@ -349,6 +351,17 @@ pub(crate) fn seal(nodes: &mut [Node]) {
 /// Hash a volume's tree as it is now: metadata under the volume's lock, contents after it
 /// (streamed, one 1 MiB buffer), reporting progress after every file and every 64 MiB.
 pub fn hash_tree(vol: &Volume, progress: &mut dyn FnMut(Progress)) -> Result<ScrubTree, ScrubError> {
+    hash_tree_or_stop(vol, progress, &|| false)
+}
+
+/// [`hash_tree`] that gives up ([`ScrubError::Stopped`]) when `stop` says so, asked before
+/// each file's contents: a background scrub must not keep a volume open that its VE needs
+/// again (a restart opens the volume alone).
+pub fn hash_tree_or_stop(
+    vol: &Volume,
+    progress: &mut dyn FnMut(Progress),
+    stop: &dyn Fn() -> bool,
+) -> Result<ScrubTree, ScrubError> {
     let volume = vol.name().to_string();
     let vol_err = |source: VolumeError| ScrubError::Volume {
         volume: volume.clone(),
@@ -376,6 +389,9 @@ pub fn hash_tree(vol: &Volume, progress: &mut dyn FnMut(Progress)) -> Result<Scr
     progress(p);
     let mut buf = vec![0u8; READ_BUF];
     for job in &jobs {
+        if stop() {
+            return Err(ScrubError::Stopped { volume });
+        }
         if let Some(c) = done.get(&job.ino).filter(|c| **c != Content::Pending) {
             if let Entry::Private(m) = &mut nodes[job.node as usize].entry {
                 m.content = *c;
