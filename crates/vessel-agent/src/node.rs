@@ -749,6 +749,9 @@ impl Node {
                     sys::set_hostname_of(pid, new.hostname()).map_err(|e| internal("set the VE's hostname", e))?;
                 }
             }
+            if (new.replicas, new.min_replicas) != (rec.spec.replicas, rec.spec.min_replicas) {
+                self.apply_copy_counts(&new)?;
+            }
         }
         let rec = self.update(name, |r| {
             r.spec = new;

@@ -716,3 +716,91 @@ impl Node {
         }
     }
 }
+
+/// The record after `ve set --replicas/--min-replicas`: the new counts and, when fewer
+/// copies are wanted than listed, without the extra ones (copies out of sync first, never
+/// the writer's). Pure.
+pub fn with_new_counts(cfg: &VolumeConfig, min: usize, want: usize) -> Result<VolumeConfig, String> {
+    let mut next = cfg.clone();
+    while next.replicas.len() > want {
+        let drop = next
+            .replicas
+            .iter()
+            .rev()
+            .find(|n| **n != next.writer && !next.is_in_sync(n))
+            .or_else(|| next.replicas.iter().rev().find(|n| **n != next.writer))
+            .cloned();
+        let Some(n) = drop else { break };
+        next = next.without_replica(&n).map_err(|e| e.to_string())?;
+    }
+    next.with_counts(min, want).map_err(|e| e.to_string())
+}
+
+impl Node {
+    /// `ve set` changed the copy counts of a VE running here: put them in its volume's
+    /// record (the writer's watcher then adds copies, or the dropped ones stop being fed
+    /// and their nodes remove them; `min` applies from the watcher's next look).
+    pub(crate) fn apply_copy_counts(&self, spec: &VeSpec) -> NResult<()> {
+        let Some(m) = self.cluster.get().cloned() else {
+            return Ok(());
+        };
+        let name = spec.name.to_string();
+        let key = volume_key(&name);
+        let unavailable = |e: ClusterError| {
+            err(
+                ErrorCode::Unavailable,
+                format!("VE '{name}': changing its copies needs the cluster's control store: {e}"),
+            )
+        };
+        let nodes = m.block_on(crate::control::read_nodes(m.store())).map_err(unavailable)?;
+        let want = spec.replicas.unwrap_or(1).min(nodes.len().max(1) as u8) as usize;
+        let min = spec.min_replicas_of(want as u8) as usize;
+        for _ in 0..CAS_TRIES {
+            let got: Option<(VolumeConfig, i64)> = m.block_on(m.store().get_rev(&key)).map_err(unavailable)?;
+            // No record yet: the next start makes it with these counts.
+            let Some((cfg, rev)) = got else { return Ok(()) };
+            if cfg.min_replicas == min && cfg.want_replicas == want && cfg.replicas.len() <= want {
+                return Ok(());
+            }
+            let next = with_new_counts(&cfg, min, want)
+                .map_err(|e| err(ErrorCode::InvalidArgument, format!("VE '{name}': {e}")))?;
+            if m.block_on(m.store().put_if(&key, &next, rev)).map_err(unavailable)? {
+                tracing::info!(ve = name, want, min, replicas = ?next.replicas, "copy counts changed");
+                return Ok(());
+            }
+        }
+        Err(err(
+            ErrorCode::Conflict,
+            format!("VE '{name}': its volume's record changed on every try: try again"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod count_tests {
+    use super::*;
+
+    fn cfg() -> VolumeConfig {
+        let c = VolumeConfig::new("a", 2, 3);
+        let c = c.with_replica("b").unwrap().with_replica("c").unwrap();
+        c.with_in_sync("b").unwrap()
+    }
+
+    #[test]
+    fn fewer_copies_drop_the_ones_out_of_sync_first_and_never_the_writer() {
+        let c = cfg();
+        assert_eq!(c.replicas, ["a", "b", "c"]);
+        let n = with_new_counts(&c, 1, 2).unwrap();
+        assert_eq!(n.replicas, ["a", "b"], "c was out of sync");
+        assert_eq!((n.min_replicas, n.want_replicas, n.epoch), (1, 2, c.epoch));
+        let n = with_new_counts(&c, 1, 1).unwrap();
+        assert_eq!(n.replicas, ["a"]);
+        assert_eq!(n.in_sync, ["a"]);
+        // More copies wanted: the list stays (the watcher picks nodes).
+        let n = with_new_counts(&c, 3, 4).unwrap();
+        assert_eq!(n.replicas, c.replicas);
+        assert_eq!(n.want_replicas, 4);
+        // Counts the record refuses are refused.
+        assert!(with_new_counts(&c, 3, 2).is_err());
+    }
+}

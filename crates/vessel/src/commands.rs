@@ -1024,10 +1024,16 @@ fn show_ve(v: &VeInfo) {
         );
     }
     if let Some(n) = v.spec.replicas.filter(|n| *n > 1) {
-        println!(
-            "copies:      {n} wanted, {} needed in sync for a sync to return",
-            v.spec.min_replicas_of(n)
-        );
+        let min = v.spec.min_replicas_of(n);
+        println!("copies:      {n} wanted, {min} needed in sync for a sync to return");
+        // The writer's own copy is always in sync.
+        let in_sync = 1 + v.replicas.iter().filter(|r| r.in_sync).count();
+        if v.status == vessel_types::VeStatus::Running && in_sync < usize::from(min) {
+            println!(
+                "syncs:       WAITING: {in_sync} of the {min} copies a sync needs are in sync; \
+                 fsync in the VE waits, then fails with EIO (see the replicas below)"
+            );
+        }
     }
     if !v.replicas.is_empty() {
         let rows: Vec<Vec<String>> = v

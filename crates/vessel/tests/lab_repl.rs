@@ -173,6 +173,34 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
     });
     assert_eq!(replica(&s, "node2").unwrap()["in_sync"], true, "{s}");
 
+    // Asking for 3 copies in sync while only 2 are (a live `ve set`): syncs wait, then fail
+    // with EIO instead of returning with too few copies, and `ve show` says why.
+    lab.vessel_ok("node1", &["ve", "set", "web", "--min-replicas", "3"]);
+    let table = lab.vessel_ok("node1", &["ve", "show", "web"]);
+    assert!(
+        table.contains("WAITING: 2 of the 3 copies a sync needs are in sync"),
+        "{table}"
+    );
+    let blocked = (0..10).any(|_| {
+        let o = lab.vessel(
+            "node1",
+            &[
+                "ve",
+                "exec",
+                "web",
+                "--",
+                "sh",
+                "-c",
+                "echo x > /data/blocked && dd if=/data/blocked of=/data/blocked2 conv=fsync",
+            ],
+        );
+        !o.status.success()
+    });
+    assert!(blocked, "a sync with 2 of 3 required copies in sync returned");
+    lab.vessel_ok("node1", &["ve", "set", "web", "--min-replicas", "2"]);
+    let table = lab.vessel_ok("node1", &["ve", "show", "web"]);
+    assert!(!table.contains("WAITING"), "{table}");
+
     // Stopped, the VE's copies are closed: every acknowledged record is on node1 and
     // node2 (in sync throughout), and records 1-40 on node3 (in sync until it died).
     lab.vessel_ok("node1", &["ve", "stop", "web"]);
