@@ -33,17 +33,25 @@ pub enum ReplicaError {
 
 /// Where this copy stands, made durable first: the writer counts the `last_seq` it is
 /// told as acknowledged durably (a stream that dropped between a batch and its flush
-/// left the batch appended but not on disk).
+/// left the batch appended but not on disk). The seq is read again after the sync: a
+/// stream of an older connection that has not ended yet may still append to the copy,
+/// and what it appended meanwhile is not durable.
 fn state(vol: &Volume) -> Result<Frame, String> {
-    if vol.durable_through() < vol.last_seq() && vol.sync().is_err() {
-        return Err("the replica's log could not be made durable".into());
+    for _ in 0..100 {
+        let last = vol.last_seq();
+        if vol.durable_through() < last && vol.sync().is_err() {
+            return Err("the replica's log could not be made durable".into());
+        }
+        if vol.last_seq() == last {
+            return Ok(Frame::State(State {
+                version: WIRE_VERSION,
+                epoch: vol.epoch(),
+                last_seq: last,
+                history: vol.epoch_history(),
+            }));
+        }
     }
-    Ok(Frame::State(State {
-        version: WIRE_VERSION,
-        epoch: vol.epoch(),
-        last_seq: vol.last_seq(),
-        history: vol.epoch_history(),
-    }))
+    Err("the copy keeps growing under an older stream: the writer retries".into())
 }
 
 fn ack(w: &mut impl Write, vol: &Volume) -> Result<(), WireError> {
