@@ -795,7 +795,11 @@ const SCHEDULES: u64 = 12;
 #[test]
 fn random_faults_never_lose_a_synced_transaction() {
     let only: Option<u64> = std::env::var("FAULTS_SEED").ok().and_then(|s| s.parse().ok());
-    for seed in (1..=SCHEDULES).filter(|s| only.is_none_or(|o| o == *s)) {
+    let schedules: u64 = std::env::var("FAULTS_SCHEDULES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(SCHEDULES);
+    for seed in (1..=schedules).filter(|s| only.is_none_or(|o| o == *s)) {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x1000_0001));
         let c = cluster(&["b", "c"], 2);
         c.writer.set_ack_timeout(Duration::from_secs(4));
