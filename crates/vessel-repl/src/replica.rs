@@ -31,13 +31,27 @@ pub enum ReplicaError {
     Refused { volume: String, reason: String },
 }
 
-fn state(vol: &Volume) -> Frame {
-    Frame::State(State {
-        version: WIRE_VERSION,
-        epoch: vol.epoch(),
-        last_seq: vol.last_seq(),
-        history: vol.epoch_history(),
-    })
+/// Where this copy stands, made durable first: the writer counts the `last_seq` it is
+/// told as acknowledged durably (a stream that dropped between a batch and its flush
+/// left the batch appended but not on disk). The seq is read again after the sync: a
+/// stream of an older connection that has not ended yet may still append to the copy,
+/// and what it appended meanwhile is not durable.
+fn state(vol: &Volume) -> Result<Frame, String> {
+    for _ in 0..100 {
+        let last = vol.last_seq();
+        if vol.durable_through() < last && vol.sync().is_err() {
+            return Err("the replica's log could not be made durable".into());
+        }
+        if vol.last_seq() == last {
+            return Ok(Frame::State(State {
+                version: WIRE_VERSION,
+                epoch: vol.epoch(),
+                last_seq: last,
+                history: vol.epoch_history(),
+            }));
+        }
+    }
+    Err("the copy keeps growing under an older stream: the writer retries".into())
 }
 
 fn ack(w: &mut impl Write, vol: &Volume) -> Result<(), WireError> {
@@ -77,7 +91,11 @@ pub fn serve(r: &mut impl Read, w: &mut impl Write, host: &dyn ReplicaHost) -> R
             format!("writer {} of epoch {}: {e}", hello.writer, hello.epoch),
         ));
     }
-    wire::write(w, &state(&vol))?;
+    let st = match state(&vol) {
+        Ok(s) => s,
+        Err(reason) => return Err(refuse(w, reason)),
+    };
+    wire::write(w, &st)?;
     w.flush().map_err(WireError::from)?;
     loop {
         let f = match wire::read(r) {
@@ -92,7 +110,11 @@ pub fn serve(r: &mut impl Read, w: &mut impl Write, host: &dyn ReplicaHost) -> R
                     Ok(v) => v,
                     Err(reason) => return Err(refuse(w, reason)),
                 };
-                wire::write(w, &state(&vol))?;
+                let st = match state(&vol) {
+                    Ok(s) => s,
+                    Err(reason) => return Err(refuse(w, reason)),
+                };
+                wire::write(w, &st)?;
                 w.flush().map_err(WireError::from)?;
             }
             Frame::Txs { txs, .. } => {

@@ -95,6 +95,12 @@ struct Peer {
     /// The highest seq it was asked to make durable, and since when it has not.
     flush_sent: u64,
     flush_since: Option<Instant>,
+    /// When each batch (by its last seq) and each flush request (by its seq) on the
+    /// current connection went out, until answered: the timers run from the oldest
+    /// unanswered one, so a replica that keeps answering while it falls further behind
+    /// is late all the same.
+    sent_at: VecDeque<(u64, Instant)>,
+    flush_at: VecDeque<(u64, Instant)>,
     /// Since when data has been sent and not acknowledged, or the replica unreachable.
     waiting_since: Option<Instant>,
     /// Changes of the in-sync set under way (one at a time).
@@ -118,6 +124,8 @@ impl Peer {
             sent: 0,
             flush_sent: 0,
             flush_since: None,
+            sent_at: VecDeque::new(),
+            flush_at: VecDeque::new(),
             waiting_since: Some(Instant::now()),
             changing: false,
             conn: 0,
@@ -561,6 +569,8 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
         p.sent = agree;
         p.flush_sent = agree;
         p.flush_since = None;
+        p.sent_at.clear();
+        p.flush_at.clear();
         p.state = "catching up".into();
         // Unique across peers and re-adds: a thread of an older connection never matches.
         p.conn = PEER_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -599,9 +609,19 @@ fn read_acks(sh: &Shared, node: &str, conn: u64, r: &mut impl Read) {
             Ok(Frame::Ack { received, durable }) => {
                 p.acked = p.acked.max(durable);
                 p.received = p.received.max(received);
-                // Each answer is progress: the timers start again (or stop when all is in).
-                p.waiting_since = (p.received < p.sent).then(Instant::now);
-                p.flush_since = (p.acked < p.flush_sent).then(Instant::now);
+                // The timers run from the oldest batch (flush request) not yet answered,
+                // or stop when all is in.
+                let (received, acked) = (p.received, p.acked);
+                while p.sent_at.front().is_some_and(|(s, _)| *s <= received) {
+                    p.sent_at.pop_front();
+                }
+                while p.flush_at.front().is_some_and(|(s, _)| *s <= acked) {
+                    p.flush_at.pop_front();
+                }
+                p.waiting_since =
+                    (p.received < p.sent).then(|| p.sent_at.front().map_or_else(Instant::now, |(_, t)| *t));
+                p.flush_since =
+                    (p.acked < p.flush_sent).then(|| p.flush_at.front().map_or_else(Instant::now, |(_, t)| *t));
                 let caught_up = p.acked >= committed;
                 if caught_up {
                     p.state = "streaming".into();
@@ -751,6 +771,7 @@ fn send_loop(
                 if let Some(p) = st.peers.get_mut(node) {
                     p.flush_sent = through;
                     if p.acked < through {
+                        p.flush_at.push_back((through, Instant::now()));
                         p.flush_since.get_or_insert_with(Instant::now);
                     }
                 }
@@ -787,6 +808,7 @@ fn mark_sent(sh: &Shared, node: &str, seq: u64) {
             if p.received >= p.sent {
                 p.waiting_since = Some(Instant::now());
             }
+            p.sent_at.push_back((seq, Instant::now()));
             p.sent = seq;
         }
     }
