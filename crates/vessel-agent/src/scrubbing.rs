@@ -200,3 +200,42 @@ mod tests {
         assert_eq!(next_due(&[c("x", Some(u64::MAX), 0)], u64::MAX - 1, 7), None);
     }
 }
+
+impl Node {
+    /// `ve scrub --repair`: drop these copies from the VE's volume record (by CAS at its
+    /// epoch; never the writer's). The writer's watcher then picks nodes for the missing
+    /// copies and seeds them; a dropped node removes its copy.
+    pub fn drop_copies(&self, name: &Name, nodes: &[&str]) -> NResult<()> {
+        use crate::node::err;
+        use vessel_repl::config::VolumeConfig;
+        use vessel_types::api::ErrorCode;
+        let Some(m) = self.cluster.get().cloned() else {
+            return Ok(());
+        };
+        let key = crate::replicate::volume_key(name.as_str());
+        let unavailable = |e: vessel_cluster::ClusterError| {
+            err(
+                ErrorCode::Unavailable,
+                format!("VE '{name}': dropping copies needs the cluster's control store: {e}"),
+            )
+        };
+        for _ in 0..8 {
+            let got: Option<(VolumeConfig, i64)> = m.block_on(m.store().get_rev(&key)).map_err(unavailable)?;
+            let Some((cfg, rev)) = got else { return Ok(()) };
+            let mut next = cfg.clone();
+            for n in nodes.iter().filter(|n| **n != cfg.writer && cfg.is_replica(n)) {
+                next = next
+                    .without_replica(n)
+                    .map_err(|e| err(ErrorCode::Conflict, format!("VE '{name}': {e}")))?;
+            }
+            if next == cfg || m.block_on(m.store().put_if(&key, &next, rev)).map_err(unavailable)? {
+                tracing::warn!(ve = %name, dropped = ?nodes, "copies dropped after a scrub found them different");
+                return Ok(());
+            }
+        }
+        Err(err(
+            ErrorCode::Conflict,
+            format!("VE '{name}': its volume's record changed on every try: try again"),
+        ))
+    }
+}

@@ -290,9 +290,12 @@ pub(crate) fn ve_call(node: &Node, req: &Request) -> Option<Result<Response, Api
             .rescue(name, *end)
             .and_then(|()| node.show(name))
             .map(|i| Response::Ve(Box::new(i))),
-        Request::VeScrub { name } => node
-            .scrub_and_record(name, false)
-            .map(|r| Response::Scrubbed { copies: r.copies }),
+        Request::VeScrub { name, repair } => node.scrub_and_record(name, false).and_then(|r| {
+            if *repair {
+                node.drop_copies(name, &r.bad())?;
+            }
+            Ok(Response::Scrubbed { copies: r.copies })
+        }),
         _ => return None,
     })
 }
@@ -310,7 +313,7 @@ fn served_by_the_ves_node(req: &Request) -> Option<(&vessel_types::Name, &'stati
         Request::VeRollback { name, .. } => (name, "rollback"),
         Request::VeExport { name } => (name, "export"),
         Request::VeRescue { name, .. } => (name, "rescue"),
-        Request::VeScrub { name } => (name, "scrub"),
+        Request::VeScrub { name, .. } => (name, "scrub"),
         _ => return None,
     })
 }

@@ -283,6 +283,10 @@ pub enum Request {
     /// Compare the copies of a VE's volume (a hash tree over each copy's tree and contents).
     VeScrub {
         name: Name,
+        /// Drop each copy that differs (or could not be compared) from the volume's record:
+        /// another copy is picked and seeded from the writer's.
+        #[serde(default)]
+        repair: bool,
     },
     /// Fetch a template from a node that has it (`from`, else any), verify every file
     /// against its manifest and content address, and register it here.

@@ -816,7 +816,10 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
             }
             r => bail!("unexpected reply {r:?}"),
         },
-        VeCmd::Scrub { name } => match c.call(&Request::VeScrub { name: name.clone() })? {
+        VeCmd::Scrub { name, repair } => match c.call(&Request::VeScrub {
+            name: name.clone(),
+            repair,
+        })? {
             Response::Scrubbed { copies } => {
                 if g.json {
                     output::json(&copies);
@@ -847,9 +850,16 @@ fn ve(g: &Global, cmd: VeCmd) -> Result<i32> {
                     .filter(|c| !c.differences.is_empty() || c.error.is_some())
                     .map(|c| c.node.as_str())
                     .collect();
-                if !bad.is_empty() {
+                if !bad.is_empty() && repair {
+                    eprintln!(
+                        "VE {name}: dropped the copies on {}; new copies are made from the writer's \
+                         (watch `vessel ve show {name}`)",
+                        bad.join(", ")
+                    );
+                } else if !bad.is_empty() {
                     bail!(
-                        "VE {name}: the copies on {} differ from the writer's or could not be compared",
+                        "VE {name}: the copies on {} differ from the writer's or could not be compared; \
+                         `vessel ve scrub {name} --repair` replaces them",
                         bad.join(", ")
                     );
                 }

@@ -405,6 +405,10 @@ pub enum VeCmd {
     /// Compare the copies of a replicated VE's files (hash trees of each copy; fails when one differs)
     Scrub {
         name: vessel_types::Name,
+        /// Drop every copy that differs from the writer's (or could not be compared); a
+        /// new copy is made from the writer's and put in sync
+        #[arg(long)]
+        repair: bool,
     },
     /// Bring one file or directory back (the VE may keep running)
     #[command(group(clap::ArgGroup::new("point").required(true).args(["to", "template"])))]
