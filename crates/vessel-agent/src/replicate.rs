@@ -381,8 +381,8 @@ impl Node {
             }
             Err(e) => return Err(unavailable(e)),
         };
-        // One copy unless asked (`--replicas`): the default of two on a cluster comes once
-        // moves and failover change writers among copies.
+        // The copies the spec asks for (a create in a cluster stores its default: two with
+        // 2+ nodes); a spec without (made before, or outside a cluster): one.
         let want = spec.replicas.unwrap_or(1).min(nodes.len().max(1) as u8) as usize;
         let min = spec.min_replicas_of(want as u8) as usize;
         let mut next = None;
@@ -476,7 +476,15 @@ impl Node {
 
     /// The VE's volume is about to be unmounted here: the writer's part ends.
     pub(crate) fn stop_writer(&self, name: &str) {
-        if let Some(w) = self.replicas.writers().remove(name) {
+        let w = self.replicas.writers().remove(name);
+        if let Some(w) = w {
+            // The VE's processes are gone: what it wrote last goes to the in-sync copies
+            // before the streams end (a writer change finds it on the new writer).
+            if let Some(vol) = self.rootfs.volume(&self.layout.ve(name)) {
+                if let Err(e) = vol.sync() {
+                    tracing::warn!(ve = name, "the last sync before the writer stops: errno {e}");
+                }
+            }
             tracing::info!(ve = name, epoch = w.epoch, "no longer writing the VE's volume");
             w.repl.stop();
         }

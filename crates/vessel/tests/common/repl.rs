@@ -89,6 +89,18 @@ pub fn records_on(
     template_id: &str,
     n: usize,
 ) -> Result<Vec<Option<String>>, String> {
+    let names: Vec<String> = (1..=n).map(|i| format!("r{i}")).collect();
+    files_on(lab, node, ve, template_id, &names)
+}
+
+/// The contents of files `/data/<name>` in `node`'s copy of VE `ve` (see [`records_on`]).
+pub fn files_on(
+    lab: &TestLab,
+    node: &str,
+    ve: &str,
+    template_id: &str,
+    names: &[String],
+) -> Result<Vec<Option<String>>, String> {
     let root = node_root(lab, node);
     let lower = vessel_fs::lower::shared(&root.join("templates").join(template_id).join("rootfs"))
         .map_err(|e| e.to_string())?;
@@ -100,10 +112,11 @@ pub fn records_on(
     };
     let v = Volume::open(&dir, Some(lower)).map_err(|e| format!("open {}: {e}", dir.display()))?;
     let data = v.lookup(ROOT, b"data").ok();
-    Ok((1..=n)
-        .map(|i| {
+    Ok(names
+        .iter()
+        .map(|name| {
             let d = data.as_ref()?;
-            let a = v.lookup(d.ino, format!("r{i}").as_bytes()).ok()?;
+            let a = v.lookup(d.ino, name.as_bytes()).ok()?;
             Some(String::from_utf8_lossy(&v.read(a.ino, 0, a.size as u32).ok()?).into_owned())
         })
         .collect())
@@ -111,9 +124,15 @@ pub fn records_on(
 
 /// [`records_on`] once the copy is closed (bounded wait).
 pub fn closed_records(lab: &TestLab, node: &str, ve: &str, template_id: &str, n: usize) -> Vec<Option<String>> {
+    let names: Vec<String> = (1..=n).map(|i| format!("r{i}")).collect();
+    closed_files(lab, node, ve, template_id, &names)
+}
+
+/// [`files_on`] once the copy is closed (bounded wait).
+pub fn closed_files(lab: &TestLab, node: &str, ve: &str, template_id: &str, names: &[String]) -> Vec<Option<String>> {
     let mut last = String::new();
     for _ in 0..40 {
-        match records_on(lab, node, ve, template_id, n) {
+        match files_on(lab, node, ve, template_id, names) {
             Ok(r) => return r,
             Err(e) => last = e,
         }
