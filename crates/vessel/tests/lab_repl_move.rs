@@ -3,7 +3,9 @@
 //! records with fsync during the move and prints each acknowledged number (outside the
 //! VE: the exec's output); after the move every acknowledged record is on the new writer
 //! and on the old one, which is now a copy, in sync, with an equal hash tree. Moved back,
-//! the same holds (the epochs go on; the old writer's tail, if any, is cut).
+//! the same holds (the epochs go on; the old writer's tail, if any, is cut). Moved on to
+//! the third node, which has no copy: the cold copy, the record names it in the old
+//! writer's place, and the old writer's files go.
 
 mod common;
 use common::repl::*;
@@ -123,11 +125,34 @@ fn a_move_to_an_in_sync_copy_is_a_writer_change_and_loses_no_acknowledged_record
     wait_show(&lab, "node1", "mv", "caught up", |v| in_sync(v, &to));
     scrub_equal(&lab, "node1", "mv", 2);
 
+    // To the third node, which holds no copy: the cold copy, and the record names it in
+    // node1's place (node1's files go; the other copy stays, in sync).
+    let third = if to == "node2" { "node3" } else { "node2" };
+    let o = lab.vessel("node1", &["ve", "move", "mv", "--to", third]);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success() && out.contains("copying VE 'mv'"), "{out}");
+    let s = wait_show(&lab, third, "mv", "on the third node, the other copy in sync", |v| {
+        in_sync(v, &to)
+    });
+    assert_eq!(
+        (s["status"].as_str(), s["node"].as_str()),
+        (Some("running"), Some(third)),
+        "{s}"
+    );
+    assert_eq!(copy_nodes(&s), vec![to.clone()], "{s}");
+    wait_gone(&node_root(&lab, "node1").join("ves").join("mv"));
+    wait_gone(&node_root(&lab, "node1").join("replicas").join("mv"));
+    scrub_equal(&lab, third, "mv", 2);
+
     // Stopped: every acknowledged record on both copies, read from the copies themselves.
-    lab.vessel_ok("node1", &["ve", "stop", "mv"]);
+    lab.vessel_ok(third, &["ve", "stop", "mv"]);
     let bg: Vec<String> = acked.iter().map(|i| format!("b{i}")).collect();
     let want_bg: Vec<Option<String>> = acked.iter().map(|i| Some(format!("bg-{i}\n"))).collect();
-    for n in ["node1", to.as_str()] {
+    for n in [third, to.as_str()] {
         assert_eq!(closed_records(&lab, n, "mv", &tid, 80), want_records(80), "{n}");
         assert_eq!(
             closed_files(&lab, n, "mv", &tid, &bg),
@@ -135,6 +160,6 @@ fn a_move_to_an_in_sync_copy_is_a_writer_change_and_loses_no_acknowledged_record
             "{n}: the records acknowledged during the move"
         );
     }
-    lab.vessel_ok("node1", &["ve", "destroy", "--force", "mv"]);
+    lab.vessel_ok(third, &["ve", "destroy", "--force", "mv"]);
     wait_gone(&node_root(&lab, &to).join("replicas").join("mv"));
 }
