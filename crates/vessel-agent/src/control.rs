@@ -442,6 +442,13 @@ impl Node {
         let Some(m) = self.member_opt() else {
             return self.create_here(spec, start);
         };
+        let mut spec = spec;
+        if spec.replicas.is_none() {
+            // Decided once, at create, and kept in the spec: nodes joining or leaving later
+            // do not change a VE's copies.
+            let members: Vec<NodeRecord> = m.block_on(m.store().list(&keys::members())).map_err(unavailable)?;
+            spec.replicas = Some(VeSpec::default_replicas(members.len()));
+        }
         spec.validate()
             .map_err(|e| err(ErrorCode::InvalidArgument, e.to_string()))?;
         let name = spec.name.clone();

@@ -15,6 +15,7 @@ pub mod ipam;
 pub mod join;
 pub mod keeper;
 pub mod monitor;
+pub mod move_repl;
 pub mod node;
 pub mod overlay;
 pub mod peer;

@@ -461,6 +461,7 @@ impl Peer {
             Request::TemplateShow { name } => Response::Template(node.template_show(&name)?),
             Request::VeMove { name, to } => Response::Ve(Box::new(node.ve_move(&name, &to, &mut |_, _, _| {})?)),
             Request::VeMoveIn { name, from } => node.move_in(&name, &from)?,
+            Request::VeAdoptCopy { name, from } => node.adopt_copy(&name, &from)?,
             other => {
                 let op = serde_json::to_value(&other)
                     .ok()

@@ -16,7 +16,7 @@
 
 use crate::cluster::Member;
 use crate::node::{err, NResult, Node};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::io::{BufReader, BufWriter};
 use std::os::unix::net::UnixStream;
@@ -339,6 +339,8 @@ impl Master for EtcdMaster {
 pub(crate) struct Writer {
     pub repl: Arc<Replicator>,
     epoch: u64,
+    /// Copies on nodes the cluster has lost (still listed until the grace ends).
+    lost: Arc<Mutex<BTreeSet<String>>>,
 }
 
 fn peers_of(cfg: &VolumeConfig, me: &str) -> Vec<(String, bool)> {
@@ -379,8 +381,8 @@ impl Node {
             }
             Err(e) => return Err(unavailable(e)),
         };
-        // One copy unless asked (`--replicas`): the default of two on a cluster comes once
-        // moves and failover change writers among copies.
+        // The copies the spec asks for (a create in a cluster stores its default: two with
+        // 2+ nodes); a spec without (made before, or outside a cluster): one.
         let want = spec.replicas.unwrap_or(1).min(nodes.len().max(1) as u8) as usize;
         let min = spec.min_replicas_of(want as u8) as usize;
         let mut next = None;
@@ -451,20 +453,38 @@ impl Node {
         );
         vol.set_acks(repl.clone());
         tracing::info!(ve = name, epoch = cfg.epoch, replicas = ?cfg.replicas, in_sync = ?cfg.in_sync, "writing the VE's volume, replicated");
+        let lost = Arc::new(Mutex::new(BTreeSet::new()));
         self.replicas.writers().insert(
             name.clone(),
             Writer {
                 repl: repl.clone(),
                 epoch: cfg.epoch,
+                lost: lost.clone(),
             },
         );
-        watch_config(m, name, cfg.epoch, Arc::downgrade(&repl), spec.template.to_string());
+        let watch = Watch {
+            m,
+            ve: name,
+            epoch: cfg.epoch,
+            template: spec.template.to_string(),
+            grace: Duration::from_secs(self.opts.settings.cluster.replica_grace_secs),
+            lost,
+        };
+        watch.spawn(Arc::downgrade(&repl));
         Ok(())
     }
 
     /// The VE's volume is about to be unmounted here: the writer's part ends.
     pub(crate) fn stop_writer(&self, name: &str) {
-        if let Some(w) = self.replicas.writers().remove(name) {
+        let w = self.replicas.writers().remove(name);
+        if let Some(w) = w {
+            // The VE's processes are gone: what it wrote last goes to the in-sync copies
+            // before the streams end (a writer change finds it on the new writer).
+            if let Some(vol) = self.rootfs.volume(&self.layout.ve(name)) {
+                if let Err(e) = vol.sync() {
+                    tracing::warn!(ve = name, "the last sync before the writer stops: errno {e}");
+                }
+            }
             tracing::info!(ve = name, epoch = w.epoch, "no longer writing the VE's volume");
             w.repl.stop();
         }
@@ -472,50 +492,126 @@ impl Node {
 
     /// The replicas of a VE this node writes, as the writer sees them.
     pub fn replica_status(&self, name: &str) -> Option<Vec<vessel_repl::writer::ReplicaStatus>> {
-        self.replicas.writers().get(name).map(|w| w.repl.status())
+        self.replicas.writers().get(name).map(|w| {
+            let lost = w.lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut st = w.repl.status();
+            for r in &mut st {
+                if lost.contains(&r.node) {
+                    r.state = "lost".into();
+                }
+            }
+            st
+        })
     }
 }
 
-/// Follow the volume's record while this node writes it: new copies (and their nodes
-/// picked here when more are wanted than listed), changed counts, a newer epoch (another
-/// node writes it now: this writer stops acknowledging anything).
-fn watch_config(m: Arc<Member>, ve: String, epoch: u64, repl: Weak<Replicator>, template: String) {
-    let _ = std::thread::Builder::new()
-        .name(format!("vessel-repl-watch-{ve}"))
-        .spawn(move || loop {
-            std::thread::sleep(WATCH_EVERY);
-            let Some(r) = repl.upgrade() else { return };
-            if r.deposed().is_some() || r.is_stopped() {
-                return;
+/// What the writer's watcher follows.
+struct Watch {
+    m: Arc<Member>,
+    ve: String,
+    epoch: u64,
+    template: String,
+    /// How long a copy's node may be lost before the copy is dropped and replaced.
+    grace: Duration,
+    /// The copies whose nodes are lost now (for `ve show`).
+    lost: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl Watch {
+    /// Follow the volume's record while this node writes it: new copies (and their nodes
+    /// picked here when more are wanted than listed), changed counts, copies on nodes lost
+    /// longer than the grace (dropped, then replaced), a newer epoch (another node writes
+    /// it now: this writer stops acknowledging anything).
+    ///
+    /// The writer's watcher, not the control center's leader, drops lost copies: within
+    /// an epoch only the writer changes the record's copies (every change a CAS at its
+    /// epoch), and it is the one that picks and seeds the replacement.
+    fn spawn(self, repl: Weak<Replicator>) {
+        let _ = std::thread::Builder::new()
+            .name(format!("vessel-repl-watch-{}", self.ve))
+            .spawn(move || {
+                let mut lost_since = BTreeMap::new();
+                loop {
+                    std::thread::sleep(WATCH_EVERY);
+                    let Some(r) = repl.upgrade() else { return };
+                    if r.deposed().is_some() || r.is_stopped() {
+                        return;
+                    }
+                    if !self.round(&r, &mut lost_since) {
+                        return;
+                    }
+                }
+            });
+    }
+
+    /// One look at the record; false once this writer is deposed.
+    fn round(&self, r: &Replicator, lost_since: &mut BTreeMap<String, std::time::Instant>) -> bool {
+        let (m, ve) = (&self.m, self.ve.as_str());
+        let got: Result<Option<(VolumeConfig, i64)>, _> = m.block_on(m.store().get_rev(&volume_key(ve)));
+        let Ok(Some((cfg, rev))) = got else { return true };
+        if cfg.epoch != self.epoch {
+            tracing::warn!(
+                ve,
+                epoch = self.epoch,
+                now = cfg.epoch,
+                "the volume has a newer writer: this one stops"
+            );
+            r.depose(format!(
+                "the volume's epoch is {} now (writer {})",
+                cfg.epoch, cfg.writer
+            ));
+            return false;
+        }
+        r.set_min(cfg.min_replicas);
+        r.set_replicas(&peers_of(&cfg, &m.name));
+        let nodes = match m.block_on(crate::control::read_nodes(m.store())) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(ve, "reading the nodes: {e}");
+                return true;
             }
-            let got: Result<Option<(VolumeConfig, i64)>, _> = m.block_on(m.store().get_rev(&volume_key(&ve)));
-            let Ok(Some((cfg, rev))) = got else { continue };
-            if cfg.epoch != epoch {
-                tracing::warn!(
-                    ve,
-                    epoch,
-                    now = cfg.epoch,
-                    "the volume has a newer writer: this one stops"
-                );
-                r.depose(format!(
-                    "the volume's epoch is {} now (writer {})",
-                    cfg.epoch, cfg.writer
-                ));
-                return;
+        };
+        let now = std::time::Instant::now();
+        *lost_since = vessel_control::replicas::lost_since(lost_since, &nodes, &cfg.replicas, &m.name, now);
+        *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = lost_since.keys().cloned().collect();
+        let gone = vessel_control::replicas::to_drop(lost_since, now, self.grace);
+        if !gone.is_empty() {
+            let mut next = cfg.clone();
+            for n in &gone {
+                match next.without_replica(n) {
+                    Ok(c) => next = c,
+                    Err(e) => tracing::warn!(ve, node = n, "dropping a lost copy: {e}"),
+                }
             }
-            r.set_min(cfg.min_replicas);
-            r.set_replicas(&peers_of(&cfg, &m.name));
-            if cfg.replicas.len() < cfg.want_replicas {
-                add_copies(&m, &ve, &cfg, rev, &template);
+            match m.block_on(m.store().put_if(&volume_key(ve), &next, rev)) {
+                Ok(true) => {
+                    tracing::warn!(ve, lost = ?gone, grace_s = self.grace.as_secs(), "dropped copies on nodes lost longer than the grace: others replace them");
+                    r.set_replicas(&peers_of(&next, &m.name));
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(ve, "dropping lost copies: {e}"),
             }
-        });
+            // The replacement is picked on the next round, from the record as it is then.
+            return true;
+        }
+        if cfg.replicas.len() < cfg.want_replicas {
+            add_copies(m, ve, &cfg, rev, &self.template, &nodes);
+        }
+        true
+    }
 }
 
 /// Pick nodes for the copies the record wants and lacks, and list them (by CAS): the
 /// writer's senders then seed them.
-fn add_copies(m: &Member, ve: &str, cfg: &VolumeConfig, rev: i64, template: &str) {
+fn add_copies(
+    m: &Member,
+    ve: &str,
+    cfg: &VolumeConfig,
+    rev: i64,
+    template: &str,
+    nodes: &[vessel_control::model::Node],
+) {
     let r = m.block_on(async {
-        let nodes = crate::control::read_nodes(m.store()).await?;
         let mut copies: BTreeMap<String, usize> = BTreeMap::new();
         for kv in m.store().list_raw(&keys::ves()).await? {
             if keys::ve_part(&kv.key).is_some_and(|(_, p)| p == "volume") {
@@ -526,7 +622,7 @@ fn add_copies(m: &Member, ve: &str, cfg: &VolumeConfig, rev: i64, template: &str
                 }
             }
         }
-        let picked = vessel_control::replicas::pick(&nodes, &cfg.replicas, cfg.want_replicas, template, &copies);
+        let picked = vessel_control::replicas::pick(nodes, &cfg.replicas, cfg.want_replicas, template, &copies);
         let mut next = cfg.clone();
         for n in &picked {
             next = match next.with_replica(n) {
@@ -702,8 +798,11 @@ impl Node {
                 continue;
             }
             let cfg: Result<Option<VolumeConfig>, _> = m.block_on(m.store().get(&volume_key(&name)));
+            // A copy this node is the writer of is kept until the node has adopted it
+            // as the VE's own volume (a move to this node is under way).
+            let own = Name::parse(&name).is_ok_and(|n| self.record(&n).is_ok());
             let keep = match cfg {
-                Ok(Some(c)) => c.is_replica(&m.name) && c.writer != m.name,
+                Ok(Some(c)) => c.is_replica(&m.name) && (c.writer != m.name || !own),
                 Ok(None) => false,
                 Err(_) => true,
             };

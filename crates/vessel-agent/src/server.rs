@@ -246,7 +246,7 @@ fn dispatch(
             Response::Template(node.template_fetch(&name, from.as_deref(), &mut progress)?)
         }
         Request::VeMove { name, to } => Response::Ve(Box::new(node.ve_move(&name, &to, &mut progress)?)),
-        Request::VeMoveIn { .. } => {
+        Request::VeMoveIn { .. } | Request::VeAdoptCopy { .. } => {
             return Err(crate::node::err(
                 ErrorCode::InvalidArgument,
                 "`ve-move-in` is a call between nodes: use `vessel ve move NAME --to NODE`",

@@ -228,7 +228,7 @@ impl Node {
         Ok((s, h))
     }
 
-    fn api_on(&self, node: &str, req: Request, timeout: Duration) -> NResult<Response> {
+    pub(crate) fn api_on(&self, node: &str, req: Request, timeout: Duration) -> NResult<Response> {
         let mut c = self.connect_to(node, timeout)?;
         match c.call(&PeerRequest::Api(Box::new(req))) {
             Ok(PeerResponse::Api(Response::Error(e))) => Err(e),
@@ -564,7 +564,11 @@ impl Node {
     /// Make the record of a VE whose volume arrived at `vol`: same spec (name, address),
     /// its uid slot (cluster identity; else one of this node's), stopped, generation 0;
     /// held from the reconcile loop.
-    fn adopt_moved(&self, mut rec: VeRecord, vol: &std::path::Path) -> NResult<Option<vessel_types::Ipv4Cidr>> {
+    pub(crate) fn adopt_moved(
+        &self,
+        mut rec: VeRecord,
+        vol: &std::path::Path,
+    ) -> NResult<Option<vessel_types::Ipv4Cidr>> {
         let name = rec.spec.name.clone();
         let ve = self.layout.ve(name.as_str());
         // In a cluster the VE keeps its address and uid range: its identity in etcd (whose
@@ -645,16 +649,7 @@ impl Node {
         progress: &mut vessel_ve::Progress,
     ) -> NResult<vessel_types::api::VeInfo> {
         let m = self.transfer_member()?;
-        let copies = lock(&self.state).ves.get(name).map(|r| r.spec.replicas.unwrap_or(1));
-        if let Some(copies) = copies {
-            if copies > 1 {
-                return Err(err(
-                    ErrorCode::Conflict,
-                    format!(
-                        "VE '{name}' has {copies} copies: moving a replicated VE (a writer change to a copy) is not built yet; `vessel ve set {name} --replicas 1` first"
-                    ),
-                ));
-            }
+        if lock(&self.state).ves.contains_key(name) {
             return self.move_out(m, name, to, progress);
         }
         let place: Option<Placement> = m
@@ -722,7 +717,6 @@ impl Node {
         }
         let vol = self.layout.ve(name.as_str()).volume();
         let total = dir_bytes(&vol);
-        progress(&format!("copying VE '{name}' to node {to}"), 0, total);
         let restore = |e: ApiError| {
             let mut msg = format!("VE '{name}' stays on node {}: {}", m.name, e.message);
             if was_running {
@@ -732,47 +726,39 @@ impl Node {
             }
             err(e.code, msg)
         };
-        // The target pulls the volume; its progress is the bytes this node has sent.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let moved = std::thread::scope(|sc| {
-            sc.spawn(move || {
-                let r = self.api_on(
-                    to,
-                    Request::VeMoveIn {
-                        name: name.clone(),
-                        from: m.name.clone(),
-                    },
-                    MOVE_IN_WAIT,
-                );
-                let _ = tx.send(r);
-            });
-            loop {
-                match rx.recv_timeout(Duration::from_millis(500)) {
-                    Ok(r) => break r,
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => progress(
-                        &format!("copying VE '{name}' to node {to}"),
-                        sent.load(Ordering::Relaxed),
-                        total,
-                    ),
-                    Err(_) => break Err(err(ErrorCode::Internal, "the copy's thread ended without an answer")),
-                }
-            }
-        });
-        let (bytes, new_ip) = match moved {
-            Ok(Response::Moved { bytes, ip, .. }) => (bytes, ip),
-            Ok(other) => {
-                return Err(restore(err(
-                    ErrorCode::Internal,
-                    format!("node {to} answered {other:?}"),
-                )))
-            }
+        // A replicated VE: a writer change to an in-sync copy, else the copy below with
+        // the volume's record rewritten in the switch (`move_repl`).
+        let vcfg = match self.volume_record(m, name) {
+            Ok(c) => c,
             Err(e) => return Err(restore(e)),
         };
-        progress(
-            &format!("copied {bytes} bytes to node {to}; switching the VE over"),
-            bytes,
-            total,
-        );
+        let plan = crate::move_repl::plan(vcfg.as_ref().map(|(c, _)| c), &m.name, to)
+            .map_err(|e| restore(err(ErrorCode::Conflict, e)))?;
+        let vol_rev = vcfg.as_ref().map_or(0, |(_, r)| *r);
+        let (bytes, new_ip, vol_next, adopted) = match plan {
+            crate::move_repl::MovePlan::Adopt { next } => {
+                progress(
+                    &format!("node {to} has an in-sync copy of VE '{name}': a writer change, nothing copied"),
+                    0,
+                    0,
+                );
+                match self.hand_over(m, name, to, &next, vol_rev) {
+                    Ok(ip) => (0, ip, None, true),
+                    Err(e) => return Err(restore(e)),
+                }
+            }
+            crate::move_repl::MovePlan::Copy { next } => {
+                let (bytes, ip) = self.copy_to(m, name, to, total, &sent, progress).map_err(restore)?;
+                (bytes, ip, next, false)
+            }
+        };
+        // A failure from here on, after a writer change: the writer comes back here first.
+        let restore = |e: ApiError| {
+            if adopted {
+                self.take_writer_back(m, name, to);
+            }
+            restore(e)
+        };
         if new_ip.is_some() && new_ip != rec.spec.ip {
             progress(
                 &format!(
@@ -817,6 +803,12 @@ impl Node {
                 Write::Put(keys::assigned(to, name.as_str()), keys::encode(&name.as_str())),
             ];
             let mut guards = vec![(spec_key.clone(), erev), (place_key.clone(), prev_rev)];
+            // A copied replicated volume: its record names the target in this node's place.
+            if let Some(next) = &vol_next {
+                let key = crate::replicate::volume_key(name.as_str());
+                writes.push(Write::Put(key.clone(), keys::encode(next)));
+                guards.push((key, vol_rev));
+            }
             // The VE's network identity follows it (the overlay's entries point there).
             let net_key = keys::ve_net(name.as_str());
             if let Some((mut id, rev)) = st.get_rev::<keys::NetIdentity>(&net_key).await? {
@@ -864,16 +856,28 @@ impl Node {
         let runs = |o: &VeObserved| !was_running || o.info.status == VeStatus::Running;
         match info {
             Some(o) if o.error.is_none() && runs(&o) => {
-                // Confirmed: this node's copy goes.
+                // Confirmed: this node's copy goes (after a writer change, its volume
+                // stays as a copy of the new writer's).
+                if adopted {
+                    if let Err(e) = self.become_copy(name) {
+                        tracing::warn!(ve = %name, "keeping the moved VE's volume as a copy: {}", e.message);
+                    }
+                }
                 if let Err(e) = self.destroy(name, true) {
                     tracing::warn!(ve = %name, "removing the moved VE's old copy: {}", e.message);
                 }
                 self.forget_published(name);
                 let mut i = o.info;
                 i.node = o.node;
+                let how = if adopted {
+                    "a writer change to its copy there, nothing copied (this node keeps a copy)".to_string()
+                } else {
+                    format!("{bytes} bytes")
+                };
+                // The time first: a terminal's progress line is cut at its width.
                 progress(
                     &format!(
-                        "moved VE '{name}' to node {to}: {bytes} bytes in {:.1} s",
+                        "moved VE '{name}' to node {to} in {:.1} s: {how}",
                         started.elapsed().as_secs_f64()
                     ),
                     bytes,
@@ -896,6 +900,57 @@ impl Node {
                     TAKE_OVER_WAIT.as_secs()
                 ),
             )),
+        }
+    }
+
+    /// The cold copy of a stopped VE's volume to `to` (the target pulls it); returns the
+    /// bytes copied and the VE's address there.
+    fn copy_to(
+        &self,
+        m: &Member,
+        name: &Name,
+        to: &str,
+        total: u64,
+        sent: &AtomicU64,
+        progress: &mut vessel_ve::Progress,
+    ) -> NResult<(u64, Option<vessel_types::Ipv4Cidr>)> {
+        progress(&format!("copying VE '{name}' to node {to}"), 0, total);
+        // The target pulls the volume; its progress is the bytes this node has sent.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let moved = std::thread::scope(|sc| {
+            sc.spawn(move || {
+                let r = self.api_on(
+                    to,
+                    Request::VeMoveIn {
+                        name: name.clone(),
+                        from: m.name.clone(),
+                    },
+                    MOVE_IN_WAIT,
+                );
+                let _ = tx.send(r);
+            });
+            loop {
+                match rx.recv_timeout(Duration::from_millis(500)) {
+                    Ok(r) => break r,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => progress(
+                        &format!("copying VE '{name}' to node {to}"),
+                        sent.load(Ordering::Relaxed),
+                        total,
+                    ),
+                    Err(_) => break Err(err(ErrorCode::Internal, "the copy's thread ended without an answer")),
+                }
+            }
+        });
+        match moved? {
+            Response::Moved { bytes, ip, .. } => {
+                progress(
+                    &format!("copied {bytes} bytes to node {to}; switching the VE over"),
+                    bytes,
+                    total,
+                );
+                Ok((bytes, ip))
+            }
+            other => Err(err(ErrorCode::Internal, format!("node {to} answered {other:?}"))),
         }
     }
 

@@ -307,6 +307,14 @@ pub enum Request {
         name: Name,
         from: String,
     },
+    /// Node to node, during a move of a replicated VE to a node with an in-sync copy: the
+    /// volume's record names this node as the writer already; take this node's copy of
+    /// VE `name` as the VE's volume and make its record here (not started). Answered
+    /// with `Moved` (nothing copied).
+    VeAdoptCopy {
+        name: Name,
+        from: String,
+    },
 }
 
 /// A point in a VE's file history.

@@ -29,6 +29,7 @@
 //! client_port = 12379       # the private etcd's ports on 127.0.0.1 (0 or absent: free
 //! peer_port = 12380         #   ports, kept from one start to the next while free)
 //! lease_ttl = "2s"          # a node that does not renew its lease this long is lost
+//! replica_grace = "10s"     # a copy on a node lost this long is dropped and replaced
 //! address = "10.0.0.5"      # where other nodes reach this one (default 127.0.0.1)
 //! port = 7150               # the node-to-node port (mutual TLS), served once the
 //!                           #   cluster is initialized (`vessel cluster init` or a join)
@@ -96,6 +97,10 @@ pub struct ClusterSettings {
     pub client_port: u16,
     pub peer_port: u16,
     pub lease_ttl_secs: u64,
+    /// A copy of a VE's volume on a node that has been lost this long is dropped from the
+    /// volume's record (and another node gets one); a node back sooner catches up from
+    /// the writer's log.
+    pub replica_grace_secs: u64,
     /// The node-to-node port (mutual TLS) on `address`.
     pub port: u16,
 }
@@ -105,6 +110,12 @@ pub const DEFAULT_PEER_PORT: u16 = 7150;
 
 /// Default node lease: lost after 2 s without a renewal.
 pub const DEFAULT_LEASE_TTL_SECS: u64 = 2;
+
+/// Default grace before a lost node's copies are replaced: long enough for a daemon
+/// restart or a short network hiccup (the node comes back and catches up from the
+/// writer's log, a few transactions), short enough that the VE is not left with fewer
+/// copies for long (a new copy is a full reseed).
+pub const DEFAULT_REPLICA_GRACE_SECS: u64 = 10;
 
 impl ClusterSettings {
     /// Where other nodes reach this one.
@@ -123,6 +134,7 @@ impl Default for ClusterSettings {
             client_port: 0,
             peer_port: 0,
             lease_ttl_secs: DEFAULT_LEASE_TTL_SECS,
+            replica_grace_secs: DEFAULT_REPLICA_GRACE_SECS,
             port: DEFAULT_PEER_PORT,
         }
     }
@@ -401,8 +413,15 @@ impl Parser<'_> {
                         .filter(|s| (1..=60).contains(s))
                         .ok_or_else(|| bad("must be a duration from 1s to 60s, e.g. \"2s\""))?;
                 }
+                "replica_grace" => {
+                    c.replica_grace_secs = duration(item)
+                        .ok()
+                        .flatten()
+                        .filter(|s| (1..=86400).contains(s))
+                        .ok_or_else(|| bad("must be a duration from 1s to 1 day, e.g. \"10s\""))?;
+                }
                 _ => return Err(bad(
-                    "unknown setting: [cluster] has name, etcd, client_port, peer_port, lease_ttl, address and port",
+                    "unknown setting: [cluster] has name, etcd, client_port, peer_port, lease_ttl, replica_grace, address and port",
                 )),
             }
         }
@@ -661,6 +680,7 @@ etcd = ["http://10.0.0.1:2379", "https://10.0.0.2:2379"]
 client_port = 22379
 peer_port = 22380
 lease_ttl = "3s"
+replica_grace = "1m"
 port = 7151
 "#,
         )
@@ -674,6 +694,7 @@ port = 7151
                 client_port: 22379,
                 peer_port: 22380,
                 lease_ttl_secs: 3,
+                replica_grace_secs: 60,
                 port: 7151,
             }
         );

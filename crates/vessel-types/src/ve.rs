@@ -41,8 +41,9 @@ pub struct VeSpec {
     /// DNS servers written to /etc/resolv.conf.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<String>,
-    /// Copies of the VE's volume on distinct nodes (1-5; `None`: one, until writer changes
-    /// among copies let a cluster default to two).
+    /// Copies of the VE's volume on distinct nodes (1-5). A create in a cluster sets it
+    /// ([`VeSpec::default_replicas`]: two with 2+ nodes) so it does not change later;
+    /// `None` (a VE made before, or on a node in no cluster): one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u8>,
     /// In-sync copies a sync needs before it is acknowledged (`None`: N - N/2).
@@ -136,6 +137,17 @@ impl VeSpec {
 
     pub fn hostname(&self) -> &str {
         self.hostname.as_deref().unwrap_or(self.name.as_str())
+    }
+
+    /// The copies a VE created without `--replicas` gets in a cluster of `nodes` members:
+    /// two with two or more (a node's loss loses no acknowledged write, and `ve move`
+    /// is a writer change), one on a lone node.
+    pub fn default_replicas(nodes: usize) -> u8 {
+        if nodes >= 2 {
+            2
+        } else {
+            1
+        }
     }
 
     /// The in-sync copies a sync needs, for `replicas` copies (Ceph's min_size rule).
@@ -238,6 +250,14 @@ impl VeStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_copies_by_default_on_a_cluster_one_on_a_lone_node() {
+        assert_eq!(
+            (0..=4).map(VeSpec::default_replicas).collect::<Vec<_>>(),
+            vec![1, 1, 2, 2, 2]
+        );
+    }
 
     fn spec() -> VeSpec {
         VeSpec::new(Name::parse("web").unwrap(), Name::parse("busybox").unwrap())

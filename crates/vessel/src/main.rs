@@ -301,7 +301,7 @@ pub struct SpecArgs {
     /// Restart policy: no, on-failure, always (always = also start with the node)
     #[arg(long)]
     pub restart: Option<vessel_types::RestartPolicy>,
-    /// Copies of the VE's files on distinct nodes, 1-5 (default 1)
+    /// Copies of the VE's files on distinct nodes, 1-5 (default: 2 on a cluster of 2+ nodes, else 1)
     #[arg(long)]
     pub replicas: Option<u8>,
     /// Copies that must be in sync before a sync inside the VE returns (default: N - N/2)

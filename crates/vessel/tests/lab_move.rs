@@ -55,6 +55,7 @@ fn templates_are_fetched_from_peers_and_verified() {
     assert_eq!(template_id(&lab, "node2", "busybox"), None);
 
     // Placed on node2, which lacks the template: node2 fetches it, verifies it, runs the VE.
+    // One copy: a second one would fetch the template to its node too.
     let v = lab.vessel_json(
         "node1",
         &[
@@ -66,6 +67,8 @@ fn templates_are_fetched_from_peers_and_verified() {
             "--start",
             "--node",
             "node2",
+            "--replicas",
+            "1",
         ],
     );
     assert_eq!(
@@ -124,9 +127,22 @@ fn ves_move_between_nodes_with_their_history_and_drain_moves_them_off() {
     let lab = TestLab::new(&vessel_bin());
     lab.ok(&["up", "--nodes", "3"]);
     // Only node1 has the template: m1 goes there (preferred), and the move to node2 brings
-    // the template along (by id). m1 is not pinned (`--node`): drain may move it.
+    // the template along (by id). m1 is not pinned (`--node`): drain may move it. One
+    // copy: this is the cold move (a replicated VE's move is `lab_repl_move`).
     lab.vessel_ok("node1", &["template", "build", "busybox"]);
-    let v = lab.vessel_json("node2", &["ve", "create", "m1", "--template", "busybox", "--start"]);
+    let v = lab.vessel_json(
+        "node2",
+        &[
+            "ve",
+            "create",
+            "m1",
+            "--template",
+            "busybox",
+            "--start",
+            "--replicas",
+            "1",
+        ],
+    );
     assert_eq!(
         (v["node"].as_str(), v["status"].as_str()),
         (Some("node1"), Some("running")),

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod repl;
+
 pub use vessel_testkit::*;
 
 pub fn vessel_bin() -> std::path::PathBuf {
