@@ -107,6 +107,16 @@ impl Frame {
         out.extend_from_slice(payload);
     }
 
+    /// Append a data frame of kind `kind` (`Frame::Stdout` ...) holding `data` to `out`,
+    /// as `kind(data.to_vec()).encode(out)` does, without the copy. `data` must fit one
+    /// frame ([`MAX_PAYLOAD`]).
+    pub fn encode_data(kind: fn(Vec<u8>) -> Frame, data: &[u8], out: &mut Vec<u8>) {
+        debug_assert!(data.len() <= MAX_PAYLOAD, "stream data is split by the caller");
+        out.push(kind(Vec::new()).tag());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+
     fn decode(tag: u8, p: &[u8]) -> Result<Frame, DuplexError> {
         let shape = || DuplexError::Shape { tag, len: p.len() };
         Ok(match tag {
