@@ -161,7 +161,10 @@ pub fn serve(r: &mut impl Read, w: &mut impl Write, host: &dyn ReplicaHost) -> R
                 };
                 input.finish().map_err(WireError::from)?;
                 if let Err(e) = vol.raise_epoch(hello.epoch) {
-                    return Err(refuse(w, format!("writer {} of epoch {}: {e}", hello.writer, hello.epoch)));
+                    return Err(refuse(
+                        w,
+                        format!("writer {} of epoch {}: {e}", hello.writer, hello.epoch),
+                    ));
                 }
                 wire::write(w, &state(&vol))?;
                 w.flush().map_err(WireError::from)?;

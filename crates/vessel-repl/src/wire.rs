@@ -538,10 +538,18 @@ mod tests {
         let mut o = SeedOut::start(&mut buf, data.len() as u64, &mut note).unwrap();
         o.write_all(&data).unwrap();
         assert_eq!(o.finish().unwrap(), data.len() as u64);
-        assert_eq!(pieces, vec![SEED_PIECE as u64, 2 * SEED_PIECE as u64, data.len() as u64]);
+        assert_eq!(
+            pieces,
+            vec![SEED_PIECE as u64, 2 * SEED_PIECE as u64, data.len() as u64]
+        );
         write(&mut buf, &Frame::Flush { through: 9 }).unwrap();
         let mut r = &buf[..];
-        assert_eq!(read(&mut r).unwrap(), Frame::Seed { total: data.len() as u64 });
+        assert_eq!(
+            read(&mut r).unwrap(),
+            Frame::Seed {
+                total: data.len() as u64
+            }
+        );
         let mut got = Vec::new();
         let mut s = SeedIn::new(&mut r);
         s.read_to_end(&mut got).unwrap();

@@ -668,7 +668,9 @@ fn seed(
     set_state(sh, node, |p| p.state = "seeding 0%".into());
     let mut note = |sent: u64| {
         let pct = (sent * 100 / total).min(99);
-        set_state(sh, node, |p| p.state = format!("seeding {pct}% ({} MiB sent)", sent >> 20));
+        set_state(sh, node, |p| {
+            p.state = format!("seeding {pct}% ({} MiB sent)", sent >> 20)
+        });
     };
     let mut out = wire::SeedOut::start(w, total, &mut note)?;
     let last = vessel_fs::seed::write_snapshot(vol, &mut out, |_| {})

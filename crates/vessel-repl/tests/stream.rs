@@ -413,10 +413,7 @@ fn a_replica_the_log_no_longer_reaches_is_seeded_through_the_stream() {
     }
     writer.sync().unwrap();
     let st = repl.status();
-    assert!(
-        st.iter().all(|s| s.in_sync && s.acked >= writer.last_seq()),
-        "{st:?}"
-    );
+    assert!(st.iter().all(|s| s.in_sync && s.acked >= writer.last_seq()), "{st:?}");
     for n in ["b", "c"] {
         let v = link.hosts[n].vol("web");
         assert!(v.durable_through() >= writer.last_seq());
