@@ -223,6 +223,18 @@ mod tests {
     }
 
     #[test]
+    fn data_frames_encode_the_same_without_the_copy() {
+        for kind in [Frame::Stdin as fn(Vec<u8>) -> Frame, Frame::Stdout, Frame::Stderr] {
+            for data in [Vec::new(), b"abc".to_vec(), vec![9u8; MAX_PAYLOAD]] {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                kind(data.clone()).encode(&mut a);
+                Frame::encode_data(kind, &data, &mut b);
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
     fn frames_round_trip_in_any_pieces() {
         let mut bytes = Vec::new();
         for f in all() {
