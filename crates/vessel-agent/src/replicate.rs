@@ -130,6 +130,21 @@ impl ReplicaHost for Host<'_> {
         open.insert(volume.to_string(), v.clone());
         Ok(v)
     }
+
+    fn install(&self, volume: &str, vol: Arc<Volume>, snapshot: &mut dyn Read) -> Result<Arc<Volume>, String> {
+        let mut open = self.node.replicas.lock();
+        open.remove(volume);
+        if Arc::strong_count(&vol) > 1 {
+            open.insert(volume.to_string(), vol);
+            return Err(format!(
+                "this node's copy of '{volume}' is in use by another stream: it is seeded at the next connection"
+            ));
+        }
+        // Held while the snapshot comes: no other stream opens the copy meanwhile.
+        let v = Arc::new(replica::install_copy(vol, self.lower()?, snapshot)?);
+        open.insert(volume.to_string(), v.clone());
+        Ok(v)
+    }
 }
 
 impl Node {

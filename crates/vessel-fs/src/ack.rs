@@ -30,6 +30,11 @@ pub trait Acks: Send + Sync {
     /// seq order, for every transaction: it must not block.
     fn committed(&self, tx: &Tx);
 
+    /// A sync of `seq` starts (before the local log's fdatasync): a replicating
+    /// implementation asks its replicas to make `seq` durable now, so their fdatasyncs run
+    /// while the local one does. Must not block.
+    fn syncing(&self, _seq: u64) {}
+
     /// Return once every transaction up to `seq` is acknowledged (the local log is durable
     /// through `seq` already), or fail after at most `timeout`.
     fn wait(&self, seq: u64, timeout: Duration) -> Result<(), AckError>;

@@ -23,8 +23,11 @@ const RECV_LIMIT: usize = 4 << 20;
 pub fn run(mut ch: Channel, local: UnixStream, out_kind: fn(Vec<u8>) -> Frame) -> Result<(), ChannelError> {
     local.set_nonblocking(true)?;
     let mut local = local;
+    // Received bytes not yet taken by the local end: `to_local[taken..]` (a cursor: no
+    // move of the rest for every partial write).
     let mut to_local: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 256 << 10];
+    let mut taken = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
     loop {
         let mut fds = [
             libc::pollfd {
@@ -35,31 +38,39 @@ pub fn run(mut ch: Channel, local: UnixStream, out_kind: fn(Vec<u8>) -> Frame) -
             libc::pollfd {
                 fd: local.as_raw_fd(),
                 events: (if ch.backlog() < SEND_LIMIT { libc::POLLIN } else { 0 })
-                    | (if to_local.is_empty() { 0 } else { libc::POLLOUT }),
+                    | (if taken == to_local.len() { 0 } else { libc::POLLOUT }),
                 revents: 0,
             },
         ];
         poll(&mut fds, 1000)?;
         ch.pump(fds[0].revents)?;
-        if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && ch.backlog() < SEND_LIMIT {
-            match local.read(&mut buf) {
-                Ok(0) => {
-                    // The local side is done: the rest goes out, then the TLS close.
-                    return ch.finish(Duration::from_secs(10));
+        if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            // What the local end has, up to the send limit, then out in large writes.
+            while ch.backlog() < SEND_LIMIT {
+                match local.read(&mut buf) {
+                    Ok(0) => {
+                        // The local side is done: the rest goes out, then the TLS close.
+                        return ch.finish(Duration::from_secs(10));
+                    }
+                    Ok(n) => ch.send_data(out_kind, &buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e.into()),
                 }
-                Ok(n) => {
-                    ch.send_data(out_kind, &buf[..n]);
-                    ch.pump(0)?;
-                }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-                Err(e) => return Err(e.into()),
             }
+            ch.pump(0)?;
         }
-        while to_local.len() < RECV_LIMIT {
+        while to_local.len() - taken < RECV_LIMIT {
             match ch.event() {
-                Ok(Event::Frame(Frame::Stdin(d) | Frame::Stdout(d))) => to_local.extend_from_slice(&d),
+                Ok(Event::Frame(Frame::Stdin(d) | Frame::Stdout(d))) => {
+                    if taken == to_local.len() {
+                        to_local.clear();
+                        taken = 0;
+                    }
+                    to_local.extend_from_slice(&d)
+                }
                 Ok(Event::Frame(Frame::Eof)) | Ok(Event::Closed) => {
-                    finish_local(&mut local, &to_local);
+                    finish_local(&mut local, &to_local[taken..]);
                     return Ok(());
                 }
                 Ok(Event::Frame(Frame::Error(m))) => {
@@ -74,15 +85,20 @@ pub fn run(mut ch: Channel, local: UnixStream, out_kind: fn(Vec<u8>) -> Frame) -
                 }
             }
         }
-        while !to_local.is_empty() {
-            match local.write(&to_local) {
-                Ok(n) => {
-                    to_local.drain(..n);
-                }
+        while taken < to_local.len() {
+            match local.write(&to_local[taken..]) {
+                Ok(n) => taken += n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
+        }
+        if taken == to_local.len() {
+            to_local.clear();
+            taken = 0;
+        } else if taken >= (1 << 20) && taken * 2 >= to_local.len() {
+            to_local.drain(..taken);
+            taken = 0;
         }
     }
 }

@@ -49,8 +49,10 @@ pub struct Channel {
     conn: Connection,
     tcp: TcpStream,
     dec: Decoder,
-    /// Encoded frames rustls did not take yet.
+    /// Encoded frames rustls did not take yet: `out[out_at..]` (a cursor, not a drain:
+    /// moving megabytes for every 16 KiB TLS takes cost more than the crypto).
     out: Vec<u8>,
+    out_at: usize,
     clean_end: bool,
     cut: Option<String>,
 }
@@ -104,6 +106,7 @@ impl Channel {
             tcp,
             dec: Decoder::default(),
             out: Vec::new(),
+            out_at: 0,
             clean_end: false,
             cut: None,
         };
@@ -122,7 +125,7 @@ impl Channel {
         if !self.clean_end && self.cut.is_none() && self.dec.pending() < READ_LIMIT {
             e |= libc::POLLIN;
         }
-        if !self.out.is_empty() || self.conn.wants_write() {
+        if self.backlog() > 0 || self.conn.wants_write() {
             e |= libc::POLLOUT;
         }
         e
@@ -130,7 +133,7 @@ impl Channel {
 
     /// Bytes of queued frames not yet handed to TLS.
     pub fn backlog(&self) -> usize {
-        self.out.len()
+        self.out.len() - self.out_at
     }
 
     /// Queue a frame.
@@ -141,7 +144,7 @@ impl Channel {
     /// Queue data as frames of kind `kind` (`Frame::Stdout` ...), in pieces that fit one.
     pub fn send_data(&mut self, kind: fn(Vec<u8>) -> Frame, data: &[u8]) {
         for piece in data.chunks(MAX_PAYLOAD) {
-            kind(piece.to_vec()).encode(&mut self.out);
+            Frame::encode_data(kind, piece, &mut self.out);
         }
     }
 
@@ -185,7 +188,7 @@ impl Channel {
     fn flush(&mut self, deadline: Instant) -> Result<(), ChannelError> {
         loop {
             self.write_some()?;
-            if self.out.is_empty() && !self.conn.wants_write() {
+            if self.backlog() == 0 && !self.conn.wants_write() {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -206,12 +209,19 @@ impl Channel {
 
     fn write_some(&mut self) -> Result<(), ChannelError> {
         loop {
-            while !self.out.is_empty() {
-                let n = self.conn.writer().write(&self.out)?;
+            while self.out_at < self.out.len() {
+                let n = self.conn.writer().write(&self.out[self.out_at..])?;
                 if n == 0 {
                     break;
                 }
-                self.out.drain(..n);
+                self.out_at += n;
+            }
+            if self.out_at == self.out.len() {
+                self.out.clear();
+                self.out_at = 0;
+            } else if self.out_at >= (1 << 20) && self.out_at * 2 >= self.out.len() {
+                self.out.drain(..self.out_at);
+                self.out_at = 0;
             }
             if !self.conn.wants_write() {
                 return Ok(());
@@ -253,7 +263,7 @@ impl Channel {
     }
 
     fn take_plaintext(&mut self) -> Result<(), ChannelError> {
-        let mut buf = [0u8; 16 << 10];
+        let mut buf = vec![0u8; 64 << 10];
         loop {
             match self.conn.reader().read(&mut buf) {
                 Ok(0) => {

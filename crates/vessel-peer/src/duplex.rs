@@ -107,6 +107,16 @@ impl Frame {
         out.extend_from_slice(payload);
     }
 
+    /// Append a data frame of kind `kind` (`Frame::Stdout` ...) holding `data` to `out`,
+    /// as `kind(data.to_vec()).encode(out)` does, without the copy. `data` must fit one
+    /// frame ([`MAX_PAYLOAD`]).
+    pub fn encode_data(kind: fn(Vec<u8>) -> Frame, data: &[u8], out: &mut Vec<u8>) {
+        debug_assert!(data.len() <= MAX_PAYLOAD, "stream data is split by the caller");
+        out.push(kind(Vec::new()).tag());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+
     fn decode(tag: u8, p: &[u8]) -> Result<Frame, DuplexError> {
         let shape = || DuplexError::Shape { tag, len: p.len() };
         Ok(match tag {
@@ -210,6 +220,18 @@ mod tests {
         Frame::Hangup(Output::Stderr).encode(&mut b);
         Frame::Stdin(b"x".to_vec()).encode(&mut b);
         assert_eq!(b, [5, 0, 0, 0, 0, 6, 0, 0, 0, 1, 3, 1, 0, 0, 0, 1, b'x']);
+    }
+
+    #[test]
+    fn data_frames_encode_the_same_without_the_copy() {
+        for kind in [Frame::Stdin as fn(Vec<u8>) -> Frame, Frame::Stdout, Frame::Stderr] {
+            for data in [Vec::new(), b"abc".to_vec(), vec![9u8; MAX_PAYLOAD]] {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                kind(data.clone()).encode(&mut a);
+                Frame::encode_data(kind, &data, &mut b);
+                assert_eq!(a, b);
+            }
+        }
     }
 
     #[test]

@@ -7,9 +7,11 @@
 //! A frame from an older epoch than the promised one is refused and ends the stream: a
 //! replaced writer never gets anything acknowledged again.
 
-use crate::wire::{self, Frame, State, WireError, WIRE_VERSION};
+use crate::wire::{self, Frame, SeedIn, State, WireError, WIRE_VERSION};
 use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::Arc;
+use vessel_fs::lower::Lower;
 use vessel_fs::Volume;
 
 /// Where the replica's copies live (the node agent; a directory in tests).
@@ -21,6 +23,44 @@ pub trait ReplicaHost: Send + Sync {
     /// Cut this node's copy of `volume` after `after` (its log and its live state), and
     /// give it back open. `vol` is the open copy: the host closes it first.
     fn cut(&self, volume: &str, vol: Arc<Volume>, after: u64) -> Result<Arc<Volume>, String>;
+
+    /// Replace this node's copy of `volume` by the seeding snapshot read from `snapshot`
+    /// (whole or not at all: [`install_copy`]) and give it back open. `vol` is the open
+    /// copy: the host closes it first (refuse when another stream uses it).
+    fn install(&self, volume: &str, vol: Arc<Volume>, snapshot: &mut dyn Read) -> Result<Arc<Volume>, String>;
+}
+
+/// Install a seeding snapshot in place of the copy `vol` (which must be its last
+/// reference) and open it. The snapshot goes into a sibling directory first
+/// (`vessel_fs::seed::install`: nothing is left of a cut or damaged stream, and the old
+/// copy is untouched); only a whole one replaces the old copy, by two renames. A crash
+/// between them leaves no copy at all (the next stream seeds an empty one), never a mix.
+pub fn install_copy(vol: Arc<Volume>, lower: Option<Arc<Lower>>, snapshot: &mut dyn Read) -> Result<Volume, String> {
+    let dir = vol.dir().to_path_buf();
+    let parent = dir.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let name = dir
+        .file_name()
+        .map_or_else(|| "volume".into(), |n| n.to_string_lossy().into_owned());
+    let fresh = parent.join(format!(".{name}.seeded"));
+    let old = parent.join(format!(".{name}.replaced"));
+    for d in [&fresh, &old] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).map_err(|e| format!("remove the leftover {}: {e}", d.display()))?;
+        }
+    }
+    let last = vessel_fs::seed::install(&fresh, &mut &mut *snapshot).map_err(|e| e.to_string())?;
+    drop(vol);
+    let swap = || -> std::io::Result<()> {
+        std::fs::rename(&dir, &old)?;
+        std::fs::rename(&fresh, &dir)?;
+        std::fs::File::open(&parent)?.sync_all()
+    };
+    swap().map_err(|e| format!("put the seeded copy in place of {}: {e}", dir.display()))?;
+    if let Err(e) = std::fs::remove_dir_all(&old) {
+        tracing::warn!("removing the replaced copy {}: {e}", old.display());
+    }
+    tracing::info!(volume = name, last, "this copy is seeded from a snapshot");
+    Volume::open(&dir, lower).map_err(|e| format!("open the seeded copy: {e}"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +173,27 @@ pub fn serve(r: &mut impl Read, w: &mut impl Write, host: &dyn ReplicaHost) -> R
                     return Err(refuse(w, "the replica's log could not be made durable".into()));
                 }
                 ack(w, &vol)?;
+            }
+            Frame::Seed { total } => {
+                tracing::info!(volume, total, "receiving a seeding snapshot");
+                let mut input = SeedIn::new(r);
+                vol = match host.install(&volume, vol, &mut input) {
+                    Ok(v) => v,
+                    Err(reason) => return Err(refuse(w, format!("seeding: {reason}"))),
+                };
+                input.finish().map_err(WireError::from)?;
+                if let Err(e) = vol.raise_epoch(hello.epoch) {
+                    return Err(refuse(
+                        w,
+                        format!("writer {} of epoch {}: {e}", hello.writer, hello.epoch),
+                    ));
+                }
+                let st = match state(&vol) {
+                    Ok(s) => s,
+                    Err(reason) => return Err(refuse(w, reason)),
+                };
+                wire::write(w, &st)?;
+                w.flush().map_err(WireError::from)?;
             }
             Frame::Flush { .. } => {
                 if vol.sync().is_err() {

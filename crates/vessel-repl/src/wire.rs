@@ -8,6 +8,9 @@
 //! writer  -> Cut {after}                       (divergent tail: replica answers State)
 //! writer  -> Txs {commit, txs...}              (pipelined; count 0 = keep-alive)
 //! writer  -> Flush {through}                   (a sync waits: make it durable)
+//! writer  -> Seed {version, total}             (the replica needs a seq the writer's log
+//!            SeedData {bytes}...                no longer holds: a `vessel_fs::seed`
+//!            SeedEnd {bytes}                    snapshot in pieces; replica answers State)
 //! replica -> Ack {received, durable}           (after each batch; durable after a flush,
 //!                                               or an idle moment)
 //! either  -> Refuse {reason}                   (then closes)
@@ -27,7 +30,7 @@ pub const WIRE_VERSION: u32 = 1;
 /// The largest frame accepted (a batch is cut well below it).
 pub const MAX_FRAME: u32 = 64 << 20;
 /// A writer cuts a batch of transactions at about this many bytes.
-pub const BATCH_BYTES: usize = 1 << 20;
+pub const BATCH_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -73,6 +76,12 @@ struct Refuse {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Seed {
+    version: u32,
+    total: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Cut {
     version: u32,
     after: u64,
@@ -102,6 +111,16 @@ pub enum Frame {
     Flush {
         through: u64,
     },
+    /// A seeding snapshot follows (about `total` bytes, for progress): `SeedData` pieces
+    /// of a `vessel_fs::seed` stream, then `SeedEnd`.
+    Seed {
+        total: u64,
+    },
+    SeedData(Vec<u8>),
+    /// The snapshot's end: `bytes` is the sum of its pieces.
+    SeedEnd {
+        bytes: u64,
+    },
 }
 
 const K_HELLO: u8 = 1;
@@ -111,6 +130,12 @@ const K_CUT: u8 = 4;
 const K_TXS: u8 = 5;
 const K_ACK: u8 = 6;
 const K_FLUSH: u8 = 7;
+const K_SEED: u8 = 8;
+const K_SEED_DATA: u8 = 9;
+const K_SEED_END: u8 = 10;
+
+/// A snapshot is sent in pieces of this size.
+pub const SEED_PIECE: usize = 1 << 20;
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("serializable")
@@ -181,6 +206,16 @@ pub fn write(w: &mut impl Write, f: &Frame) -> Result<(), WireError> {
         }
         Frame::Ack { received, durable } => write_raw(w, K_ACK, &[&received.to_le_bytes(), &durable.to_le_bytes()]),
         Frame::Flush { through } => write_raw(w, K_FLUSH, &[&through.to_le_bytes()]),
+        Frame::Seed { total } => write_raw(
+            w,
+            K_SEED,
+            &[&json(&Seed {
+                version: WIRE_VERSION,
+                total: *total,
+            })],
+        ),
+        Frame::SeedData(d) => write_raw(w, K_SEED_DATA, &[d]),
+        Frame::SeedEnd { bytes } => write_raw(w, K_SEED_END, &[&bytes.to_le_bytes()]),
     }
 }
 
@@ -277,7 +312,12 @@ pub fn read(r: &mut impl Read) -> Result<Frame, WireError> {
         K_FLUSH if p.len() == 8 => Frame::Flush {
             through: u64_at(&p, 0)?,
         },
-        K_ACK | K_FLUSH => {
+        K_SEED => Frame::Seed {
+            total: control::<Seed>("seed", &p)?.total,
+        },
+        K_SEED_DATA => Frame::SeedData(p),
+        K_SEED_END if p.len() == 8 => Frame::SeedEnd { bytes: u64_at(&p, 0)? },
+        K_ACK | K_FLUSH | K_SEED_END => {
             return Err(WireError::Corrupt(format!(
                 "a frame of kind {kind} with {} bytes",
                 p.len()
@@ -285,6 +325,124 @@ pub fn read(r: &mut impl Read) -> Result<Frame, WireError> {
         }
         k => return Err(WireError::Corrupt(format!("unknown frame kind {k}"))),
     })
+}
+
+/// A snapshot written into the stream: `SeedData` frames of [`SEED_PIECE`] bytes, then
+/// (by [`SeedOut::finish`]) `SeedEnd`. `piece` is called after each piece with the bytes
+/// so far.
+pub struct SeedOut<'a, W: Write> {
+    w: &'a mut W,
+    buf: Vec<u8>,
+    bytes: u64,
+    piece: &'a mut dyn FnMut(u64),
+}
+
+impl<'a, W: Write> SeedOut<'a, W> {
+    /// Send the `Seed` frame; the snapshot's bytes go into the returned writer.
+    pub fn start(w: &'a mut W, total: u64, piece: &'a mut dyn FnMut(u64)) -> Result<Self, WireError> {
+        write(w, &Frame::Seed { total })?;
+        Ok(SeedOut {
+            w,
+            buf: Vec::with_capacity(SEED_PIECE),
+            bytes: 0,
+            piece,
+        })
+    }
+
+    fn send_piece(&mut self) -> Result<(), WireError> {
+        if !self.buf.is_empty() {
+            write_raw(self.w, K_SEED_DATA, &[&self.buf])?;
+            self.bytes += self.buf.len() as u64;
+            self.buf.clear();
+            (self.piece)(self.bytes);
+        }
+        Ok(())
+    }
+
+    /// The last piece and `SeedEnd`, flushed.
+    pub fn finish(mut self) -> Result<u64, WireError> {
+        self.send_piece()?;
+        write(self.w, &Frame::SeedEnd { bytes: self.bytes })?;
+        self.w.flush()?;
+        Ok(self.bytes)
+    }
+}
+
+impl<W: Write> Write for SeedOut<'_, W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = b.len().min(SEED_PIECE - self.buf.len());
+        self.buf.extend_from_slice(&b[..n]);
+        if self.buf.len() >= SEED_PIECE {
+            self.send_piece().map_err(std::io::Error::other)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // Pieces go out full; the end flushes.
+        Ok(())
+    }
+}
+
+/// The snapshot's bytes out of `SeedData` frames, read after a `Seed` frame; the end of
+/// the snapshot (`SeedEnd`, its byte count checked) reads as the end of the stream. Any
+/// other frame, or a damaged one, is an error (the snapshot is then not installed).
+pub struct SeedIn<'a, R: Read> {
+    r: &'a mut R,
+    buf: Vec<u8>,
+    at: usize,
+    bytes: u64,
+    done: bool,
+}
+
+impl<'a, R: Read> SeedIn<'a, R> {
+    pub fn new(r: &'a mut R) -> Self {
+        SeedIn {
+            r,
+            buf: Vec::new(),
+            at: 0,
+            bytes: 0,
+            done: false,
+        }
+    }
+
+    /// Read through the `SeedEnd` frame (the receiver may stop at its own end).
+    pub fn finish(&mut self) -> std::io::Result<u64> {
+        let mut sink = [0u8; 64 << 10];
+        while self.read(&mut sink)? > 0 {}
+        Ok(self.bytes)
+    }
+}
+
+impl<R: Read> Read for SeedIn<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        while self.at == self.buf.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match read(self.r) {
+                Ok(Frame::SeedData(d)) => {
+                    self.bytes += d.len() as u64;
+                    self.buf = d;
+                    self.at = 0;
+                }
+                Ok(Frame::SeedEnd { bytes }) if bytes == self.bytes => self.done = true,
+                Ok(Frame::SeedEnd { bytes }) => {
+                    return Err(bad(format!(
+                        "the snapshot ends after {} bytes, its end says {bytes}",
+                        self.bytes
+                    )))
+                }
+                Ok(other) => return Err(bad(format!("{other:?} inside a snapshot"))),
+                Err(e) => return Err(std::io::Error::other(e.to_string())),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -335,6 +493,9 @@ mod tests {
                 durable: 6,
             },
             Frame::Flush { through: 7 },
+            Frame::Seed { total: 1 << 30 },
+            Frame::SeedData(vec![1, 2, 3]),
+            Frame::SeedEnd { bytes: 3 },
         ];
         let mut buf = Vec::new();
         for f in &frames {
@@ -366,6 +527,45 @@ mod tests {
                 other => panic!("byte {i} flipped: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_snapshot_goes_in_pieces_and_reads_back_to_its_end_only() {
+        let data: Vec<u8> = (0..(SEED_PIECE * 2 + 77)).map(|i| (i % 251) as u8).collect();
+        let mut buf = Vec::new();
+        let mut pieces = Vec::new();
+        let mut note = |b: u64| pieces.push(b);
+        let mut o = SeedOut::start(&mut buf, data.len() as u64, &mut note).unwrap();
+        o.write_all(&data).unwrap();
+        assert_eq!(o.finish().unwrap(), data.len() as u64);
+        assert_eq!(
+            pieces,
+            vec![SEED_PIECE as u64, 2 * SEED_PIECE as u64, data.len() as u64]
+        );
+        write(&mut buf, &Frame::Flush { through: 9 }).unwrap();
+        let mut r = &buf[..];
+        assert_eq!(
+            read(&mut r).unwrap(),
+            Frame::Seed {
+                total: data.len() as u64
+            }
+        );
+        let mut got = Vec::new();
+        let mut s = SeedIn::new(&mut r);
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, data);
+        assert_eq!(s.finish().unwrap(), data.len() as u64);
+        // The frame after the snapshot is left for the stream.
+        assert_eq!(read(&mut r).unwrap(), Frame::Flush { through: 9 });
+        // A wrong count at the end, or another frame inside, is an error.
+        let mut bad = Vec::new();
+        write(&mut bad, &Frame::SeedData(vec![1, 2])).unwrap();
+        write(&mut bad, &Frame::SeedEnd { bytes: 3 }).unwrap();
+        assert!(SeedIn::new(&mut &bad[..]).read_to_end(&mut Vec::new()).is_err());
+        let mut bad = Vec::new();
+        write(&mut bad, &Frame::SeedData(vec![1, 2])).unwrap();
+        write(&mut bad, &Frame::Flush { through: 1 }).unwrap();
+        assert!(SeedIn::new(&mut &bad[..]).read_to_end(&mut Vec::new()).is_err());
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl Default for Options {
         Options {
             ack_timeout: Duration::from_secs(2),
             queue_bytes: 64 << 20,
-            window_bytes: 16 << 20,
+            window_bytes: 32 << 20,
             keepalive: Duration::from_millis(500),
             retry: Duration::from_millis(200),
         }
@@ -73,7 +73,7 @@ impl Default for Options {
 pub struct ReplicaStatus {
     pub node: String,
     pub in_sync: bool,
-    /// "streaming", "catching up", "connecting", or why it is down.
+    /// "streaming", "catching up", "seeding 40% (...)", "connecting", or why it is down.
     pub state: String,
     /// The last seq it holds durably.
     pub acked: u64,
@@ -140,12 +140,43 @@ struct State {
     committed: u64,
     /// The highest seq a sync waits to have durable on the in-sync replicas.
     want_durable: u64,
-    queue: VecDeque<(u64, Arc<Vec<u8>>)>,
+    queue: VecDeque<Queued>,
     queue_bytes: usize,
+    /// Bytes of every transaction committed since the start (the queue's `end`s count on).
+    total_bytes: u64,
     peers: BTreeMap<String, Peer>,
     min: usize,
     deposed: Option<String>,
     stopped: bool,
+}
+
+/// A committed transaction, encoded, waiting for the senders.
+struct Queued {
+    seq: u64,
+    /// `State::total_bytes` through this transaction: bytes between two seqs in O(1).
+    end: u64,
+    enc: Arc<Vec<u8>>,
+}
+
+impl State {
+    /// Bytes of queued transactions through `seq` (counted from the start; a seq before
+    /// the queue counts as its front's start, one past it as everything).
+    fn bytes_through(&self, seq: u64) -> u64 {
+        let Some(front) = self.queue.front() else {
+            return self.total_bytes;
+        };
+        if seq < front.seq {
+            return front.end - front.enc.len() as u64;
+        }
+        self.queue
+            .get((seq - front.seq) as usize)
+            .map_or(self.total_bytes, |q| q.end)
+    }
+
+    /// Bytes of queued transactions after `from` through `to`.
+    fn bytes_between(&self, from: u64, to: u64) -> u64 {
+        self.bytes_through(to).saturating_sub(self.bytes_through(from))
+    }
 }
 
 struct Shared {
@@ -202,6 +233,7 @@ impl Replicator {
                 want_durable: 0,
                 queue: VecDeque::new(),
                 queue_bytes: 0,
+                total_bytes: 0,
                 peers,
                 min: min.max(1),
                 deposed: None,
@@ -261,12 +293,7 @@ impl Replicator {
         st.peers
             .iter()
             .map(|(n, p)| {
-                let lag_bytes = st
-                    .queue
-                    .iter()
-                    .filter(|(s, _)| *s > p.acked)
-                    .map(|(_, b)| b.len() as u64)
-                    .sum();
+                let lag_bytes = st.bytes_between(p.acked, st.committed);
                 ReplicaStatus {
                     node: n.clone(),
                     in_sync: p.in_sync,
@@ -307,14 +334,26 @@ impl Acks for Replicator {
         let mut st = self.sh.lock();
         st.committed = tx.seq;
         st.queue_bytes += enc.len();
-        st.queue.push_back((tx.seq, enc));
+        st.total_bytes += enc.len() as u64;
+        let end = st.total_bytes;
+        st.queue.push_back(Queued { seq: tx.seq, end, enc });
         while st.queue_bytes > self.sh.opts.queue_bytes && st.queue.len() > 1 {
-            if let Some((_, b)) = st.queue.pop_front() {
-                st.queue_bytes -= b.len();
+            if let Some(q) = st.queue.pop_front() {
+                st.queue_bytes -= q.enc.len();
             }
         }
         drop(st);
         self.sh.cv.notify_all();
+    }
+
+    fn syncing(&self, seq: u64) {
+        // The replicas' flushes start now, alongside the local fdatasync.
+        let mut st = self.sh.lock();
+        if seq > st.want_durable {
+            st.want_durable = seq;
+            drop(st);
+            self.sh.cv.notify_all();
+        }
     }
 
     fn wait(&self, seq: u64, timeout: Duration) -> Result<(), AckError> {
@@ -500,7 +539,7 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
         .ok_or_else(|| SendError::Other("the volume is closed".into()))?;
     let sock = sh.link.connect(node).map_err(SendError::Connect)?;
     let mut r = std::io::BufReader::new(sock.try_clone().map_err(SendError::Connect)?);
-    let mut w = std::io::BufWriter::with_capacity(256 << 10, sock.try_clone().map_err(SendError::Connect)?);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, sock.try_clone().map_err(SendError::Connect)?);
     let epoch = sh.lock().epoch;
     let history = vol.epoch_history();
     let hello = Hello {
@@ -529,7 +568,7 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
         sh.cv.notify_all();
         return Err(SendError::Other("replaced by a newer writer".into()));
     }
-    let agree = agree_through(&history, hello.last_seq, &state.history, state.last_seq);
+    let mut agree = agree_through(&history, hello.last_seq, &state.history, state.last_seq);
     if agree < state.last_seq {
         tracing::info!(
             volume = sh.volume,
@@ -553,10 +592,23 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
         }
     }
     if agree + 1 < hello.first_seq {
-        return Err(SendError::Other(format!(
-            "needs a snapshot: it holds seq {agree}, this writer's log starts at {}",
-            hello.first_seq
-        )));
+        // The log no longer holds what it needs: a snapshot of the base and the log after
+        // it, then the tail from where the snapshot ends.
+        tracing::info!(
+            volume = sh.volume,
+            node,
+            agree,
+            first = hello.first_seq,
+            "seeding a replica from a snapshot"
+        );
+        state = seed(sh, node, &vol, &mut r, &mut w)?;
+        agree = agree_through(&vol.epoch_history(), vol.last_seq(), &state.history, state.last_seq);
+        if agree != state.last_seq {
+            return Err(SendError::Other(format!(
+                "the seeded copy's log ends at {} and agrees with this writer's through {agree}",
+                state.last_seq
+            )));
+        }
     }
     let conn = {
         let mut st = sh.lock();
@@ -593,6 +645,54 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
     drop(w);
     let _ = acks.join();
     r
+}
+
+/// Bytes a snapshot of `vol` takes about (its base's files and its log, holes left out):
+/// what seeding progress counts against.
+fn snapshot_size(vol: &Volume) -> u64 {
+    fn walk(p: &std::path::Path, depth: usize) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(m) = std::fs::symlink_metadata(p) else { return 0 };
+        if m.is_file() {
+            return m.blocks() * 512;
+        }
+        if !m.is_dir() || depth > 8 {
+            return 0;
+        }
+        std::fs::read_dir(p)
+            .map(|rd| rd.flatten().map(|e| walk(&e.path(), depth + 1)).sum())
+            .unwrap_or(0)
+    }
+    walk(&vol.dir().join("base"), 0) + walk(&vol.dir().join("txlog"), 0)
+}
+
+/// Send a seeding snapshot of `vol` and read the replica's state after it installed it.
+fn seed(
+    sh: &Shared,
+    node: &str,
+    vol: &Volume,
+    r: &mut impl Read,
+    w: &mut impl Write,
+) -> Result<wire::State, SendError> {
+    let total = snapshot_size(vol).max(1);
+    set_state(sh, node, |p| p.state = "seeding 0%".into());
+    let mut note = |sent: u64| {
+        let pct = (sent * 100 / total).min(99);
+        set_state(sh, node, |p| {
+            p.state = format!("seeding {pct}% ({} MiB sent)", sent >> 20)
+        });
+    };
+    let mut out = wire::SeedOut::start(w, total, &mut note)?;
+    let last = vessel_fs::seed::write_snapshot(vol, &mut out, |_| {})
+        .map_err(|e| SendError::Other(format!("the seeding snapshot: {e}")))?;
+    let bytes = out.finish()?;
+    tracing::info!(volume = sh.volume, node, last, bytes, "seeding snapshot sent");
+    set_state(sh, node, |p| p.state = "seeded: installing".into());
+    match wire::read(r)? {
+        Frame::State(s) => Ok(s),
+        Frame::Refuse(why) => Err(WireError::Refused(why).into()),
+        other => Err(WireError::Unexpected(format!("{other:?} in answer to a snapshot")).into()),
+    }
 }
 
 fn read_acks(sh: &Shared, node: &str, conn: u64, r: &mut impl Read) {
@@ -715,12 +815,7 @@ fn send_loop(
                 if st.stopped || st.deposed.is_some() || p.conn != conn {
                     break (Next::Stop, 0);
                 }
-                let in_flight: usize = st
-                    .queue
-                    .iter()
-                    .filter(|(s, _)| *s > p.received && *s < next)
-                    .map(|(_, b)| b.len())
-                    .sum();
+                let in_flight = st.bytes_between(p.received, next - 1) as usize;
                 let commit = commit_point(&st);
                 // A sync waits for what was sent: durable first, then more data. A copy
                 // out of the set that has everything is asked too (then it may rejoin).
@@ -732,19 +827,25 @@ fn send_loop(
                 if target > p.flush_sent && next > target {
                     break (Next::Flush(target), commit);
                 }
-                if next <= st.committed && in_flight < sh.opts.window_bytes {
-                    let front = st.queue.front().map_or(u64::MAX, |(s, _)| *s);
+                // Small batches wait while one is in flight and no sync asks for them
+                // (as Nagle's algorithm): the next goes when the replica answers, larger.
+                let hold = in_flight > 0
+                    && st.want_durable < next
+                    && (st.bytes_between(next - 1, st.committed) as usize) < wire::BATCH_BYTES / 4;
+                if next <= st.committed && in_flight < sh.opts.window_bytes && !hold {
+                    let front = st.queue.front().map_or(u64::MAX, |q| q.seq);
                     if next < front {
                         break (Next::Log { through: st.committed }, commit);
                     }
                     let mut batch = Vec::new();
                     let mut bytes = 0;
-                    for (s, b) in st.queue.iter().skip((next - front) as usize) {
+                    let from = ((next - front) as usize).min(st.queue.len());
+                    for q in st.queue.range(from..) {
                         if bytes >= wire::BATCH_BYTES {
                             break;
                         }
-                        bytes += b.len();
-                        batch.push((*s, b.clone()));
+                        bytes += q.enc.len();
+                        batch.push((q.seq, q.enc.clone()));
                     }
                     break (Next::Queue(batch), commit);
                 }

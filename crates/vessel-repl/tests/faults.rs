@@ -69,6 +69,18 @@ impl ReplicaHost for DirHost {
         open.insert(volume.to_string(), v.clone());
         Ok(v)
     }
+
+    fn install(&self, volume: &str, vol: Arc<Volume>, snapshot: &mut dyn std::io::Read) -> Result<Arc<Volume>, String> {
+        let mut open = self.open.lock().unwrap();
+        open.remove(volume);
+        if Arc::strong_count(&vol) > 1 {
+            open.insert(volume.to_string(), vol);
+            return Err("the copy is in use".into());
+        }
+        let v = Arc::new(vessel_repl::replica::install_copy(vol, None, snapshot)?);
+        open.insert(volume.to_string(), v.clone());
+        Ok(v)
+    }
 }
 
 // ---- the fault proxy ----

@@ -60,6 +60,18 @@ impl ReplicaHost for DirHost {
         open.insert(volume.to_string(), v.clone());
         Ok(v)
     }
+
+    fn install(&self, volume: &str, vol: Arc<Volume>, snapshot: &mut dyn std::io::Read) -> Result<Arc<Volume>, String> {
+        let mut open = self.open.lock().unwrap();
+        open.remove(volume);
+        if Arc::strong_count(&vol) > 1 {
+            open.insert(volume.to_string(), vol);
+            return Err("the copy is in use".into());
+        }
+        let v = Arc::new(replica::install_copy(vol, None, snapshot)?);
+        open.insert(volume.to_string(), v.clone());
+        Ok(v)
+    }
 }
 
 /// Socket pairs to in-process replica servers; a node can be made unreachable.
@@ -339,4 +351,78 @@ fn a_new_writers_log_wins_and_a_replicas_divergent_tail_is_cut() {
     );
     assert_eq!(b.epoch_history(), c.epoch_history());
     assert_eq!(txs_of(&b, 1, u64::MAX), txs_of(&c, 1, u64::MAX));
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+fn same_tree(a: &Volume, b: &Volume) {
+    let ta = vessel_fs::scrub::hash_tree(a, &mut |_| {}).unwrap();
+    let tb = vessel_fs::scrub::hash_tree(b, &mut |_| {}).unwrap();
+    let d = vessel_fs::scrub::compare(&ta, &tb);
+    assert!(d.is_empty(), "the copies differ: {:?}", &d[..d.len().min(10)]);
+    assert_eq!(ta.root_hex(), tb.root_hex());
+}
+
+#[test]
+fn a_replica_the_log_no_longer_reaches_is_seeded_through_the_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wd = tmp.path().join("a").join("web");
+    Volume::create(&wd, "web", None).unwrap();
+    let opts_small = vessel_fs::volume::VolumeOptions { segment_bytes: 4096 };
+    let writer = Arc::new(Volume::open_with(&wd, None, opts_small).unwrap());
+    for i in 0..5 {
+        write_file(&writer, &format!("early{i}"), b"early");
+    }
+    let early = txs_of(&writer, 1, u64::MAX);
+    // b holds the early transactions (an old copy); c never had anything.
+    let hosts: BTreeMap<String, Arc<DirHost>> = ["b", "c"]
+        .iter()
+        .map(|n| (n.to_string(), DirHost::new(&tmp.path().join(n))))
+        .collect();
+    hosts["b"].vol("web").append_replicated_batch(&early).unwrap();
+    for i in 0..60 {
+        write_file(&writer, &format!("f{i}"), &vec![i as u8; 3000 + i * 10]);
+    }
+    writer.set_retention(Some(0));
+    assert!(writer.compact(now_ns() + 1_000_000_000).unwrap() > 0);
+    let first = writer.first_retained_seq();
+    assert!(
+        first > early.len() as u64 + 1,
+        "the log no longer holds what b needs (it starts at {first})"
+    );
+    let link = Arc::new(Pairs {
+        hosts,
+        down: Mutex::new(BTreeSet::new()),
+    });
+    let master = Arc::new(MemMaster {
+        rec: Mutex::new((writer.epoch(), ["a".to_string()].into_iter().collect())),
+    });
+    let members = [("b".to_string(), false), ("c".to_string(), false)];
+    let repl = Replicator::start(&writer, "a", &members, 3, link.clone(), master.clone(), opts());
+    writer.set_acks(repl.clone());
+    writer.set_ack_timeout(Duration::from_secs(20));
+    wait_until("b and c seeded and in sync", || master.rec.lock().unwrap().1.len() == 3);
+    // Live transactions after the seeding, and a sync that needs both copies.
+    for i in 0..10 {
+        write_file(&writer, &format!("live{i}"), format!("live {i}").as_bytes());
+    }
+    writer.sync().unwrap();
+    let st = repl.status();
+    assert!(st.iter().all(|s| s.in_sync && s.acked >= writer.last_seq()), "{st:?}");
+    for n in ["b", "c"] {
+        let v = link.hosts[n].vol("web");
+        assert!(v.durable_through() >= writer.last_seq());
+        assert!(v.base_meta().seq > 0, "{n} was seeded (its base is the writer's)");
+        assert_eq!(v.epoch_history(), writer.epoch_history());
+        assert_eq!(content(&v, "live9"), b"live 9");
+        assert_eq!(content(&v, "early0"), b"early");
+        assert_eq!(content(&v, "f59"), vec![59u8; 3000 + 590]);
+        same_tree(&writer, &v);
+    }
+    repl.stop();
 }

@@ -17,6 +17,7 @@ impl Volume {
             let st = self.lock();
             (st.tree.applied, st.acks.clone(), st.ack_timeout)
         };
+        acks.syncing(target);
         if self.durable.load(Ordering::Acquire) < target {
             let _g = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
             self.sync_locked(target)?;
