@@ -484,6 +484,7 @@ impl Node {
             template: spec.template.to_string(),
             grace: Duration::from_secs(self.opts.settings.cluster.replica_grace_secs),
             lost,
+            dropped: self.scrubs.dropped.clone(),
         };
         watch.spawn(Arc::downgrade(&repl));
         Ok(())
@@ -530,6 +531,9 @@ struct Watch {
     grace: Duration,
     /// The copies whose nodes are lost now (for `ve show`).
     lost: Arc<Mutex<BTreeSet<String>>>,
+    /// Copies `ve scrub --repair` dropped: their nodes are not picked again until they
+    /// have removed the bad copy (see `scrubbing::Dropped`).
+    dropped: crate::scrubbing::Dropped,
 }
 
 impl Watch {
@@ -610,6 +614,7 @@ impl Watch {
             return true;
         }
         if cfg.replicas.len() < cfg.want_replicas {
+            let nodes: Vec<_> = nodes.into_iter().filter(|n| !self.dropped.avoid(ve, &n.name)).collect();
             add_copies(m, ve, &cfg, rev, &self.template, &nodes);
         }
         true

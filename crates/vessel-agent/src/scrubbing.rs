@@ -26,6 +26,35 @@ pub struct Scrubs {
     /// When a scheduled scrub of a VE was last tried (a failed one is not retried before
     /// the next interval).
     tried: Mutex<HashMap<String, u64>>,
+    pub(crate) dropped: Dropped,
+}
+
+/// How long a node whose copy `ve scrub --repair` dropped is not picked for a new copy of
+/// that VE: its reconcile loop (every 2 s) removes the copy the record no longer lists
+/// first, so the new copy starts empty (picked at once, the writer would catch the bad
+/// copy up from where it stands and keep the damage).
+pub const DROPPED_AVOID: Duration = Duration::from_secs(30);
+
+/// Copies dropped by a repair, per (VE, node), with when.
+#[derive(Default, Clone)]
+pub struct Dropped(Arc<Mutex<HashMap<(String, String), std::time::Instant>>>);
+
+impl Dropped {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), std::time::Instant>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn note(&self, ve: &str, node: &str) {
+        self.lock()
+            .insert((ve.to_string(), node.to_string()), std::time::Instant::now());
+    }
+
+    /// Whether `node` must not get a new copy of `ve` yet.
+    pub fn avoid(&self, ve: &str, node: &str) -> bool {
+        let mut d = self.lock();
+        d.retain(|_, at| at.elapsed() < DROPPED_AVOID);
+        d.contains_key(&(ve.to_string(), node.to_string()))
+    }
 }
 
 impl Scrubs {
@@ -227,6 +256,9 @@ impl Node {
                 next = next
                     .without_replica(n)
                     .map_err(|e| err(ErrorCode::Conflict, format!("VE '{name}': {e}")))?;
+            }
+            for n in nodes {
+                self.scrubs.dropped.note(name.as_str(), n);
             }
             if next == cfg || m.block_on(m.store().put_if(&key, &next, rev)).map_err(unavailable)? {
                 tracing::warn!(ve = %name, dropped = ?nodes, "copies dropped after a scrub found them different");

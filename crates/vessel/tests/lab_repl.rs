@@ -181,7 +181,9 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
         table.contains("WAITING: 2 of the 3 copies a sync needs are in sync"),
         "{table}"
     );
-    let blocked = (0..10).any(|_| {
+    // The writer applies the new count at its watcher's next look (every second).
+    let t = Instant::now();
+    let blocked = (0..100).take_while(|_| t.elapsed() < Duration::from_secs(60)).any(|_| {
         let o = lab.vessel(
             "node1",
             &[
@@ -240,7 +242,38 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
     let errs = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{out}");
     assert!(out.contains("/data/r5") && out.contains("content differs"), "{out}");
-    assert!(errs.contains("node2"), "{errs}");
+    assert!(errs.contains("node2") && errs.contains("--repair"), "{errs}");
+
+    // `--repair` drops node2's copy; node2 removes it, and (node3 back, the VE running
+    // again) a new copy is made on node2 from the writer's: every record, scrub equal.
+    let o = lab.vessel("node1", &["ve", "scrub", "web", "--repair"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("dropped the copies on node2"));
+    let copy = node_root(&lab, "node2").join("replicas").join("web");
+    let t = Instant::now();
+    while copy.exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "{} still there", copy.display());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    lab.ok(&["start", "node3"]);
+    lab.vessel_ok("node1", &["ve", "start", "web"]);
+    wait_show(&lab, "web", "node2 (a new copy) and node3 in sync", |v| {
+        ["node2", "node3"]
+            .iter()
+            .all(|n| replica(v, n).is_some_and(|r| r["in_sync"] == true && r["lag_txs"] == 0))
+    });
+    let scrub = lab.vessel_json("node1", &["ve", "scrub", "web"]);
+    let copies = scrub.as_array().unwrap();
+    assert_eq!(copies.len(), 3, "{scrub}");
+    for c in copies {
+        assert_eq!(c["root"], copies[0]["root"], "{scrub}");
+    }
+    lab.vessel_ok("node1", &["ve", "stop", "web"]);
+    assert_eq!(
+        closed_records(&lab, "node2", "web", &tid, 60),
+        want(60),
+        "node2's new copy"
+    );
 
     // Destroyed, the VE's copies go from the nodes that kept them (node2 is alive).
     lab.vessel_ok("node1", &["ve", "destroy", "--force", "web"]);
