@@ -194,42 +194,6 @@ impl Node {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn c(name: &str, last: Option<u64>, since: u64) -> Candidate {
-        Candidate {
-            name: name.into(),
-            last_scrub: last,
-            writing_since: since,
-        }
-    }
-
-    #[test]
-    fn the_most_overdue_ve_is_scrubbed_first_and_nothing_before_its_time() {
-        let cs = [c("a", Some(100), 0), c("b", None, 50), c("c", Some(10), 0)];
-        assert_eq!(next_due(&cs, 200, 100).map(|c| c.name.as_str()), Some("c"));
-        // At 130 only c (due 110) and b (due 150? no: 150 > 130) qualify.
-        assert_eq!(next_due(&cs, 130, 100).map(|c| c.name.as_str()), Some("c"));
-        assert_eq!(next_due(&cs, 109, 100), None);
-        // A VE without a scrub is due an interval after this node began writing it.
-        let cs = [c("b", None, 50)];
-        assert_eq!(next_due(&cs, 149, 100), None);
-        assert_eq!(next_due(&cs, 150, 100).map(|c| c.name.as_str()), Some("b"));
-    }
-
-    #[test]
-    fn interval_zero_never_scrubs_and_ties_go_by_name() {
-        let cs = [c("b", Some(0), 0), c("a", Some(0), 0)];
-        assert_eq!(next_due(&cs, u64::MAX, 0), None);
-        assert_eq!(next_due(&cs, 10, 5).map(|c| c.name.as_str()), Some("a"));
-        assert_eq!(next_due(&[], 10, 5), None);
-        // No overflow for a far last scrub.
-        assert_eq!(next_due(&[c("x", Some(u64::MAX), 0)], u64::MAX - 1, 7), None);
-    }
-}
-
 impl Node {
     /// `ve scrub --repair`: drop these copies from the VE's volume record (by CAS at its
     /// epoch; never the writer's). The writer's watcher then picks nodes for the missing
@@ -269,5 +233,41 @@ impl Node {
             ErrorCode::Conflict,
             format!("VE '{name}': its volume's record changed on every try: try again"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(name: &str, last: Option<u64>, since: u64) -> Candidate {
+        Candidate {
+            name: name.into(),
+            last_scrub: last,
+            writing_since: since,
+        }
+    }
+
+    #[test]
+    fn the_most_overdue_ve_is_scrubbed_first_and_nothing_before_its_time() {
+        let cs = [c("a", Some(100), 0), c("b", None, 50), c("c", Some(10), 0)];
+        assert_eq!(next_due(&cs, 200, 100).map(|c| c.name.as_str()), Some("c"));
+        // At 130 only c (due 110) and b (due 150? no: 150 > 130) qualify.
+        assert_eq!(next_due(&cs, 130, 100).map(|c| c.name.as_str()), Some("c"));
+        assert_eq!(next_due(&cs, 109, 100), None);
+        // A VE without a scrub is due an interval after this node began writing it.
+        let cs = [c("b", None, 50)];
+        assert_eq!(next_due(&cs, 149, 100), None);
+        assert_eq!(next_due(&cs, 150, 100).map(|c| c.name.as_str()), Some("b"));
+    }
+
+    #[test]
+    fn interval_zero_never_scrubs_and_ties_go_by_name() {
+        let cs = [c("b", Some(0), 0), c("a", Some(0), 0)];
+        assert_eq!(next_due(&cs, u64::MAX, 0), None);
+        assert_eq!(next_due(&cs, 10, 5).map(|c| c.name.as_str()), Some("a"));
+        assert_eq!(next_due(&[], 10, 5), None);
+        // No overflow for a far last scrub.
+        assert_eq!(next_due(&[c("x", Some(u64::MAX), 0)], u64::MAX - 1, 7), None);
     }
 }
