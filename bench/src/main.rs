@@ -128,19 +128,25 @@ fn main() {
         let args: Vec<String> = std::env::args().skip(2).collect();
         std::process::exit(fsve::worker(&args));
     }
-    if !matches!(
-        cmd.as_deref(),
-        Some("ve-start") | Some("fs") | Some("fs-ve") | Some("control") | Some("forward") | Some("repl")
-    ) {
-        eprintln!(
-            "usage: vessel-bench ve-start [--runs N] [--density N] \
+    let help = std::env::args().skip(1).any(|a| a == "--help" || a == "-h");
+    if help
+        || !matches!(
+            cmd.as_deref(),
+            Some("ve-start") | Some("fs") | Some("fs-ve") | Some("control") | Some("forward") | Some("repl")
+        )
+    {
+        let usage = "usage: vessel-bench ve-start [--runs N] [--density N] \
              | fs [--runs N] [--seq-mib N] [--mounts N] [--in-ve 0|1] [--debian 0|1] \
              | fs-ve [--runs N] [--seq-mib N] [--debian 0|1] [--only untar|fsync|seq|history] \
              | control [--nodes N] [--ves N] [--writers N] [--runs N] [--lab 0|1] [--timeout S] \
              | forward [--runs N] [--mib N] \
-             | repl [--quick] [--runs N] [--files N] [--fsync-ops N] [--seq-mib N] [--targets ext4,rf1,rf2,rf3,gluster] [--warmup 0|1]"
-        );
-        std::process::exit(2);
+             | repl [--quick] [--runs N] [--files N] [--fsync-ops N] [--seq-mib N] [--targets ext4,rf1,rf2,rf3,gluster] [--warmup 0|1]";
+        if help {
+            println!("{usage}");
+        } else {
+            eprintln!("{usage}");
+        }
+        std::process::exit(if help { 0 } else { 2 });
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
