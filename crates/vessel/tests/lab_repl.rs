@@ -6,72 +6,12 @@
 //! scrubs on its schedule (`[replication] scrub_interval`) and `ve show` keeps the outcome.
 
 mod common;
+use common::repl::*;
 use common::*;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vessel_fs::tree::ROOT;
 use vessel_fs::Volume;
 use vessel_testkit::lab::TestLab;
-
-fn show(lab: &TestLab, ve: &str) -> serde_json::Value {
-    lab.vessel_json("node1", &["ve", "show", ve])
-}
-
-fn wait_show(lab: &TestLab, ve: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let t = Instant::now();
-    let mut last = serde_json::Value::Null;
-    for _ in 0..240 {
-        last = show(lab, ve);
-        if pred(&last) {
-            return last;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!("{what}: not within {:?}; last: {last}", t.elapsed());
-}
-
-fn replica<'a>(v: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::Value> {
-    v["replicas"].as_array()?.iter().find(|r| r["node"] == node)
-}
-
-fn node_root(lab: &TestLab, node: &str) -> PathBuf {
-    lab.socket(node).parent().expect("a node root").to_path_buf()
-}
-
-/// The records of a copy of VE `ve` on `node`, read from the copy's own volume (an error
-/// while a daemon still holds it open).
-fn records_on(lab: &TestLab, node: &str, ve: &str, template_id: &str, n: usize) -> Result<Vec<Option<String>>, String> {
-    let root = node_root(lab, node);
-    let lower = vessel_fs::lower::shared(&root.join("templates").join(template_id).join("rootfs"))
-        .map_err(|e| e.to_string())?;
-    let dir = if node == "node1" {
-        root.join("ves").join(ve).join("volume")
-    } else {
-        root.join("replicas").join(ve).join("volume")
-    };
-    let v = Volume::open(&dir, Some(lower)).map_err(|e| format!("open {}: {e}", dir.display()))?;
-    let data = v.lookup(ROOT, b"data").ok();
-    Ok((1..=n)
-        .map(|i| {
-            let d = data.as_ref()?;
-            let a = v.lookup(d.ino, format!("r{i}").as_bytes()).ok()?;
-            Some(String::from_utf8_lossy(&v.read(a.ino, 0, a.size as u32).ok()?).into_owned())
-        })
-        .collect())
-}
-
-/// [`records_on`] once the copy is closed (bounded wait).
-fn closed_records(lab: &TestLab, node: &str, ve: &str, template_id: &str, n: usize) -> Vec<Option<String>> {
-    let mut last = String::new();
-    for _ in 0..20 {
-        match records_on(lab, node, ve, template_id, n) {
-            Ok(r) => return r,
-            Err(e) => last = e,
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!("the copy on {node}: {last}");
-}
 
 #[test]
 fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
@@ -127,7 +67,7 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
         );
     };
     write(1, 40);
-    let s = wait_show(&lab, "web", "both copies in sync", |v| {
+    let s = wait_show(&lab, "node1", "web", "both copies in sync", |v| {
         ["node2", "node3"]
             .iter()
             .all(|n| replica(v, n).is_some_and(|r| r["in_sync"] == true && r["lag_txs"] == 0))
@@ -150,7 +90,7 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
         assert!(c.get("differences").is_none() && c.get("error").is_none(), "{scrub}");
     }
     // The writer's schedule compares the copies too, and `ve show` keeps the outcome.
-    let s = wait_show(&lab, "web", "a scheduled scrub", |v| {
+    let s = wait_show(&lab, "node1", "web", "a scheduled scrub", |v| {
         v["last_scrub"]["scheduled"] == true
     });
     let copies = s["last_scrub"]["copies"].as_array().unwrap();
@@ -168,7 +108,7 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
     // is out of the in-sync set.
     lab.ok(&["kill", "node3"]);
     write(41, 60);
-    let s = wait_show(&lab, "web", "node3 out of the set", |v| {
+    let s = wait_show(&lab, "node1", "web", "node3 out of the set", |v| {
         replica(v, "node3").is_some_and(|r| r["in_sync"] == false)
     });
     assert_eq!(replica(&s, "node2").unwrap()["in_sync"], true, "{s}");
@@ -257,7 +197,7 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
     }
     lab.ok(&["start", "node3"]);
     lab.vessel_ok("node1", &["ve", "start", "web"]);
-    wait_show(&lab, "web", "node2 (a new copy) and node3 in sync", |v| {
+    wait_show(&lab, "node1", "web", "node2 (a new copy) and node3 in sync", |v| {
         ["node2", "node3"]
             .iter()
             .all(|n| replica(v, n).is_some_and(|r| r["in_sync"] == true && r["lag_txs"] == 0))
