@@ -864,35 +864,57 @@ impl Node {
             return Ok(());
         };
         let name = spec.name.to_string();
-        let key = volume_key(&name);
-        let unavailable = |e: ClusterError| {
+        let nodes = m.block_on(crate::control::read_nodes(m.store())).map_err(|e| {
             err(
                 ErrorCode::Unavailable,
                 format!("VE '{name}': changing its copies needs the cluster's control store: {e}"),
             )
-        };
-        let nodes = m.block_on(crate::control::read_nodes(m.store())).map_err(unavailable)?;
+        })?;
         let want = spec.replicas.unwrap_or(1).min(nodes.len().max(1) as u8) as usize;
         let min = spec.min_replicas_of(want as u8) as usize;
-        for _ in 0..CAS_TRIES {
-            let got: Option<(VolumeConfig, i64)> = m.block_on(m.store().get_rev(&key)).map_err(unavailable)?;
-            // No record yet: the next start makes it with these counts.
-            let Some((cfg, rev)) = got else { return Ok(()) };
+        let changed = change_record(&m, &name, "changing its copies", |cfg| {
             if cfg.min_replicas == min && cfg.want_replicas == want && cfg.replicas.len() <= want {
-                return Ok(());
+                return Ok(None);
             }
-            let next = with_new_counts(&cfg, min, want)
-                .map_err(|e| err(ErrorCode::InvalidArgument, format!("VE '{name}': {e}")))?;
-            if m.block_on(m.store().put_if(&key, &next, rev)).map_err(unavailable)? {
-                tracing::info!(ve = name, want, min, replicas = ?next.replicas, "copy counts changed");
-                return Ok(());
-            }
+            with_new_counts(cfg, min, want)
+                .map(Some)
+                .map_err(|e| err(ErrorCode::InvalidArgument, format!("VE '{name}': {e}")))
+        })?;
+        if let Some(next) = changed {
+            tracing::info!(ve = name, want, min, replicas = ?next.replicas, "copy counts changed");
         }
-        Err(err(
-            ErrorCode::Conflict,
-            format!("VE '{name}': its volume's record changed on every try: try again"),
-        ))
+        Ok(())
     }
+}
+
+/// Change VE `ve`'s volume record by CAS (bounded tries): `f` gives the next record, or
+/// `None` for no change. No record: nothing changes (the next start makes it). Returns the
+/// record written, if any; `what` names the change in the store's error.
+pub(crate) fn change_record(
+    m: &Member,
+    ve: &str,
+    what: &str,
+    mut f: impl FnMut(&VolumeConfig) -> NResult<Option<VolumeConfig>>,
+) -> NResult<Option<VolumeConfig>> {
+    let key = volume_key(ve);
+    let unavailable = |e: ClusterError| {
+        err(
+            ErrorCode::Unavailable,
+            format!("VE '{ve}': {what} needs the cluster's control store: {e}"),
+        )
+    };
+    for _ in 0..CAS_TRIES {
+        let got: Option<(VolumeConfig, i64)> = m.block_on(m.store().get_rev(&key)).map_err(unavailable)?;
+        let Some((cfg, rev)) = got else { return Ok(None) };
+        let Some(next) = f(&cfg)? else { return Ok(None) };
+        if m.block_on(m.store().put_if(&key, &next, rev)).map_err(unavailable)? {
+            return Ok(Some(next));
+        }
+    }
+    Err(err(
+        ErrorCode::Conflict,
+        format!("VE '{ve}': its volume's record changed on every try: try again"),
+    ))
 }
 
 #[cfg(test)]

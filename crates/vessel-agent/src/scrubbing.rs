@@ -200,21 +200,11 @@ impl Node {
     /// copies and seeds them; a dropped node removes its copy.
     pub fn drop_copies(&self, name: &Name, nodes: &[&str]) -> NResult<()> {
         use crate::node::err;
-        use vessel_repl::config::VolumeConfig;
         use vessel_types::api::ErrorCode;
         let Some(m) = self.cluster.get().cloned() else {
             return Ok(());
         };
-        let key = crate::replicate::volume_key(name.as_str());
-        let unavailable = |e: vessel_cluster::ClusterError| {
-            err(
-                ErrorCode::Unavailable,
-                format!("VE '{name}': dropping copies needs the cluster's control store: {e}"),
-            )
-        };
-        for _ in 0..8 {
-            let got: Option<(VolumeConfig, i64)> = m.block_on(m.store().get_rev(&key)).map_err(unavailable)?;
-            let Some((cfg, rev)) = got else { return Ok(()) };
+        crate::replicate::change_record(&m, name.as_str(), "dropping copies", |cfg| {
             let mut next = cfg.clone();
             for n in nodes.iter().filter(|n| **n != cfg.writer && cfg.is_replica(n)) {
                 next = next
@@ -224,15 +214,10 @@ impl Node {
             for n in nodes {
                 self.scrubs.dropped.note(name.as_str(), n);
             }
-            if next == cfg || m.block_on(m.store().put_if(&key, &next, rev)).map_err(unavailable)? {
-                tracing::warn!(ve = %name, dropped = ?nodes, "copies dropped after a scrub found them different");
-                return Ok(());
-            }
-        }
-        Err(err(
-            ErrorCode::Conflict,
-            format!("VE '{name}': its volume's record changed on every try: try again"),
-        ))
+            Ok((next != *cfg).then_some(next))
+        })?;
+        tracing::warn!(ve = %name, dropped = ?nodes, "copies dropped after a scrub found them different");
+        Ok(())
     }
 }
 
