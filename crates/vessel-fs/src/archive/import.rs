@@ -106,6 +106,9 @@ pub fn import<R: Read>(vol: &Volume, entries: tar::Entries<'_, R>) -> std::io::R
     let mut n = 0;
     let mut dirs = DirCache::default();
     let mut buf = vec![0u8; sparse::CHUNK];
+    // A directory's times are set after its last entry: making a child would move them.
+    // Kept by path: a later whiteout may remove one.
+    let mut dir_times: Vec<(Vec<Vec<u8>>, i64)> = Vec::new();
     for e in entries {
         let mut e = e?;
         let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
@@ -148,6 +151,7 @@ pub fn import<R: Read>(vol: &Volume, entries: tar::Entries<'_, R>) -> std::io::R
                 return Err(refuse("the root must be a directory".into()));
             }
             finish(vol, ROOT, &h, &pax, &refuse)?;
+            dir_times.push((Vec::new(), entry_time(&h)?));
             continue;
         };
         let depth = parent_comps.len();
@@ -243,8 +247,28 @@ pub fn import<R: Read>(vol: &Volume, entries: tar::Entries<'_, R>) -> std::io::R
             }
         };
         finish(vol, ino, &h, &pax, &refuse)?;
+        if kind == FileKind::Dir {
+            dir_times.push((comps.iter().map(|c| c.to_vec()).collect(), entry_time(&h)?));
+        }
+    }
+    let mut dirs = DirCache::default();
+    for (path, t) in dir_times {
+        let comps: Vec<&[u8]> = path.iter().map(|c| c.as_slice()).collect();
+        // Gone or replaced by a later entry: nothing to set.
+        let Ok(ino) = dirs.resolve(vol, &comps) else { continue };
+        let attr = SetAttr {
+            atime_ns: Some(t),
+            mtime_ns: Some(t),
+            ..Default::default()
+        };
+        vol.setattr(ino, &attr).map_err(errno)?;
     }
     Ok(n)
+}
+
+/// An entry's modification time in nanoseconds (tar keeps whole seconds).
+fn entry_time(h: &tar::Header) -> std::io::Result<i64> {
+    Ok(h.mtime()?.min(i64::MAX as u64 / 1_000_000_000) as i64 * 1_000_000_000)
 }
 
 /// Resolve a path from the root without following symlinks.
@@ -283,18 +307,18 @@ fn finish(
             xattr::VE_IDS
         )));
     }
-    if h.entry_type() != tar::EntryType::Symlink {
-        let t = h.mtime()?.min(i64::MAX as u64 / 1_000_000_000) as i64 * 1_000_000_000;
-        let attr = SetAttr {
-            mode: Some(h.mode()? & 0o7777),
-            uid: Some(uid as u32),
-            gid: Some(gid as u32),
-            size: None,
-            atime_ns: Some(t),
-            mtime_ns: Some(t),
-        };
-        vol.setattr(ino, &attr).map_err(|er| refuse(errno(er).to_string()))?;
-    }
+    let t = entry_time(h)?;
+    // A symlink's mode is always 0777 (as lchmod does not exist); its owner and times are kept.
+    let symlink = h.entry_type() == tar::EntryType::Symlink;
+    let attr = SetAttr {
+        mode: if symlink { None } else { Some(h.mode()? & 0o7777) },
+        uid: Some(uid as u32),
+        gid: Some(gid as u32),
+        size: None,
+        atime_ns: Some(t),
+        mtime_ns: Some(t),
+    };
+    vol.setattr(ino, &attr).map_err(|er| refuse(errno(er).to_string()))?;
     Ok(())
 }
 

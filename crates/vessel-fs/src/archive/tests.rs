@@ -416,3 +416,49 @@ fn a_deep_tree_exports_and_imports() {
     assert_eq!(b.read(top, 0, 10).unwrap(), b"deep");
     assert_eq!(b.getattr(top).unwrap().nlink, 2);
 }
+
+#[test]
+fn times_of_directories_and_symlinks_survive_an_export() {
+    let d = tempfile::tempdir().unwrap();
+    let tpl = template(d.path());
+    let a = volume(d.path(), "a", &tpl);
+    let old = 1_600_000_000 * 1_000_000_000i64;
+    let at = |t: i64| crate::volume::SetAttr {
+        atime_ns: Some(t),
+        mtime_ns: Some(t),
+        ..Default::default()
+    };
+    let dir = a
+        .mknod(crate::tree::ROOT, b"app", FileKind::Dir, 0o755, 0, 0, 0, b"")
+        .unwrap()
+        .ino;
+    let f = file(&a, dir, "conf");
+    let sym = a
+        .mknod(dir, b"conf.sym", FileKind::Symlink, 0o777, 5, 6, 0, b"conf")
+        .unwrap()
+        .ino;
+    for (i, ino) in [f, sym, dir].into_iter().enumerate() {
+        a.setattr(ino, &at(old + i as i64 * 1_000_000_000)).unwrap();
+    }
+    // A template directory changed: /etc gets a child, then an old time.
+    let etc = ino(&a, "etc");
+    file(&a, etc, "added");
+    a.setattr(etc, &at(old)).unwrap();
+    let mut out = Vec::new();
+    export(&a, b"{}", &mut out).unwrap();
+    let b = volume(d.path(), "b", &tpl);
+    let mut ar = tar::Archive::new(Guard::new(&out[..]));
+    let (_, entries) = read_meta(&mut ar).unwrap();
+    import(&b, entries).unwrap();
+    let mtime = |p: &str| b.getattr(ino(&b, p)).unwrap().mtime_ns;
+    assert_eq!(mtime("app/conf"), old);
+    assert_eq!(mtime("app/conf.sym"), old + 1_000_000_000);
+    assert_eq!(
+        mtime("app"),
+        old + 2_000_000_000,
+        "a directory's time is set after its entries"
+    );
+    assert_eq!(mtime("etc"), old);
+    let s = b.getattr(ino(&b, "app/conf.sym")).unwrap();
+    assert_eq!((s.uid, s.gid), (5, 6));
+}
