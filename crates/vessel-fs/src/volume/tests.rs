@@ -444,3 +444,25 @@ fn a_flat_data_directory_of_an_older_volume_moves_into_shards() {
     assert!(dir.join("data").join(data_name(f)).exists());
     assert_eq!(data_files(&dir.join("data")).len(), 1);
 }
+
+#[test]
+fn the_shard_directories_are_spread_over_ext4_block_groups() {
+    use std::os::fd::AsRawFd;
+    let d = tempfile::tempdir().unwrap();
+    let _v = empty(d.path(), "v");
+    let data = std::fs::File::open(d.path().join("v").join("data")).unwrap();
+    // SAFETY: statfs is plain old data; all zeroes is a valid value.
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs fills the struct it is given; the descriptor is open.
+    let r = unsafe { libc::fstatfs(data.as_raw_fd(), &mut sfs) };
+    assert_eq!(r, 0);
+    if sfs.f_type != 0xEF53 {
+        eprintln!("skipped: the temp dir is not on ext4 (the flag is ext4's)");
+        return;
+    }
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one long into `flags`; the descriptor is open.
+    let r = unsafe { libc::ioctl(data.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    assert_eq!(r, 0);
+    assert_ne!(flags & 0x0002_0000, 0, "data/ carries the top-directory flag");
+}
