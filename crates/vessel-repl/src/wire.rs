@@ -259,6 +259,12 @@ fn u32_at(p: &[u8], at: usize) -> Result<u32, WireError> {
 
 /// Read one frame; `Closed` at a clean end of the stream (between frames).
 pub fn read(r: &mut impl Read) -> Result<Frame, WireError> {
+    read_with(r, &mut Vec::new())
+}
+
+/// [`read`] into `p`, a buffer kept across frames: a stream of multi-megabyte batches
+/// does not allocate, zero and fault in a fresh buffer for each.
+pub fn read_with(r: &mut impl Read, p: &mut Vec<u8>) -> Result<Frame, WireError> {
     let mut head = [0u8; 9];
     if !fill(r, &mut head, true)? {
         return Err(WireError::Closed);
@@ -269,30 +275,35 @@ pub fn read(r: &mut impl Read) -> Result<Frame, WireError> {
     if len > MAX_FRAME {
         return Err(WireError::Corrupt(format!("frame length {len} over the limit")));
     }
-    let mut p = vec![0u8; len as usize];
-    fill(r, &mut p, false)?;
+    if p.capacity() > 4 * BATCH_BYTES && (len as usize) <= BATCH_BYTES {
+        // Not kept at the size of one exceptional frame.
+        *p = Vec::new();
+    }
+    // Zeroed only where it grows past the last frame.
+    p.resize(len as usize, 0);
+    fill(r, p, false)?;
     let mut h = crc32fast::Hasher::new();
     h.update(&[kind]);
-    h.update(&p);
+    h.update(p);
     if h.finalize() != crc {
         return Err(WireError::Corrupt(format!(
             "checksum mismatch in a frame of kind {kind}"
         )));
     }
     Ok(match kind {
-        K_HELLO => Frame::Hello(control("hello", &p)?),
-        K_STATE => Frame::State(control("state", &p)?),
-        K_REFUSE => Frame::Refuse(control::<Refuse>("refuse", &p)?.reason),
+        K_HELLO => Frame::Hello(control("hello", p)?),
+        K_STATE => Frame::State(control("state", p)?),
+        K_REFUSE => Frame::Refuse(control::<Refuse>("refuse", p)?.reason),
         K_CUT => Frame::Cut {
-            after: control::<Cut>("cut", &p)?.after,
+            after: control::<Cut>("cut", p)?.after,
         },
         K_TXS => {
-            let commit = u64_at(&p, 0)?;
-            let n = u32_at(&p, 8)? as usize;
+            let commit = u64_at(p, 0)?;
+            let n = u32_at(p, 8)? as usize;
             let mut at = 12;
             let mut txs = Vec::with_capacity(n.min(1 << 16));
             for _ in 0..n {
-                let l = u32_at(&p, at)? as usize;
+                let l = u32_at(p, at)? as usize;
                 at += 4;
                 let b = p
                     .get(at..at + l)
@@ -306,17 +317,15 @@ pub fn read(r: &mut impl Read) -> Result<Frame, WireError> {
             Frame::Txs { commit, txs }
         }
         K_ACK if p.len() == 16 => Frame::Ack {
-            received: u64_at(&p, 0)?,
-            durable: u64_at(&p, 8)?,
+            received: u64_at(p, 0)?,
+            durable: u64_at(p, 8)?,
         },
-        K_FLUSH if p.len() == 8 => Frame::Flush {
-            through: u64_at(&p, 0)?,
-        },
+        K_FLUSH if p.len() == 8 => Frame::Flush { through: u64_at(p, 0)? },
         K_SEED => Frame::Seed {
-            total: control::<Seed>("seed", &p)?.total,
+            total: control::<Seed>("seed", p)?.total,
         },
-        K_SEED_DATA => Frame::SeedData(p),
-        K_SEED_END if p.len() == 8 => Frame::SeedEnd { bytes: u64_at(&p, 0)? },
+        K_SEED_DATA => Frame::SeedData(std::mem::take(p)),
+        K_SEED_END if p.len() == 8 => Frame::SeedEnd { bytes: u64_at(p, 0)? },
         K_ACK | K_FLUSH | K_SEED_END => {
             return Err(WireError::Corrupt(format!(
                 "a frame of kind {kind} with {} bytes",

@@ -289,7 +289,7 @@ impl Link for Faulty {
             std::thread::spawn(move || backward(proxy_r, proxy_w));
         }
         std::thread::spawn(move || {
-            let mut r = replica_end.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(replica_end.try_clone().unwrap());
             let mut w = replica_end;
             let res = replica::serve(&mut r, &mut w, &*host);
             let last_seq = host.open.lock().unwrap().values().next().map_or(0, |v| v.last_seq());

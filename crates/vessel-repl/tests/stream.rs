@@ -88,7 +88,7 @@ impl Link for Pairs {
         let host = self.hosts.get(node).cloned().ok_or(std::io::ErrorKind::NotFound)?;
         let (a, b) = UnixStream::pair()?;
         std::thread::spawn(move || {
-            let mut r = b.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(b.try_clone().unwrap());
             let mut w = b;
             let _ = replica::serve(&mut r, &mut w, &*host);
         });
