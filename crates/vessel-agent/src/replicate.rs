@@ -8,8 +8,8 @@
 //!   content-addressed template (fetched from the writer's node if this node lacks it).
 //!   Copies the store no longer lists for this node are removed (`sweep_replicas`).
 //! - as a writer: [`PeerLink`] opens such a stream to a replica's node with this node's
-//!   certificate and hands the replicator one end of a socket pair (`vessel_peer::bridge`
-//!   carries it over the TLS connection).
+//!   certificate and hands the replicator the connection's two halves
+//!   (`vessel_peer::pipe`: its sender and acknowledgement reader drive TLS themselves).
 //!
 //! A node never serves as a replica of a VE it has as its own (it is that VE's writer, or
 //! the VE's files here are not a copy to stream into).
@@ -18,8 +18,8 @@ use crate::cluster::Member;
 use crate::node::{err, NResult, Node};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
+use std::io::Write;
 use std::io::{BufReader, BufWriter};
-use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use vessel_cluster::{keys, ClusterError};
@@ -195,29 +195,20 @@ pub struct ReplicaSession {
 
 impl DuplexSession for ReplicaSession {
     fn run(self: Box<Self>, ch: Channel) {
-        let (mine, theirs) = match UnixStream::pair() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(volume = self.volume, "replication stream: {e}");
-                return;
-            }
-        };
-        let bridge = std::thread::spawn(move || vessel_peer::bridge::run(ch, theirs, Frame::Stdout));
+        // This thread reads, applies and answers in turn: it drives the TLS connection
+        // itself (no bridge thread, no socket pair).
+        let (r, w, close) = vessel_peer::pipe::split(ch, Frame::Stdout);
         let host = Host {
             node: &self.node,
             layer: self.layer.clone(),
         };
-        let r = (|| -> Result<(), String> {
-            let mut r = BufReader::new(mine.try_clone().map_err(|e| e.to_string())?);
-            let mut w = BufWriter::with_capacity(64 << 10, mine.try_clone().map_err(|e| e.to_string())?);
-            replica::serve(&mut r, &mut w, &host).map_err(|e| e.to_string())?;
-            Ok(())
-        })();
-        if let Err(e) = r {
+        let mut r = BufReader::new(r);
+        let mut w = BufWriter::with_capacity(64 << 10, w);
+        if let Err(e) = replica::serve(&mut r, &mut w, &host) {
             tracing::info!(volume = self.volume, "replication stream ended: {e}");
         }
-        let _ = mine.shutdown(std::net::Shutdown::Both);
-        let _ = bridge.join();
+        let _ = w.flush();
+        close.close();
         self.node.replicas.release(&self.volume);
     }
 }
@@ -250,7 +241,7 @@ impl PeerLink {
 }
 
 impl vessel_repl::writer::Link for PeerLink {
-    fn connect(&self, to: &str) -> std::io::Result<UnixStream> {
+    fn connect(&self, to: &str) -> std::io::Result<vessel_repl::writer::Conn> {
         let rec: Option<vessel_cluster::keys::NodeRecord> = self
             .m
             .block_on(self.m.store().get(&keys::node(to)))
@@ -266,15 +257,13 @@ impl vessel_repl::writer::Link for PeerLink {
         let ch = client
             .call_duplex(&req)
             .map_err(|e| std::io::Error::other(format!("node {to}: {e}")))?;
-        let (mine, theirs) = UnixStream::pair()?;
-        std::thread::Builder::new()
-            .name(format!("vessel-repl-link-{to}"))
-            .spawn(move || {
-                if let Err(e) = vessel_peer::bridge::run(ch, theirs, Frame::Stdin) {
-                    tracing::debug!("replication link: {e}");
-                }
-            })?;
-        Ok(mine)
+        // The sender and its acknowledgement reader drive the TLS connection themselves.
+        let (r, w, close) = vessel_peer::pipe::split(ch, Frame::Stdin);
+        Ok(vessel_repl::writer::Conn {
+            reader: Box::new(r),
+            writer: Box::new(w),
+            close: Box::new(move || close.close()),
+        })
     }
 }
 

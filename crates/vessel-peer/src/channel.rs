@@ -15,7 +15,7 @@
 
 use crate::duplex::{Decoder, DuplexError, Frame, MAX_PAYLOAD};
 use rustls::Connection;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -175,6 +175,16 @@ impl Channel {
         Ok(Event::Wait)
     }
 
+    /// The TLS close, without waiting for the socket: queued only when everything before
+    /// it went to TLS (otherwise the other side sees a cut, never a clean end that lost
+    /// data).
+    pub fn close_notify(&mut self) {
+        if self.write_some().is_ok() && self.backlog() == 0 {
+            self.conn.send_close_notify();
+            let _ = self.write_some();
+        }
+    }
+
     /// Send what is queued, then the TLS close; waits at most `timeout` for the socket.
     pub fn finish(mut self, timeout: Duration) -> Result<(), ChannelError> {
         let deadline = Instant::now() + timeout;
@@ -263,14 +273,14 @@ impl Channel {
     }
 
     fn take_plaintext(&mut self) -> Result<(), ChannelError> {
-        let mut buf = vec![0u8; 64 << 10];
         loop {
-            match self.conn.reader().read(&mut buf) {
+            // Straight into the decoder's buffer (no scratch buffer to zero and copy from).
+            match self.dec.fill_from(&mut self.conn.reader()) {
                 Ok(0) => {
                     self.clean_end = true;
                     return Ok(());
                 }
-                Ok(n) => self.dec.push(&buf[..n]),
+                Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
                     self.cut = Some("it ended without its TLS close".into());

@@ -147,27 +147,51 @@ impl Frame {
 /// Frames out of bytes as they arrive, in any pieces.
 #[derive(Debug, Default)]
 pub struct Decoder {
+    /// Received bytes are `buf[pos..end]`; `buf` beyond `end` is room already zeroed once,
+    /// so reading into it costs no memset.
     buf: Vec<u8>,
     pos: usize,
+    end: usize,
 }
 
 impl Decoder {
-    pub fn push(&mut self, bytes: &[u8]) {
-        if self.pos > 0 && self.pos * 2 >= self.buf.len() {
-            self.buf.drain(..self.pos);
+    /// Room for `n` more bytes after `end` (frames taken are dropped from the front
+    /// once they are half the buffer).
+    fn room(&mut self, n: usize) {
+        if self.pos > 0 && self.pos * 2 >= self.end {
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
             self.pos = 0;
         }
-        self.buf.extend_from_slice(bytes);
+        if self.buf.len() < self.end + n {
+            self.buf.resize(self.end + n, 0);
+        }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.room(bytes.len());
+        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+    }
+
+    /// Read once from `r` straight into the buffer (as `push` of what it read, without
+    /// the copy); returns what `read` returned.
+    pub fn fill_from(&mut self, r: &mut impl std::io::Read) -> std::io::Result<usize> {
+        const CHUNK: usize = 64 << 10;
+        self.room(CHUNK);
+        let n = r.read(&mut self.buf[self.end..self.end + CHUNK])?;
+        self.end += n;
+        Ok(n)
     }
 
     /// Bytes held that are not a whole frame yet (or frames not taken yet).
     pub fn pending(&self) -> usize {
-        self.buf.len() - self.pos
+        self.end - self.pos
     }
 
     /// The next whole frame, if one has arrived.
     pub fn frame(&mut self) -> Result<Option<Frame>, DuplexError> {
-        let b = &self.buf[self.pos..];
+        let b = &self.buf[self.pos..self.end];
         if b.len() < HEAD {
             return Ok(None);
         }

@@ -9,16 +9,16 @@
 //!   a join), the node client, the joiner's pinned client.
 //! - [`wire`]: versioned frames: a request, then a framed response or a raw byte stream.
 //! - [`duplex`], [`channel`]: the tagged frames of a two-way stream (exec, console) and
-//!   one connection carrying them both ways from one `poll` loop; [`bridge`]: a plain
-//!   byte stream (a socket pair's end) carried over such a connection (replication).
+//!   one connection carrying them both ways from one `poll` loop; [`pipe`]: a plain byte
+//!   stream over such a connection as blocking read and write halves (replication).
 //! - [`server`], [`client`]: blocking (thread per connection, like the local API server;
 //!   the daemon is thread-based and a stream is plain `Read`/`Write`), every read bounded.
 
-pub mod bridge;
 pub mod ca;
 pub mod channel;
 pub mod client;
 pub mod duplex;
+pub mod pipe;
 pub mod server;
 mod timed;
 pub mod tls;

@@ -87,7 +87,7 @@ pub enum StreamRequest {
     /// A stopped VE's volume as a tree stream, for its move to the calling node.
     Volume { name: String },
     /// The replication stream of a VE's volume from its writer (the caller) to this
-    /// node's copy (`vessel_repl::wire`, carried by [`crate::bridge`]). `template` is the
+    /// node's copy (`vessel_repl::wire`, carried by [`crate::pipe`]). `template` is the
     /// content address of the volume's template layer (the copy is made on it).
     Replicate {
         volume: String,

@@ -139,6 +139,7 @@ impl PeerHandler for TestHandler {
     /// echo without a TLS close; `console` is refused like a VE that does not run.
     fn duplex(&self, _peer: &PeerIdentity, req: StreamRequest) -> Result<Box<dyn DuplexSession>, ApiError> {
         match req {
+            StreamRequest::Exec { argv, .. } if argv[0] == "pipe" => Ok(Box::new(PipeEcho)),
             StreamRequest::Exec { argv, tty, .. } => Ok(Box::new(Echo {
                 code: argv[0].clone(),
                 tty,
@@ -187,6 +188,28 @@ impl DuplexSession for Echo {
             vessel_peer::channel::poll(&mut p, 10_000).unwrap();
             ch.pump(p[0].revents).unwrap();
         }
+    }
+}
+
+/// `exec pipe`: bytes back through `pipe::split` halves on one thread, until the caller
+/// closes.
+struct PipeEcho;
+
+impl DuplexSession for PipeEcho {
+    fn run(self: Box<Self>, ch: Channel) {
+        let (mut r, mut w, close) = vessel_peer::pipe::split(ch, Frame::Stdout);
+        let mut buf = vec![0u8; 100_000];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if w.write_all(&buf[..n]).and_then(|_| w.flush()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        close.close();
     }
 }
 
@@ -489,5 +512,51 @@ fn two_way_streams_carry_bytes_both_ways_and_tell_a_cut_from_an_end() {
     let mut ch = connect().call_duplex(&exec("cut", false)).unwrap();
     let r = drive(&mut ch, b"x", &[], false);
     assert!(matches!(&r, Err(e) if e.contains("cut")), "{r:?}");
+    srv.stop();
+}
+
+/// A byte stream as blocking halves over one TLS connection (what replication uses): 8 MiB
+/// written from one thread come back byte-exact on another while the first still writes;
+/// a close from a third thread ends a read that waits, and later reads and writes fail.
+#[test]
+fn pipe_halves_carry_a_stream_both_ways_and_a_close_ends_a_blocked_read() {
+    let (ca, a) = cluster("a", "127.0.0.1");
+    let mut srv = server(&ca, &a);
+    let b = node_cert(&ca, "b", "127.0.0.2");
+    let mine = tls::client_config(&ca.cert_pem, &b).unwrap();
+    let ch = PeerClient::connect_node(srv.addr, mine, T)
+        .unwrap()
+        .call_duplex(&exec("pipe", false))
+        .unwrap();
+    let (mut r, mut w, close) = vessel_peer::pipe::split(ch, Frame::Stdin);
+    let input: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let sent = input.clone();
+    let writer = std::thread::spawn(move || {
+        for piece in sent.chunks(300_001) {
+            w.write_all(piece).unwrap();
+        }
+        w.flush().unwrap();
+        w
+    });
+    let mut got = vec![0u8; input.len()];
+    r.read_exact(&mut got).unwrap();
+    assert!(got == input, "the echo differs");
+    let mut w = writer.join().unwrap();
+
+    // Nothing more comes: the read waits until another thread closes the stream.
+    let t0 = std::time::Instant::now();
+    let closer = close.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        closer.close();
+    });
+    let mut one = [0u8; 1];
+    assert!(r.read(&mut one).is_err(), "a read after the close fails");
+    assert!(t0.elapsed() < T, "the close ended the read ({:?})", t0.elapsed());
+    t.join().unwrap();
+    assert!(w.write_all(b"late").is_err(), "a write after the close fails");
+    close.close();
     srv.stop();
 }

@@ -26,9 +26,31 @@ use vessel_fs::Volume;
 
 /// How the writer reaches replicas (the cluster's mutual-TLS transport; sockets in tests).
 pub trait Link: Send + Sync {
-    /// A replication stream to `node` (its far end runs [`crate::replica::serve`]): one
-    /// end of a socket pair, which the link carries to the other node.
-    fn connect(&self, node: &str) -> std::io::Result<UnixStream>;
+    /// A replication stream to `node` (its far end runs [`crate::replica::serve`]).
+    fn connect(&self, node: &str) -> std::io::Result<Conn>;
+}
+
+/// One replication stream: a half to read (the sender's acknowledgement reader has it), a
+/// half to write (the sender), and how to end both.
+pub struct Conn {
+    pub reader: Box<dyn Read + Send>,
+    pub writer: Box<dyn Write + Send>,
+    /// Ends the stream: a read or write blocked in either half returns.
+    pub close: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Conn {
+    /// A stream over a local socket (tests, and any link that carries a socket's end).
+    pub fn socket(s: UnixStream) -> std::io::Result<Conn> {
+        let (r, w) = (s.try_clone()?, s.try_clone()?);
+        Ok(Conn {
+            reader: Box::new(r),
+            writer: Box::new(w),
+            close: Box::new(move || {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }),
+        })
+    }
 }
 
 /// The configuration master (the control store): in-sync set changes, each a
@@ -550,9 +572,17 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
         .vol
         .upgrade()
         .ok_or_else(|| SendError::Other("the volume is closed".into()))?;
-    let sock = sh.link.connect(node).map_err(SendError::Connect)?;
-    let mut r = std::io::BufReader::new(sock.try_clone().map_err(SendError::Connect)?);
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, sock.try_clone().map_err(SendError::Connect)?);
+    let Conn { reader, writer, close } = sh.link.connect(node).map_err(SendError::Connect)?;
+    // Every way out of here ends the stream (a reader thread blocked on it returns).
+    struct Closing(Box<dyn Fn() + Send + Sync>);
+    impl Drop for Closing {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+    let _close = Closing(close);
+    let mut r = std::io::BufReader::new(reader);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, writer);
     let epoch = sh.lock().epoch;
     let history = vol.epoch_history();
     let hello = Hello {
@@ -653,8 +683,8 @@ fn stream_once(sh: &Arc<Shared>, node: &str) -> Result<(), SendError> {
             .map_err(|e| SendError::Other(format!("start the acknowledgement reader: {e}")))?
     };
     let r = send_loop(sh, node, conn, &vol, agree + 1, &mut w);
-    // The reader's blocking read ends with the socket.
-    let _ = sock.shutdown(std::net::Shutdown::Both);
+    // The reader's blocking read ends with the stream.
+    drop(_close);
     drop(w);
     let _ = acks.join();
     r

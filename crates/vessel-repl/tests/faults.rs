@@ -20,7 +20,7 @@ use vessel_fs::tx::FileKind;
 use vessel_fs::tx::Ino;
 use vessel_fs::Volume;
 use vessel_repl::replica::{self, ReplicaHost};
-use vessel_repl::writer::{Link, Master, Options, Replicator};
+use vessel_repl::writer::{Conn, Link, Master, Options, Replicator};
 
 // ---- the replicas' side ----
 
@@ -273,7 +273,7 @@ struct Faulty {
 }
 
 impl Link for Faulty {
-    fn connect(&self, node: &str) -> std::io::Result<UnixStream> {
+    fn connect(&self, node: &str) -> std::io::Result<Conn> {
         let proxy = self.proxies.get(node).cloned().ok_or(std::io::ErrorKind::NotFound)?;
         if proxy.plan.lock().unwrap().down {
             return Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "node down"));
@@ -298,7 +298,7 @@ impl Link for Faulty {
                 last_seq,
             });
         });
-        Ok(writer_end)
+        Conn::socket(writer_end)
     }
 }
 

@@ -13,7 +13,7 @@ use vessel_fs::tree::ROOT;
 use vessel_fs::tx::FileKind;
 use vessel_fs::Volume;
 use vessel_repl::replica::{self, ReplicaHost};
-use vessel_repl::writer::{Link, Master, Options, Replicator};
+use vessel_repl::writer::{Conn, Link, Master, Options, Replicator};
 
 /// One node's replica copies: one volume directory each, kept open while streamed to.
 struct DirHost {
@@ -81,7 +81,7 @@ struct Pairs {
 }
 
 impl Link for Pairs {
-    fn connect(&self, node: &str) -> std::io::Result<UnixStream> {
+    fn connect(&self, node: &str) -> std::io::Result<Conn> {
         if self.down.lock().unwrap().contains(node) {
             return Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "node down"));
         }
@@ -92,7 +92,7 @@ impl Link for Pairs {
             let mut w = b;
             let _ = replica::serve(&mut r, &mut w, &*host);
         });
-        Ok(a)
+        Conn::socket(a)
     }
 }
 
