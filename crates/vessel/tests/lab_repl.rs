@@ -28,25 +28,7 @@ fn synced_records_are_on_every_in_sync_copy_and_a_lost_copy_leaves_the_set() {
     lab.ok(&["kill", "node1"]);
     std::fs::write(&toml, text).unwrap();
     lab.ok(&["start", "node1"]);
-    // Only node1 has the template: the copies' nodes fetch it.
-    lab.vessel_ok("node1", &["template", "build", "busybox"]);
-    let v = lab.vessel_json(
-        "node1",
-        &[
-            "ve",
-            "create",
-            "web",
-            "-t",
-            "busybox",
-            "--node",
-            "node1",
-            "--replicas",
-            "3",
-            "--start",
-        ],
-    );
-    assert_eq!(v["status"], "running", "{v}");
-    let tid = v["template_id"].as_str().unwrap().to_string();
+    let tid = create_replicated(&lab, "web", 3, &[]);
     // Numbered records, each synced (fsync through the file) before the next: an
     // acknowledged record is one whose command returned.
     let write = |from: usize, to: usize| {

@@ -15,6 +15,7 @@
 //! in full (names, kinds, sizes, contents, xattrs, link targets) and compared.
 
 mod common;
+use common::repl::create_replicated;
 use common::*;
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -341,24 +342,7 @@ fn acknowledged_records_survive_kill_partition_and_lossy_links() {
     }
     let lab = TestLab::new(&vessel_bin());
     lab.ok(&["up", "--nodes", "3"]);
-    lab.vessel_ok("node1", &["template", "build", "busybox"]);
-    let v = lab.vessel_json(
-        "node1",
-        &[
-            "ve",
-            "create",
-            VE,
-            "-t",
-            "busybox",
-            "--node",
-            "node1",
-            "--replicas",
-            "3",
-            "--start",
-        ],
-    );
-    assert_eq!(v["status"], "running", "{v}");
-    let tid = v["template_id"].as_str().unwrap().to_string();
+    let tid = create_replicated(&lab, VE, 3, &[]);
     all_in_sync(&lab, "both copies in sync at the start");
 
     // 1. A replica node dies mid-workload and comes back: syncs go on without it (2 of

@@ -17,24 +17,7 @@ fn a_lost_copy_is_replaced_on_another_node_and_swept_when_its_node_returns() {
     }
     let lab = TestLab::new(&vessel_bin());
     lab.ok(&["up", "--nodes", "3"]);
-    lab.vessel_ok("node1", &["template", "build", "busybox"]);
-    let v = lab.vessel_json(
-        "node1",
-        &[
-            "ve",
-            "create",
-            "lw",
-            "-t",
-            "busybox",
-            "--node",
-            "node1",
-            "--replicas",
-            "2",
-            "--start",
-        ],
-    );
-    assert_eq!(v["status"], "running", "{v}");
-    let tid = v["template_id"].as_str().unwrap().to_string();
+    let tid = create_replicated(&lab, "lw", 2, &[]);
     write_records(&lab, "node1", "lw", 1, 40);
     let s = wait_show(&lab, "node1", "lw", "one copy in sync", |v| {
         copy_nodes(v).len() == 1 && in_sync(v, &copy_nodes(v)[0])

@@ -50,24 +50,7 @@ fn a_move_to_an_in_sync_copy_is_a_writer_change_and_loses_no_acknowledged_record
     }
     let lab = TestLab::new(&vessel_bin());
     lab.ok(&["up", "--nodes", "3"]);
-    lab.vessel_ok("node1", &["template", "build", "busybox"]);
-    let v = lab.vessel_json(
-        "node1",
-        &[
-            "ve",
-            "create",
-            "mv",
-            "-t",
-            "busybox",
-            "--node",
-            "node1",
-            "--replicas",
-            "2",
-            "--start",
-        ],
-    );
-    assert_eq!(v["status"], "running", "{v}");
-    let tid = v["template_id"].as_str().unwrap().to_string();
+    let tid = create_replicated(&lab, "mv", 2, &[]);
     write_records(&lab, "node1", "mv", 1, 40);
     let s = wait_show(&lab, "node1", "mv", "one copy in sync", |v| {
         copy_nodes(v).len() == 1 && in_sync(v, &copy_nodes(v)[0])

@@ -18,26 +18,7 @@ fn a_copy_the_log_no_longer_reaches_is_seeded_from_a_snapshot() {
     }
     let lab = TestLab::new(&vessel_bin());
     lab.ok(&["up", "--nodes", "3"]);
-    lab.vessel_ok("node1", &["template", "build", "busybox"]);
-    let v = lab.vessel_json(
-        "node1",
-        &[
-            "ve",
-            "create",
-            "sd",
-            "-t",
-            "busybox",
-            "--node",
-            "node1",
-            "--replicas",
-            "3",
-            "--history",
-            "2s",
-            "--start",
-        ],
-    );
-    assert_eq!(v["status"], "running", "{v}");
-    let tid = v["template_id"].as_str().unwrap().to_string();
+    let tid = create_replicated(&lab, "sd", 3, &["--history", "2s"]);
     write_records(&lab, "node1", "sd", 1, 20);
     wait_show(&lab, "node1", "sd", "node2 and node3 in sync", |v| {
         in_sync(v, "node2") && in_sync(v, "node3")

@@ -31,6 +31,20 @@ pub fn wait_show(
     panic!("{what}: not within {:?}; last: {last}", t.elapsed());
 }
 
+/// VE `ve` made from busybox on node1 with `--replicas {replicas}` (and `extra` flags) and
+/// started; the template is built on node1 only (the copies' nodes fetch it). Returns the
+/// template's id.
+pub fn create_replicated(lab: &TestLab, ve: &str, replicas: usize, extra: &[&str]) -> String {
+    lab.vessel_ok("node1", &["template", "build", "busybox"]);
+    let n = replicas.to_string();
+    let mut args = vec!["ve", "create", ve, "-t", "busybox", "--node", "node1", "--replicas", &n];
+    args.extend_from_slice(extra);
+    args.push("--start");
+    let v = lab.vessel_json("node1", &args);
+    assert_eq!(v["status"], "running", "{v}");
+    v["template_id"].as_str().unwrap().to_string()
+}
+
 pub fn replica<'a>(v: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::Value> {
     v["replicas"].as_array()?.iter().find(|r| r["node"] == node)
 }
