@@ -66,21 +66,8 @@ mod tests {
         let mut spec = VeSpec::new(Name::parse(name).unwrap(), Name::parse("busybox").unwrap());
         spec.ip = ip.map(|i| Ipv4Cidr::parse(i).unwrap());
         VeRecord {
-            spec,
-            template_id: "t".into(),
-            slot,
-            status: VeStatus::Stopped,
-            pid: None,
-            pid_start: None,
-            user_stopped: false,
             created_unix: 0,
-            started_unix: None,
-            last_exit: None,
-            last_error: None,
-            restart_pending: false,
-            resume: false,
-            rescue: false,
-            generation: 0,
+            ..VeRecord::new(spec, "t".into(), slot)
         }
     }
 

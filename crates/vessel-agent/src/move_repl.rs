@@ -34,7 +34,7 @@ use vessel_cluster::keys::{self, VeEntry};
 use vessel_fs::Volume;
 use vessel_repl::config::VolumeConfig;
 use vessel_types::api::{ErrorCode, Response};
-use vessel_types::{Name, VeStatus};
+use vessel_types::Name;
 
 /// How long the target waits for the old writer's stream to let go of its copy.
 const RELEASE_WAIT: Duration = Duration::from_secs(15);
@@ -248,26 +248,7 @@ impl Node {
                 &mut |_, _, _| {},
             )?;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let rec = VeRecord {
-            spec: entry.spec,
-            template_id,
-            slot: 0,
-            status: VeStatus::Stopped,
-            pid: None,
-            pid_start: None,
-            user_stopped: false,
-            created_unix: now,
-            started_unix: None,
-            last_exit: None,
-            last_error: None,
-            restart_pending: false,
-            resume: false,
-            rescue: false,
-            generation: 0,
-        };
+        let rec = VeRecord::new(entry.spec, template_id, 0);
         let ip = self.adopt_moved(rec, &vol)?;
         let _ = std::fs::remove_dir(self.layout.replicas().join(name.as_str()));
         tracing::info!(ve = %name, from, ms = started.elapsed().as_millis() as u64, "took this node's copy as the moved VE's volume");

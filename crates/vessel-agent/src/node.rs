@@ -389,23 +389,7 @@ impl Node {
                         .ok_or_else(|| err(ErrorCode::Exhausted, "no free uid range left on this node"))?
                 }
             };
-            let rec = VeRecord {
-                spec: spec.clone(),
-                template_id,
-                slot,
-                status: VeStatus::Stopped,
-                pid: None,
-                pid_start: None,
-                user_stopped: false,
-                created_unix: vessel_ve::now_unix(),
-                started_unix: None,
-                last_exit: None,
-                last_error: None,
-                restart_pending: false,
-                resume: false,
-                rescue: false,
-                generation: 0,
-            };
+            let rec = VeRecord::new(spec.clone(), template_id, slot);
             st.ves.insert(name.clone(), rec.clone());
             rec
         };

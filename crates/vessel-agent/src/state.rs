@@ -157,6 +157,27 @@ impl NodeState {
 }
 
 impl VeRecord {
+    /// A VE just placed on this node: stopped, never started, made now.
+    pub fn new(spec: VeSpec, template_id: String, slot: u32) -> VeRecord {
+        VeRecord {
+            spec,
+            template_id,
+            slot,
+            status: VeStatus::Stopped,
+            pid: None,
+            pid_start: None,
+            user_stopped: false,
+            created_unix: vessel_ve::now_unix(),
+            started_unix: None,
+            last_exit: None,
+            last_error: None,
+            restart_pending: false,
+            resume: false,
+            rescue: false,
+            generation: 0,
+        }
+    }
+
     pub fn info(&self) -> VeInfo {
         VeInfo {
             spec: self.spec.clone(),
@@ -207,21 +228,8 @@ mod tests {
         s.ves.insert(
             spec.name.clone(),
             VeRecord {
-                spec,
-                template_id: "x".into(),
-                slot: 0,
-                status: VeStatus::Stopped,
-                pid: None,
-                pid_start: None,
-                user_stopped: false,
                 created_unix: 1,
-                started_unix: None,
-                last_exit: None,
-                last_error: None,
-                restart_pending: false,
-                resume: false,
-                rescue: false,
-                generation: 0,
+                ..VeRecord::new(spec, "x".into(), 0)
             },
         );
         s.save(&p).unwrap();
